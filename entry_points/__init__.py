@@ -1,0 +1,1 @@
+"""carclf pipeline steps: preprocess, augment, train, evaluate, deploy, score."""

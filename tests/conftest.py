@@ -1,0 +1,40 @@
+"""Suite-wide guards: no telemetry, no traffic past loopback, a private MLflow store per test."""
+import os
+
+# Set before anything imports mlflow: MLflow 3 sends usage telemetry otherwise.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Azure SDKs must never find a cloud here; the deploy tests provide credentials explicitly.
+for _var in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_var, None)
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch):
+    """Each test tracks into its own SQLite store and artifact folder, never the user's ./mlflow.db."""
+    store = tmp_path / "mlstore"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    monkeypatch.setenv("CARCLF_DEPLOY_HOME", str(tmp_path / "deployments"))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO_ROOT
