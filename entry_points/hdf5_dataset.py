@@ -52,6 +52,7 @@ class HDF5SplitWriter:
         split: str = "",
         with_source_index: bool = False,
         expected_rows: int = 0,
+        attrs: Optional[dict] = None,
     ):
         self.path = pathlib.Path(path)
         self.tmp_path = partial_path(self.path)
@@ -77,6 +78,9 @@ class HDF5SplitWriter:
             f.attrs[key] = value
         f.attrs["carclf_version"] = __version__
         f.attrs["split"] = split
+        # Extra file attributes of the step that wrote the file (e.g. augment's settings).
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
         self.count = 0
         self._capacity = initial
 

@@ -1,0 +1,232 @@
+"""Get a SparkSession for a step: the active one (Databricks, notebooks, tests) or a new, light one.
+
+``get_spark(master)``:
+- a remote master (``spark://``, ``k8s://``, ``sc://``) is probed first with a bounded TCP connect, so an
+  unreachable master is one clear error within seconds instead of a job that waits forever for executors;
+- an active session in this process is reused whatever ``master`` says (on Databricks the notebook's
+  session is the cluster; a second SparkContext cannot exist in one process anyway);
+- otherwise Java is checked (missing or too old -> one line that says how to install it) and a session is
+  built. Local sessions stay light and on loopback: no UI, few shuffle partitions, driver and block
+  manager bound to 127.0.0.1 so nothing listens on or leaves through a public interface.
+
+No pyspark import happens at module import: steps that fail validation never start a JVM.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from typing import Mapping, Optional
+from urllib.parse import urlsplit
+
+log = logging.getLogger("carclf.spark")
+
+MIN_JAVA = 17  # Spark 4 runs on Java 17+
+JAVA_INSTALL_HINT = (
+    "install it with `apt-get install -y default-jre-headless` (Debian/Ubuntu) or set JAVA_HOME to a "
+    f"Java {MIN_JAVA}+ installation"
+)
+PROBE_TIMEOUT_S = 5.0
+EXECUTOR_WAIT_S = 60.0
+
+
+class SparkSetupError(RuntimeError):
+    """Spark cannot start or reach its master; the message says what to do."""
+
+
+def is_local_master(master: str) -> bool:
+    return master == "local" or master.startswith("local[")
+
+
+def find_java(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The java binary Spark's launcher would use: $JAVA_HOME/bin/java, else java on PATH."""
+    env = os.environ if env is None else env
+    java_home = env.get("JAVA_HOME")
+    if java_home:
+        candidate = pathlib.Path(java_home) / "bin" / "java"
+        return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+    return shutil.which("java", path=env.get("PATH", ""))
+
+
+def java_major_version(java: str) -> Optional[int]:
+    """Major version from ``java -version`` ("17.0.15" -> 17, "1.8.0_392" -> 8); None if unparsable."""
+    try:
+        result = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
+    if not match:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+def check_java(env: Optional[Mapping[str, str]] = None) -> str:
+    """Path of a usable java, or SparkSetupError naming the problem and how to fix it."""
+    env = os.environ if env is None else env
+    java = find_java(env)
+    if java is None:
+        where = f"JAVA_HOME={env['JAVA_HOME']} has no bin/java" if env.get("JAVA_HOME") else "no java on PATH"
+        raise SparkSetupError(f"Spark needs Java {MIN_JAVA}+ but {where}; {JAVA_INSTALL_HINT}")
+    major = java_major_version(java)
+    if major is None:
+        raise SparkSetupError(f"Spark needs Java {MIN_JAVA}+ but `{java} -version` did not run; {JAVA_INSTALL_HINT}")
+    if major < MIN_JAVA:
+        raise SparkSetupError(f"Spark needs Java {MIN_JAVA}+ but {java} is Java {major}; {JAVA_INSTALL_HINT}")
+    return java
+
+
+def master_endpoints(master: str) -> list[tuple[str, int]]:
+    """(host, port) pairs a remote master URL points at; empty for local/yarn (nothing to probe)."""
+    if master.startswith("spark://"):
+        # Standalone HA masters: spark://host1:7077,host2:7077
+        hosts = master[len("spark://"):].split(",")
+        out = []
+        for item in hosts:
+            host, _, port = item.strip().rpartition(":")
+            if not host:
+                host, port = port, "7077"
+            out.append((host, int(port)))
+        return out
+    if master.startswith("k8s://"):
+        url = urlsplit(master[len("k8s://"):] if "://" in master[len("k8s://"):] else "https://" + master[6:])
+        return [(url.hostname or "", url.port or (443 if url.scheme == "https" else 80))]
+    if master.startswith("sc://"):
+        url = urlsplit(master.replace("sc://", "http://", 1))
+        return [(url.hostname or "localhost", url.port or 15002)]
+    return []
+
+
+def check_master_reachable(master: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """A TCP connect to (one of) the master's endpoints within ``timeout_s``, else SparkSetupError."""
+    try:
+        endpoints = master_endpoints(master)
+    except ValueError:
+        raise SparkSetupError(f"Spark master URL {master!r} is malformed (expected e.g. spark://host:7077)") from None
+    problems = []
+    for host, port in endpoints:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return
+        except OSError as exc:
+            problems.append(f"{host}:{port} ({exc.strerror or type(exc).__name__})")
+    if problems:
+        raise SparkSetupError(
+            f"cannot reach Spark master {master} ({', '.join(problems)}; waited at most {timeout_s:g} s); "
+            "check the URL and that the master is running"
+        )
+
+
+def _active_session():
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is None:
+        # A session made in another thread of this process is not "active" here but is still ours.
+        session = getattr(SparkSession, "_instantiatedSession", None)
+    return session
+
+
+def session_master(spark) -> str:
+    try:
+        return spark.sparkContext.master
+    except Exception:  # Spark Connect sessions have no SparkContext
+        return spark.conf.get("spark.master", "connect")
+
+
+def local_conf(master: str) -> dict:
+    """Settings that keep a local session light and on loopback."""
+    return {
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.shuffle.partitions": "4",
+        "spark.driver.memory": os.environ.get("CARCLF_SPARK_DRIVER_MEMORY", "1g"),
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.python.worker.reuse": "true",
+    }
+
+
+def get_spark(master: str = "local[*]", app_name: str = "carclf", conf: Optional[Mapping[str, str]] = None,
+              executor_wait_s: float = EXECUTOR_WAIT_S):
+    """The active SparkSession, or a new one on ``master``; errors are SparkSetupError with one clear line."""
+    master = (master or "local[*]").strip()
+    check_master_reachable(master)
+    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")  # pyspark.pandas warns on import otherwise
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError as exc:
+        raise SparkSetupError(f"pyspark is not installed ({exc}); pip install 'pyspark>=4,<4.4'") from None
+
+    active = _active_session()
+    if active is not None:
+        current = session_master(active)
+        if current != master:
+            log.info("using the active Spark session (master %s) instead of starting one on %s", current, master)
+        return active
+
+    check_java()
+    if master.startswith("sc://"):
+        builder = SparkSession.builder.remote(master)
+    else:
+        builder = SparkSession.builder.master(master)
+    builder = builder.appName(app_name).config("spark.task.maxFailures", "4")
+    if is_local_master(master):
+        # Workers are started by the JVM: make them run this interpreter (the venv), not whatever
+        # `python3` is first on PATH, and keep every socket on loopback.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        for key, value in local_conf(master).items():
+            builder = builder.config(key, value)
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, str(value))
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:
+        raise SparkSetupError(f"could not start Spark on {master}: {_first_line(exc)}") from None
+    if not is_local_master(master) and not master.startswith("sc://"):
+        _wait_for_executors(spark, master, executor_wait_s)
+        ship_project_code(spark)
+    return spark
+
+
+def _wait_for_executors(spark, master: str, wait_s: float) -> None:
+    """A cluster master that accepts the app but has no workers would make every job wait forever."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            # The driver itself is listed too: more than one entry means an executor registered.
+            if spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() > 1:
+                return
+        except Exception:
+            return  # cannot tell (e.g. a managed runtime): let the job run
+        if time.monotonic() > deadline:
+            spark.stop()
+            raise SparkSetupError(f"no Spark executor registered with {master} within {wait_s:g} s; "
+                                  "check that workers are running and have free cores")
+        time.sleep(1.0)
+
+
+def ship_project_code(spark) -> None:
+    """Send carclf_flavor and entry_points to the executors (a cluster does not have this checkout)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    archive = pathlib.Path(tempfile.mkdtemp(prefix="carclf-code-")) / "carclf_code.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for package in ("carclf_flavor", "entry_points"):
+            for source in (root / package).rglob("*.py"):
+                zf.write(source, source.relative_to(root).as_posix())
+    spark.sparkContext.addPyFile(str(archive))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
