@@ -1,0 +1,523 @@
+"""`deploy`: put a registered carclf model behind a REST endpoint on Azure ML or on this machine.
+
+    python -m entry_points.deploy --model-uri models:/carclf/1 --target <azureml workspace URI> \
+        --name car-resnet --compute aci|aks|managed [--auth auto|service_principal|cli|managed_identity]
+    python -m entry_points.deploy --model-uri models:/carclf/1 --target carclf-local --name cars [--port 5001]
+
+Azure ML goes through MLflow's `azureml` deployment plugin (azureml-mlflow): this step writes the
+`deploy-config-file` the plugin expects (the same files work with `mlflow deployments create -t azureml
+... -C deploy-config-file=deploy/aci.json`; examples under deploy/), then creates the deployment, or
+updates it when `name` already exists. Before anything is written or sent, `azure_preflight` checks the
+target URI and finds the credential source from environment variables and files alone, then checks that
+Azure is reachable (TCP only, short timeouts): a missing login fails in seconds with one line, instead of
+minutes later inside the plugin (whose credential chain ends in interactive/device-code logins).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+
+from entry_points.azure_preflight import (
+    AUTH_CHOICES,
+    PreflightError,
+    check_reachable,
+    find_credential,
+    is_azureml_target,
+    parse_target,
+)
+from entry_points.cli_args import parse_bool, parse_int
+
+log = logging.getLogger("carclf.deploy")
+
+COMPUTE_CHOICES = ("aci", "aks", "managed")
+LOCAL_TARGET = "carclf-local"
+PROJECT_DIR = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLE_CONFIG_DIR = PROJECT_DIR / "deploy"
+# Azure names web services / online endpoints: 3-32 characters, lower-case letters, digits and dashes,
+# starting with a letter and not ending with a dash (unique per region for managed endpoints).
+_AZURE_NAME = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
+_DESCRIPTION = "carclf: car-model classifier (Keras ResNet with Scale layers), served by MLflow pyfunc"
+
+# A ResNet image model needs a while to import TensorFlow and load its weights before it can answer:
+# probes wait two minutes before the first liveness check and tolerate 30 failures (5 more minutes).
+_PROBE_LIVENESS = {"initial_delay": 120, "period": 10, "timeout": 10, "failure_threshold": 30, "success_threshold": 1}
+_PROBE_READINESS = {"initial_delay": 60, "period": 10, "timeout": 10, "failure_threshold": 30, "success_threshold": 1}
+
+
+class DeployError(Exception):
+    """A bad parameter or a failed deployment; the message is one line."""
+
+
+def _number(value: float):
+    """3.0 -> 3 so the JSON files read like Azure's examples; 0.5 stays 0.5."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def build_deploy_config(
+    compute: str = "aci",
+    cpu_cores: float = 3.0,
+    memory_gb: float = 12.0,
+    instance_type: str = "Standard_DS3_v2",
+    instance_count: int = 1,
+    aks_compute: str = "aks-cluster",
+    min_replicas: int = 1,
+    max_replicas: int = 4,
+    request_timeout_s: int = 90,
+    max_concurrent_requests: int = 2,
+    auth_enabled: bool = True,
+) -> dict:
+    """The `deploy-config-file` content for the azureml plugin (defaults = the article's 3-core/12 GB ACI)."""
+    compute = (compute or "").strip().lower()
+    if compute not in COMPUTE_CHOICES:
+        raise DeployError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}, got {compute!r}")
+    if cpu_cores <= 0 or memory_gb <= 0:
+        raise DeployError(f"cpu_cores ({cpu_cores}) and memory_gb ({memory_gb}) must be positive")
+    if request_timeout_s < 1:
+        raise DeployError(f"request_timeout_s must be >= 1, got {request_timeout_s}")
+    if max_concurrent_requests < 1:
+        raise DeployError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
+    resources = {"cpu": _number(cpu_cores), "memoryInGB": _number(memory_gb)}
+    if compute == "aci":
+        return {
+            "computeType": "aci",
+            "containerResourceRequirements": resources,
+            "authEnabled": bool(auth_enabled),
+            "description": _DESCRIPTION,
+            "tags": {"project": "carclf"},
+        }
+    if compute == "aks":
+        if not aks_compute or not aks_compute.strip():
+            raise DeployError("compute=aks needs aks_compute: the name of the AKS cluster attached to the workspace")
+        if min_replicas < 1 or max_replicas < min_replicas:
+            raise DeployError(f"replicas: need 1 <= min_replicas ({min_replicas}) <= max_replicas ({max_replicas})")
+        return {
+            "computeType": "aks",
+            "computeTargetName": aks_compute.strip(),
+            "containerResourceRequirements": resources,
+            "autoScaler": {
+                "autoscaleEnabled": True, "minReplicas": min_replicas, "maxReplicas": max_replicas,
+                "targetUtilization": 70, "refreshPeriodInSeconds": 10,
+            },
+            "scoringTimeoutMs": request_timeout_s * 1000,
+            "maxConcurrentRequestsPerContainer": max_concurrent_requests,
+            "livenessProbeRequirements": {
+                "initialDelaySeconds": _PROBE_LIVENESS["initial_delay"], "periodSeconds": _PROBE_LIVENESS["period"],
+                "timeoutSeconds": _PROBE_LIVENESS["timeout"], "failureThreshold": _PROBE_LIVENESS["failure_threshold"],
+                "successThreshold": _PROBE_LIVENESS["success_threshold"],
+            },
+            "authEnabled": bool(auth_enabled),
+            "description": _DESCRIPTION,
+            "tags": {"project": "carclf"},
+        }
+    # managed online endpoint (no computeType key: that is how the plugin picks this path)
+    if not instance_type or not instance_type.strip():
+        raise DeployError("compute=managed needs instance_type, e.g. Standard_DS3_v2")
+    if instance_count < 1:
+        raise DeployError(f"instance_count must be >= 1, got {instance_count}")
+    if request_timeout_s > 180:
+        raise DeployError(f"managed online endpoints allow a request timeout of at most 180 s, got {request_timeout_s}")
+    return {
+        "instance_type": instance_type.strip(),
+        "instance_count": instance_count,
+        "request_settings": {
+            # azureml-mlflow 1.62 copies request_timeout_ms unchanged into the REST field `request_timeout`,
+            # an ISO 8601 duration: its own serializer rejects a plain millisecond number, so the value must
+            # be written as a duration (tests/test_deploy.py checks both against the plugin's serializer).
+            "request_timeout_ms": f"PT{request_timeout_s}S",
+            "max_concurrent_requests_per_instance": max_concurrent_requests,
+        },
+        "liveness_probe": dict(_PROBE_LIVENESS),
+        "readiness_probe": dict(_PROBE_READINESS),
+        "description": _DESCRIPTION,
+    }
+
+
+def render_config(config: dict) -> str:
+    return json.dumps(config, indent=2) + "\n"
+
+
+def write_config(config: dict, folder: pathlib.Path, compute: str) -> pathlib.Path:
+    """Write `<compute>.json` under a temporary name and rename it, so a reader never sees half a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{compute}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{compute}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(render_config(config))
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return final
+
+
+def _check_azure_model_uri(model_uri: str) -> None:
+    if re.match(r"^models:/[^/@]+/[^/]+$", model_uri or ""):
+        return
+    if (model_uri or "").startswith("runs:/") and os.environ.get("MLFLOW_TRACKING_URI", "").startswith("azureml"):
+        return  # the plugin registers runs:/ models itself when tracking into the workspace
+    raise DeployError(
+        f"model_uri {model_uri!r}: the azureml target deploys registered models, give models:/<name>/<version> "
+        "(registered in the workspace's registry)"
+    )
+
+
+@contextlib.contextmanager
+def _env_defaults(values: dict):
+    """Set environment variables the user has not set, for the duration of the deployment call."""
+    added = [key for key, value in values.items() if value and key not in os.environ]
+    for key in added:
+        os.environ[key] = values[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _narrowed_credential_env(token_credentials: str) -> dict:
+    """{"AZURE_TOKEN_CREDENTIALS": name} when this azure-identity understands a single credential name there
+    (newer releases); older ones refuse unknown values, so then the plugin's default chain is left alone."""
+    previous = os.environ.get("AZURE_TOKEN_CREDENTIALS")
+    if previous is not None:
+        return {}
+    try:
+        from azure.identity import DefaultAzureCredential
+
+        os.environ["AZURE_TOKEN_CREDENTIALS"] = token_credentials
+        DefaultAzureCredential()  # validates the variable; builds credentials, no network call
+    except Exception:  # ValueError from an older azure-identity, or no azure-identity at all
+        return {}
+    finally:
+        os.environ.pop("AZURE_TOKEN_CREDENTIALS", None)
+    return {"AZURE_TOKEN_CREDENTIALS": token_credentials}
+
+
+@contextlib.contextmanager
+def _tracking_run():
+    """Attach to the run `mlflow run` gave us (MLFLOW_RUN_ID) or to an active one, else start one."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        yield mlflow.active_run()
+        return
+    with mlflow.start_run() as run:
+        yield run
+
+
+def _azure_error_in_chain(exc: BaseException):
+    try:
+        from azure.core.exceptions import AzureError
+    except ImportError:
+        return None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, AzureError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip() and not ln.strip().startswith("To mitigate")]
+    return " ".join(lines[:3])
+
+
+def _call_plugin(what: str, fn, *args, **kwargs):
+    """Run a plugin call; an Azure SDK failure anywhere in the exception chain becomes one DeployError line
+    (azureml-mlflow 1.62 sometimes masks it, e.g. with an AttributeError on a response-less HttpResponseError)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as exc:
+        azure = _azure_error_in_chain(exc)
+        if azure is None:
+            raise
+        raise DeployError(f"{what}: {_one_line(exc.message)} ({type(azure).__name__}: {_one_line(azure)})") from None
+    except Exception as exc:
+        azure = _azure_error_in_chain(exc)
+        if azure is None:
+            raise
+        raise DeployError(f"{what}: {type(azure).__name__}: {_one_line(azure)}") from None
+
+
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _call_plugin(f"looking up deployment {name!r}", client.get_deployment, name)
+    except MlflowException as exc:
+        text = str(exc.message if hasattr(exc, "message") else exc)
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "No deployment with name" in text or "no deployment named" in text:
+            return False
+        raise
+    return True
+
+
+def _summary(deployment: dict) -> dict:
+    """What is worth keeping in the run: no keys or tokens, just where and what."""
+    keep = ("name", "flavor", "model_uri", "model_version", "url", "port", "pid", "status", "state",
+            "scoringUri", "scoring_uri", "computeType", "provisioning_state")
+    summary = {k: deployment[k] for k in keep if k in deployment}
+    properties = deployment.get("properties")
+    if isinstance(properties, dict):
+        for key in ("scoringUri", "provisioningState"):
+            if key in properties:
+                summary[key] = properties[key]
+    return summary
+
+
+def deploy(
+    model_uri: str,
+    target: str,
+    name: str,
+    compute: str = "aci",
+    cpu_cores: float = 3.0,
+    memory_gb: float = 12.0,
+    instance_type: str = "Standard_DS3_v2",
+    instance_count: int = 1,
+    auth: str = "auto",
+    config_dir: str | os.PathLike | None = None,
+    aks_compute: str = "aks-cluster",
+    min_replicas: int = 1,
+    max_replicas: int = 4,
+    request_timeout_s: int = 90,
+    auth_enabled: bool = True,
+    network_check: bool = True,
+    network_timeout_s: float = 5.0,
+    port: int | None = None,
+    workers: int | None = None,
+    host: str | None = None,
+    home: str | None = None,
+) -> dict:
+    """Create (or update, when `name` exists) a deployment of `model_uri` on `target`.
+
+    target: an Azure ML workspace tracking URI (azureml://...) or `carclf-local[:/state/folder]`.
+    Azure: nothing is written, tracked or sent until the preflight passed. The config file goes to
+    `config_dir` (kept) or a temporary folder (removed after it was logged to the run).
+    Local: port/workers/host/home/request_timeout_s are passed to the carclf-local target.
+    Returns {"name", "flavor", "target", "model_uri", "action": "created"|"updated", "config_file", "deployment"}.
+    """
+    if not model_uri:
+        raise DeployError("model_uri is empty: give e.g. models:/carclf/1")
+    if not target:
+        raise DeployError(f"target is empty: give an azureml://... workspace URI or {LOCAL_TARGET}")
+    if is_azureml_target(target):
+        return _deploy_azure(
+            model_uri, target, name, compute=compute, auth=auth, config_dir=config_dir,
+            network_check=network_check, network_timeout_s=network_timeout_s,
+            config_kwargs=dict(cpu_cores=cpu_cores, memory_gb=memory_gb, instance_type=instance_type,
+                               instance_count=instance_count, aks_compute=aks_compute, min_replicas=min_replicas,
+                               max_replicas=max_replicas, request_timeout_s=request_timeout_s,
+                               auth_enabled=auth_enabled),
+        )
+    if target.split(":", 1)[0] == LOCAL_TARGET:
+        local_config = {"port": port, "workers": workers, "host": host, "home": home,
+                        "timeout": request_timeout_s}
+        return _deploy_local(model_uri, target, name, {k: str(v) for k, v in local_config.items() if v not in (None, "")})
+    raise DeployError(f"unsupported target {target!r}: use an azureml://... workspace URI or {LOCAL_TARGET}")
+
+
+def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_check, network_timeout_s,
+                  config_kwargs) -> dict:
+    # 1. Everything that can be checked offline, before anything is written or sent.
+    if not _AZURE_NAME.match(name or ""):
+        raise DeployError(
+            f"name {name!r}: Azure needs 3-32 lower-case letters, digits or dashes, starting with a letter "
+            "and not ending with a dash"
+        )
+    azure_target = parse_target(target)
+    _check_azure_model_uri(model_uri)
+    config = build_deploy_config(compute, **config_kwargs)
+    compute = compute.strip().lower()
+    credential = find_credential(auth, azure_target)
+    log.info("credential source: %s", credential.detail)
+    if network_check:
+        check_reachable(azure_target, timeout=network_timeout_s)
+
+    import mlflow
+    from mlflow.deployments import get_deploy_client
+
+    registry = mlflow.get_registry_uri() or ""
+    if not registry.startswith("azureml"):
+        log.warning(
+            "the azureml plugin deploys %s from the WORKSPACE's model registry (current registry: %s): "
+            "register the model there first (MLFLOW_TRACKING_URI=<workspace URI>)", model_uri, registry,
+        )
+    # 2. Write the config file (kept in config_dir, or a temporary folder removed at the end).
+    scratch = None
+    if config_dir:
+        folder = pathlib.Path(config_dir)
+    else:
+        scratch = pathlib.Path(tempfile.mkdtemp(prefix="carclf-deploy-"))
+        folder = scratch
+    try:
+        config_path = write_config(config, folder, compute)
+        with _tracking_run():
+            mlflow.log_params({"target": target, "name": name, "model_uri": model_uri, "compute": compute,
+                               "auth": credential.kind})
+            mlflow.log_artifact(str(config_path), artifact_path="deploy")
+            with _env_defaults({"AZUREML_CURRENT_CLOUD": azure_target.cloud,
+                                **_narrowed_credential_env(credential.token_credentials)}):
+                client = _call_plugin("building the azureml deployment client", get_deploy_client, target)
+                deploy_config = {"deploy-config-file": str(config_path)}
+                if _exists(client, name):
+                    _call_plugin(f"updating {name!r}", client.update_deployment, name, model_uri=model_uri,
+                                 config=deploy_config)
+                    action = "updated"
+                    deployment = _call_plugin(f"reading back {name!r}", client.get_deployment, name)
+                else:
+                    deployment = _call_plugin(f"creating {name!r}", client.create_deployment, name, model_uri,
+                                              config=deploy_config)
+                    action = "created"
+            summary = _summary(deployment)
+            mlflow.set_tags({"carclf.deploy.action": action, "carclf.deploy.target": target})
+            mlflow.log_dict(summary, "deploy/deployment.json")
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {"name": name, "flavor": deployment.get("flavor", "python_function"), "target": target,
+            "model_uri": model_uri, "action": action,
+            "config_file": str(config_path) if scratch is None else None, "deployment": summary}
+
+
+def _deploy_local(model_uri, target, name, config) -> dict:
+    import mlflow
+    from mlflow.deployments import get_deploy_client
+
+    from mlflow.exceptions import MlflowException
+
+    from entry_points.local_target import parse_config, validate_name
+
+    try:
+        validate_name(name)
+        parse_config(config)
+    except MlflowException as exc:
+        raise DeployError(exc.message) from None
+    if config.get("home"):
+        # get/list take no config: name the state folder in the target URI so every call sees it.
+        target = f"{LOCAL_TARGET}:{pathlib.Path(config.pop('home')).expanduser().resolve()}"
+    client = get_deploy_client(target)
+    with _tracking_run():
+        mlflow.log_params({"target": target, "name": name, "model_uri": model_uri})
+        mlflow.log_dict(config, "deploy/local.json")
+        if _exists(client, name):
+            deployment = client.update_deployment(name, model_uri=model_uri, config=config)
+            action = "updated"
+        else:
+            deployment = client.create_deployment(name, model_uri, config=config)
+            action = "created"
+        summary = _summary(deployment)
+        mlflow.set_tags({"carclf.deploy.action": action, "carclf.deploy.target": target,
+                         "carclf.deploy.url": deployment.get("url", "")})
+        mlflow.log_dict(summary, "deploy/deployment.json")
+    return {"name": name, "flavor": deployment.get("flavor", "python_function"), "target": target,
+            "model_uri": model_uri, "action": action, "config_file": None, "deployment": summary}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _optional(parser):
+    """MLflow passes unset optional parameters as ''."""
+    def parse(value):
+        return None if value is None or str(value).strip() == "" else parser(value)
+    return parse
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m entry_points.deploy", description=__doc__.split("\n")[0])
+    p.add_argument("--model-uri", required=True, help="models:/<name>/<version>")
+    p.add_argument("--target", required=True, help="azureml://<region>.api.azureml.ms/mlflow/v1.0/... or carclf-local")
+    p.add_argument("--name", required=True, help="deployment name")
+    p.add_argument("--compute", default="aci", choices=COMPUTE_CHOICES)
+    p.add_argument("--cpu-cores", type=_positive_float, default=3.0)
+    p.add_argument("--memory-gb", type=_positive_float, default=12.0)
+    p.add_argument("--instance-type", default="Standard_DS3_v2")
+    p.add_argument("--instance-count", type=parse_int, default=1)
+    p.add_argument("--auth", default="auto", choices=AUTH_CHOICES)
+    p.add_argument("--config-dir", type=_optional(str), default=None,
+                   help="keep the generated deploy-config file here (default: temporary, logged to the run)")
+    p.add_argument("--aks-compute", default="aks-cluster", help="AKS cluster attached to the workspace")
+    p.add_argument("--min-replicas", type=parse_int, default=1)
+    p.add_argument("--max-replicas", type=parse_int, default=4)
+    p.add_argument("--request-timeout", type=parse_int, default=90, help="seconds per scoring request")
+    p.add_argument("--auth-enabled", type=parse_bool, default=True, help="key auth on ACI/AKS services")
+    p.add_argument("--network-check", type=parse_bool, default=True)
+    p.add_argument("--port", type=_optional(parse_int), default=None, help="carclf-local: port")
+    p.add_argument("--workers", type=_optional(parse_int), default=None, help="carclf-local: server workers")
+    p.add_argument("--host", type=_optional(str), default=None, help="carclf-local: interface (127.0.0.1)")
+    p.add_argument("--home", type=_optional(str), default=None, help="carclf-local: state folder")
+    return p
+
+
+def _is_known_failure(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    known: tuple = (MlflowException, OSError)
+    with contextlib.suppress(ImportError):
+        from azure.core.exceptions import AzureError
+
+        known += (AzureError,)
+    with contextlib.suppress(ImportError):
+        import requests
+
+        known += (requests.RequestException,)
+    return isinstance(exc, known)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The Azure SDK logs every HTTP request and the plugin every URI parse at INFO: keep the output readable.
+    for noisy in ("azure", "azureml", "msal", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        result = deploy(
+            args.model_uri, args.target, args.name, compute=args.compute, cpu_cores=args.cpu_cores,
+            memory_gb=args.memory_gb, instance_type=args.instance_type, instance_count=args.instance_count,
+            auth=args.auth, config_dir=args.config_dir, aks_compute=args.aks_compute,
+            min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+            request_timeout_s=args.request_timeout, auth_enabled=args.auth_enabled,
+            network_check=args.network_check, port=args.port, workers=args.workers, host=args.host,
+            home=args.home,
+        )
+    except (DeployError, PreflightError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # MlflowException and the Azure SDK's errors: one line, cause included
+        if not _is_known_failure(exc):
+            raise
+        text = str(getattr(exc, "message", None) or exc).strip()
+        lines = text.splitlines() or [type(exc).__name__]
+        cause = exc.__cause__
+        because = f" (cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
+        print(f"error: {lines[0]}{because}", file=sys.stderr)
+        if len(lines) > 1:  # e.g. the local server's log tail
+            print("\n".join(lines[1:]), file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

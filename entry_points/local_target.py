@@ -1,0 +1,678 @@
+"""`carclf-local`: an MLflow deployment target that really runs `mlflow models serve` on this machine.
+
+Registered in pyproject under the `mlflow.deployments` entry-point group, so the standard CLI works:
+
+    mlflow deployments create  -t carclf-local --name cars -m models:/carclf/1 [-C port=5001 -C workers=2]
+    mlflow deployments predict -t carclf-local --name cars --input-path req.json
+    mlflow deployments update  -t carclf-local --name cars -m models:/carclf/2
+    mlflow deployments get     -t carclf-local --name cars
+    mlflow deployments list    -t carclf-local
+    mlflow deployments delete  -t carclf-local --name cars
+
+Each deployment is a detached `mlflow models serve` process group (it outlives the CLI that created it)
+plus a JSON record in the state folder. Health is always measured live: process alive (checked against
+its recorded start time, so a recycled pid is not mistaken for ours) and `/ping` answering.
+MLflow's plugin contract: this module holds exactly one BaseDeploymentClient subclass, plus top-level
+`run_local` and `target_help`.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import os
+import pathlib
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+
+from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+)
+
+_logger = logging.getLogger(__name__)
+
+TARGET_NAME = "carclf-local"
+FLAVOR = "python_function"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+CONFIG_KEYS = {"port", "workers", "timeout", "host", "home", "startup_timeout"}
+DEFAULTS = {"host": "127.0.0.1", "workers": 1, "timeout": 60, "startup_timeout": 180}
+_STOP_GRACE_S = 10.0
+_LOG_TAIL_LINES = 30
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def validate_name(name) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in {".", ".."}:
+        raise MlflowException(
+            f"invalid deployment name {name!r}: use 1-63 characters from A-Z a-z 0-9 _ . -, starting with a "
+            "letter or digit (no slashes or path tricks)",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    return name
+
+
+def _int_config(config: dict, key: str, minimum: int, maximum: int | None = None) -> int | None:
+    value = config.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError
+        number = int(number)
+    except (TypeError, ValueError):
+        raise MlflowException(f"config {key}={value!r} is not an integer", INVALID_PARAMETER_VALUE) from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise MlflowException(f"config {key}={number} must be {bound}", INVALID_PARAMETER_VALUE)
+    return number
+
+
+def parse_config(config: dict | None) -> dict:
+    """Validate `-C key=value` options (all arrive as strings from the CLI)."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise MlflowException(
+            f"unknown config key(s) {', '.join(unknown)} for target {TARGET_NAME}; "
+            f"known: {', '.join(sorted(CONFIG_KEYS))}",
+            INVALID_PARAMETER_VALUE,
+        )
+    parsed = {}
+    port = _int_config(config, "port", 1, 65535)
+    if port is not None:
+        parsed["port"] = port
+    for key, minimum in (("workers", 1), ("timeout", 1), ("startup_timeout", 1)):
+        number = _int_config(config, key, minimum)
+        if number is not None:
+            parsed[key] = number
+    if config.get("host"):
+        parsed["host"] = str(config["host"]).strip()
+    if config.get("home"):
+        parsed["home"] = str(config["home"])
+    return parsed
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _process_start_time(pid: int) -> str | None:
+    """Start time of a live (non-zombie) process in clock ticks since boot, or None when it is gone."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    except OSError:
+        return None
+    # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def _process_alive(pid: int, start_time: str | None) -> bool:
+    if not pid:
+        return False
+    if sys.platform.startswith("linux"):
+        current = _process_start_time(pid)
+        return current is not None and (start_time is None or current == start_time)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group; Linux reads /proc, elsewhere a signal-0 probe."""
+    if not sys.platform.startswith("linux"):
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = pathlib.Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the server is our own child (the Python API path), so no zombie stays."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop_process_group(pid: int, start_time: str | None, grace_s: float = _STOP_GRACE_S) -> bool:
+    """SIGTERM the server's whole process group (CLI, uvicorn, its workers), SIGKILL what is left.
+
+    The group id equals the pid because the server was started in its own session. A recycled pid that no
+    longer matches the recorded start time is left alone. Returns True when something was signalled.
+    """
+    if not pid:
+        return False
+    if start_time is not None and sys.platform.startswith("linux"):
+        current = _process_start_time(pid)
+        if current is not None and current != start_time:
+            _logger.warning("pid %s was reused by another process; not signalling it", pid)
+            return False
+    if not _group_members(pid):
+        _reap(pid)
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not _group_members(pid):
+                return True
+            time.sleep(0.1)
+    _reap(pid)
+    return True
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def _ping(url: str, timeout: float = 2.0) -> str | None:
+    """None when /ping answers 200, else why not."""
+    import requests
+
+    try:
+        response = requests.get(url + "/ping", timeout=timeout)
+    except requests.RequestException as exc:
+        return f"/ping failed: {type(exc).__name__}"
+    if response.status_code != 200:
+        return f"/ping answered HTTP {response.status_code}"
+    return None
+
+
+def _log_tail(path: pathlib.Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no server log)"
+    tail = text.strip().splitlines()[-lines:]
+    return "\n".join(tail) if tail else "(server log is empty)"
+
+
+def _model_version_info(model_uri: str) -> dict:
+    """Model name/version for registry URIs (aliases and 'latest' resolved now, so the record is exact)."""
+    info = {}
+    match = re.match(r"^models:/([^/@]+)(?:/([^/]+)|@(.+))$", model_uri)
+    if not match:
+        return info
+    name, version, alias = match.group(1), match.group(2), match.group(3)
+    info["model_name"] = name
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        if alias:
+            info["model_version"] = str(client.get_model_version_by_alias(name, alias).version)
+            info["model_alias"] = alias
+        elif version and version.isdigit():
+            info["model_version"] = version
+        elif version:
+            if version.lower() == "latest":
+                versions = client.search_model_versions(f"name='{name}'")
+                info["model_version"] = str(max(int(v.version) for v in versions)) if versions else None
+            else:
+                latest = client.get_latest_versions(name, stages=[version])
+                info["model_version"] = str(latest[0].version) if latest else None
+                info["model_stage"] = version
+    except Exception as exc:  # informational only: the server start is the real check
+        _logger.debug("could not resolve %s: %s", model_uri, exc)
+    return info
+
+
+def _check_model(model_uri: str, flavor: str | None) -> None:
+    """Fail in seconds (not after a server timeout) when the model is missing or cannot be served."""
+    if flavor not in (None, "", FLAVOR):
+        raise MlflowException(
+            f"target {TARGET_NAME} serves the {FLAVOR} flavor only, not {flavor!r}", INVALID_PARAMETER_VALUE
+        )
+    from mlflow.models import get_model_info
+
+    try:
+        info = get_model_info(model_uri)
+    except MlflowException as exc:
+        raise MlflowException(f"cannot load model {model_uri}: {exc.message}", RESOURCE_DOES_NOT_EXIST) from None
+    except OSError as exc:
+        raise MlflowException(f"cannot load model {model_uri}: {exc}", RESOURCE_DOES_NOT_EXIST) from None
+    if FLAVOR not in info.flavors:
+        raise MlflowException(
+            f"model {model_uri} has no {FLAVOR} flavor (flavors: {', '.join(info.flavors)}); it cannot be served",
+            INVALID_PARAMETER_VALUE,
+        )
+
+
+def _versions() -> dict:
+    import mlflow
+
+    versions = {"mlflow_version": mlflow.__version__, "python": sys.version.split()[0]}
+    with contextlib.suppress(ImportError):
+        from carclf_flavor.version import __version__ as carclf_version
+
+        versions["carclf_version"] = carclf_version
+    return versions
+
+
+def _serve_command(model_uri: str, host: str, port: int, workers: int, timeout: int) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+        "-h", host, "-p", str(port), "-w", str(workers), "-t", str(timeout),
+    ]
+
+
+def _server_env() -> dict:
+    """The server resolves models:/ URIs itself: give it the tracking/registry URIs in force here."""
+    import mlflow
+
+    env = os.environ.copy()
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    env["MLFLOW_REGISTRY_URI"] = mlflow.get_registry_uri()
+    # `mlflow models serve` execs `uvicorn` by name: make this interpreter's scripts folder win.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return env
+
+
+# ----------------------------------------------------------------------------------------------- state
+class _StateStore:
+    """One JSON record per deployment, written to a temporary name and renamed (atomic switch)."""
+
+    def __init__(self, home: pathlib.Path):
+        self.home = home
+        self.logs = home / "logs"
+
+    def ensure(self):
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> pathlib.Path:
+        return self.home / f"{validate_name(name)}.json"
+
+    @contextlib.contextmanager
+    def lock(self, name: str):
+        """Serialise create/update/delete of one name across processes."""
+        self.ensure()
+        with open(self.home / f".{validate_name(name)}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def read(self, name: str) -> dict | None:
+        path = self.path(name)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise MlflowException(f"deployment record {path} is corrupt ({exc}); delete it by hand") from None
+
+    def write(self, record: dict) -> None:
+        self.ensure()
+        path = self.path(record["name"])
+        fd, tmp = tempfile.mkstemp(prefix=f".{record['name']}.", suffix=".tmp", dir=self.home)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(record, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(name).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / f".{name}.lock").unlink()
+
+    def names(self) -> list[str]:
+        if not self.home.is_dir():
+            return []
+        return sorted(p.stem for p in self.home.glob("*.json") if NAME_PATTERN.match(p.stem))
+
+
+def _default_home() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("CARCLF_DEPLOY_HOME") or pathlib.Path.home() / ".carclf" / "deployments")
+
+
+# ----------------------------------------------------------------------------------------------- client
+class CarclfLocalDeploymentClient(BaseDeploymentClient):
+    """Deployments as local `mlflow models serve` processes. Target URI: `carclf-local` or
+    `carclf-local:/abs/state/folder` (state folder; `-C home=...` on create/update/delete overrides it)."""
+
+    def __init__(self, target_uri):
+        super().__init__(target_uri)
+        parsed = urllib.parse.urlparse(target_uri)
+        self._uri_home = pathlib.Path(parsed.path) if parsed.scheme and parsed.path not in ("", "/") else None
+
+    # -- state helpers
+    def _store(self, config: dict | None = None) -> _StateStore:
+        home = (config or {}).get("home")
+        if home:
+            return _StateStore(pathlib.Path(home).expanduser().resolve())
+        if self._uri_home is not None:
+            return _StateStore(self._uri_home.expanduser().resolve())
+        return _StateStore(_default_home().expanduser().resolve())
+
+    def _start_server(self, store: _StateStore, name: str, model_uri: str, settings: dict,
+                      avoid_port: int | None = None) -> dict:
+        """Start a detached server and wait for /ping. On failure: process group killed, MlflowException."""
+        host = settings.get("host", DEFAULTS["host"])
+        port = settings.get("port")
+        if port is not None:
+            if port == avoid_port:
+                raise MlflowException(
+                    f"port {port} is still used by the running deployment {name!r}; a blue-green update starts "
+                    "the new server before stopping the old one, so give another port (or none: a free one is "
+                    "picked)",
+                    INVALID_PARAMETER_VALUE,
+                )
+            if _port_in_use(host, port):
+                raise MlflowException(f"port {port} on {host} is already in use", INVALID_PARAMETER_VALUE)
+        else:
+            port = _free_port(host)
+        workers = settings.get("workers", DEFAULTS["workers"])
+        timeout = settings.get("timeout", DEFAULTS["timeout"])
+        startup_timeout = settings.get("startup_timeout", DEFAULTS["startup_timeout"])
+        store.ensure()
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        log_path = store.logs / f"{name}-{stamp}.log"
+        command = _serve_command(model_uri, host, port, workers, timeout)
+        with open(log_path, "ab") as log:
+            log.write(f"# {_now()} {shlex.join(command)}\n".encode())
+            log.flush()
+            # Own session: the server survives the CLI that started it, and its whole tree (mlflow CLI,
+            # uvicorn, workers) shares one process group that stop_process_group can signal at once.
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=_server_env(), start_new_session=True, close_fds=True,
+            )
+        start_time = _process_start_time(process.pid)
+        url = _url(host, port)
+        deadline = time.monotonic() + startup_timeout
+        reason = None
+        while True:
+            if process.poll() is not None:
+                reason = f"the server exited with code {process.returncode} before answering /ping"
+                break
+            reason = _ping(url, timeout=2.0)
+            if reason is None:
+                break
+            if time.monotonic() > deadline:
+                reason = f"the server did not answer {url}/ping within {startup_timeout} s ({reason})"
+                break
+            time.sleep(0.5)
+        if reason is not None:
+            stop_process_group(process.pid, start_time, grace_s=5.0)
+            with contextlib.suppress(Exception):
+                process.wait(timeout=1)
+            raise MlflowException(
+                f"deployment {name!r} of {model_uri} failed to start: {reason}. Server log {log_path}, last "
+                f"lines:\n{_log_tail(log_path)}"
+            )
+        return {
+            "host": host, "port": port, "url": url, "pid": process.pid, "pid_start_time": start_time,
+            "log_path": str(log_path), "workers": workers, "timeout": timeout, "startup_timeout": startup_timeout,
+            "command": command,
+        }
+
+    def _describe(self, record: dict) -> dict:
+        alive = _process_alive(record.get("pid", 0), record.get("pid_start_time"))
+        if not alive:
+            status, detail = "unhealthy", f"server process {record.get('pid')} is not running"
+        else:
+            problem = _ping(record["url"], timeout=2.0)
+            status, detail = ("healthy", "process running, /ping OK") if problem is None else (
+                "unhealthy", f"process {record['pid']} running but {problem}")
+        described = {k: v for k, v in record.items() if k not in ("command", "pid_start_time")}
+        described.update(status=status, healthy=status == "healthy", health_detail=detail, flavor=FLAVOR)
+        return described
+
+    # -- MLflow deployment API
+    def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
+        validate_name(name)
+        settings = parse_config(config)
+        store = self._store(settings)
+        _check_model(model_uri, flavor)
+        with store.lock(name):
+            existing = store.read(name)
+            if existing is not None:
+                state = self._describe(existing)["status"]
+                raise MlflowException(
+                    f"deployment {name!r} already exists ({state}, model {existing.get('model_uri')}); use "
+                    f"`mlflow deployments update` to change it or `delete` first",
+                    RESOURCE_ALREADY_EXISTS,
+                )
+            server = self._start_server(store, name, model_uri, settings)
+            record = {
+                "name": name, "flavor": FLAVOR, "model_uri": model_uri, **_model_version_info(model_uri),
+                **server, **_versions(), "created_at": _now(), "updated_at": _now(), "home": str(store.home),
+            }
+            try:
+                store.write(record)
+            except BaseException:
+                stop_process_group(server["pid"], server["pid_start_time"])
+                raise
+        _logger.info("deployment %s serving %s at %s (pid %s)", name, model_uri, server["url"], server["pid"])
+        return self._describe(record)
+
+    def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
+        validate_name(name)
+        settings = parse_config(config)
+        store = self._store(settings)
+        with store.lock(name):
+            old = store.read(name)
+            if old is None:
+                raise MlflowException(
+                    f"no deployment named {name!r} in {store.home}; create it first", RESOURCE_DOES_NOT_EXIST
+                )
+            new_uri = model_uri or old["model_uri"]
+            _check_model(new_uri, flavor)
+            merged = {k: old[k] for k in ("host", "workers", "timeout", "startup_timeout") if k in old}
+            merged.update(settings)
+            old_alive = _process_alive(old.get("pid", 0), old.get("pid_start_time"))
+            # Blue-green: the new server must be healthy before the record switches; the old one keeps
+            # serving until then, and keeps serving if the new one fails.
+            server = self._start_server(store, name, new_uri, merged, avoid_port=old["port"] if old_alive else None)
+            record = {
+                **{k: v for k, v in old.items() if k not in ("model_name", "model_version", "model_alias",
+                                                              "model_stage")},
+                "model_uri": new_uri, **_model_version_info(new_uri), **server, **_versions(),
+                "updated_at": _now(), "previous_model_uri": old["model_uri"],
+            }
+            try:
+                store.write(record)
+            except BaseException:
+                stop_process_group(server["pid"], server["pid_start_time"])
+                raise
+            stop_process_group(old.get("pid", 0), old.get("pid_start_time"))
+            with contextlib.suppress(OSError):
+                if old.get("log_path") and old["log_path"] != record["log_path"]:
+                    os.unlink(old["log_path"])
+        return self._describe(record)
+
+    def delete_deployment(self, name, config=None, endpoint=None):
+        validate_name(name)
+        settings = parse_config(config)
+        store = self._store(settings)
+        with store.lock(name):
+            record = store.read(name)
+            if record is None:
+                # Deletion is idempotent (MLflow's contract): a retry after success is not an error.
+                _logger.info("no deployment named %s in %s; nothing to delete", name, store.home)
+                return
+            stop_process_group(record.get("pid", 0), record.get("pid_start_time"))
+            with contextlib.suppress(OSError):
+                if record.get("log_path"):
+                    os.unlink(record["log_path"])
+            store.remove(name)
+
+    def list_deployments(self, endpoint=None):
+        store = self._store()
+        described = []
+        for name in store.names():
+            with contextlib.suppress(MlflowException):
+                record = store.read(name)
+                if record is not None:
+                    described.append(self._describe(record))
+        return described
+
+    def get_deployment(self, name, endpoint=None):
+        validate_name(name)
+        store = self._store()
+        record = store.read(name)
+        if record is None:
+            raise MlflowException(f"no deployment named {name!r} in {store.home}", RESOURCE_DOES_NOT_EXIST)
+        return self._describe(record)
+
+    def predict(self, deployment_name=None, inputs=None, endpoint=None):
+        """POST `inputs` (a DataFrame, e.g. an `image` column of base64 strings or raw bytes, or a ready
+        request dict) to the deployment's /invocations; returns a PredictionsResponse."""
+        import pandas as pd
+        import requests
+
+        name = validate_name(deployment_name or endpoint)
+        record = self._store().read(name)
+        if record is None:
+            raise MlflowException(f"no deployment named {name!r}", RESOURCE_DOES_NOT_EXIST)
+        if not _process_alive(record.get("pid", 0), record.get("pid_start_time")):
+            raise MlflowException(
+                f"deployment {name!r} is not running (process {record.get('pid')} is gone); "
+                f"`mlflow deployments update -t {TARGET_NAME} --name {name}` restarts it"
+            )
+        if isinstance(inputs, pd.DataFrame):
+            frame = inputs.copy()
+            for column in frame.columns:
+                if frame[column].map(lambda v: isinstance(v, (bytes, bytearray))).any():
+                    # The scoring server base64-decodes columns typed `binary` in the signature.
+                    frame[column] = frame[column].map(
+                        lambda v: base64.b64encode(v).decode("ascii") if isinstance(v, (bytes, bytearray)) else v
+                    )
+            body = '{"dataframe_split": ' + frame.to_json(orient="split", index=False) + "}"
+        elif isinstance(inputs, dict):
+            body = json.dumps(inputs)
+        else:
+            raise MlflowException(
+                f"inputs must be a pandas DataFrame or a request dict, got {type(inputs).__name__}",
+                INVALID_PARAMETER_VALUE,
+            )
+        try:
+            response = requests.post(
+                record["url"] + "/invocations", data=body, headers={"Content-Type": "application/json"},
+                timeout=record.get("timeout", DEFAULTS["timeout"]) + 10,
+            )
+        except requests.RequestException as exc:
+            raise MlflowException(f"deployment {name!r} at {record['url']} did not answer: {exc}") from None
+        if response.status_code != 200:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise MlflowException(
+                f"deployment {name!r} refused the request (HTTP {response.status_code}): {message.splitlines()[0] if message else ''}",
+                INVALID_PARAMETER_VALUE if response.status_code < 500 else INTERNAL_ERROR,
+            )
+        return PredictionsResponse.from_json(response.text)
+
+    # -- endpoints are not a concept of this target
+    def create_endpoint(self, name, config=None):
+        raise MlflowException(f"target {TARGET_NAME} has no endpoints; use deployments")
+
+
+# ----------------------------------------------------------------------------------------------- plugin API
+def run_local(name, model_uri, flavor=None, config=None):
+    """Serve the model in the foreground (Ctrl-C stops it); no record is kept."""
+    validate_name(name)
+    settings = parse_config(config)
+    _check_model(model_uri, flavor)
+    host = settings.get("host", DEFAULTS["host"])
+    port = settings.get("port") or 5000
+    command = _serve_command(
+        model_uri, host, port, settings.get("workers", DEFAULTS["workers"]),
+        settings.get("timeout", DEFAULTS["timeout"]),
+    )
+    print(f"serving {model_uri} as {name!r} at {_url(host, port)} (Ctrl-C stops)", flush=True)
+    try:
+        result = subprocess.run(command, env=_server_env(), check=False)
+    except KeyboardInterrupt:
+        return None
+    if result.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
+        raise MlflowException(f"`mlflow models serve` exited with code {result.returncode}")
+    return None
+
+
+def target_help():
+    return f"""Target `{TARGET_NAME}`: runs `mlflow models serve --env-manager local` on this machine as a detached
+process that outlives the CLI, one per deployment name, and keeps a record per deployment.
+
+Target URI: `{TARGET_NAME}` (state in $CARCLF_DEPLOY_HOME, default ~/.carclf/deployments) or
+`{TARGET_NAME}:/abs/path/to/state` (use the same form for every command of a deployment).
+
+Config (-C key=value) for create / update / run-local:
+  port=N             port to listen on (default: a free port; update needs a different one than the running server)
+  host=ADDR          interface (default 127.0.0.1)
+  workers=N          uvicorn workers (default 1)
+  timeout=S          request timeout in seconds (mlflow models serve -t, default 60)
+  startup_timeout=S  how long create/update wait for /ping (default 180)
+  home=DIR           state folder (also accepted by delete)
+
+create starts the server and waits for /ping (server log tail on failure, nothing recorded);
+update is blue-green (new server healthy -> record switched -> old server stopped; a failed update leaves
+the old one serving; the port changes); get/list report health live (dead processes show as unhealthy);
+delete stops the process group and removes the record. Names: 1-63 of A-Z a-z 0-9 _ . -.
+predict: --input-path takes JSON pandas reads, e.g. {{"image": ["<base64 jpeg>", ...]}}."""
