@@ -1,0 +1,198 @@
+"""Serving speed: `mlflow models serve` vs the in-process model, and bf16 (auto) vs float32 REST serving.
+
+Same model, same run, same JPEG bytes (700x500, encoded once):
+1. batch-32 throughput: REST (base64 + JSON + HTTP + MLflow's parsing) vs ``CarClassifier.predict`` in-process
+   (target: REST >= 0.85x in-process);
+2. single-image latency p50/p99, REST vs the in-process call (target: overhead <= 15 ms at p50);
+3. issue 9: REST batch-32 throughput with the auto-selected precision vs CARCLF_INFERENCE_PRECISION=float32
+   (target >= 3x where the CPU has native bf16).
+
+Sizes via environment: BENCH_SERVING_DEPTH (50), BENCH_SERVING_IMAGE_SIZE (224), BENCH_SERVING_CLASSES (196),
+BENCH_SERVING_BATCHES (3 timed batches of 32), BENCH_SERVING_LATENCY_N (30 single-image calls).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np  # noqa: E402
+
+DEPTH = int(os.environ.get("BENCH_SERVING_DEPTH", "50"))
+IMAGE_SIZE = int(os.environ.get("BENCH_SERVING_IMAGE_SIZE", "224"))
+NUM_CLASSES = int(os.environ.get("BENCH_SERVING_CLASSES", "196"))
+BATCHES = int(os.environ.get("BENCH_SERVING_BATCHES", "3"))
+LATENCY_N = int(os.environ.get("BENCH_SERVING_LATENCY_N", "30"))
+BATCH = 32
+GFLOP_PER_IMAGE = {50: 8.2}  # ResNet-50 forward at 224 px (multiply-adds counted as 2 FLOP)
+
+
+def photo_jpegs(count: int, width: int = 700, height: int = 500) -> list[bytes]:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(count):
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack([(x + 7 * i) % 256, (y + 3 * i) % 256, ((x + y) // 2) % 256], -1).astype(np.uint8)
+        noise = rng.integers(0, 40, base.shape, dtype=np.uint8)
+        images.append(cv2.imencode(".jpg", base + noise, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return images
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`mlflow models serve --env-manager local` on 127.0.0.1 with extra environment variables."""
+
+    def __init__(self, model_dir: pathlib.Path, **env):
+        import requests
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        child_env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
+        child_env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), child_env.get("PATH", "")])
+        self.process = subprocess.Popen(
+            [str(pathlib.Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", str(model_dir),
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{pathlib.Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
+                    break
+            except requests.exceptions.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start within 300 s")
+            time.sleep(0.5)
+        self.session = requests.Session()
+
+    def precision_line(self) -> str:
+        for line in pathlib.Path(self.log.name).read_text().splitlines():
+            if "carclf model serving in" in line:
+                return line.split("carclf model serving in", 1)[1].strip()
+        return "?"
+
+    def predict(self, images: list[bytes], top_k: int = 5) -> list[dict]:
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(i).decode("ascii")] for i in images]},
+                "params": {"top_k": top_k}}
+        response = self.session.post(self.url + "/invocations", data=json.dumps(body),
+                                     headers={"Content-Type": "application/json"}, timeout=600)
+        response.raise_for_status()
+        return response.json()["predictions"]
+
+    def close(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        os.unlink(self.log.name)
+
+
+def interleaved_throughput(calls: dict, batch: list[bytes], repeats: int) -> dict:
+    """img/s of each call on the same batch, measured in turns so that load from other processes on the
+    machine (it is shared) falls on all of them alike."""
+    for call in calls.values():
+        call(batch)  # warm-up: first-call allocations, oneDNN primitive creation
+    spent = dict.fromkeys(calls, 0.0)
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(batch)
+            spent[name] += time.perf_counter() - start
+    return {name: repeats * len(batch) / seconds for name, seconds in spent.items()}
+
+
+def interleaved_latencies_ms(calls: dict, image: bytes, n: int) -> dict:
+    for call in calls.values():
+        for _ in range(3):
+            call([image])
+    out = {name: [] for name in calls}
+    for _ in range(n):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call([image])
+            out[name].append((time.perf_counter() - start) * 1000)
+    return {name: np.array(values) for name, values in out.items()}
+
+
+def main() -> int:
+    import keras
+
+    import carclf_flavor
+    from carclf_flavor.images import PreprocessSettings
+    from carclf_flavor.precision import ENV_VAR
+    from carclf_flavor.resnet import build_resnet
+
+    print(f"bench_serving: ResNet-{DEPTH} at {IMAGE_SIZE} px, {NUM_CLASSES} classes, batch {BATCH} of 700x500 JPEGs, "
+          f"{BATCHES} timed batches, {LATENCY_N} latency calls; CPUs: {os.cpu_count()}")
+    keras.utils.set_random_seed(0)
+    network = build_resnet(depth=DEPTH, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    model_dir = work / "model"
+    carclf_flavor.save_model(network, model_dir, [f"car model {i}" for i in range(NUM_CLASSES)],
+                             preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="none"),
+                             inference_precision="auto")
+    del network
+    images = photo_jpegs(BATCH)
+
+    os.environ.pop(ENV_VAR, None)
+    local = carclf_flavor.load_model(str(model_dir))
+    # Both servers run at once (idle while not measured) so that every figure comes from the same minutes.
+    auto = Server(model_dir)
+    fp32 = Server(model_dir, **{ENV_VAR: "float32"})
+    try:
+        auto_precision, fp32_precision = auto.precision_line(), fp32.precision_line()
+        rates = interleaved_throughput(
+            {"local": lambda b: local.predict(b), "auto": auto.predict, "fp32": fp32.predict}, images, BATCHES)
+        lat = interleaved_latencies_ms({"local": lambda b: local.predict(b), "rest": auto.predict}, images[0],
+                                       LATENCY_N)
+    finally:
+        auto.close()
+        fp32.close()
+        shutil.rmtree(work, ignore_errors=True)
+    local_batch, rest_batch, rest_fp32 = rates["local"], rates["auto"], rates["fp32"]
+    local_lat, rest_lat = lat["local"], lat["rest"]
+
+    gflop = GFLOP_PER_IMAGE.get(DEPTH) if IMAGE_SIZE == 224 else None
+    def tflops(rate):
+        return f", {rate * gflop / 1000:.2f} TFLOP/s" if gflop else ""
+
+    print(f"served precision (auto): {auto_precision}")
+    print(f"served precision (forced): {fp32_precision}")
+    print(f"batch {BATCH} in-process CarClassifier.predict: {local_batch:8.1f} img/s{tflops(local_batch)}")
+    print(f"batch {BATCH} REST, auto precision:              {rest_batch:8.1f} img/s{tflops(rest_batch)}")
+    print(f"batch {BATCH} REST, float32 forced:              {rest_fp32:8.1f} img/s{tflops(rest_fp32)}")
+    print(f"ratio REST / in-process (batch {BATCH}):          {rest_batch / local_batch:8.2f}  (target >= 0.85)")
+    print(f"ratio REST auto / REST float32 (batch {BATCH}):   {rest_batch / rest_fp32:8.2f}  (target >= 3)")
+    p50_local, p99_local = np.percentile(local_lat, [50, 99])
+    p50_rest, p99_rest = np.percentile(rest_lat, [50, 99])
+    print(f"single image in-process: p50 {p50_local:7.1f} ms  p99 {p99_local:7.1f} ms")
+    print(f"single image REST:       p50 {p50_rest:7.1f} ms  p99 {p99_rest:7.1f} ms")
+    print(f"REST overhead:           p50 {p50_rest - p50_local:7.1f} ms  p99 {p99_rest - p99_local:7.1f} ms  "
+          f"(target <= 15 ms at p50)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Score car photos with a served carclf model (REST) or a folder of photos on Spark (batch).
+
+REST (a thin client of ``mlflow models serve``)::
+
+    python -m entry_points.score --url http://127.0.0.1:5000 photo1.jpg photo2.png [--top-k 3]
+        [--bbox x1,y1,x2,y2] [--json] [--batch-size 16]
+
+Each batch is one POST to ``/invocations`` with the body MLflow's server expects
+(``{"dataframe_split": {"columns": ["image", ...], "data": [["<base64>", ...]]}, "params": {"top_k": k}}``).
+
+Spark (``mlflow.pyfunc.spark_udf`` on a local Spark)::
+
+    python -m entry_points.score --spark --model-uri models:/carclf/1 --input-dir photos/ --output scores.parquet
+
+Bad images do not stop a Spark job: they get a null prediction and an ``error`` text (``errors=coerce``).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import pathlib
+import re
+import shutil
+import sys
+import uuid
+from typing import Optional, Sequence
+
+from entry_points.cli_args import parse_int
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# spark_udf result: one struct per image. class_id/prob are doubles because spark_udf casts a struct field
+# with numpy (a None among ints cannot be cast to int64); they become long/double with nulls afterwards.
+SPARK_RESULT_TYPE = (
+    "label string, class_id double, prob double, top_k array<struct<label: string, prob: double>>, error string"
+)
+
+
+class ScoringError(RuntimeError):
+    """A problem the user can act on (unreachable server, refused request, unreadable file)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# REST
+# --------------------------------------------------------------------------------------------------
+def parse_bbox(text: str) -> tuple[int, int, int, int]:
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"bbox must be x1,y1,x2,y2, got {text!r}")
+    try:
+        return tuple(parse_int(p) for p in parts)  # type: ignore[return-value]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"bbox must be four integers x1,y1,x2,y2, got {text!r}") from None
+
+
+def build_request(images: Sequence[bytes], bboxes: Optional[Sequence] = None, top_k: int = 5) -> dict:
+    """The JSON body for /invocations: base64 images (+ bbox columns) and the top_k parameter."""
+    columns = ["image"]
+    rows = [[base64.b64encode(data).decode("ascii")] for data in images]
+    if bboxes is not None and any(b is not None for b in bboxes):
+        columns += ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
+        for row, bbox in zip(rows, bboxes):
+            row.extend(list(bbox) if bbox is not None else [None] * 4)
+    return {"dataframe_split": {"columns": columns, "data": rows}, "params": {"top_k": int(top_k)}}
+
+
+def _server_message(response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("message", body))
+    except ValueError:
+        return response.text.strip()[:500]
+
+
+def post_invocations(url: str, body: dict, timeout: float = 120.0) -> list[dict]:
+    """POST one request; returns the list of predictions or raises ScoringError with the server's message."""
+    import requests
+
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/invocations"):
+        endpoint += "/invocations"
+    try:
+        response = requests.post(endpoint, data=json.dumps(body), timeout=timeout,
+                                  headers={"Content-Type": "application/json"})
+    except requests.exceptions.ConnectionError:
+        raise ScoringError(f"cannot connect to {endpoint} (is `mlflow models serve` running there?)") from None
+    except requests.exceptions.Timeout:
+        raise ScoringError(f"{endpoint} did not answer within {timeout:.0f} s") from None
+    if response.status_code != 200:
+        raise ScoringError(f"the server refused the request (HTTP {response.status_code}): {_server_message(response)}")
+    return response.json()["predictions"]
+
+
+def score_files(url: str, paths: Sequence[os.PathLike | str], top_k: int = 5, bbox=None,
+                batch_size: int = 16, timeout: float = 120.0) -> list[dict]:
+    """Score image files through the REST endpoint, ``batch_size`` per request; one dict per file."""
+    if batch_size < 1:
+        raise ScoringError(f"--batch-size must be >= 1, got {batch_size}")
+    paths = [pathlib.Path(p) for p in paths]
+    results = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = []
+        for path in chunk:
+            try:
+                images.append(path.read_bytes())
+            except OSError as exc:
+                raise ScoringError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            predictions = post_invocations(url, build_request(images, [bbox] * len(chunk) if bbox else None, top_k),
+                                           timeout=timeout)
+        except ScoringError as exc:
+            # The server names rows of this request: name the file instead.
+            message = re.sub(r"\brow (\d+):", lambda m: f"{chunk[int(m.group(1))]}:" if int(m.group(1)) < len(chunk)
+                             else m.group(0), str(exc))
+            raise ScoringError(message) from None
+        for path, prediction in zip(chunk, predictions):
+            results.append(dict(file=str(path), **prediction))
+    return results
+
+
+def format_table(results: Sequence[dict]) -> str:
+    width = max([len("file")] + [len(r["file"]) for r in results])
+    label_width = max([len("label")] + [len(str(r.get("label"))) for r in results])
+    lines = [f"{'file':<{width}}  {'label':<{label_width}}  {'prob':>6}  runners-up"]
+    for r in results:
+        runners = ", ".join(f"{e['label']} ({e['prob']:.3f})" for e in (r.get("top_k") or [])[1:])
+        lines.append(f"{r['file']:<{width}}  {str(r['label']):<{label_width}}  {r['prob']:>6.3f}  {runners}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Spark
+# --------------------------------------------------------------------------------------------------
+def _local_spark():
+    from pyspark.sql import SparkSession
+
+    # Python workers must run this interpreter (pandas, MLflow, TensorFlow), not the first `python3` on PATH.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    return (
+        SparkSession.builder.master(os.environ.get("CARCLF_SPARK_MASTER", "local[*]"))
+        .appName("carclf-score")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .getOrCreate()
+    )
+
+
+def score_folder_spark(model_uri: str, input_dir: os.PathLike | str, output: os.PathLike | str, top_k: int = 5,
+                       spark=None) -> int:
+    """Score every image under ``input_dir`` with ``spark_udf``; writes Parquet (path, label, class_id, prob,
+    top_k, error) to ``output`` (written under a temporary name, renamed when complete). Returns the row count."""
+    import mlflow.pyfunc
+    from pyspark.sql import functions as F
+
+    input_dir = pathlib.Path(input_dir)
+    output = pathlib.Path(output)
+    if not input_dir.is_dir():
+        raise ScoringError(f"--input-dir {input_dir} is not a folder")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in input_dir.rglob("*") if p.is_file()):
+        raise ScoringError(f"--input-dir {input_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    spark = spark or _local_spark()
+    files = (
+        spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(input_dir))
+        .where(F.lower(F.col("path")).rlike("(" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$"))
+    )
+    predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=SPARK_RESULT_TYPE, env_manager="local",
+                                      params={"top_k": int(top_k), "errors": "coerce"})
+    scored = files.select("path", predict(F.col("content")).alias("p"))
+    # A bad image comes back with an empty top_k (a good one has at least one entry). spark_udf's struct
+    # conversion turns its null label/error into the text "None" and its null class_id/prob into NaN, so
+    # the fields are rebuilt from that flag instead of being trusted as they are.
+    bad = F.size(F.col("p.top_k")) == 0
+    result = scored.select(
+        "path",
+        F.when(bad, F.lit(None)).otherwise(F.col("p.label")).alias("label"),
+        F.when(bad, F.lit(None)).otherwise(F.col("p.class_id").cast("long")).alias("class_id"),
+        F.when(bad, F.lit(None)).otherwise(F.col("p.prob")).alias("prob"),
+        F.when(bad, F.lit(None)).otherwise(F.col("p.top_k")).alias("top_k"),
+        F.when(bad, F.col("p.error")).otherwise(F.lit(None)).alias("error"),
+    )
+    partial = output.with_name(f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
+    result.write.mode("error").parquet(str(partial))
+    count = spark.read.parquet(str(partial)).count()
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    os.replace(partial, output)
+    return count
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m entry_points.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", help="image files to score through --url")
+    parser.add_argument("--url", default="http://127.0.0.1:5000", help="base URL of `mlflow models serve`")
+    parser.add_argument("--top-k", type=parse_int, default=5)
+    parser.add_argument("--bbox", type=parse_bbox, default=None, help="x1,y1,x2,y2 crop applied to every file")
+    parser.add_argument("--batch-size", type=parse_int, default=16, help="images per request")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one request")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--spark", action="store_true", help="batch-score --input-dir on local Spark")
+    parser.add_argument("--model-uri", help="model to load in Spark (runs:/..., models:/..., a path)")
+    parser.add_argument("--input-dir", help="folder of images (searched recursively) for --spark")
+    parser.add_argument("--output", help="Parquet output for --spark")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.top_k < 1:
+            raise ScoringError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.spark:
+            missing = [flag for flag, value in (("--model-uri", args.model_uri), ("--input-dir", args.input_dir),
+                                                ("--output", args.output)) if not value]
+            if missing:
+                raise ScoringError(f"--spark needs {', '.join(missing)}")
+            count = score_folder_spark(args.model_uri, args.input_dir, args.output, top_k=args.top_k)
+            print(f"scored {count} images -> {args.output}")
+            return 0
+        if not args.files:
+            raise ScoringError("no image files given (or use --spark --input-dir)")
+        results = score_files(args.url, args.files, top_k=args.top_k, bbox=args.bbox,
+                              batch_size=args.batch_size, timeout=args.timeout)
+    except ScoringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # A model URI that does not resolve, an unreadable model: MLflow says what; no traceback for that.
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException):
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

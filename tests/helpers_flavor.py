@@ -1,0 +1,104 @@
+"""Shared pieces of the flavor/serving/precision tests: a tiny real ResNet and real encoded images."""
+from __future__ import annotations
+
+import io
+import pathlib
+import socket
+
+import cv2
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 32
+CLASS_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi R8 Coupe 2012", "BMW M3 Coupe 2012"]
+
+
+def build_tiny_resnet(seed: int = 0, num_classes: int = len(CLASS_NAMES)):
+    """The project's real ResNet-18 at 32 px and small width, with non-trivial BN statistics so fusion matters."""
+    import keras
+
+    from carclf_flavor.resnet import build_resnet
+
+    keras.utils.set_random_seed(seed)
+    model = build_resnet(depth=18, num_classes=num_classes, image_size=IMAGE_SIZE, width=0.25)
+    rng = np.random.default_rng(seed)
+    from carclf_flavor.layers import Scale
+
+    for layer in model.layers:
+        if isinstance(layer, Scale):
+            layer.set_weights([rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32"),
+                               rng.normal(0.0, 0.1, layer.beta.shape).astype("float32")])
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            weights = layer.get_weights()
+            # BN here may carry only moving mean/variance (Caffe style) or also gamma/beta.
+            weights[-2] = rng.normal(0.0, 0.2, weights[-2].shape).astype("float32")
+            weights[-1] = rng.uniform(0.5, 2.0, weights[-1].shape).astype("float32")
+            layer.set_weights(weights)
+    # Random deep nets saturate the softmax (one-hot outputs compare trivially): rescale the head so the
+    # logits spread with a standard deviation of ~1.5 on image-like input.
+    features = keras.Model(model.inputs, model.get_layer("avg_pool").output)
+    sample = rng.integers(0, 256, (16, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("uint8")
+    head = model.layers[-1]
+    kernel, bias = head.get_weights()
+    logits = np.asarray(features([sample])) @ kernel
+    head.set_weights([kernel * (1.5 / (logits.std() + 1e-12)), np.zeros_like(bias)])
+    return model
+
+
+def jpeg_bytes(width: int = 80, height: int = 60, seed: int = 0, quality: int = 90) -> bytes:
+    """A real JPEG with structure (gradients + random blocks), so crops and resizes change the pixels."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)),
+                      ((x + y) * 3) % 256], axis=-1).astype(np.uint8)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, width - 4)), int(rng.integers(0, height - 4))
+        image[y0:y0 + height // 4, x0:x0 + width // 4] = rng.integers(0, 255, 3)
+    ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return encoded.tobytes()
+
+
+def _rgb(width=64, height=48, seed=1) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(jpeg_bytes(width, height, seed), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+def varied_format_images() -> dict[str, bytes]:
+    """Grayscale/CMYK JPEG, RGBA/palette/16-bit PNG, WebP and an EXIF-rotated JPEG: all valid inputs."""
+    rgb = _rgb()
+    out = {}
+    for name, mode, fmt, kwargs in [
+        ("gray.jpg", "L", "JPEG", {}),
+        ("cmyk.jpg", "CMYK", "JPEG", {}),
+        ("rgba.png", "RGBA", "PNG", {}),
+        ("palette.png", "P", "PNG", {}),
+        ("photo.webp", "RGB", "WEBP", {}),
+    ]:
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buffer, fmt, **kwargs)
+        out[name] = buffer.getvalue()
+    sixteen = (rgb.astype(np.uint16) * 257)[:, :, ::-1]
+    out["deep16.png"] = cv2.imencode(".png", sixteen)[1].tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", exif=exif)
+    out["exif_rotated.jpg"] = buffer.getvalue()
+    return out
+
+
+def write_cars_meta(path: pathlib.Path, names) -> pathlib.Path:
+    """A devkit/cars_meta.mat as Stanford Cars ships it: a 1xN cell array `class_names`."""
+    import scipy.io
+
+    cell = np.empty((1, len(names)), dtype=object)
+    for i, name in enumerate(names):
+        cell[0, i] = np.array([name])
+    scipy.io.savemat(str(path), {"class_names": cell})
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
