@@ -11,6 +11,10 @@ for _var in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "MLFLO
     os.environ.pop(_var, None)
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+# The generated sample dataset is cached per test session, not in the user's ~/.cache.
+os.environ["CARCLF_CACHE_DIR"] = tempfile.mkdtemp(prefix="carclf-test-cache-")
 
 import pytest  # noqa: E402
 
@@ -26,6 +30,8 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     monkeypatch.setenv("CARCLF_DEPLOY_HOME", str(tmp_path / "deployments"))
+    # MLflow puts artifacts of a SQLite store under ./mlruns: keep them out of the repository.
+    monkeypatch.chdir(tmp_path)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
