@@ -1,0 +1,194 @@
+"""Network speed, one run, same inputs: our ResNet-50 against keras.applications.ResNet50 (issues 3 and 9).
+
+(1) training-step throughput, float32: ours / keras.applications            target >= 0.95
+(2) inference throughput, float32: fused / keras.applications >= 1.0, fused / our unfused >= 1.1
+(3) mixed_bfloat16 training and inference, as a ratio to the same model in float32
+(4) issue 9: batch 1 / 8 / 32: stock float32, our unfused float32, fused float32, fused bfloat16
+    (img/s, ratio to stock, achieved TFLOP/s); target fused bf16 >= 4x stock at batch 32.
+
+Sizes by environment variable: BENCH_IMAGE_SIZE (224), BENCH_TRAIN_BATCH (16), BENCH_INFER_BATCH (32),
+BENCH_BATCHES ("1,8,32"), BENCH_ITERS (3 round-robin rounds, best kept, after BENCH_WARMUP=1 warm-up step),
+BENCH_SECTIONS ("train,infer,mixed,latency"). The CPU is shared: absolute figures vary from run to run,
+the ratios (measured back to back in this process) are what to read.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+IMAGE_SIZE = int(os.environ.get("BENCH_IMAGE_SIZE", 224))
+TRAIN_BATCH = int(os.environ.get("BENCH_TRAIN_BATCH", 16))
+INFER_BATCH = int(os.environ.get("BENCH_INFER_BATCH", 32))
+BATCHES = [int(b) for b in os.environ.get("BENCH_BATCHES", "1,8,32").split(",") if b.strip()]
+ITERS = int(os.environ.get("BENCH_ITERS", 3))
+WARMUP = int(os.environ.get("BENCH_WARMUP", 1))
+SECTIONS = set(os.environ.get("BENCH_SECTIONS", "train,infer,mixed,latency").split(","))
+NUM_CLASSES = 1000
+# ResNet-50 forward pass at 224 px: ~4.1 GMAC = ~8.2 GFLOP per image; scales with the pixel count.
+FORWARD_GFLOP = 8.2 * (IMAGE_SIZE / 224) ** 2
+TRAIN_GFLOP = 3 * FORWARD_GFLOP  # forward + backward (~2x forward)
+
+
+def cpu_summary() -> str:
+    flags = set()
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                if line.startswith("model name") and model == "?":
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx512f/avx512_bf16/amx'}"
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def compare(steps: dict, batch: int, calls_per_sample: int = 1) -> dict:
+    """Images per second of each ``steps[name]()`` (each must block until its result is ready).
+
+    The variants are timed round-robin, ITERS rounds, and each keeps its BEST round: on a CPU shared with
+    other processes this puts all variants under the same background load and discards disturbed rounds,
+    so the ratios compare the programs, not the neighbours.
+    """
+    for step in steps.values():
+        for _ in range(WARMUP):
+            step()
+    best = {name: float("inf") for name in steps}
+    for _ in range(ITERS):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(calls_per_sample):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls_per_sample)
+    return {name: batch / seconds for name, seconds in best.items()}
+
+
+def inference_step(model, inputs, batch: int):
+    import tensorflow as tf
+
+    function = tf.function(lambda x: model(x, training=False))
+    tensor = tf.constant(inputs[:batch])
+    return lambda: function(tensor).numpy()
+
+
+def inference_rates(variants: dict, batch: int) -> dict:
+    """``variants``: name -> (model, inputs). Small batches repeat calls so a sample covers >= 16 images."""
+    steps = {name: inference_step(model, inputs, batch) for name, (model, inputs) in variants.items()}
+    return compare(steps, batch, calls_per_sample=max(1, math.ceil(16 / batch)))
+
+
+def training_step(model, inputs, labels):
+    import keras
+
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="sparse_categorical_crossentropy")
+    return lambda: model.train_on_batch(inputs, labels)
+
+
+def verdict(value: float, target: float) -> str:
+    return f"target >= {target:g}: {'MET' if value >= target else 'NOT met'}"
+
+
+def main() -> None:
+    import keras
+    import tensorflow as tf
+
+    from carclf_flavor.resnet import build_resnet, fuse_for_inference
+
+    print(f"CPU: {cpu_summary()}; load average at start: {load()}")
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {IMAGE_SIZE} px, train batch {TRAIN_BATCH}, "
+          f"inference batch {INFER_BATCH}, {WARMUP} warm-up + {ITERS} timed steps; "
+          f"ResNet-50 forward ~{FORWARD_GFLOP:.2f} GFLOP/img")
+    rng = np.random.default_rng(0)
+    biggest = max([INFER_BATCH, TRAIN_BATCH] + BATCHES)
+    images = rng.integers(0, 256, (biggest, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    caffe = keras.applications.resnet.preprocess_input(images.astype("float32"))  # stock model's input
+    labels = rng.integers(0, NUM_CLASSES, TRAIN_BATCH)
+
+    def stock():
+        return keras.applications.ResNet50(weights=None, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), classes=NUM_CLASSES)
+
+    def ours():
+        return build_resnet(50, NUM_CLASSES, IMAGE_SIZE)
+
+    results = {}
+    if "train" in SECTIONS:
+        print("\n(1) training step, float32")
+        rates = compare({"keras.applications": training_step(stock(), caffe[:TRAIN_BATCH], labels),
+                         "ours": training_step(ours(), images[:TRAIN_BATCH], labels)}, TRAIN_BATCH)
+        for name, rate in rates.items():
+            results[("train", "float32", name)] = rate
+            print(f"  {name:20s} {rate:7.2f} img/s  {rate * TRAIN_GFLOP / 1000:.3f} TFLOP/s")
+        ratio = rates["ours"] / rates["keras.applications"]
+        print(f"  ratio ours / keras.applications: {ratio:.2f}  ({verdict(ratio, 0.95)})")
+
+    stock_model = ours_model = fused32 = fused16 = None
+    if SECTIONS & {"infer", "latency"}:
+        stock_model, ours_model = stock(), ours()
+        fused32 = fuse_for_inference(ours_model, "float32")
+        fused16 = fuse_for_inference(ours_model, "bfloat16")
+    variants = {"stock keras.applications f32": (stock_model, caffe), "ours unfused f32": (ours_model, images),
+                "ours fused f32": (fused32, images), "ours fused bf16": (fused16, images)}
+    by_batch = {}
+    if "infer" in SECTIONS:
+        print(f"\n(2) inference, float32, batch {INFER_BATCH}")
+        by_batch[INFER_BATCH] = rates = inference_rates(variants, INFER_BATCH)
+        for name in list(variants)[:3]:
+            results[("infer", "float32", name)] = rates[name]
+            print(f"  {name:30s} {rates[name]:7.2f} img/s  {rates[name] * FORWARD_GFLOP / 1000:.3f} TFLOP/s")
+        fused = rates["ours fused f32"]
+        vs_stock = fused / rates["stock keras.applications f32"]
+        vs_unfused = fused / rates["ours unfused f32"]
+        print(f"  fused / keras.applications: {vs_stock:.2f}  ({verdict(vs_stock, 1.0)})")
+        print(f"  fused / ours unfused:       {vs_unfused:.2f}  ({verdict(vs_unfused, 1.1)})")
+
+    if "mixed" in SECTIONS:
+        print("\n(3) mixed_bfloat16 (global Keras policy) vs the same model in float32, timed side by side")
+        built32 = {"keras.applications": (stock, caffe), "ours": (ours, images)}
+        for name, (build, inputs) in built32.items():
+            model32 = build()
+            keras.config.set_dtype_policy("mixed_bfloat16")
+            try:
+                model16 = build()
+            finally:
+                keras.config.set_dtype_policy("float32")
+            if "infer" in SECTIONS:
+                rates = inference_rates({"float32": (model32, inputs), "mixed_bfloat16": (model16, inputs)},
+                                        INFER_BATCH)
+                print(f"  inference {name:20s} f32 {rates['float32']:6.2f}  mixed_bf16 {rates['mixed_bfloat16']:6.2f}"
+                      f" img/s  x{rates['mixed_bfloat16'] / rates['float32']:.2f}")
+            if "train" in SECTIONS:
+                rates = compare({"float32": training_step(model32, inputs[:TRAIN_BATCH], labels),
+                                 "mixed_bfloat16": training_step(model16, inputs[:TRAIN_BATCH], labels)}, TRAIN_BATCH)
+                print(f"  training  {name:20s} f32 {rates['float32']:6.2f}  mixed_bf16 {rates['mixed_bfloat16']:6.2f}"
+                      f" img/s  x{rates['mixed_bfloat16'] / rates['float32']:.2f}")
+
+    if "latency" in SECTIONS:
+        print("\n(4) issue 9: inference by batch size (img/s, ratio to stock float32, achieved TFLOP/s)")
+        for batch in BATCHES:
+            rates = by_batch.get(batch) or inference_rates(variants, batch)  # batch 32 reuses section (2)
+            stock_rate = rates["stock keras.applications f32"]
+            for name in variants:
+                print(f"  batch {batch:3d}  {name:30s} {rates[name]:7.2f} img/s  x{rates[name] / stock_rate:5.2f}  "
+                      f"{rates[name] * FORWARD_GFLOP / 1000:.3f} TFLOP/s")
+            if batch == 32:
+                ratio = rates["ours fused bf16"] / stock_rate
+                print(f"  fused bf16 / stock f32 at batch 32: {ratio:.2f}  ({verdict(ratio, 4.0)})")
+    print(f"\nload average at end: {load()} (other processes share these cores: absolute figures are depressed)")
+
+
+if __name__ == "__main__":
+    main()
