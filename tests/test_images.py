@@ -1,0 +1,252 @@
+"""carclf_flavor.images: decoding of real encoded files of every kind, bbox crop geometry, bad input."""
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from carclf_flavor.images import (
+    PAD_VALUE,
+    ImageDecodeError,
+    PreprocessSettings,
+    choose_reduction,
+    clamp_bbox,
+    crop_and_resize,
+    decode_image,
+    image_size_of,
+    preprocess_image,
+)
+
+RED, GREEN, BLUE, GREY = (230, 20, 20), (20, 200, 40), (30, 40, 220), (128, 128, 128)
+
+
+def encode(image, fmt, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def halves(width=48, height=32, left=RED, right=BLUE) -> np.ndarray:
+    """Left half one colour, right half another: orientation mistakes are visible."""
+    array = np.zeros((height, width, 3), np.uint8)
+    array[:, : width // 2] = left
+    array[:, width // 2:] = right
+    return array
+
+
+def close(actual, expected, tol=12):
+    return np.all(np.abs(np.asarray(actual, np.int16) - np.asarray(expected, np.int16)) <= tol)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def test_rgb_jpeg_is_rgb_not_bgr():
+    data = encode(Image.fromarray(halves()), "JPEG", quality=95)
+    image = decode_image(data)
+    assert image.shape == (32, 48, 3) and image.dtype == np.uint8
+    assert close(image[16, 5], RED) and close(image[16, 42], BLUE)
+
+
+def test_grayscale_jpeg_becomes_three_equal_channels():
+    gray = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (16, 1))
+    image = decode_image(encode(Image.fromarray(gray, "L"), "JPEG", quality=95))
+    assert image.shape == (16, 32, 3)
+    assert np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2])
+    assert close(image[8, 31], 248, tol=6)
+
+
+def test_cmyk_jpeg_is_converted_to_rgb():
+    cmyk = Image.fromarray(halves(left=RED, right=GREEN)).convert("CMYK")
+    data = encode(cmyk, "JPEG", quality=95)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    image = decode_image(data)
+    assert image.shape == (32, 48, 3)
+    assert close(image[16, 5], RED, tol=20) and close(image[16, 42], GREEN, tol=20)
+
+
+def test_rgba_png_is_composited_over_white():
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[:, :10] = (*RED, 255)        # opaque
+    rgba[:, 10:] = (*BLUE, 0)         # fully transparent
+    image = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert image.shape == (20, 20, 3)
+    assert tuple(image[5, 2]) == RED
+    assert tuple(image[5, 15]) == (255, 255, 255)
+
+
+def test_palette_png_with_transparency():
+    pal = Image.fromarray(halves(20, 10, RED, GREEN)).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    red_index = pal.getpixel((0, 0))
+    data = encode(pal, "PNG", transparency=red_index)
+    image = decode_image(data)
+    assert image.shape == (10, 20, 3)
+    assert tuple(image[5, 1]) == (255, 255, 255)     # transparent entry -> white
+    assert close(image[5, 18], GREEN, tol=4)
+
+
+def test_sixteen_bit_png_keeps_the_high_byte():
+    gray16 = np.full((8, 8), 0x12F0, np.uint16)
+    ok, encoded = cv2.imencode(".png", gray16)
+    assert ok
+    image = decode_image(encoded.tobytes())
+    assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
+    assert np.all(image == 0x12)
+    colour16 = np.zeros((8, 8, 3), np.uint16)
+    colour16[..., 2] = 0xFF00  # OpenCV order: channel 2 = red
+    ok, encoded = cv2.imencode(".png", colour16)
+    image = decode_image(encoded.tobytes())
+    assert tuple(image[0, 0]) == (0xFF, 0, 0)
+
+
+def test_webp_lossless_roundtrip():
+    array = halves()
+    image = decode_image(encode(Image.fromarray(array), "WEBP", lossless=True))
+    assert np.array_equal(image, array)
+
+
+@pytest.mark.parametrize("reduce", [1, 2])
+def test_exif_orientation_is_applied(reduce):
+    # Stored landscape, left red / right blue; orientation 6 = display rotated 90 degrees clockwise,
+    # so the displayed photo is portrait with red on TOP.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.fromarray(halves(64, 32)), "JPEG", quality=95, exif=exif.tobytes())
+    assert image_size_of(data) == (32, 64)
+    image = decode_image(data, reduce=reduce)
+    assert image.shape == (64 // reduce, 32 // reduce, 3)
+    h = image.shape[0]
+    assert close(image[h // 8, image.shape[1] // 2], RED, tol=25)
+    assert close(image[h - 1 - h // 8, image.shape[1] // 2], BLUE, tol=25)
+
+
+def test_exif_orientation_on_png():
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display: left half goes to the bottom
+    data = encode(Image.fromarray(halves(64, 32)), "PNG", exif=exif.tobytes())
+    image = decode_image(data)
+    assert image.shape == (64, 32, 3)
+    assert close(image[60, 16], RED) and close(image[4, 16], BLUE)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_zero_bytes():
+    with pytest.raises(ImageDecodeError, match="0 bytes"):
+        decode_image(b"")
+    with pytest.raises(ImageDecodeError, match="0 bytes"):
+        preprocess_image(b"", None, PreprocessSettings(image_size=32))
+
+
+def test_random_bytes_and_text_are_not_images():
+    rng = np.random.default_rng(0)
+    for data in (rng.integers(0, 256, 500, dtype=np.uint8).tobytes(), b"hello, I am a text file\n" * 10):
+        with pytest.raises(ImageDecodeError, match="not a recognised image"):
+            decode_image(data)
+
+
+def test_truncated_jpeg_is_refused():
+    data = encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    for cut in (len(data) // 2, len(data) - 2):
+        with pytest.raises(ImageDecodeError, match="truncated"):
+            decode_image(data[:cut])
+
+
+def test_corrupt_jpeg_body_is_refused():
+    data = bytearray(encode(Image.fromarray(halves(64, 64)), "JPEG"))
+    # Keep the header (PIL can still read the size) but destroy the scan data.
+    start = data.index(b"\xff\xda")
+    data[start + 2: len(data) - 2] = b"\x00" * (len(data) - start - 4)
+    with pytest.raises(ImageDecodeError):
+        preprocess_image(bytes(data), None, PreprocessSettings(image_size=32))
+
+
+def test_pixel_limit():
+    data = encode(Image.fromarray(halves(100, 100)), "PNG")
+    with pytest.raises(ImageDecodeError, match="megapixels"):
+        decode_image(data, max_pixels=5_000)
+
+
+# ------------------------------------------------------------------------------------------------ crop geometry
+def box_scene(width=200, height=160, box=(50, 40, 150, 120)) -> np.ndarray:
+    """Grey photo; inside ``box``: left half red, right half green."""
+    image = np.full((height, width, 3), GREY, np.uint8)
+    x1, y1, x2, y2 = box
+    mid = (x1 + x2) // 2
+    image[y1:y2, x1:mid] = RED
+    image[y1:y2, mid:x2] = GREEN
+    return image
+
+
+def test_bbox_crop_puts_the_pattern_where_expected():
+    box = (50, 40, 150, 120)
+    out = crop_and_resize(box_scene(box=box), box, PreprocessSettings(image_size=32, crop_margin=0))
+    assert out.shape == (32, 32, 3)
+    assert close(out[:, :15], RED, tol=2) and close(out[:, 17:], GREEN, tol=2)
+    assert not np.any(np.all(out == GREY, axis=-1))  # no background left without a margin
+
+
+def test_bbox_crop_margin_adds_the_expected_border():
+    box, margin = (50, 40, 150, 120), 25   # region 150 x 130 around a 100 x 80 box
+    out = crop_and_resize(box_scene(box=box), box, PreprocessSettings(image_size=60, crop_margin=margin))
+    # Horizontally 25/150 of 60 px = 10 px of grey on each side; vertically 25/130 of 60 ~= 11.5 px.
+    assert close(out[30, :9], GREY, tol=2) and close(out[30, 51:], GREY, tol=2)
+    assert close(out[30, 12:28], RED, tol=2) and close(out[30, 32:48], GREEN, tol=2)
+    assert close(out[:10, 30], GREY, tol=2) and close(out[50:, 30], GREY, tol=2)
+
+
+def test_margin_is_clamped_at_the_photo_edge():
+    box = (0, 0, 100, 80)
+    out = crop_and_resize(box_scene(box=box), box, PreprocessSettings(image_size=32, crop_margin=50))
+    # The margin only extends right and down (there is no photo above or left of the box).
+    assert close(out[2, 2], RED, tol=2)
+    assert close(out[31, 31], GREY, tol=2)
+
+
+def test_crop_none_uses_the_whole_photo():
+    box = (50, 40, 150, 120)
+    out = crop_and_resize(box_scene(box=box), box, PreprocessSettings(image_size=40, crop="none"))
+    assert close(out[1, 1], GREY, tol=2) and close(out[20, 15], RED, tol=2) and close(out[20, 25], GREEN, tol=2)
+
+
+def test_pad_mode_letterboxes_a_wide_box():
+    box = (40, 60, 160, 100)   # 120 x 40: three times as wide as high
+    out = crop_and_resize(box_scene(box=box), box, PreprocessSettings(image_size=30, crop_margin=0, resize_mode="pad"))
+    assert out.shape == (30, 30, 3)
+    assert close(out[:9, :], PAD_VALUE, tol=2) and close(out[21:, :], PAD_VALUE, tol=2)
+    assert close(out[15, 3], RED, tol=2) and close(out[15, 27], GREEN, tol=2)
+
+
+def test_stretch_mode_fills_the_square():
+    box = (40, 60, 160, 100)
+    out = crop_and_resize(box_scene(box=box), box, PreprocessSettings(image_size=30, crop_margin=0))
+    assert close(out[0, 3], RED, tol=2) and close(out[29, 27], GREEN, tol=2)
+
+
+def test_preprocess_image_with_reduced_decode_matches_the_geometry():
+    # A large JPEG with a large box: decoded at 1/4 or 1/8 size, the pattern must still land in place.
+    box = (200, 160, 1400, 1120)
+    scene = box_scene(1600, 1200, box)
+    data = cv2.imencode(".jpg", cv2.cvtColor(scene, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    settings = PreprocessSettings(image_size=32, crop_margin=0)
+    assert choose_reduction(1200, 960, 32) == 8
+    out = preprocess_image(data, box, settings)
+    assert close(out[4:28, 2:14], RED, tol=25) and close(out[4:28, 18:30], GREEN, tol=25)
+    full = crop_and_resize(decode_image(data), box, settings)
+    assert np.abs(out.astype(int) - full.astype(int)).mean() < 6
+
+
+def test_clamp_bbox():
+    assert clamp_bbox((10, 10, 50, 40), 100, 80) == ((10, 10, 50, 40), False)
+    assert clamp_bbox((-5, 10, 120, 40), 100, 80) == ((0, 10, 100, 40), True)
+    with pytest.raises(ValueError, match="outside"):
+        clamp_bbox((150, 10, 200, 40), 100, 80)
+    with pytest.raises(ValueError, match="inverted"):
+        clamp_bbox((50, 10, 20, 40), 100, 80)
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="crop"):
+        PreprocessSettings(crop="centre")
+    with pytest.raises(ValueError, match="resize_mode"):
+        PreprocessSettings(resize_mode="fit")
+    settings = PreprocessSettings(image_size=48, crop="none", crop_margin=4, resize_mode="pad")
+    assert PreprocessSettings.from_dict({**settings.to_dict(), "extra": 1}) == settings

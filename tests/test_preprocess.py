@@ -1,0 +1,338 @@
+"""preprocess: both layouts -> train/val/test HDF5; schema, split, determinism, atomicity, bad photos, MLflow."""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+import entry_points.preprocess as prep
+from carclf_flavor.version import __version__
+from entry_points.hdf5_dataset import read_dataset_info
+from entry_points.preprocess import preprocess
+from entry_points.readers import DataLayoutError, read_dataset, stratified_split
+from entry_points.sample_data import generate_sample_dataset, write_annotations
+
+SIZE = 32
+TINY = dict(num_classes=3, train_per_class=6, test_per_class=2, min_width=96, max_width=160)
+
+
+@pytest.fixture(scope="module")
+def stanford_src(tmp_path_factory):
+    return generate_sample_dataset(tmp_path_factory.mktemp("src") / "stanford", seed=5, **TINY)
+
+
+@pytest.fixture
+def stanford(stanford_src, tmp_path):
+    """A private copy (tests may damage it)."""
+    return pathlib.Path(shutil.copytree(stanford_src, tmp_path / "stanford"))
+
+
+def make_folders(stanford_root: pathlib.Path, dest: pathlib.Path, split_folders: bool) -> pathlib.Path:
+    """The same photos in the folder-per-class layout (class folder names = class names)."""
+    ds = read_dataset(stanford_root)
+    for split, records in ds.splits.items():
+        for record in records:
+            parts = ([split] if split_folders else []) + [ds.class_names[record.label]]
+            folder = dest.joinpath(*parts)
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(record.path, folder / f"{split}_{record.path.name}")
+    return dest
+
+
+def run_preprocess(data_dir, out, **kwargs):
+    kwargs = {"image_size": SIZE, "workers": 1, **kwargs}
+    return preprocess(data_dir, out, **kwargs)
+
+
+def the_run():
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def h5(path):
+    with h5py.File(path, "r") as f:
+        return {name: f[name][()] for name in f}, dict(f.attrs), f["images"].chunks
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def test_stanford_reader(stanford):
+    ds = read_dataset(stanford)
+    assert ds.layout == "stanford" and ds.class_names[0] == "Sample Sedan" and len(ds.class_names) == 3
+    assert len(ds.splits["train"]) == 18 and len(ds.splits["test"]) == 6
+    assert ds.class_counts("train").tolist() == [6, 6, 6]
+    record = ds.splits["train"][0]
+    assert record.path == stanford / "cars_train" / "00001.jpg" and record.path.exists()
+    assert 0 <= record.label < 3
+    x1, y1, x2, y2 = record.bbox
+    assert 0 <= x1 < x2 and 0 <= y1 < y2
+
+
+def test_folder_readers(stanford, tmp_path):
+    flat = read_dataset(make_folders(stanford, tmp_path / "flat", False), test_fraction=0.25, seed=1)
+    assert flat.layout == "folders" and flat.class_names == sorted(read_dataset(stanford).class_names)
+    # 8 photos per class: round(8 * 0.25) = 2 test photos per class.
+    assert flat.class_counts("test").tolist() == [2, 2, 2] and flat.class_counts("train").tolist() == [6, 6, 6]
+    assert all(r.bbox is None for r in flat.splits["train"])
+    split = read_dataset(make_folders(stanford, tmp_path / "split", True))
+    assert split.layout == "folders-split"
+    assert split.class_counts("train").tolist() == [6, 6, 6] and split.class_counts("test").tolist() == [2, 2, 2]
+    assert all(r.path.parts[-3] == "test" for r in split.splits["test"])
+
+
+def test_stratified_split_is_per_class_and_seeded(stanford):
+    records = read_dataset(stanford).splits["train"]
+    kept, taken = stratified_split(records, 0.34, seed=0)
+    assert sorted(r.label for r in taken) == [0, 0, 1, 1, 2, 2]
+    assert set(kept).isdisjoint(taken) and len(kept) + len(taken) == len(records)
+    assert stratified_split(records, 0.34, seed=0) == (kept, taken)
+    assert any(stratified_split(records, 0.34, seed=s)[1] != taken for s in range(1, 6))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "devkit" / "cars_train_annos.mat").unlink(), "cars_train_annos.mat: annotation file missing"),
+    (lambda root: (root / "cars_test_annos_withlabels.mat").unlink(), "cars_test_annos_withlabels.mat"),
+    (lambda root: shutil.rmtree(root / "cars_test"), "cars_test: image folder missing"),
+    (lambda root: (root / "devkit" / "cars_meta.mat").write_bytes(b"not a mat file"), "not a readable MATLAB file"),
+])
+def test_stanford_layout_errors(stanford, damage, message):
+    damage(stanford)
+    with pytest.raises(DataLayoutError, match=message):
+        read_dataset(stanford)
+
+
+def test_folder_layout_errors(tmp_path):
+    with pytest.raises(DataLayoutError, match="no such folder"):
+        read_dataset(tmp_path / "missing")
+    (tmp_path / "empty_root").mkdir()
+    with pytest.raises(DataLayoutError, match="no class folders"):
+        read_dataset(tmp_path / "empty_root")
+    (tmp_path / "data" / "audi").mkdir(parents=True)
+    (tmp_path / "data" / "bmw").mkdir()
+    (tmp_path / "data" / "audi" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(DataLayoutError, match=r"bmw: class folder has no images"):
+        read_dataset(tmp_path / "data")
+
+
+def test_class_id_out_of_range(stanford):
+    write_annotations(stanford / "devkit" / "cars_train_annos.mat", [
+        {"bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 20, "bbox_y2": 20, "class": 7, "fname": "00001.jpg"}])
+    with pytest.raises(DataLayoutError, match=r"row 1: class 7 is outside 1..3"):
+        read_dataset(stanford)
+
+
+# ------------------------------------------------------------------------------------------------ output
+def test_schema_dtypes_attributes_and_mlflow(stanford, tmp_path):
+    paths = run_preprocess(stanford, tmp_path / "out", val_fraction=0.34, crop_margin=4)
+    assert set(paths) == {"train", "val", "test"} and all(p.exists() for p in paths.values())
+    counts = {}
+    for split, path in paths.items():
+        data, attrs, chunks = h5(path)
+        n = len(data["labels"])
+        counts[split] = n
+        assert data["images"].dtype == np.uint8 and data["images"].shape == (n, SIZE, SIZE, 3)
+        assert chunks == (1, SIZE, SIZE, 3)
+        assert data["labels"].dtype == np.int32 and set(data["labels"]) <= {0, 1, 2}
+        assert data["bboxes"].dtype == np.int32 and data["bboxes"].shape == (n, 4)
+        assert [s.decode() for s in data["class_names"]] == ["Sample Sedan", "Sample Hatchback", "Sample SUV"]
+        assert attrs["image_size"] == SIZE and attrs["crop"] == "bbox" and attrs["crop_margin"] == 4
+        assert attrs["resize_mode"] == "stretch" and attrs["carclf_version"] == __version__
+        assert attrs["split"] == split and attrs["num_images"] == n
+        assert read_dataset_info(path).num_images == n
+    assert counts == {"train": 12, "val": 6, "test": 6}
+    # Stratified: every class gives 2 of its 6 training photos to val.
+    assert np.bincount(h5(paths["val"])[0]["labels"]).tolist() == [2, 2, 2]
+    train_names = {n.decode() for n in h5(paths["train"])[0]["filenames"]}
+    val_names = {n.decode() for n in h5(paths["val"])[0]["filenames"]}
+    assert train_names.isdisjoint(val_names) and len(train_names | val_names) == 18
+    # Stored boxes are the devkit boxes in 0-based source pixels, and the labels follow the annotations.
+    truth = {r.path.name: r for r in read_dataset(stanford).splits["train"]}
+    data = h5(paths["train"])[0]
+    for name, label, box in zip(data["filenames"], data["labels"], data["bboxes"]):
+        record = truth[pathlib.PurePath(name.decode()).name]
+        assert label == record.label and tuple(box) == record.bbox
+
+    run = the_run()
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train_images"] == 12 and run.data.metrics["skipped_images"] == 0
+    assert run.data.metrics["test_images"] == 6 and run.data.metrics["num_classes"] == 3
+    assert run.data.params["image_size"] == str(SIZE) and run.data.params["layout"] == "stanford"
+    assert run.data.tags["carclf.output.train"] == str(paths["train"])
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"class_counts.png", "sample_crops.png", "skipped.txt", "preprocessing.json"} <= artifacts
+
+
+def test_crop_follows_the_box(stanford, tmp_path):
+    # bbox crop and whole-photo output differ; the bbox crop matches preprocess_image on the file itself.
+    from carclf_flavor.images import PreprocessSettings, preprocess_image
+
+    boxed = run_preprocess(stanford, tmp_path / "boxed", val_fraction=0.0)
+    whole = run_preprocess(stanford, tmp_path / "whole", val_fraction=0.0, crop="none", resize_mode="pad")
+    b, w = h5(boxed["test"])[0], h5(whole["test"])[0]
+    assert not np.array_equal(b["images"], w["images"])
+    name = b["filenames"][0].decode()
+    expected = preprocess_image((stanford / name).read_bytes(), tuple(b["bboxes"][0]),
+                                PreprocessSettings(image_size=SIZE))
+    assert np.array_equal(b["images"][0], expected)
+    assert h5(whole["test"])[1]["resize_mode"] == "pad"
+
+
+def test_folder_per_class_end_to_end(stanford, tmp_path):
+    root = make_folders(stanford, tmp_path / "flat", False)
+    paths = run_preprocess(root, tmp_path / "out", test_fraction=0.25, val_fraction=0.2)
+    test = h5(paths["test"])[0]
+    assert np.bincount(test["labels"]).tolist() == [2, 2, 2]
+    # No boxes in this layout: the stored box is the whole photo.
+    from PIL import Image
+
+    name = test["filenames"][0].decode()
+    assert tuple(test["bboxes"][0]) == (0, 0, *Image.open(root / name).size)
+
+
+def test_same_inputs_same_bytes_any_worker_count(stanford, tmp_path):
+    one = run_preprocess(stanford, tmp_path / "one", workers=1)
+    two = run_preprocess(stanford, tmp_path / "two", workers=2)
+    for split in ("train", "val", "test"):
+        assert one[split].read_bytes() == two[split].read_bytes()
+    other = run_preprocess(stanford, tmp_path / "other", seed=1)
+    assert h5(other["val"])[0]["filenames"].tolist() != h5(one["val"])[0]["filenames"].tolist()
+
+
+def test_failed_run_leaves_no_output(stanford, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = prep.preprocess_image
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 20:  # past the first split: train is complete, val is being written
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "preprocess_image", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_preprocess(stanford, out)
+    assert list(out.iterdir()) == []  # no train.h5, no partial files
+    assert the_run().info.status == "FAILED"
+
+
+def test_bad_photos_are_skipped_counted_and_named(stanford, tmp_path):
+    root = make_folders(stanford, tmp_path / "flat", False)
+    good = sorted((root / "Sample SUV").glob("*.jpg"))[0].read_bytes()
+    bad = {
+        "Sample SUV/zero.jpg": b"",
+        "Sample SUV/truncated.jpg": good[: len(good) // 2],
+        "Sample Sedan/text.jpg": b"this is not a photo\n" * 20,
+        "Sample Sedan/noise.png": np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes(),
+    }
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    (root / "Sample Sedan" / "notes.txt").write_text("ignored: not an image extension")
+    paths = run_preprocess(root, tmp_path / "out", test_fraction=0.25, workers=2)
+    total = sum(len(h5(p)[0]["labels"]) for p in paths.values())
+    assert total == 24  # every good photo, none of the bad ones
+    run = the_run()
+    assert run.data.metrics["skipped_images"] == 4
+    skipped = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/skipped.txt")
+    listed = {line.split("\t")[0]: line.split("\t")[1] for line in skipped.strip().splitlines()}
+    assert set(listed) == set(bad)
+    assert "0 bytes" in listed["Sample SUV/zero.jpg"] and "truncated" in listed["Sample SUV/truncated.jpg"]
+
+
+def test_boxes_outside_the_photo_are_clamped_or_skipped(stanford, tmp_path):
+    annos = stanford / "devkit" / "cars_train_annos.mat"
+    ds = read_dataset(stanford)
+    rows = []
+    for i, record in enumerate(ds.splits["train"]):
+        x1, y1, x2, y2 = record.bbox
+        if i == 0:
+            x2 += 5000  # partly outside: clamped with a warning
+        if i == 1:
+            x1, x2 = 6000, 6100  # wholly outside: skipped
+        rows.append({"bbox_x1": x1 + 1, "bbox_y1": y1 + 1, "bbox_x2": x2, "bbox_y2": y2,
+                     "class": record.label + 1, "fname": record.path.name})
+    write_annotations(annos, rows)
+    paths = run_preprocess(stanford, tmp_path / "out", val_fraction=0.0)
+    run = the_run()
+    assert run.data.metrics["clamped_bboxes"] == 1 and run.data.metrics["skipped_images"] == 1
+    assert "outside" in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/skipped.txt")
+    data = h5(paths["train"])[0]
+    from PIL import Image
+
+    row = [n.decode() for n in data["filenames"]].index(f"cars_train/{ds.splits['train'][0].path.name}")
+    assert data["bboxes"][row][2] == Image.open(ds.splits["train"][0].path).size[0]
+
+
+def test_logs_into_the_active_run(stanford, tmp_path):
+    with mlflow.start_run() as outer:
+        mlflow.log_param("image_size", "32.0")  # as `mlflow run` would have logged it
+        run_preprocess(stanford, tmp_path / "out")
+        assert mlflow.active_run().info.run_id == outer.info.run_id
+    run = the_run()
+    assert run.info.run_id == outer.info.run_id
+    assert run.data.params["image_size"] == "32.0" and run.data.metrics["train_images"] > 0
+
+
+def test_empty_data_dir_uses_the_cached_sample(tmp_path, monkeypatch):
+    import entry_points.sample_data as sample_data
+
+    monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / "cache"))
+    for key, value in dict(TINY, num_classes=2, train_per_class=3, test_per_class=1).items():
+        monkeypatch.setitem(sample_data.DEFAULTS, key, value)
+    paths = run_preprocess("", tmp_path / "out")
+    assert len(h5(paths["test"])[0]["labels"]) == 2
+    assert the_run().data.params["data_source"] == "sample"
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_accepts_mlflow_style_numbers(stanford, tmp_path, capsys):
+    rc = prep.main(["--data-dir", str(stanford), "--output-dir", str(tmp_path / "out"), "--image-size", "32.0",
+                    "--crop-margin", "8.0", "--workers", "1.0", "--seed", "0.0", "--val-fraction", "0.2"])
+    assert rc == 0
+    assert h5(tmp_path / "out" / "train.h5")[1]["image_size"] == 32
+    assert "train.h5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-dir", "/nonexistent/cars"], "error: /nonexistent/cars: no such folder"),
+    (["--image-size", "22.5"], "error: argument --image-size: expected an integer, got '22.5'"),
+    (["--val-fraction", "1.5"], "error: val_fraction must be in [0, 1), got 1.5"),
+    (["--crop", "centre"], "error: argument --crop: invalid choice"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys, stanford, tmp_path):
+    argv = ["--data-dir", str(stanford), "--output-dir", str(tmp_path / "out"), *argv]
+    try:
+        rc = prep.main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message) and sum(line.startswith("error:") for line in err) == 1
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_point(stanford, tmp_path, repo_root, mlflow_store):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mlflow", "run", ".", "-e", "preprocess", "--env-manager", "local",
+           "-P", f"data_dir={stanford}", "-P", f"output_dir={out}", "-P", "image_size=32", "-P", "workers=2",
+           "-P", "val_fraction=0.2"]
+    # MLproject commands call `python`: the interpreter running the tests must come first on PATH.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store,
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    result = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"train.h5", "val.h5", "test.h5"}
+    run = the_run()
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.project.entryPoint"] == "preprocess"
+    assert run.data.metrics["train_images"] + run.data.metrics["val_images"] == 18
+    assert run.data.metrics["skipped_images"] == 0
+    assert run.data.params["image_size"] == "32"
