@@ -39,6 +39,7 @@ import h5py
 import numpy as np
 
 from carclf_flavor.images import PAD_VALUE
+from entry_points.tracking import log_new_params
 from entry_points.cli_args import parse_bool, parse_int
 from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter, read_dataset_info
 from entry_points.spark_session import SparkSetupError
@@ -691,7 +692,7 @@ def _log_to_mlflow(summary: dict, spec: JobSpec, input_path: pathlib.Path, outpu
     if started:
         mlflow.start_run()
     try:
-        mlflow.log_params({
+        log_new_params({
             "input": str(input_path), "output": str(output_path), "copies": spec.copies,
             "keep_original": spec.keep_original, "seed": spec.seed, "spark_master": summary["spark_master"],
             "partitions": summary["partitions"], **spec.params.to_dict(),

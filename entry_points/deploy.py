@@ -365,7 +365,9 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
     try:
         config_path = write_config(config, folder, compute)
         with _tracking_run():
-            mlflow.log_params({"target": target, "name": name, "model_uri": model_uri, "compute": compute,
+            from entry_points.tracking import log_new_params
+
+            log_new_params({"target": target, "name": name, "model_uri": model_uri, "compute": compute,
                                "auth": credential.kind})
             mlflow.log_artifact(str(config_path), artifact_path="deploy")
             with _env_defaults({"AZUREML_CURRENT_CLOUD": azure_target.cloud,
@@ -410,7 +412,9 @@ def _deploy_local(model_uri, target, name, config) -> dict:
         target = f"{LOCAL_TARGET}:{pathlib.Path(config.pop('home')).expanduser().resolve()}"
     client = get_deploy_client(target)
     with _tracking_run():
-        mlflow.log_params({"target": target, "name": name, "model_uri": model_uri})
+        from entry_points.tracking import log_new_params
+
+        log_new_params({"target": target, "name": name, "model_uri": model_uri})
         mlflow.log_dict(config, "deploy/local.json")
         if _exists(client, name):
             deployment = client.update_deployment(name, model_uri=model_uri, config=config)

@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from entry_points.tracking import log_new_params
 from entry_points.cli_args import parse_int
 from entry_points.hdf5_dataset import DatasetError
 from entry_points.input_pipeline import HDF5Source
@@ -137,7 +138,7 @@ def evaluate(
     active = mlflow.active_run()
     run = active or mlflow.start_run()
     try:
-        mlflow.log_params({"model_uri": model_uri, "test_data": ",".join(map(str, source.paths)),
+        log_new_params({"model_uri": model_uri, "test_data": ",".join(map(str, source.paths)),
                            "batch_size": int(batch_size), "input": input})
         tags = {TAG_MODEL_URI: model_uri, "carclf.inference_precision": classifier.precision}
         if source_run:

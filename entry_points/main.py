@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pathlib
+import shlex
 import sys
 from typing import Optional
 
@@ -71,6 +72,11 @@ def _outputs_unchanged(run) -> bool:
     return all(file_fingerprint(path) == fingerprint for path, fingerprint in json.loads(recorded).items())
 
 
+def _same_param(logged: Optional[str], value: str) -> bool:
+    # `mlflow run` logs parameters as they were quoted for the shell ('' for an empty string).
+    return logged is not None and (logged == value or logged == shlex.quote(value))
+
+
 def find_reusable_run(client: MlflowClient, experiment_id: str, entry_point: str, parameters: dict,
                       inputs_fingerprint: str, code: str):
     """The newest FINISHED run of ``entry_point`` with equal parameters, inputs and code, outputs intact."""
@@ -83,7 +89,7 @@ def find_reusable_run(client: MlflowClient, experiment_id: str, entry_point: str
         max_results=50,
     )
     for run in runs:
-        if all(run.data.params.get(k) == str(v) for k, v in parameters.items()) and _outputs_unchanged(run):
+        if all(_same_param(run.data.params.get(k), v) for k, v in parameters.items()) and _outputs_unchanged(run):
             return run
     return None
 
@@ -135,9 +141,9 @@ def pipeline(
     depth: int = 18,
     width: float = 0.25,
     weights: str = "none",
-    epochs: int = 12,
+    epochs: int = 20,
     head_epochs: int = 0,
-    batch_size: int = 32,
+    batch_size: int = 16,
     learning_rate: float = 0.003,
     optimizer: str = "adam",
     registered_model_name: str = "carclf",
@@ -177,7 +183,8 @@ def pipeline(
         {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
          "depth": depth, "width": width, "weights": weights, "epochs": epochs, "head_epochs": head_epochs,
          "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
-         "registered_model_name": registered_model_name, "seed": seed},
+         "registered_model_name": registered_model_name, "seed": seed,
+         "checkpoint_dir": out / "checkpoints" / "train"},
         [*train_files, val_h5, test_h5], [], force=force, code=code, experiment_id=experiment_id,
     )
     version = registered_version_of(runs["train"])
@@ -223,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=parse_int, default=18)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--weights", default="none")
-    p.add_argument("--epochs", type=parse_int, default=12)
+    p.add_argument("--epochs", type=parse_int, default=20)
     p.add_argument("--head-epochs", type=parse_int, default=0)
-    p.add_argument("--batch-size", type=parse_int, default=32)
+    p.add_argument("--batch-size", type=parse_int, default=16)
     p.add_argument("--learning-rate", type=float, default=0.003)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--registered-model-name", default="carclf")
@@ -239,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    launched_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))  # start_run() consumes the variable
     with mlflow.start_run() as parent:
-        mlflow.log_params(vars(args))
+        if not launched_by_mlflow_run:  # under `mlflow run` the parameters are logged already
+            mlflow.log_params(vars(args))
         try:
             result = pipeline(**vars(args))
         except StepFailed as exc:

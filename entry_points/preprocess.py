@@ -326,12 +326,9 @@ def _tracking_run():
 
 
 def _log_params(params: dict) -> None:
-    import mlflow
+    from entry_points.tracking import log_new_params
 
-    # `mlflow run` has already logged its own parameter strings (e.g. "224.0"); MLflow refuses to change
-    # a logged value, so only parameters it does not have yet are added.
-    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: str(v) for k, v in params.items() if k not in existing})
+    log_new_params(params)
 
 
 def _class_count_figure(class_names: Sequence[str], labels: Dict[str, np.ndarray]):

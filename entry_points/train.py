@@ -36,6 +36,7 @@ from typing import Optional
 
 import numpy as np
 
+from entry_points.tracking import log_new_params
 from entry_points.cli_args import parse_bool, parse_int
 from entry_points.hdf5_dataset import DatasetError
 from entry_points.input_pipeline import HDF5Source, make_dataset, split_paths
@@ -549,8 +550,8 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
     completed = 0
     schedule_state: dict = {}
     if resume_from is None:
-        mlflow.log_params(config.tracked_params())
-        mlflow.log_params({"num_classes": train_source.num_classes, "image_size": train_source.image_size,
+        log_new_params(config.tracked_params())
+        log_new_params({"num_classes": train_source.num_classes, "image_size": train_source.image_size,
                            "train_images": train_source.num_images, "val_images": val_source.num_images,
                            "test_images": test_source.num_images if test_source else 0})
         mlflow.set_tags({TAG_CONFIG: fingerprint, "carclf.checkpoint_dir": str(checkpoint_dir)})

@@ -1,0 +1,20 @@
+"""MLflow helpers shared by the pipeline steps."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import mlflow
+
+
+def log_new_params(params: Mapping[str, Any]) -> None:
+    """Log the parameters the active run does not have yet.
+
+    Under `mlflow run` the project's own parameter strings are logged before the step starts (quoted for
+    the shell, e.g. '' or 'local[*]', and as given, e.g. "224.0" or "true"); MLflow refuses to change a
+    logged value, so a step's normalised copy of the same parameter is left out instead of failing the run.
+    """
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run is not None else {}
+    new = {k: str(v) for k, v in params.items() if k not in existing}
+    if new:
+        mlflow.log_params(new)
