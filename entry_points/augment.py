@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 
 from carclf_flavor.images import PAD_VALUE
-from entry_points.tracking import log_new_params
+from entry_points.tracking import log_new_params, step_run
 from entry_points.cli_args import parse_bool, parse_int
 from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter, read_dataset_info
 from entry_points.spark_session import SparkSetupError
@@ -688,10 +688,7 @@ def task_error_line(exc: BaseException) -> str:
 def _log_to_mlflow(summary: dict, spec: JobSpec, input_path: pathlib.Path, output_path: pathlib.Path) -> None:
     import mlflow
 
-    started = mlflow.active_run() is None
-    if started:
-        mlflow.start_run()
-    try:
+    with step_run():
         log_new_params({
             "input": str(input_path), "output": str(output_path), "copies": spec.copies,
             "keep_original": spec.keep_original, "seed": spec.seed, "spark_master": summary["spark_master"],
@@ -707,9 +704,6 @@ def _log_to_mlflow(summary: dict, spec: JobSpec, input_path: pathlib.Path, outpu
             import matplotlib.pyplot as plt
 
             plt.close(figure)
-    finally:
-        if started:
-            mlflow.end_run()
 
 
 def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies: int = 5):

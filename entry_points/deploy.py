@@ -202,18 +202,6 @@ def _narrowed_credential_env(token_credentials: str) -> dict:
     return {"AZURE_TOKEN_CREDENTIALS": token_credentials}
 
 
-@contextlib.contextmanager
-def _tracking_run():
-    """Attach to the run `mlflow run` gave us (MLFLOW_RUN_ID) or to an active one, else start one."""
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        yield mlflow.active_run()
-        return
-    with mlflow.start_run() as run:
-        yield run
-
-
 def _azure_error_in_chain(exc: BaseException):
     try:
         from azure.core.exceptions import AzureError
@@ -364,9 +352,9 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
         folder = scratch
     try:
         config_path = write_config(config, folder, compute)
-        with _tracking_run():
-            from entry_points.tracking import log_new_params
+        from entry_points.tracking import log_new_params, step_run
 
+        with step_run():
             log_new_params({"target": target, "name": name, "model_uri": model_uri, "compute": compute,
                                "auth": credential.kind})
             mlflow.log_artifact(str(config_path), artifact_path="deploy")
@@ -411,9 +399,9 @@ def _deploy_local(model_uri, target, name, config) -> dict:
         # get/list take no config: name the state folder in the target URI so every call sees it.
         target = f"{LOCAL_TARGET}:{pathlib.Path(config.pop('home')).expanduser().resolve()}"
     client = get_deploy_client(target)
-    with _tracking_run():
-        from entry_points.tracking import log_new_params
+    from entry_points.tracking import log_new_params, step_run
 
+    with step_run():
         log_new_params({"target": target, "name": name, "model_uri": model_uri})
         mlflow.log_dict(config, "deploy/local.json")
         if _exists(client, name):

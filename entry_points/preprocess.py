@@ -24,7 +24,6 @@ deadlock inside OpenCV), so a script calling ``preprocess()`` with workers != 1 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -308,23 +307,6 @@ def _progress(total: int):
                 dynamic_ncols=interactive)
 
 
-@contextlib.contextmanager
-def _tracking_run():
-    """Log into the active MLflow run (e.g. one `mlflow run` started), or into a run of our own."""
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        yield mlflow.active_run()
-        return
-    run = mlflow.start_run()
-    try:
-        yield run
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run()
-
-
 def _log_params(params: dict) -> None:
     from entry_points.tracking import log_new_params
 
@@ -450,7 +432,9 @@ def preprocess(
     total = sum(len(plan[s]) for s in SPLITS)
     log.info("%s (%s layout): %d classes; %s; %d worker(s)", root, dataset.layout, len(dataset.class_names),
              ", ".join(f"{s} {len(plan[s])}" for s in SPLITS), workers)
-    with _tracking_run():
+    from entry_points.tracking import step_run
+
+    with step_run():
         _log_params({
             "data_dir": "" if data_dir is None else str(data_dir), "output_dir": str(output_dir),
             **settings.to_dict(), "val_fraction": float(val_fraction), "test_fraction": float(test_fraction),

@@ -1,9 +1,24 @@
 """MLflow helpers shared by the pipeline steps."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import mlflow
+
+
+@contextlib.contextmanager
+def step_run():
+    """Log into the active run (the one `mlflow run` gave the step), or into a run of the step's own.
+
+    A run of its own ends FAILED when the block raises, FINISHED otherwise; an active run is left to its owner.
+    """
+    active = mlflow.active_run()
+    if active is not None:
+        yield active
+        return
+    with mlflow.start_run() as run:
+        yield run
 
 
 def log_new_params(params: Mapping[str, Any]) -> None:

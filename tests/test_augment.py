@@ -1,5 +1,4 @@
 """`augment` on a real local Spark session (one per module: the JVM start is the slow part), 32 px images."""
-import socket
 
 import h5py
 import numpy as np
@@ -9,6 +8,7 @@ from carclf_flavor.images import PreprocessSettings
 from entry_points import augment as aug
 from entry_points.hdf5_dataset import read_dataset_info, write_hdf5_split
 from entry_points.spark_session import SparkSetupError, check_java, get_spark, session_master
+from helpers_flavor import free_port
 
 # Two cores, and up to 4 attempts per task: local[N] alone never retries a failed task.
 MASTER = "local[2,4]"
@@ -174,19 +174,13 @@ def test_failed_job_leaves_no_output_and_no_shards(spark, source, tmp_path, monk
     assert list(out.parent.iterdir()) == []
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("make_args, expected", [
     (lambda src, tmp: ["--input", str(tmp / "nope.h5")], "nope.h5: no such file"),
     (lambda src, tmp: ["--input", str(_text_file(tmp))], "not a readable HDF5 file"),
     (lambda src, tmp: ["--input", str(src), "--ops", "crop,twirl"], "unknown op(s) 'twirl'"),
     (lambda src, tmp: ["--input", str(src), "--copies", "-1"], "copies must be >= 0"),
     (lambda src, tmp: ["--input", str(src), "--crop-scale", "1.5"], "crop_scale must be between"),
-    (lambda src, tmp: ["--input", str(src), "--spark-master", f"spark://127.0.0.1:{_free_port()}"],
+    (lambda src, tmp: ["--input", str(src), "--spark-master", f"spark://127.0.0.1:{free_port()}"],
      "cannot reach Spark master spark://127.0.0.1:"),
 ])
 def test_bad_inputs_give_one_clear_line(source, tmp_path, capsys, make_args, expected):
