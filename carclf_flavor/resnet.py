@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 

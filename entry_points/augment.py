@@ -698,22 +698,16 @@ def _log_to_mlflow(summary: dict, spec: JobSpec, input_path: pathlib.Path, outpu
             "num_source_images", "num_output_images", "num_augmented", "num_originals", "seconds",
             "seconds_spark_job", "seconds_merge", "seconds_spark_startup", "images_per_second", "task_seconds",
             "task_cpu_seconds", "merge_cpu_seconds")})
-        figure = sample_grid(input_path, output_path, spec.copies)
-        if figure is not None:
-            mlflow.log_figure(figure, "augment_samples.png")
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
+        grid = sample_grid(input_path, output_path, spec.copies)
+        if grid is not None:
+            mlflow.log_image(grid, "augment_samples.png")
 
 
-def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies: int = 5):
-    """A figure: each row one source image (original) beside its first augmented variants."""
+def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies: int = 5) -> Optional[np.ndarray]:
+    """A picture: each row one source image (original) beside its first augmented variants."""
     if copies == 0:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from entry_points.reports import image_grid
 
     with h5py.File(input_path, "r") as src, h5py.File(output_path, "r") as out:
         n = src["images"].shape[0]
@@ -722,18 +716,15 @@ def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies:
         picks = sorted(set(np.linspace(0, n - 1, min(rows, n)).round().astype(int).tolist()))
         source_index = out["source_index"][()]
         shown = min(copies, max_copies)
-        fig, axes = plt.subplots(len(picks), 1 + shown, figsize=(1.8 * (1 + shown), 1.8 * len(picks)), squeeze=False)
-        for r, row in enumerate(picks):
+        images, captions = [], []
+        for row in picks:
             variants = np.flatnonzero(source_index == row)[:shown]
-            panels = [(src["images"][row], f"original #{row}")]
-            panels += [(out["images"][int(v)], f"copy {k + 1}") for k, v in enumerate(variants)]
-            for c, ax in enumerate(axes[r]):
-                ax.axis("off")
-                if c < len(panels):
-                    ax.imshow(panels[c][0])
-                    ax.set_title(panels[c][1], fontsize=7)
-    fig.tight_layout()
-    return fig
+            cells = [(src["images"][row], f"original #{row}")]
+            cells += [(out["images"][int(v)], f"copy {k + 1}") for k, v in enumerate(variants)]
+            cells += [(None, "")] * (1 + shown - len(cells))
+            images += [image for image, _ in cells]
+            captions += [[caption] for _, caption in cells]
+    return image_grid(images, captions, cols=1 + shown, title="Originals and their augmented copies")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,14 @@
-"""Evaluation metrics and report artifacts shared by ``train`` (final test pass) and ``evaluate``.
+"""Evaluation metrics and report artifacts: metrics shared by ``train`` (final test pass) and ``evaluate``,
+pictures shared by every step.
 
 - ``collect_predictions(predict_fn, source, batch_size)``: stream an HDF5 source through a model, keeping
   only labels and the top-k classes/probabilities of each image (never the images).
 - ``classification_metrics(labels, top_classes, num_classes)``: top-1, top-5, macro F1, per-class accuracy,
   confusion matrix.
-- ``per_class_table``, ``plot_training_curves``, ``plot_confusion_matrix``, ``plot_gallery``: the CSV and PNGs.
+- ``per_class_table``, ``plot_training_curves``, ``plot_confusion_matrix``: the CSV and PNGs.
+- ``image_grid(images, captions, cols)``: images tiled at their own pixels with text captions (sample crops,
+  augmented variants, misclassified images), drawn with OpenCV: no matplotlib import or resampling.
+- ``stacked_bar_svg(categories, series)``: a small bar chart written as SVG text (class counts).
 - ``log_test_report(...)``: computes everything and logs metrics (``test_top1``, ``test_top5``,
   ``test_macro_f1``, ...) and artifacts to the active MLflow run; returns the metrics.
 
@@ -13,8 +17,10 @@ Plots use matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import dataclasses
+import math
 import textwrap
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
+from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -162,28 +168,134 @@ def worst_mistakes(predictions: Predictions, count: int = 16) -> np.ndarray:
     return wrong[order[:count]]
 
 
-def plot_gallery(images: np.ndarray, true_names: Sequence[str], predicted_names: Sequence[str],
-                 probs: Sequence[float], title: str = "Worst misclassified test images"):
-    """A grid of images, each titled with its true and (wrong) predicted label and the predicted probability."""
-    plt = _pyplot()
-    count = len(images)
-    cols = min(4, max(1, count))
-    rows = max(1, int(np.ceil(count / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.8 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, image, truth, guess, prob in zip(axes.ravel(), images, true_names, predicted_names, probs):
-        ax.imshow(image)
-        ax.set_title(
-            f"true: {textwrap.shorten(str(truth), 34, placeholder='...')}\n"
-            f"pred: {textwrap.shorten(str(guess), 34, placeholder='...')} ({prob:.0%})",
-            fontsize=7, color="darkred",
-        )
-    if count == 0:
-        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+# Tiles smaller than this are enlarged by a whole factor with nearest-neighbour sampling: each source pixel
+# becomes a block, so a grid shows exactly the pixels the network sees, large enough to judge by eye.
+MIN_TILE_PX = 160
+GRID_GAP_PX = 6
+_FONT_SCALE = 0.4
+_LINE_PX = 14
+_TEXT_RGB = (20, 20, 20)
+_WARN_RGB = (170, 0, 0)
+
+
+def _fit_text(cv2, text: str, width: int) -> str:
+    """``text`` cut (with "...") to fit ``width`` pixels at the caption font."""
+    if cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, 1)[0][0] <= width:
+        return text
+    while text and cv2.getTextSize(text + "...", cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, 1)[0][0] > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def image_grid(images: Sequence[Optional[np.ndarray]], captions: Sequence[Sequence[str]], cols: int,
+               title: str = "", caption_rgb: Optional[Sequence[tuple]] = None) -> np.ndarray:
+    """One RGB uint8 picture: ``images`` (uint8 HxWx3, None = empty cell) in a grid of ``cols`` columns, each
+    with its caption lines underneath (``caption_rgb``: one colour per image), ``title`` on top."""
+    import cv2
+
+    shown = [im for im in images if im is not None]
+    height = max([im.shape[0] for im in shown], default=32)
+    width = max([im.shape[1] for im in shown], default=32)
+    factor = max(1, math.ceil(MIN_TILE_PX / max(height, width)))
+    tile_h, tile_w = height * factor, width * factor
+    lines = max([len(c) for c in captions], default=0)
+    cell_h, cell_w = tile_h + lines * _LINE_PX + GRID_GAP_PX, tile_w + GRID_GAP_PX
+    cols = max(1, min(cols, len(images) or 1))
+    rows = max(1, math.ceil(len(images) / cols))
+    top = _LINE_PX + 10 if title else GRID_GAP_PX
+    canvas = np.full((top + rows * cell_h, GRID_GAP_PX + cols * cell_w, 3), 255, np.uint8)
+    if title:
+        cv2.putText(canvas, _fit_text(cv2, title, canvas.shape[1] - 2 * GRID_GAP_PX), (GRID_GAP_PX, _LINE_PX),
+                    cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE + 0.05, _TEXT_RGB, 1, cv2.LINE_AA)
+    for i, image in enumerate(images):
+        y, x = top + (i // cols) * cell_h, GRID_GAP_PX + (i % cols) * cell_w
+        if image is not None:
+            if image.ndim == 2:
+                image = np.repeat(image[:, :, None], 3, axis=2)
+            enlarged = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+            canvas[y:y + enlarged.shape[0], x:x + enlarged.shape[1]] = enlarged
+        colour = tuple(caption_rgb[i]) if caption_rgb else _TEXT_RGB
+        for k, line in enumerate(captions[i] if i < len(captions) else ()):
+            cv2.putText(canvas, _fit_text(cv2, str(line), tile_w), (x, y + tile_h + (k + 1) * _LINE_PX - 3),
+                        cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, colour, 1, cv2.LINE_AA)
+    return canvas
+
+
+_SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+
+
+def _nice_step(top: float) -> int:
+    """A round tick step (1, 2, 5 x 10^k) giving at most about 6 ticks up to ``top``."""
+    raw = max(1.0, top / 6)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return int(next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw))
+
+
+def stacked_bar_svg(categories: Sequence[str], series: Mapping[str, Sequence[int]], title: str,
+                    x_label: str = "class", y_label: str = "images") -> str:
+    """A stacked bar chart as SVG text: one bar per category, one stacked segment per series. Each segment
+    carries a ``<title>`` (category, series, count) that browsers show on hover, so even 196 classes can be
+    read off. Categories are written under the bars up to MAX_LABELLED_CLASSES, indices above that."""
+    n = len(categories)
+    counts = np.array([np.asarray(v, dtype=np.int64) for v in series.values()]).reshape(len(series), n)
+    totals = counts.sum(axis=0) if n else np.zeros(0, np.int64)
+    step = _nice_step(float(totals.max()) if n else 1.0)
+    y_max = max(step, math.ceil((float(totals.max()) if n else 1.0) / step) * step)
+    labelled = n <= MAX_LABELLED_CLASSES
+    bar_w = 18 if labelled else max(2, min(12, 900 // max(n, 1)))
+    # Labels written at -60 degrees reach ~65 px left of their bar and ~120 px down.
+    left, right, top, bottom = (90, 150, 34, 160) if labelled else (60, 150, 34, 46)
+    gap = 2 if bar_w >= 8 else 0
+    plot_w, plot_h = max(n * bar_w, 200), 260
+    width, height = left + plot_w + right, top + plot_h + bottom
+
+    def y(value: float) -> float:
+        return top + plot_h * (1 - value / y_max)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left + plot_w / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    for tick in range(0, int(y_max) + 1, step):
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick}</text>')
+    for i, category in enumerate(categories):
+        x, base = left + i * bar_w, 0
+        for k, name in enumerate(series):
+            value = int(counts[k, i])
+            if value:
+                out.append(f'<rect class="bar" x="{x + gap / 2}" y="{y(base + value):.2f}" width="{bar_w - gap}" '
+                           f'height="{y(base) - y(base + value):.2f}" fill="{_SERIES_COLOURS[k % 5]}">'
+                           f'<title>{escape(str(category))}: {escape(name)} {value}</title></rect>')
+            base += value
+        if labelled or i % 10 == 0:
+            text = escape(str(category)[:24] if labelled else str(i))
+            lx, ly = x + bar_w / 2, top + plot_h + 12
+            anchor = f'text-anchor="end" transform="rotate(-60 {lx} {ly})"' if labelled else 'text-anchor="middle"'
+            out.append(f'<text x="{lx}" y="{ly}" {anchor}>{text}</text>')
+    out.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="black"/>')
+    out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="black"/>')
+    out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{escape(x_label)}</text>')
+    out.append(f'<text transform="rotate(-90 16 {top + plot_h / 2})" x="16" y="{top + plot_h / 2}" '
+               f'text-anchor="middle">{escape(y_label)}</text>')
+    for k, name in enumerate(series):
+        ly = top + 10 + 18 * k
+        out.append(f'<rect x="{left + plot_w + 14}" y="{ly - 9}" width="12" height="12" '
+                   f'fill="{_SERIES_COLOURS[k % 5]}"/>')
+        out.append(f'<text x="{left + plot_w + 32}" y="{ly + 1}">{escape(name)} ({int(counts[k].sum())})</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def misclassified_grid(images: np.ndarray, true_names: Sequence[str], predicted_names: Sequence[str],
+                       probs: Sequence[float], title: str = "Worst misclassified test images") -> np.ndarray:
+    """The most confident mistakes, each captioned with its true and (wrong) predicted label and probability."""
+    if len(images) == 0:
+        return image_grid([None], [["no misclassified images"]], cols=1, title=title)
+    # The probability leads: long class names are cut at the tile's edge.
+    captions = [[f"true: {truth}", f"pred {prob:.0%}: {guess}"]
+                for truth, guess, prob in zip(true_names, predicted_names, probs)]
+    return image_grid(list(images), captions, cols=4, title=title, caption_rgb=[_WARN_RGB] * len(images))
 
 
 def log_test_report(predictions: Predictions, source, class_names: Sequence[str], prefix: str = "test_",
@@ -203,14 +315,13 @@ def log_test_report(predictions: Predictions, source, class_names: Sequence[str]
     plt.close(figure)
     worst = worst_mistakes(predictions, gallery_size)
     images, _ = source.read_rows(predictions.indices[worst]) if len(worst) else (np.zeros((0, 1, 1, 3), np.uint8), None)
-    figure = plot_gallery(
+    gallery = misclassified_grid(
         images,
         [class_names[c] for c in predictions.labels[worst]],
         [class_names[c] for c in predictions.top_classes[worst, 0]],
         predictions.top_probs[worst, 0],
     )
-    mlflow.log_figure(figure, f"{artifact_dir}/misclassified_gallery.png")
-    plt.close(figure)
+    mlflow.log_image(gallery, f"{artifact_dir}/misclassified_gallery.png")
     return dict(scalar, confusion_matrix=metrics["confusion_matrix"], per_class_accuracy=metrics["per_class_accuracy"])
 
 

@@ -165,7 +165,21 @@ def test_schema_dtypes_attributes_and_mlflow(stanford, tmp_path):
     assert run.data.params["image_size"] == str(SIZE) and run.data.params["layout"] == "stanford"
     assert run.data.tags["carclf.output.train"] == str(paths["train"])
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"class_counts.png", "sample_crops.png", "skipped.txt", "preprocessing.json"} <= artifacts
+    assert {"class_counts.svg", "sample_crops.png", "skipped.txt", "preprocessing.json"} <= artifacts
+    # The chart shows what was written: one segment per class and split, with the files' counts.
+    chart = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/class_counts.svg")
+    segments = {title.rsplit(" ", 1)[0]: int(title.rsplit(" ", 1)[1]) for title in svg_bar_titles(chart)}
+    names = [n.decode() for n in h5(paths["train"])[0]["class_names"]]
+    for split in ("train", "val", "test"):
+        for label, count in enumerate(np.bincount(h5(paths[split])[0]["labels"], minlength=3)):
+            assert segments.get(f"{names[label]}: {split}", 0) == count, (split, label)
+
+
+def svg_bar_titles(svg: str) -> list:
+    import xml.etree.ElementTree as ET
+
+    ns = "{http://www.w3.org/2000/svg}"
+    return [rect.find(f"{ns}title").text for rect in ET.fromstring(svg).iter(f"{ns}rect") if rect.get("class") == "bar"]
 
 
 def test_crop_follows_the_box(stanford, tmp_path):
