@@ -6,14 +6,17 @@ How the work is spread:
 - The driver validates the input, cuts its rows into index ranges (one per Spark partition) and builds a
   pandas-on-Spark DataFrame that carries only the range ids: no pixel ever passes through the driver or
   through Spark rows.
-- Each task opens the input HDF5 itself, reads its range chunk by chunk (memory bounded by one chunk, not
-  by the partition or the dataset), augments with OpenCV and writes its own shard file. The shard name is
-  keyed by the index range, never by the attempt, and the shard is written under a temporary name and
-  renamed when complete: a retried (or speculative) attempt rewrites the same shard with the same bytes,
-  so nothing is duplicated or lost.
-- The driver checks that every range has exactly its expected rows, merges the shards in range order into
-  ``output`` (temporary name, renamed when complete) and removes the shards. A failed job removes its
-  partial output and every shard.
+- Before the job the driver creates ``output`` under a temporary name with the image block preallocated
+  (contiguous, every row's byte offset known). Each task opens the input HDF5 itself, reads its range
+  chunk by chunk (memory bounded by one chunk, not by the partition or the dataset), augments with OpenCV
+  and ``pwrite``s its images straight into its own rows of that block: the pixels are written once and
+  never copied or merged. Then it writes its rows' labels, file names, boxes and source_index as a small
+  metadata shard, keyed by the index range (never by the attempt), under a temporary name renamed when
+  complete: the shard marks the range as done. A retried (or speculative) attempt rewrites the same rows
+  and the same shard with the same bytes, so nothing is duplicated or lost.
+- The driver checks that every range has its shard with exactly the expected rows, writes the metadata
+  into the output, renames it into place and removes the shards. A failed job removes its partial output
+  and every shard.
 
 Output rows, per source image in input order: the original (``keep_original``), then copies 1..``copies``.
 ``source_index`` is the input row of an augmented image and -1 for an original (the schema's convention).
@@ -231,6 +234,9 @@ class JobSpec:
     seed: int
     shard_dir: str = ""
     fail_mode: str = ""  # FAIL_ENV's value at submit time (tests only)
+    output_tmp: str = ""  # the output's temporary file, whose preallocated image block the tasks write into
+    images_offset: int = 0  # byte offset of output row 0 in that file
+    row_bytes: int = 0
 
     @property
     def rows_per_source(self) -> int:
@@ -285,7 +291,46 @@ def write_range(spec: JobSpec, writer: HDF5SplitWriter, source, start: int, stop
 
 def shard_path(shard_dir: str | os.PathLike, start: int, stop: int) -> pathlib.Path:
     # Keyed by the range only: every attempt of a task writes (and atomically replaces) the same file.
-    return pathlib.Path(shard_dir) / f"shard-{start:010d}-{stop:010d}.h5"
+    return pathlib.Path(shard_dir) / f"shard-{start:010d}-{stop:010d}.npz"
+
+
+class RowsIntoBlock:
+    """A task's writer (same ``append`` as HDF5SplitWriter): images go straight into the output's
+    preallocated block at their own rows, metadata is kept for the task's shard."""
+
+    def __init__(self, spec: JobSpec, first_row: int):
+        self.fd = os.open(spec.output_tmp, os.O_WRONLY)  # FileNotFoundError: the driver gave the job up
+        self.row_bytes = spec.row_bytes
+        self.position = spec.images_offset + first_row * spec.row_bytes
+        self.labels, self.filenames, self.bboxes, self.source_index = [], [], [], []
+
+    def append(self, images, labels, filenames, bboxes, source_index) -> None:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if images.size != len(images) * self.row_bytes:
+            raise AugmentError(f"augmented images of shape {images.shape[1:]} do not fit rows of {self.row_bytes} bytes")
+        data = memoryview(images).cast("B")
+        while data:  # pwrite may write less than asked
+            written = os.pwrite(self.fd, data, self.position)
+            data, self.position = data[written:], self.position + written
+        self.labels.extend(int(v) for v in labels)
+        self.filenames.extend(str(f) for f in filenames)
+        self.bboxes.extend(np.asarray(bboxes, dtype=np.int32).reshape(-1, 4).tolist())
+        self.source_index.extend(int(v) for v in source_index)
+
+    def save_metadata(self, target: pathlib.Path) -> None:
+        """The shard: metadata of every row written, under a temporary name renamed when complete."""
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                np.savez(handle, labels=np.asarray(self.labels, np.int32), filenames=np.asarray(self.filenames, str),
+                         bboxes=np.asarray(self.bboxes, np.int32).reshape(-1, 4),
+                         source_index=np.asarray(self.source_index, np.int64))
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _input_meta(path: str):
@@ -298,28 +343,28 @@ def _input_meta(path: str):
 
 
 def run_range(spec: JobSpec, start: int, stop: int) -> dict:
-    """Body of one Spark task: input rows [start, stop) -> its committed shard; returns counts."""
+    """Body of one Spark task: input rows [start, stop) -> their rows of the output's image block, then
+    the range's metadata shard; returns counts."""
     _single_threaded_opencv()
     began, cpu_began = time.perf_counter(), time.process_time()
     shard_dir = pathlib.Path(spec.shard_dir)
     if not shard_dir.is_dir():
         # The driver removed it: the job was abandoned; do not recreate it behind the driver's back.
         raise AugmentError(f"shard folder {shard_dir} is gone (job cancelled)")
-    info, split = _input_meta(spec.input)
     crash_halfway = _injected_failure(spec.fail_mode, start, stop)
-    target = shard_path(shard_dir, start, stop)
+    halfway = start + max(1, (stop - start) // 2)
+
+    def maybe_crash(done: int) -> None:
+        if crash_halfway and done >= halfway:
+            os._exit(17)  # a killed worker: no cleanup, half its rows written, no shard
+
     with h5py.File(spec.input, "r") as source:
-        # HDF5SplitWriter writes under a temporary name and renames on commit; leaving the block with
-        # an exception removes the temporary file.
-        with HDF5SplitWriter(target, info.class_names, info.settings, split=split, with_source_index=True,
-                             expected_rows=(stop - start) * spec.rows_per_source) as writer:
-            halfway = start + max(1, (stop - start) // 2)
-
-            def maybe_crash(done: int) -> None:
-                if crash_halfway and done >= halfway:
-                    os._exit(17)  # a killed worker: no cleanup, a partial file stays behind
-
+        writer = RowsIntoBlock(spec, first_row=start * spec.rows_per_source)
+        try:
             rows = write_range(spec, writer, source, start, stop, on_chunk=maybe_crash)
+            writer.save_metadata(shard_path(shard_dir, start, stop))
+        finally:
+            writer.close()
     return {"start": start, "stop": stop, "rows": rows, "seconds": time.perf_counter() - began,
             "cpu_seconds": time.process_time() - cpu_began}
 
@@ -363,9 +408,9 @@ def run_on_spark(spark, spec: JobSpec, ranges: list[tuple[int, int]]) -> list[di
     """One Spark task per range through pyspark.pandas; returns one result dict per range.
 
     Why ``pandas_on_spark.apply_batch`` and not mapInArrow: the frame holds only range ids (a handful of
-    rows), never pixels: each task reads its images straight from the HDF5 file and writes a shard, so
-    Arrow's zero-copy columnar transfer would have nothing to speed up, and the pandas API (Koalas'
-    successor, as in the article) is the simpler, equally fast choice. Three details keep it fast:
+    rows), never pixels: each task reads its images straight from the HDF5 file and writes them into the
+    output, so Arrow's zero-copy columnar transfer would have nothing to speed up, and the pandas API
+    (Koalas' successor, as in the article) is the simpler, equally fast choice. Three details keep it fast:
     - the return type hint: without it pandas-on-Spark runs the function once on the driver to infer a
       schema, which here would augment a whole range twice;
     - ``index_col="id"``: no default index, which would cost an extra Spark job;
@@ -465,63 +510,34 @@ class _TaskProgress:
         return False
 
 
-def merge_shards(results: list[dict], ranges: list[tuple[int, int]], spec: JobSpec, output: pathlib.Path,
-                 attrs: dict) -> int:
-    """Stitch the shards, in range order, into ``output`` (temporary name, renamed at the end).
-
-    A merge rather than an HDF5 virtual dataset: a VDS only points at the shard files, so moving or
-    copying ``output`` alone (to another machine, into an MLflow artifact, to DBFS) or cleaning the
-    shard folder silently turns the images into the fill value (zeros) instead of failing. The merged
-    file stands alone and reads like any other split.
-    """
+def merge_metadata(results: list[dict], ranges: list[tuple[int, int]], spec: JobSpec,
+                   writer: HDF5SplitWriter) -> int:
+    """Check every range's shard and write its metadata into ``writer`` (whose image block the tasks have
+    filled); returns the number of rows. Any missing or wrong shard fails the job."""
     by_range = {(int(r["start"]), int(r["stop"])): r for r in results}
     if sorted(by_range) != sorted(ranges) or len(results) != len(ranges):
         raise AugmentError(f"Spark returned results for {len(results)} ranges, expected {len(ranges)}")
-    info, split = _input_meta(spec.input)
-    total = sum((b - a) * spec.rows_per_source for a, b in ranges)
-    with HDF5SplitWriter(output, info.class_names, info.settings, split=split, with_source_index=True,
-                         expected_rows=total, attrs=attrs) as writer:
-        for start, stop in ranges:
-            path = shard_path(spec.shard_dir, start, stop)
-            want = expected_source_index(start, stop, spec.copies, spec.keep_original)
-            with h5py.File(path, "r") as shard:
-                got = shard["source_index"][()]
-                if int(by_range[(start, stop)]["rows"]) != len(want) or not np.array_equal(got, want):
-                    raise AugmentError(f"{path}: {len(got)} rows, expected {len(want)} for input rows {start}..{stop}")
-                if _raw_copy_possible(shard["images"], writer.images):
-                    _copy_rows_raw(shard, writer, got)
-                else:
-                    for a in range(0, len(want), 256):
-                        b = min(len(want), a + 256)
-                        writer.append(shard["images"][a:b], shard["labels"][a:b],
-                                      _read_strings(shard["filenames"], a, b), shard["bboxes"][a:b], got[a:b])
+    total = 0
+    for start, stop in ranges:
+        path = shard_path(spec.shard_dir, start, stop)
+        want = expected_source_index(start, stop, spec.copies, spec.keep_original)
+        try:
+            with np.load(path) as shard:
+                rows = {key: shard[key] for key in ("labels", "filenames", "bboxes", "source_index")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise AugmentError(f"{path}: missing or unreadable metadata shard ({exc})") from None
+        got = rows["source_index"]
+        if int(by_range[(start, stop)]["rows"]) != len(want) or not np.array_equal(got, want):
+            raise AugmentError(f"{path}: {len(got)} rows, expected {len(want)} for input rows {start}..{stop}")
+        first = start * spec.rows_per_source
+        span = slice(first, first + len(want))
+        writer.labels[span] = rows["labels"]
+        writer.filenames[span] = np.array([str(f) for f in rows["filenames"]], dtype=object)
+        writer.bboxes[span] = rows["bboxes"]
+        writer.source_index[span] = got
+        total += len(want)
+    writer.count = total
     return total
-
-
-def _raw_copy_possible(source: h5py.Dataset, target: h5py.Dataset) -> bool:
-    # Both written by HDF5SplitWriter: one uncompressed image per chunk, so a chunk's stored bytes are
-    # the image itself and can be copied as is.
-    return (source.chunks == target.chunks and source.chunks is not None and source.chunks[0] == 1
-            and not source.compression and not target.compression and source.dtype == target.dtype)
-
-
-def _copy_rows_raw(shard: h5py.File, writer: HDF5SplitWriter, source_index: np.ndarray) -> None:
-    """Append a shard's rows to ``writer`` copying each image chunk's stored bytes (no decode, no
-    hyperslab selection: about 5x faster than reading and re-writing arrays). ``writer`` was created
-    with ``expected_rows`` covering every row, so its datasets are already that long."""
-    n, start = len(source_index), writer.count
-    if start + n > writer.images.shape[0]:
-        raise AugmentError(f"merge: {start + n} rows exceed the {writer.images.shape[0]} planned")
-    src, dst = shard["images"].id, writer.images.id
-    zero = (0,) * (shard["images"].ndim - 1)
-    for row in range(n):
-        _, data = src.read_direct_chunk((row, *zero))
-        dst.write_direct_chunk((start + row, *zero), data)
-    writer.labels[start:start + n] = shard["labels"][()]
-    writer.filenames[start:start + n] = shard["filenames"][()]
-    writer.bboxes[start:start + n] = shard["bboxes"][()]
-    writer.source_index[start:start + n] = source_index
-    writer.count = start + n
 
 
 def _validate(input, output, copies, keep_original, seed, partitions) -> tuple[pathlib.Path, pathlib.Path]:
@@ -588,7 +604,7 @@ def augment(
         cutout_fraction=cutout_fraction,
     )
     input_path, output_path = _validate(input, output, int(copies), keep_original, int(seed), int(partitions))
-    info = read_dataset_info(input_path)  # DatasetError for a missing or malformed file, before Spark starts
+    info, split = _input_meta(str(input_path))  # DatasetError for a missing or malformed file, before Spark starts
 
     from entry_points.spark_session import get_spark, session_master
 
@@ -596,7 +612,7 @@ def augment(
     spark = get_spark(spark_master, app_name="carclf-augment")
     startup_s = time.perf_counter() - startup_began
     master = session_master(spark)
-    # Throughput counts the job and the merge, not the JVM start (paid once per process, or never
+    # Throughput counts the job and the metadata merge, not the JVM start (paid once per process, or never
     # on a cluster whose session is already up); seconds_spark_startup reports that separately.
     began = time.perf_counter()
     parallelism = _default_parallelism(spark)
@@ -610,16 +626,23 @@ def augment(
              spec.rows_per_source, output_path, master, len(ranges))
     shard_dir.mkdir()
     try:
-        spark_began = time.perf_counter()
-        try:
-            results = run_on_spark(spark, spec, ranges) if ranges else []
-        except AugmentError:
-            raise
-        except Exception as exc:  # Py4J/PythonException: keep the task's own last error line
-            raise AugmentError(f"Spark job on {master} failed: {task_error_line(exc)}") from None
-        spark_s = time.perf_counter() - spark_began
-        merge_began, merge_cpu_began = time.perf_counter(), time.process_time()
-        total = merge_shards(results, ranges, spec, output_path, _file_attrs(spec, input_path, f"spark {master}"))
+        # Leaving this block by an exception removes the temporary output; tasks still running then
+        # fail to open it (or write into a deleted file): nothing stays behind.
+        with HDF5SplitWriter(output_path, info.class_names, info.settings, split=split, with_source_index=True,
+                             expected_rows=info.num_images * spec.rows_per_source, preallocate_images=True,
+                             attrs=_file_attrs(spec, input_path, f"spark {master}")) as writer:
+            spec = dataclasses.replace(spec, output_tmp=str(writer.tmp_path), images_offset=writer.images_offset or 0,
+                                       row_bytes=writer.row_bytes)
+            spark_began = time.perf_counter()
+            try:
+                results = run_on_spark(spark, spec, ranges) if ranges else []
+            except AugmentError:
+                raise
+            except Exception as exc:  # Py4J/PythonException: keep the task's own last error line
+                raise AugmentError(f"Spark job on {master} failed: {task_error_line(exc)}") from None
+            spark_s = time.perf_counter() - spark_began
+            merge_began, merge_cpu_began = time.perf_counter(), time.process_time()
+            total = merge_metadata(results, ranges, spec, writer)
         merge_s, merge_cpu_s = time.perf_counter() - merge_began, time.process_time() - merge_cpu_began
     finally:
         shutil.rmtree(shard_dir, ignore_errors=True)

@@ -42,6 +42,11 @@ class HDF5SplitWriter:
 
     Used as a context manager: leaving the block by an exception removes the partial file, so a
     killed or failed run never leaves a file that looks finished.
+
+    ``preallocate_images=True`` (needs ``expected_rows``): the images are one contiguous block of exactly
+    ``expected_rows`` rows, allocated at creation and never filled, at byte ``images_offset`` of the
+    temporary file, ``row_bytes`` per image. Other processes (augment's Spark tasks) then write their rows
+    straight into it with ``pwrite``: nothing is copied afterwards.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class HDF5SplitWriter:
         with_source_index: bool = False,
         expected_rows: int = 0,
         attrs: Optional[dict] = None,
+        preallocate_images: bool = False,
     ):
         self.path = pathlib.Path(path)
         self.tmp_path = partial_path(self.path)
@@ -61,10 +67,21 @@ class HDF5SplitWriter:
         self._file = h5py.File(self.tmp_path, "w")
         f = self._file
         initial = max(0, int(expected_rows))
-        self.images = f.create_dataset(
-            "images", shape=(initial, size, size, 3), maxshape=(None, size, size, 3), dtype=np.uint8,
-            chunks=(1, size, size, 3),
-        )
+        self.row_bytes = size * size * 3
+        self.images_offset: Optional[int] = None
+        if preallocate_images and initial:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every byte is written by the tasks
+            space = h5py.h5s.create_simple((initial, size, size, 3))
+            self.images = h5py.Dataset(h5py.h5d.create(f.id, b"images", h5py.h5t.NATIVE_UINT8, space, dcpl=dcpl))
+            self.images_offset = int(self.images.id.get_offset())
+            f.flush()
+        else:
+            self.images = f.create_dataset(
+                "images", shape=(initial, size, size, 3), maxshape=(None, size, size, 3), dtype=np.uint8,
+                chunks=(1, size, size, 3),
+            )
         self.labels = f.create_dataset("labels", shape=(initial,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
         self.filenames = f.create_dataset("filenames", shape=(initial,), maxshape=(None,), dtype=_STR, chunks=(4096,))
         self.bboxes = f.create_dataset("bboxes", shape=(initial, 4), maxshape=(None, 4), dtype=np.int32, chunks=(4096, 4))
@@ -116,7 +133,10 @@ class HDF5SplitWriter:
 
     def commit(self) -> pathlib.Path:
         for ds in self._datasets():
-            ds.resize(self.count, axis=0)
+            if ds.maxshape[0] is None:
+                ds.resize(self.count, axis=0)
+            elif ds.shape[0] != self.count:  # a preallocated block: every row must have been written
+                raise ValueError(f"{self.path}: {self.count} rows written into a block of {ds.shape[0]}")
         self._file.attrs["num_images"] = self.count
         self._file.close()
         os.replace(self.tmp_path, self.path)

@@ -1,5 +1,7 @@
 """`augment` on a real local Spark session (one per module: the JVM start is the slow part), 32 px images."""
 
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -154,7 +156,7 @@ def test_task_killed_once_is_retried_without_duplicates(spark, source, tmp_path,
     monkeypatch.setenv(aug.FAIL_ENV, f"once:{markers}")
     out = tmp_path / "out" / "retried.h5"
     aug.augment(source, out, copies=2, spark_master=MASTER, partitions=3, seed=3, log_to_mlflow=False)
-    # Every task's first attempt died halfway through writing its shard (worker killed, partial file left).
+    # Every task's first attempt died halfway through its rows (worker killed: half its images written, no shard).
     assert len(list(markers.iterdir())) == 3
     got = _read(out)
     counts = np.bincount(got["source_index"][got["source_index"] >= 0], minlength=NUM_IMAGES)
@@ -163,6 +165,39 @@ def test_task_killed_once_is_retried_without_duplicates(spark, source, tmp_path,
     reference = aug.augment_in_process(source, tmp_path / "loop.h5", copies=2, seed=3)
     np.testing.assert_array_equal(got["images"], _read(reference["output"])["images"])
     assert _hidden_leftovers(out.parent) == []
+
+
+def test_tasks_write_their_rows_into_the_preallocated_output_in_any_order(source, tmp_path):
+    """The mechanism under the Spark job, without Spark: ranges written last-first, straight into the block."""
+    from entry_points.hdf5_dataset import HDF5SplitWriter
+
+    info, split = aug._input_meta(str(source))
+    spec = aug.JobSpec(input=str(source), copies=2, keep_original=True, params=aug.AugmentParams.parse("crop,flip"),
+                       seed=5, shard_dir=str(tmp_path / "shards"))
+    (tmp_path / "shards").mkdir()
+    ranges = aug.plan_ranges(NUM_IMAGES, 3)
+    out = tmp_path / "direct.h5"
+    with HDF5SplitWriter(out, info.class_names, info.settings, split=split, with_source_index=True,
+                         expected_rows=NUM_IMAGES * 3, preallocate_images=True) as writer:
+        spec = dataclasses.replace(spec, output_tmp=str(writer.tmp_path), images_offset=writer.images_offset,
+                                   row_bytes=writer.row_bytes)
+        results = [aug.run_range(spec, a, b) for a, b in reversed(ranges)]
+        assert aug.merge_metadata(results, ranges, spec, writer) == NUM_IMAGES * 3
+    reference = aug.augment_in_process(source, tmp_path / "loop.h5", copies=2, ops="crop,flip", seed=5)
+    got, want = _read(out), _read(reference["output"])
+    for key in ("images", "labels", "bboxes", "source_index", "filenames"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with h5py.File(out, "r") as f:
+        assert f["images"].chunks is None  # one contiguous block: the pixels were written once, in place
+        assert f.attrs["num_images"] == NUM_IMAGES * 3
+    # A range without its shard (its task never finished) fails the merge, and the output is not created.
+    aug.shard_path(spec.shard_dir, *ranges[1]).unlink()
+    out2 = tmp_path / "incomplete.h5"
+    with pytest.raises(aug.AugmentError, match=r"shard-.*\.npz: missing or unreadable metadata shard"):
+        with HDF5SplitWriter(out2, info.class_names, info.settings, split=split, with_source_index=True,
+                             expected_rows=NUM_IMAGES * 3, preallocate_images=True) as writer:
+            aug.merge_metadata(results, ranges, spec, writer)
+    assert list(tmp_path.glob("incomplete*")) == [] and _hidden_leftovers(tmp_path) == []
 
 
 def test_failed_job_leaves_no_output_and_no_shards(spark, source, tmp_path, monkeypatch):
