@@ -723,7 +723,9 @@ def _log_to_mlflow(summary: dict, spec: JobSpec, input_path: pathlib.Path, outpu
             "task_cpu_seconds", "merge_cpu_seconds")})
         grid = sample_grid(input_path, output_path, spec.copies)
         if grid is not None:
-            mlflow.log_image(grid, "augment_samples.png")
+            from entry_points.reports import log_png
+
+            log_png(grid, "augment_samples.png")
 
 
 def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies: int = 5) -> Optional[np.ndarray]:

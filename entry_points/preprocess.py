@@ -368,7 +368,9 @@ def _log_results(dataset, settings, paths, labels, skipped, clamped, seconds, pr
     # Drawn without matplotlib (its import and layout cost ~1 s, a third of preprocessing 2,000 photos).
     mlflow.log_text(class_count_chart(dataset.class_names, labels), "class_counts.svg")
     if counts["train"]:
-        mlflow.log_image(sample_crops_grid(paths["train"], dataset.class_names), "sample_crops.png")
+        from entry_points.reports import log_png
+
+        log_png(sample_crops_grid(paths["train"], dataset.class_names), "sample_crops.png")
 
 
 def preprocess(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import textwrap
 from typing import Callable, Mapping, Optional, Sequence
 from xml.sax.saxutils import escape
@@ -221,6 +222,25 @@ def image_grid(images: Sequence[Optional[np.ndarray]], captions: Sequence[Sequen
     return canvas
 
 
+def log_png(image: np.ndarray, artifact_file: str) -> None:
+    """Log an RGB uint8 picture as a PNG artifact of the active run. Fast zlib level: a grid of photo crops
+    barely compresses, and PIL's default level (what ``mlflow.log_image`` uses) spends ~0.3 s per grid."""
+    import tempfile
+
+    import cv2
+    import mlflow
+
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError(f"cannot encode {artifact_file} as PNG")
+    folder, _, name = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as handle:
+            handle.write(data.tobytes())
+        mlflow.log_artifact(path, artifact_path=folder or None)
+
+
 _SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
 
@@ -321,7 +341,7 @@ def log_test_report(predictions: Predictions, source, class_names: Sequence[str]
         [class_names[c] for c in predictions.top_classes[worst, 0]],
         predictions.top_probs[worst, 0],
     )
-    mlflow.log_image(gallery, f"{artifact_dir}/misclassified_gallery.png")
+    log_png(gallery, f"{artifact_dir}/misclassified_gallery.png")
     return dict(scalar, confusion_matrix=metrics["confusion_matrix"], per_class_accuracy=metrics["per_class_accuracy"])
 
 

@@ -64,3 +64,16 @@ def test_stacked_bar_svg_with_many_classes_labels_every_tenth_index():
     svg = stacked_bar_svg(names, {"train": np.ones(196, int)}, title="t")
     texts = [t.text for t in ET.fromstring(svg).iter(f"{SVG}text")]
     assert "car 5" not in texts and {"0", "10", "190"} <= set(texts) and "195" not in texts
+
+
+def test_log_png_stores_the_exact_pixels_as_a_run_artifact():
+    import cv2
+    import mlflow
+
+    from entry_points.reports import log_png
+
+    picture = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    with mlflow.start_run() as run:
+        log_png(picture, "pictures/grid.png")
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/pictures/grid.png")
+    np.testing.assert_array_equal(cv2.imread(local)[:, :, ::-1], picture)  # lossless, RGB order kept
