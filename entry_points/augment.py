@@ -414,11 +414,11 @@ def run_on_spark(spark, spec: JobSpec, ranges: list[tuple[int, int]]) -> list[di
     - the return type hint: without it pandas-on-Spark runs the function once on the driver to infer a
       schema, which here would augment a whole range twice;
     - ``index_col="id"``: no default index, which would cost an extra Spark job;
-    - ``spark.range(n, numPartitions=n)``: exactly one range per partition (one task each).
+    - ``spark.range(n, numPartitions=n)``: exactly one range per partition (one task each);
+    - results collected with ``to_spark().collect()``, not ``to_pandas()``: the same rows, but measured here
+      ~0.15 s less per job (0.27 s vs 0.42 s for an empty 4-task job on local[2], as fast as mapInArrow).
     """
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
-    import warnings
-
     import pandas as pd
     import pyspark.pandas as ps
 
@@ -438,14 +438,13 @@ def run_on_spark(spark, spec: JobSpec, ranges: list[tuple[int, int]]) -> list[di
     tasks = spark.range(0, len(bounds), numPartitions=len(bounds)).pandas_api(index_col="id")
     job = tasks.pandas_on_spark.apply_batch(augment_batch, args=(payload,))
     group = f"carclf-augment-{uuid.uuid4().hex[:8]}"
-    with _TaskProgress(spark, group, len(bounds)) as progress, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "to_pandas loads all data into the driver": here, a few rows
+    with _TaskProgress(spark, group, len(bounds)) as progress:
         try:
-            frame = job.to_pandas()
+            rows = job.to_spark(index_col="id").collect()  # a handful of small rows: one per range
         except BaseException:
             progress.wait_until_idle()
             raise
-    return frame.sort_values("start").to_dict("records")
+    return sorted((row.asDict() for row in rows), key=lambda result: result["start"])
 
 
 class _TaskProgress:
