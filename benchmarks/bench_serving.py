@@ -188,8 +188,8 @@ def main() -> int:
     print(f"batch {BATCH} REST, auto precision:              {rest_batch:8.1f} img/s{tflops(rest_batch)}")
     print(f"batch {BATCH} REST, float32 forced:              {rest_fp32:8.1f} img/s{tflops(rest_fp32)}")
     print(f"ratio REST / in-process (batch {BATCH}):          {rest_batch / local_batch:8.2f}  (target >= 0.85)")
-    print(f"ratio REST auto / REST float32 (batch {BATCH}):   {rest_batch / rest_fp32:8.2f}  (target >= 3; this CPU's ceiling: raw bf16 / f32 conv "
-          f"x{ceiling:.2f})")
+    print(f"ratio REST auto / REST float32 (batch {BATCH}):   {rest_batch / rest_fp32:8.2f}  "
+          f"(target >= 3; this CPU's ceiling: raw bf16 / f32 conv x{ceiling:.2f})")
     p50_local, p99_local = np.percentile(local_lat, [50, 99])
     p50_rest, p99_rest = np.percentile(rest_lat, [50, 99])
     print(f"single image in-process: p50 {p50_local:7.1f} ms  p99 {p99_local:7.1f} ms")
