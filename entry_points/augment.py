@@ -44,7 +44,7 @@ import numpy as np
 from carclf_flavor.images import PAD_VALUE
 from entry_points.tracking import log_new_params, step_run
 from entry_points.cli_args import parse_bool, parse_int
-from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter, read_dataset_info
+from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter, partial_path, read_dataset_info
 from entry_points.spark_session import SparkSetupError
 
 log = logging.getLogger("carclf.augment")
@@ -319,7 +319,7 @@ class RowsIntoBlock:
 
     def save_metadata(self, target: pathlib.Path) -> None:
         """The shard: metadata of every row written, under a temporary name renamed when complete."""
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+        partial = partial_path(target)
         try:
             with open(partial, "wb") as handle:
                 np.savez(handle, labels=np.asarray(self.labels, np.int32), filenames=np.asarray(self.filenames, str),

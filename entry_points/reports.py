@@ -189,9 +189,9 @@ def _fit_text(cv2, text: str, width: int) -> str:
 
 
 def image_grid(images: Sequence[Optional[np.ndarray]], captions: Sequence[Sequence[str]], cols: int,
-               title: str = "", caption_rgb: Optional[Sequence[tuple]] = None) -> np.ndarray:
+               title: str = "", caption_rgb: tuple = _TEXT_RGB) -> np.ndarray:
     """One RGB uint8 picture: ``images`` (uint8 HxWx3, None = empty cell) in a grid of ``cols`` columns, each
-    with its caption lines underneath (``caption_rgb``: one colour per image), ``title`` on top."""
+    with its caption lines underneath (in ``caption_rgb``), ``title`` on top."""
     import cv2
 
     shown = [im for im in images if im is not None]
@@ -215,10 +215,9 @@ def image_grid(images: Sequence[Optional[np.ndarray]], captions: Sequence[Sequen
                 image = np.repeat(image[:, :, None], 3, axis=2)
             enlarged = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
             canvas[y:y + enlarged.shape[0], x:x + enlarged.shape[1]] = enlarged
-        colour = tuple(caption_rgb[i]) if caption_rgb else _TEXT_RGB
         for k, line in enumerate(captions[i] if i < len(captions) else ()):
             cv2.putText(canvas, _fit_text(cv2, str(line), tile_w), (x, y + tile_h + (k + 1) * _LINE_PX - 3),
-                        cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, colour, 1, cv2.LINE_AA)
+                        cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, caption_rgb, 1, cv2.LINE_AA)
     return canvas
 
 
@@ -258,9 +257,9 @@ def stacked_bar_svg(categories: Sequence[str], series: Mapping[str, Sequence[int
     read off. Categories are written under the bars up to MAX_LABELLED_CLASSES, indices above that."""
     n = len(categories)
     counts = np.array([np.asarray(v, dtype=np.int64) for v in series.values()]).reshape(len(series), n)
-    totals = counts.sum(axis=0) if n else np.zeros(0, np.int64)
-    step = _nice_step(float(totals.max()) if n else 1.0)
-    y_max = max(step, math.ceil((float(totals.max()) if n else 1.0) / step) * step)
+    peak = float(counts.sum(axis=0).max()) if n else 1.0
+    step = _nice_step(peak)
+    y_max = max(step, math.ceil(peak / step) * step)
     labelled = n <= MAX_LABELLED_CLASSES
     bar_w = 18 if labelled else max(2, min(12, 900 // max(n, 1)))
     # Labels written at -60 degrees reach ~65 px left of their bar and ~120 px down.
@@ -315,7 +314,7 @@ def misclassified_grid(images: np.ndarray, true_names: Sequence[str], predicted_
     # The probability leads: long class names are cut at the tile's edge.
     captions = [[f"true: {truth}", f"pred {prob:.0%}: {guess}"]
                 for truth, guess, prob in zip(true_names, predicted_names, probs)]
-    return image_grid(list(images), captions, cols=4, title=title, caption_rgb=[_WARN_RGB] * len(images))
+    return image_grid(list(images), captions, cols=4, title=title, caption_rgb=_WARN_RGB)
 
 
 def log_test_report(predictions: Predictions, source, class_names: Sequence[str], prefix: str = "test_",
