@@ -8,7 +8,8 @@ Public API (in the style of ``mlflow.sklearn``):
 - ``load_model(model_uri) -> CarClassifier``; ``_load_pyfunc(path, model_config=None)`` for ``mlflow.pyfunc``.
 - ``CarClassifier``: Keras model + class names + ``PreprocessSettings``; ``predict(images, top_k=5, bboxes=None)``.
 - ``InvalidInputError``: the ``MlflowException`` (INVALID_PARAMETER_VALUE, HTTP 400) raised for bad requests.
-- ``input_schema()``, ``output_schema()``, ``params_schema()``, ``default_signature()``: the logged signature.
+- ``input_schema()``, ``params_schema()``, ``default_signature()``: the logged signature (no output schema: see
+  ``default_signature``).
 
 Saved layout::
 
@@ -27,12 +28,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import math
 import numbers
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import threading
@@ -63,9 +66,21 @@ BBOX_COLUMNS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 ERROR_COLUMN = "error"
 OUTPUT_COLUMNS = ("label", "class_id", "prob", "top_k")
 ERROR_MODES = ("raise", "coerce")
+# The params default: the deployment's error mode (CARCLF_ERRORS, else "raise"). Azure's no-code scorer answers
+# every exception with a fixed HTTP 500 text, so `deploy` sets CARCLF_ERRORS=coerce there: bad rows come back
+# with an `error` text instead.
+AUTO_ERROR_MODE = "auto"
+ERRORS_ENV_VAR = "CARCLF_ERRORS"
 DEFAULT_TOP_K = 5
 # Serve-time override of the pixel limit (decompression-bomb guard) saved in preprocessing.json.
 MAX_PIXELS_ENV_VAR = "CARCLF_MAX_PIXELS"
+# Request limits (memory a request may make the server hold): images per request and their encoded bytes.
+MAX_IMAGES_ENV_VAR = "CARCLF_MAX_IMAGES_PER_REQUEST"
+MAX_REQUEST_BYTES_ENV_VAR = "CARCLF_MAX_REQUEST_BYTES"
+DEFAULT_MAX_IMAGES_PER_REQUEST = 1024
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# Images per network call: bounds activation memory whatever the request's batch size.
+INFERENCE_CHUNK = 64
 # Packages the served model imports (directly or through MLflow's scoring server).
 _SERVING_PACKAGES = ("mlflow", "tensorflow-cpu", "keras", "opencv-python-headless", "pillow", "numpy", "pandas")
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
@@ -147,38 +162,32 @@ def input_schema():
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import AnyType
 
-    # `binary`: REST clients send base64 strings and MLflow's server decodes them; raw bytes work in-process.
-    # The optional bbox columns hold integer pixel coordinates, checked by predict (naming the row). They are
-    # declared `Any` because MLflow's own typing gets them wrong either way: as `long` the server casts 1.5 to
-    # 1 silently and refuses a batch where some rows have no bbox (null); as `double` every in-process caller
-    # with an int64 column is refused ("Can not safely convert int64 to float64").
-    return Schema(
-        [ColSpec("binary", IMAGE_COLUMN)] + [ColSpec(AnyType(), name, required=False) for name in BBOX_COLUMNS]
-    )
-
-
-def output_schema():
-    from mlflow.types import ColSpec, Schema
-    from mlflow.types.schema import Array, Object, Property
-
-    return Schema([
-        ColSpec("string", "label"),
-        ColSpec("long", "class_id"),
-        ColSpec("double", "prob"),
-        ColSpec(Array(Object([Property("label", "string"), Property("prob", "double")])), "top_k"),
-    ])
+    # Every column is `Any` and optional so that carclf's own code, not MLflow's schema enforcement, reads the
+    # request: MLflow's errors repeat the whole request in a multi-line message, its base64 decoding of
+    # `binary` columns only happens for `dataframe_split` (not `inputs`/`instances`, nor Azure's scorer, which
+    # passes base64 as plain strings), and its lenient decoder turns text that is not base64 into an empty image.
+    # The image: base64 text (line breaks allowed) or raw bytes in-process. The bbox columns hold integer pixel
+    # coordinates, checked by predict (naming the row): as `long` MLflow would cast 1.5 to 1 silently.
+    return Schema([ColSpec(AnyType(), IMAGE_COLUMN, required=False)]
+                  + [ColSpec(AnyType(), name, required=False) for name in BBOX_COLUMNS])
 
 
 def params_schema():
     from mlflow.types import ParamSchema, ParamSpec
 
-    return ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("errors", "string", "raise")])
+    return ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("errors", "string", AUTO_ERROR_MODE)])
 
 
 def default_signature():
+    """Inputs and params; no output schema.
+
+    The answer (label, class_id, prob, top_k as a list of {label, prob}, and `error` with errors=coerce) has a
+    nested column, and Azure's no-code scorer cannot boot from a signature whose outputs are not plain types:
+    it builds a sample DataFrame of every output column at start-up. The README documents the answer instead.
+    """
     from mlflow.models import ModelSignature
 
-    return ModelSignature(inputs=input_schema(), outputs=output_schema(), params=params_schema())
+    return ModelSignature(inputs=input_schema(), outputs=None, params=params_schema())
 
 
 def _default_input_example_image() -> bytes:
@@ -194,14 +203,25 @@ def _default_input_example_image() -> bytes:
 
 
 def _normalise_input_example(input_example):
+    """The example as a DataFrame whose images are one-line base64 text, exactly what a REST client sends.
+
+    MLflow would write bytes as MIME base64 (a line break every 76 characters); one-line text is what clients
+    copy from Azure's swagger page and from ``serving_input_example.json``.
+    """
     import pandas as pd
 
     if input_example is None:
         input_example = _default_input_example_image()
-    if isinstance(input_example, (bytes, bytearray)):
-        return pd.DataFrame({IMAGE_COLUMN: [bytes(input_example)]})
     if isinstance(input_example, (str, os.PathLike)) and pathlib.Path(input_example).is_file():
-        return pd.DataFrame({IMAGE_COLUMN: [pathlib.Path(input_example).read_bytes()]})
+        input_example = pathlib.Path(input_example).read_bytes()
+    if isinstance(input_example, (bytes, bytearray)):
+        input_example = pd.DataFrame({IMAGE_COLUMN: [bytes(input_example)]})
+    if isinstance(input_example, pd.DataFrame) and IMAGE_COLUMN in input_example.columns:
+        input_example = input_example.copy()
+        input_example[IMAGE_COLUMN] = [
+            base64.b64encode(bytes(value)).decode("ascii") if isinstance(value, (bytes, bytearray)) else value
+            for value in input_example[IMAGE_COLUMN]
+        ]
     return input_example
 
 
@@ -356,8 +376,11 @@ def save_model(
         python_env=_PYTHON_ENV_FILE_NAME,
         code=code_dir_subpath,
         # Declared so that `mlflow.pyfunc.load_model(uri, model_config={...})` may override them at load
-        # time; the environment variables CARCLF_INFERENCE_PRECISION / CARCLF_MAX_PIXELS still win.
-        model_config={"inference_precision": inference_precision, "max_pixels": int(settings.max_pixels)},
+        # time; the environment variables (CARCLF_INFERENCE_PRECISION, CARCLF_MAX_PIXELS,
+        # CARCLF_MAX_IMAGES_PER_REQUEST, CARCLF_MAX_REQUEST_BYTES, CARCLF_ERRORS) still win.
+        model_config={"inference_precision": inference_precision, "max_pixels": int(settings.max_pixels),
+                      "max_images_per_request": DEFAULT_MAX_IMAGES_PER_REQUEST,
+                      "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES, "errors": "raise"},
     )
     import keras
 
@@ -541,7 +564,9 @@ class CarClassifier:
         """(N, S, S, 3) uint8 -> (N, num_classes) float32 probabilities, in one network call."""
         if len(pixels) == 0:
             return np.zeros((0, self._num_classes), np.float32)
-        return self._forward(np.ascontiguousarray(pixels, dtype=np.uint8)).numpy()
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        return np.concatenate([self._forward(pixels[start:start + INFERENCE_CHUNK]).numpy()
+                               for start in range(0, len(pixels), INFERENCE_CHUNK)])
 
     def _rank(self, probs: np.ndarray, top_k: int) -> list[dict]:
         k = min(int(top_k), self._num_classes)
@@ -638,7 +663,7 @@ def _load_pyfunc(path, model_config=None):
     path = pathlib.Path(path)
     if (path / "MLmodel").exists():
         path = path / DATA_SUBPATH
-    return _CarClassifierPyfunc(_load_from_data_dir(str(path), model_config))
+    return _CarClassifierPyfunc(_load_from_data_dir(str(path), model_config), RequestLimits.from_environment(model_config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -662,18 +687,92 @@ def _as_int(value, column: str) -> int:
     raise ValueError(f"{column} must be an integer, got {value!r}")
 
 
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")
+_NOT_BASE64_CHARACTER = re.compile(r"[^A-Za-z0-9+/=]")
+# What a request may look like, for the one-line answer to one that has no image column.
+ACCEPTED_SHAPES = (
+    "send an 'image' column of base64 text: {\"dataframe_split\": {\"columns\": [\"image\"], \"data\": "
+    "[[\"<base64>\"]]}}, {\"dataframe_records\": [{\"image\": \"<base64>\"}]}, {\"inputs\": {\"image\": "
+    "[\"<base64>\"]}} or {\"instances\": [{\"image\": \"<base64>\"}]} (Azure: {\"input_data\": {\"columns\": "
+    "[\"image\"], \"index\": [0], \"data\": [[\"<base64>\"]]}}), with optional bbox_x1, bbox_y1, bbox_x2, bbox_y2"
+)
+
+
+def decode_base64_image(text: str) -> bytes:
+    """Base64 text -> bytes: MIME line breaks, surrounding whitespace and a ``data:...;base64,`` prefix allowed;
+    anything else that is not base64 is refused naming the first bad character."""
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError("image is a data: URI but not ';base64,' encoded")
+    compact = "".join(text.split())
+    if not compact:
+        raise ValueError("empty image (0 bytes)")
+    if bad := _NOT_BASE64_CHARACTER.search(compact):
+        raise ValueError(f"image is text but not base64: character {bad.group()!r} at position {bad.start()}")
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"image is text but not valid base64 ({exc})") from None
+
+
 def _image_bytes(value):
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    if isinstance(value, bytes):
+        # Base64 text sent as bytes (a `binary` signature of a caller's own, or an in-process caller): no image
+        # format is pure base64 text, since every one starts with a binary magic number.
+        if len(value) >= 8 and _BASE64_TEXT.fullmatch(value):
+            try:
+                return decode_base64_image(value.decode("ascii"))
+            except ValueError:
+                return value
+        return value
     if isinstance(value, str):
-        # In-process callers sometimes pass the base64 text itself (the server decodes it before we see it).
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("image is a string but not valid base64") from None
+        return decode_base64_image(value)
     if isinstance(value, np.ndarray) and value.dtype == np.uint8:
         return value
-    raise ValueError(f"image must be encoded image bytes, got {type(value).__name__}")
+    raise ValueError(f"image must be base64 text or encoded image bytes, got {type(value).__name__}")
+
+
+def _limit_from(env_var: str, model_config: dict, key: str, default: int) -> int:
+    raw = os.environ.get(env_var) or model_config.get(key) or default
+    try:
+        value = int(float(raw))
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        source = env_var if os.environ.get(env_var) else f"model_config {key}"
+        raise ValueError(f"{source} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _error_mode_from(model_config: dict) -> str:
+    mode = str(os.environ.get(ERRORS_ENV_VAR) or model_config.get("errors") or "raise").strip().lower()
+    if mode not in ERROR_MODES:
+        source = ERRORS_ENV_VAR if os.environ.get(ERRORS_ENV_VAR) else "model_config errors"
+        raise ValueError(f"{source} must be one of {', '.join(ERROR_MODES)}, got {mode!r}")
+    return mode
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the server; set per deployment (environment) or per load (model_config)."""
+
+    max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST
+    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    default_errors: str = "raise"
+
+    @classmethod
+    def from_environment(cls, model_config: Optional[dict] = None) -> "RequestLimits":
+        model_config = dict(model_config or {})
+        return cls(
+            max_images=_limit_from(MAX_IMAGES_ENV_VAR, model_config, "max_images_per_request",
+                                   DEFAULT_MAX_IMAGES_PER_REQUEST),
+            max_bytes=_limit_from(MAX_REQUEST_BYTES_ENV_VAR, model_config, "max_request_bytes",
+                                  DEFAULT_MAX_REQUEST_BYTES),
+            default_errors=_error_mode_from(model_config),
+        )
 
 
 class _CarClassifierPyfunc:
@@ -683,8 +782,9 @@ class _CarClassifierPyfunc:
     "coerce": bad rows get label/class_id/prob null, top_k [] and an ``error`` text; good rows are scored).
     """
 
-    def __init__(self, classifier: CarClassifier):
+    def __init__(self, classifier: CarClassifier, limits: Optional[RequestLimits] = None):
         self.classifier = classifier
+        self.limits = limits or RequestLimits()
 
     def get_raw_model(self):
         return self.classifier
@@ -699,32 +799,53 @@ class _CarClassifierPyfunc:
                 pass
         if isinstance(top_k, (bool, np.bool_)) or not isinstance(top_k, numbers.Integral) or top_k < 1:
             raise _invalid(f"params.top_k must be an integer >= 1, got {top_k!r}")
-        errors = str(params.get("errors", "raise")).strip().lower()
+        errors = str(params.get("errors", AUTO_ERROR_MODE)).strip().lower()
+        if errors == AUTO_ERROR_MODE:
+            errors = self.limits.default_errors
         if errors not in ERROR_MODES:
-            raise _invalid(f"params.errors must be one of {', '.join(ERROR_MODES)}, got {params.get('errors')!r}")
+            raise _invalid(f"params.errors must be one of {', '.join(ERROR_MODES + (AUTO_ERROR_MODE,))}, "
+                           f"got {params.get('errors')!r}")
         return int(top_k), errors
 
     def _rows(self, data):
         import pandas as pd
 
         if isinstance(data, dict):
-            data = pd.DataFrame(data)
+            try:
+                data = pd.DataFrame(data)
+            except ValueError:
+                data = pd.DataFrame([data])
         if not isinstance(data, pd.DataFrame):
-            raise _invalid(f"input must be a DataFrame with an '{IMAGE_COLUMN}' column, got {type(data).__name__}")
+            raise _invalid(f"input is a {type(data).__name__}, not a table: {ACCEPTED_SHAPES}")
         if IMAGE_COLUMN not in data.columns:
-            raise _invalid(f"input has no '{IMAGE_COLUMN}' column (columns: {list(map(str, data.columns))})")
+            raise _invalid(f"input has no '{IMAGE_COLUMN}' column: {ACCEPTED_SHAPES}")
+        if len(data) == 1 and all(isinstance(v, (list, tuple, np.ndarray)) for v in data.iloc[0]):
+            # `{"inputs": {"image": [...]}}` with only text lists reaches us as ONE row holding the lists
+            # (MLflow's schema enforcement builds `DataFrame([inputs])` then): spread them back into rows.
+            lengths = {len(v) for v in data.iloc[0]}
+            if len(lengths) != 1:
+                raise _invalid(f"input columns have different lengths: {sorted(lengths)}")
+            data = pd.DataFrame({column: list(values) for column, values in data.iloc[0].items()})
+        if len(data) > self.limits.max_images:
+            raise _invalid(f"request has {len(data)} images, above the limit of {self.limits.max_images} per request "
+                           f"({MAX_IMAGES_ENV_VAR}); send smaller batches")
         present = [c for c in BBOX_COLUMNS if c in data.columns]
         if present and len(present) != len(BBOX_COLUMNS):
             missing = [c for c in BBOX_COLUMNS if c not in data.columns]
             raise _invalid(f"bbox columns must come together: missing {', '.join(missing)}")
         images, bboxes, problems = [], [], []
         bbox_values = data[list(BBOX_COLUMNS)].to_numpy(dtype=object) if present else None
+        total_bytes = 0
         for row, value in enumerate(data[IMAGE_COLUMN].tolist()):
             problem, image, bbox = None, None, None
             try:
                 if _is_missing(value):
                     raise ValueError("image is missing (null)")
                 image = _image_bytes(value)
+                total_bytes += image.nbytes if isinstance(image, np.ndarray) else len(image)
+                if total_bytes > self.limits.max_bytes:
+                    raise _invalid(f"request's images add up to more than {self.limits.max_bytes} bytes by row {row} "
+                                   f"({MAX_REQUEST_BYTES_ENV_VAR}); send smaller batches")
                 if bbox_values is not None:
                     values = bbox_values[row]
                     missing = [c for c, v in zip(BBOX_COLUMNS, values) if _is_missing(v)]

@@ -10,6 +10,7 @@ import threading
 import time
 import zlib
 
+import pandas as pd
 import pytest
 import requests
 
@@ -173,13 +174,15 @@ def _split(*rows, columns=("image",)):
 BBOX_COLUMNS = ("image", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 BAD_REQUESTS = {
     "undecodable bytes": (_split([b64(IMAGES[0])], [b64(b"this is not an image")]), "row 1: not a recognised image format"),
-    "invalid base64 (length)": (_split(["abcde"]), "Failed to convert column image"),
-    "invalid base64 (padding)": (_split(["abc"]), "Incorrect padding"),
+    "invalid base64 (length)": (_split(["abcde"]), "row 0: image is text but not valid base64 (Invalid base64-encoded"),
+    "invalid base64 (padding)": (_split(["abc"]), "row 0: image is text but not valid base64 (Incorrect padding)"),
+    "text that is not base64": (_split(["!" * 1000]), "row 0: image is text but not base64: character '!' at position 0"),
     "empty image": (_split([""]), "row 0: empty image (0 bytes)"),
-    "null image": (_split([None]), "Failed to convert column image"),
+    "null image": (_split([None]), "row 0: image is missing (null)"),
     "truncated jpeg": (_split([b64(IMAGES[0][:300])]), "row 0: "),
     "decompression bomb": (_split([b64(png_bomb())]), "row 0: image is 10000x8000 = 80.0 megapixels, above the limit of 50.0"),
-    "missing image column": (_split([b64(IMAGES[0])], columns=("picture",)), "missing inputs ['image']"),
+    "missing image column": (_split([b64(IMAGES[0])], columns=("picture",)), "input has no 'image' column: send"),
+    "bare list of images": ({"inputs": [b64(IMAGES[0])]}, "input has no 'image' column: send"),
     "bbox outside image": (_split([b64(IMAGES[0]), 500, 500, 600, 700], columns=BBOX_COLUMNS),
                            "row 0: bbox (500, 500, 600, 700) lies outside the 90x70 image"),
     "inverted bbox": (_split([b64(IMAGES[0]), 50, 10, 20, 40], columns=BBOX_COLUMNS), "row 0: bbox (50, 10, 20, 40) is empty or inverted"),
@@ -203,8 +206,60 @@ def test_bad_input_is_a_clean_400(server, name):
     payload = response.json()
     assert "stack_trace" not in payload
     assert expected in payload["message"], payload["message"]
-    if expected.startswith("row ") or expected.startswith("params."):
+    if expected.startswith(("row ", "params.", "input has")):
         assert "\n" not in payload["message"] and payload["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
+REQUEST_FORMATS = {
+    "dataframe_split": lambda image: {"dataframe_split": {"columns": ["image"], "data": [[image]]}},
+    "dataframe_records": lambda image: {"dataframe_records": [{"image": image}]},
+    "inputs as columns": lambda image: {"inputs": {"image": [image]}},
+    "instances": lambda image: {"instances": [{"image": image}]},
+    "MIME base64": lambda image: {"dataframe_split": {"columns": ["image"],
+                                                      "data": [[base64.encodebytes(base64.b64decode(image)).decode()]]}},
+}
+
+
+@pytest.mark.parametrize("name", list(REQUEST_FORMATS))
+def test_every_request_format_scores_the_same_photo(server, classifier, name):
+    response = invoke(server, {**REQUEST_FORMATS[name](b64(IMAGES[2])), "params": {"top_k": 2}})
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["predictions"]
+    expected = classifier.predict(IMAGES[2], top_k=2)[0]
+    assert prediction["label"] == expected["label"] and len(prediction["top_k"]) == 2
+    assert prediction["prob"] == pytest.approx(expected["prob"], abs=1e-5)
+
+
+def test_request_limits_are_one_line_refusals(model_dir, monkeypatch):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(str(model_dir), model_config={"max_images_per_request": 3})
+    frame = pd.DataFrame({"image": IMAGES[:3]})
+    assert len(model.predict(frame)) == 3
+    with pytest.raises(carclf_flavor.InvalidInputError, match=r"^request has 4 images, above the limit of 3 per request"):
+        model.predict(pd.DataFrame({"image": IMAGES[:4]}))
+    monkeypatch.setenv("CARCLF_MAX_REQUEST_BYTES", str(len(IMAGES[0]) + len(IMAGES[1]) - 1))
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    with pytest.raises(carclf_flavor.InvalidInputError, match="request's images add up to more than .* bytes by row 1"):
+        model.predict(pd.DataFrame({"image": IMAGES[:2]}))
+    monkeypatch.setenv("CARCLF_MAX_REQUEST_BYTES", "lots")
+    with pytest.raises(ValueError, match="CARCLF_MAX_REQUEST_BYTES must be a positive integer, got 'lots'"):
+        mlflow.pyfunc.load_model(str(model_dir))
+
+
+def test_deployment_error_mode_makes_bad_rows_answers(model_dir, monkeypatch):
+    """CARCLF_ERRORS=coerce (what `deploy` sets on Azure) turns the default `errors=auto` into coerce."""
+    import mlflow
+
+    monkeypatch.setenv("CARCLF_ERRORS", "coerce")
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    frame = model.predict(pd.DataFrame({"image": [IMAGES[0], b"junk"]}))
+    assert frame.error[0] is None and "not a recognised image format" in frame.error[1]
+    with pytest.raises(carclf_flavor.InvalidInputError, match="row 1: not a recognised image format"):
+        model.predict(pd.DataFrame({"image": [IMAGES[0], b"junk"]}), params={"errors": "raise"})
+    monkeypatch.setenv("CARCLF_ERRORS", "ignore")
+    with pytest.raises(ValueError, match="CARCLF_ERRORS must be one of raise, coerce, got 'ignore'"):
+        mlflow.pyfunc.load_model(str(model_dir))
 
 
 def test_server_still_answers_after_bad_input_and_concurrent_clients_agree(server):
