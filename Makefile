@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test bench venv clean
+.PHONY: run test test-mlflow-latest bench venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(BIN)/python:
 
 # Reinstall when the dependency list changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[test,azure]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,8 +28,21 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The second venv: the newest installable MLflow, no Azure extra (the core's promise to Databricks users).
+MLFLOW_LATEST ?= 3.17.2
+VENV_LATEST   := .venv-mlflow-latest
+$(VENV_LATEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_LATEST)/bin/python -m pip install --quiet -e '.[test]' 'mlflow==$(MLFLOW_LATEST)'
+	touch $@
+
+test-mlflow-latest: $(VENV_LATEST)/.installed
+	CARCLF_EXPECT_MLFLOW=$(MLFLOW_LATEST) $(VENV_LATEST)/bin/python -m pytest -m "not slow" \
+	  tests/test_project_frame.py tests/test_flavor.py tests/test_serving.py tests/test_train.py
+
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf data mlruns mlflow.db .pytest_cache bench-results
+	rm -rf data mlruns mlflow.db .pytest_cache bench-results $(VENV_LATEST)

@@ -1,7 +1,9 @@
 """The project frame: pins agree between pyproject and conda.yaml, MLproject is well formed, CI runs make test."""
+import os
 import re
 import tomllib
 
+import pytest
 import yaml
 
 from conftest import REPO_ROOT
@@ -23,22 +25,43 @@ def _conda_pip_requirements():
 
 
 def test_conda_and_pyproject_name_the_same_pins():
-    runtime = {_normalise(r) for r in _pyproject()["project"]["dependencies"]}
+    """conda.yaml's pip section is the core plus the azure extra (what `mlflow run` with conda needs for deploy)."""
+    project = _pyproject()["project"]
+    runtime = {_normalise(r) for r in project["dependencies"] + project["optional-dependencies"]["azure"]}
     _, pip_reqs = _conda_pip_requirements()
     conda = {_normalise(r) for r in pip_reqs}
     assert runtime == conda, f"only in pyproject: {runtime - conda}; only in conda.yaml: {conda - runtime}"
 
 
-def test_known_pins_are_deliberate():
-    deps = {_normalise(r) for r in _pyproject()["project"]["dependencies"]}
-    pandas = next(d for d in deps if d.startswith("pandas"))
-    assert "<3" in pandas, "pyspark.pandas does not import with pandas 3"
-    mlflow_pin = next(d for d in deps if d.startswith("mlflow"))
-    azure_pin = next(d for d in deps if d.startswith("azureml-mlflow"))
-    # azureml-mlflow 1.62 caps mlflow at 3.15.0: the two pins must stay compatible.
-    assert mlflow_pin == "mlflow==3.15.0" and ">=1.62" in azure_pin
-    assert any(d.startswith("opencv-python-headless") for d in deps)
-    assert not any(d.startswith("opencv-python>") or d.startswith("opencv-python=") for d in deps)
+def test_dependency_policy():
+    """The core installs beside a cluster's MLflow 3.15-3.17 without the Azure plugin; the extra pins what it accepts."""
+    from packaging.requirements import Requirement
+
+    project = _pyproject()["project"]
+    core = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    azure = {Requirement(r).name: Requirement(r) for r in project["optional-dependencies"]["azure"]}
+    assert not any(name.startswith("azureml") or name.startswith("azure-") for name in core)
+    for version in ("3.15.0", "3.16.1", "3.17.2"):
+        assert core["mlflow"].specifier.contains(version), f"the core must install beside MLflow {version}"
+    assert not core["mlflow"].specifier.contains("2.22.0")
+    # azureml-mlflow 1.62 requires mlflow-skinny<=3.15.0: the extra names the one MLflow it accepts.
+    assert ">=1.62" in str(azure["azureml-mlflow"].specifier) and "deployments" in azure["azureml-mlflow"].extras
+    assert str(azure["mlflow"].specifier) == "==3.15.0"
+    pandas = core["pandas"]
+    assert not pandas.specifier.contains("3.0.0"), "pyspark.pandas does not import with pandas 3"
+    assert "opencv-python-headless" in core and "opencv-python" not in core
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "-e '.[test,azure]'" in makefile and "test-mlflow-latest" in (REPO_ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.skipif(not os.environ.get("CARCLF_EXPECT_MLFLOW"), reason="runs in the second venv (make test-mlflow-latest)")
+def test_second_venv_has_the_newest_mlflow_and_no_azure_plugin():
+    import importlib.util
+
+    import mlflow
+
+    assert mlflow.__version__ == os.environ["CARCLF_EXPECT_MLFLOW"]
+    assert importlib.util.find_spec("azureml") is None
 
 
 def test_conda_env_python_matches_supported_range():
@@ -73,5 +96,5 @@ def test_ci_runs_the_readme_test_command_and_keeps_pytest_exit_code():
 
 def test_generated_files_are_ignored():
     ignored = (REPO_ROOT / ".gitignore").read_text().split()
-    for pattern in ("data/", "mlruns/", "mlflow.db", "*.h5", "*.keras", ".venv/"):
+    for pattern in ("data/", "mlruns/", "mlflow.db", "*.h5", "*.keras", ".venv", ".venv-mlflow-latest/"):
         assert pattern in ignored
