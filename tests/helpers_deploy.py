@@ -38,6 +38,9 @@ MODEL_CODE = textwrap.dedent(
             )
             if LABELLED:  # answers like a carclf model (a label per row)
                 answer["label"] = f"car-{{VERSION}}"
+            if BROKEN == "coerce":  # what carclf answers with errors=coerce when it cannot read the photo
+                answer["label"] = None
+                answer["error"] = "row 0: not a recognised image format"
             return answer
 
 
@@ -49,7 +52,8 @@ MODEL_CODE = textwrap.dedent(
 def register_version_model(tmp_path: pathlib.Path, name: str, version: str, broken: bool | str = False,
                            labelled: bool = False) -> str:
     """Log + register a model (from code) that answers its version; returns models:/name/<registry version>.
-    broken=True: fails to load; broken="answers": loads, fails on every request. labelled: adds a `label`."""
+    broken=True: fails to load; "answers": fails on every request; "coerce": answers every row with an `error`.
+    labelled: adds a `label` column."""
     import mlflow
     from mlflow.models.signature import ModelSignature
     from mlflow.types import ColSpec, Schema

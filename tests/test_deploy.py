@@ -519,6 +519,18 @@ def test_failed_smoke_test_leaves_traffic_where_it_was(tmp_path, broken):
     assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"blue": 100}
 
 
+def test_smoke_test_fails_on_an_error_row(tmp_path):
+    from helpers_deploy import register_version_model
+
+    model = register_version_model(tmp_path, "carclf", "one", broken="coerce", labelled=True)
+    state = _blue_green(tmp_path, ["--model-uri", model])
+    assert state["rc"] == 2
+    (error,) = [ln for ln in state["stderr"].splitlines() if ln.startswith("error:")]
+    assert "smoke test of deployment 'blue'" in error and "the model answered error: row 0: not a recognised" in error
+    assert "traffic unchanged (no traffic)" in error
+    assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {}
+
+
 def test_a_canary_in_progress_is_not_overwritten(tmp_path):
     from helpers_deploy import register_version_model
 
