@@ -528,16 +528,16 @@ def _is_not_found(exc: BaseException) -> bool:
 
 
 def _find_endpoint(client, name: str) -> dict | None:
+    """The endpoint as the plugin describes it, or None when Azure answers 404."""
     try:
         return client.get_endpoint(name)
     except Exception as exc:
         if _is_not_found(exc):
             return None
-        _call_plugin(f"looking up endpoint {name!r}", _reraise, exc)
-
-
-def _reraise(exc):
-    raise exc
+        azure = _azure_error_in_chain(exc)
+        if azure is None:
+            raise
+        raise DeployError(f"looking up endpoint {name!r}: {type(azure).__name__}: {_one_line(azure)}") from None
 
 
 def _traffic_of(endpoint: dict | None) -> dict:

@@ -531,6 +531,22 @@ def test_smoke_test_fails_on_an_error_row(tmp_path):
     assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {}
 
 
+def test_an_idle_deployment_left_by_a_failed_rollout_is_updated_not_duplicated(tmp_path):
+    from helpers_deploy import register_version_model
+
+    register_version_model(tmp_path, "carclf", "one", labelled=True)
+    model = register_version_model(tmp_path, "carclf", "two", labelled=True)
+    state = _blue_green(tmp_path, ["--model-uri", model],
+                        endpoints={"car-resnet": {"blue": 100, "green": 0}},
+                        deployments={"car-resnet/blue": ["carclf", "1"], "car-resnet/green": ["carclf", "1"]})
+    assert state["rc"] == 0, state["stderr"][-3000:]
+    updates = [c for c in state["calls"] if c["method"] in ("PUT", "PATCH") and c["path"].endswith("/deployments/green")]
+    assert len(updates) == 1 and updates[0]["body"]["properties"]["model"].endswith("/models/carclf/versions/2")
+    assert state["scores"][0]["model"] == "carclf/2"
+    assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"blue": 0, "green": 100}
+    assert set(state["deployments"]) == {"car-resnet/blue", "car-resnet/green"}  # no delete_old: blue stays
+
+
 def test_a_canary_in_progress_is_not_overwritten(tmp_path):
     from helpers_deploy import register_version_model
 
