@@ -580,3 +580,21 @@ def test_bad_rollout_parameters_are_named_before_anything_else(tmp_path, mlflow_
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
     _nothing_created(tmp_path, mlflow_store)
+
+
+def test_resolve_model_uri_gives_the_plugin_a_version_number(tmp_path):
+    import mlflow
+
+    from entry_points.deploy import resolve_model_uri
+    from helpers_deploy import register_version_model
+
+    register_version_model(tmp_path, "carclf", "one")
+    register_version_model(tmp_path, "carclf", "two")
+    mlflow.MlflowClient().set_registered_model_alias("carclf", "champion", "1")
+    assert resolve_model_uri("models:/carclf@champion") == "models:/carclf/1"
+    assert resolve_model_uri("models:/carclf/latest") == "models:/carclf/2"
+    assert resolve_model_uri("models:/carclf/2") == "models:/carclf/2"
+    with pytest.raises(DeployError, match=r"cannot resolve alias 'gone' of registered model 'carclf'"):
+        resolve_model_uri("models:/carclf@gone")
+    with pytest.raises(DeployError, match="registered model 'nobody'"):
+        resolve_model_uri("models:/nobody/latest")
