@@ -1,13 +1,17 @@
 """`deploy`: put a registered carclf model behind a REST endpoint on Azure ML or on this machine.
 
     python -m entry_points.deploy --model-uri models:/carclf/1 --target <azureml workspace URI> \
-        --name car-resnet --compute aci|aks|managed [--auth auto|service_principal|cli|managed_identity]
+        --name car-resnet [--traffic 100] [--delete-old true] [--auth auto|service_principal|cli|managed_identity]
     python -m entry_points.deploy --model-uri models:/carclf/1 --target carclf-local --name cars [--port 5001]
 
-Azure ML goes through MLflow's `azureml` deployment plugin (azureml-mlflow): this step writes the
-`deploy-config-file` the plugin expects (the same files work with `mlflow deployments create -t azureml
-... -C deploy-config-file=deploy/aci.json`; examples under deploy/), then creates the deployment, or
-updates it when `name` already exists. Before anything is written or sent, `azure_preflight` checks the
+Azure ML goes through MLflow's `azureml` deployment plugin (azureml-mlflow). The default is a managed
+online endpoint `name`, updated blue/green the way Azure recommends: the endpoint is created when missing
+(key auth), the new model goes into a second deployment (`blue`/`green`) at 0% traffic beside the live
+one, is smoke-tested with a real photo through the `azureml-model-deployment` header, and only then gets
+the traffic (all of it, or a canary share); a failed smoke test leaves the traffic as it was. `compute=aci|aks`
+(SDK v1 web services, support ended 2026-06-30) stay for existing workspaces. This step writes the config
+files the plugin expects (the same files work with `mlflow deployments create -t azureml ...
+-C deploy-config-file=deploy/managed.json`; examples under deploy/). Before anything is written or sent, `azure_preflight` checks the
 target URI and finds the credential source from environment variables and files alone, then checks that
 Azure is reachable (TCP only, short timeouts): a missing login fails in seconds with one line, instead of
 minutes later inside the plugin (whose credential chain ends in interactive/device-code logins).
@@ -37,7 +41,17 @@ from entry_points.cli_args import parse_bool, parse_int
 
 log = logging.getLogger("carclf.deploy")
 
-COMPUTE_CHOICES = ("aci", "aks", "managed")
+COMPUTE_CHOICES = ("managed", "aci", "aks")
+LEGACY_COMPUTE = ("aci", "aks")
+# Blue/green slots of a managed endpoint: the new model goes into the one that carries no traffic.
+DEPLOYMENT_SLOTS = ("blue", "green")
+# The flavor reads CARCLF_ERRORS as the default of its `errors` param: Azure's no-code scoring script
+# answers any exception with HTTP 500 and a fixed text, so on Azure a bad photo gets a per-row `error`.
+AZURE_ENVIRONMENT = {"CARCLF_ERRORS": "coerce"}
+# Smallest instance types Azure's MLflow no-code deployments are sized for (4 vCPUs, 14+ GiB).
+_SMALL_INSTANCES = {"standard_ds1_v2", "standard_ds2_v2", "standard_f2s_v2", "standard_d2as_v4", "standard_e2s_v3",
+                    "standard_f1s", "standard_f2s", "standard_ds1", "standard_ds2", "standard_a1_v2",
+                    "standard_a2_v2", "standard_d2a_v4", "standard_d2s_v3", "standard_ds11_v2"}
 LOCAL_TARGET = "carclf-local"
 PROJECT_DIR = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIG_DIR = PROJECT_DIR / "deploy"
@@ -46,10 +60,14 @@ EXAMPLE_CONFIG_DIR = PROJECT_DIR / "deploy"
 _AZURE_NAME = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
 _DESCRIPTION = "carclf: car-model classifier (Keras ResNet with Scale layers), served by MLflow pyfunc"
 
-# A ResNet image model needs a while to import TensorFlow and load its weights before it can answer:
-# probes wait two minutes before the first liveness check and tolerate 30 failures (5 more minutes).
+# ACI/AKS: the image is built with the requirements inside; the model only has to import TensorFlow and load.
 _PROBE_LIVENESS = {"initial_delay": 120, "period": 10, "timeout": 10, "failure_threshold": 30, "success_threshold": 1}
-_PROBE_READINESS = {"initial_delay": 60, "period": 10, "timeout": 10, "failure_threshold": 30, "success_threshold": 1}
+# Managed no-code deployments install the model's requirements.txt (TensorFlow, Keras, OpenCV: several
+# minutes) when the container starts, before the scoring script even imports: a probe that starts early
+# restarts the container in the middle of that install, forever. Liveness waits 10 minutes, readiness 5,
+# and both tolerate 30 more failures 10 s apart.
+_MANAGED_LIVENESS = {"initial_delay": 600, "period": 10, "timeout": 10, "failure_threshold": 30, "success_threshold": 1}
+_MANAGED_READINESS = {"initial_delay": 300, "period": 10, "timeout": 10, "failure_threshold": 30, "success_threshold": 1}
 
 
 class DeployError(Exception):
@@ -62,7 +80,7 @@ def _number(value: float):
 
 
 def build_deploy_config(
-    compute: str = "aci",
+    compute: str = "managed",
     cpu_cores: float = 3.0,
     memory_gb: float = 12.0,
     instance_type: str = "Standard_DS3_v2",
@@ -74,7 +92,7 @@ def build_deploy_config(
     max_concurrent_requests: int = 2,
     auth_enabled: bool = True,
 ) -> dict:
-    """The `deploy-config-file` content for the azureml plugin (defaults = the article's 3-core/12 GB ACI)."""
+    """The `deploy-config-file` content for the azureml plugin (ACI/AKS: the article's 3 cores and 12 GB)."""
     compute = (compute or "").strip().lower()
     if compute not in COMPUTE_CHOICES:
         raise DeployError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}, got {compute!r}")
@@ -117,9 +135,15 @@ def build_deploy_config(
             "description": _DESCRIPTION,
             "tags": {"project": "carclf"},
         }
-    # managed online endpoint (no computeType key: that is how the plugin picks this path)
+    # managed online deployment (no computeType key: that is how the plugin picks this path). Only keys the
+    # plugin copies into the REST body (others are dropped silently). No scale_settings: the plugin reads its
+    # `type` but the REST model wants `scale_type`, so either spelling fails; Azure's default is the fixed
+    # instance_count anyway.
     if not instance_type or not instance_type.strip():
         raise DeployError("compute=managed needs instance_type, e.g. Standard_DS3_v2")
+    if instance_type.strip().lower() in _SMALL_INSTANCES:
+        raise DeployError(f"instance_type {instance_type.strip()!r} is too small for a TensorFlow model served by "
+                          "Azure's no-code scorer: use Standard_DS3_v2 or larger")
     if instance_count < 1:
         raise DeployError(f"instance_count must be >= 1, got {instance_count}")
     if request_timeout_s > 180:
@@ -134,9 +158,29 @@ def build_deploy_config(
             "request_timeout_ms": f"PT{request_timeout_s}S",
             "max_concurrent_requests_per_instance": max_concurrent_requests,
         },
-        "liveness_probe": dict(_PROBE_LIVENESS),
-        "readiness_probe": dict(_PROBE_READINESS),
+        "liveness_probe": dict(_MANAGED_LIVENESS),
+        "readiness_probe": dict(_MANAGED_READINESS),
+        "environment_variables": dict(AZURE_ENVIRONMENT),
         "description": _DESCRIPTION,
+    }
+
+
+def build_endpoint_config(auth_mode: str = "key", traffic: dict | None = None) -> dict:
+    """The `endpoint-config-file` for the plugin's create_endpoint/update_endpoint (managed endpoints).
+
+    Key auth by default (a key that does not expire, unlike aml_token); the plugin's own default adds a
+    system-assigned identity and the property that marks an MLflow endpoint, kept here too."""
+    auth_mode = (auth_mode or "").strip().lower()
+    if auth_mode not in ("key", "aml_token", "aad_token"):
+        raise DeployError(f"endpoint_auth must be key, aml_token or aad_token, got {auth_mode!r}")
+    if traffic is not None:
+        return {"traffic": {name: int(share) for name, share in traffic.items()}}
+    return {
+        "auth_mode": auth_mode,
+        "identity": {"type": "system_assigned"},
+        "properties": {"azureml.mlflow_client_endpoint": "True"},
+        "description": _DESCRIPTION,
+        "tags": {"project": "carclf"},
     }
 
 
@@ -146,6 +190,7 @@ def render_config(config: dict) -> str:
 
 def write_config(config: dict, folder: pathlib.Path, compute: str) -> pathlib.Path:
     """Write `<compute>.json` under a temporary name and rename it, so a reader never sees half a file."""
+    folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{compute}.json"
     fd, tmp = tempfile.mkstemp(prefix=f".{compute}.", suffix=".tmp", dir=folder)
@@ -160,15 +205,50 @@ def write_config(config: dict, folder: pathlib.Path, compute: str) -> pathlib.Pa
     return final
 
 
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
+
+
 def _check_azure_model_uri(model_uri: str) -> None:
-    if re.match(r"^models:/[^/@]+/[^/]+$", model_uri or ""):
+    if _MODEL_URI.match(model_uri or ""):
         return
     if (model_uri or "").startswith("runs:/") and os.environ.get("MLFLOW_TRACKING_URI", "").startswith("azureml"):
         return  # the plugin registers runs:/ models itself when tracking into the workspace
     raise DeployError(
         f"model_uri {model_uri!r}: the azureml target deploys registered models, give models:/<name>/<version> "
-        "(registered in the workspace's registry)"
+        "or models:/<name>@<alias> (registered in the workspace's registry)"
     )
+
+
+def resolve_model_uri(model_uri: str) -> str:
+    """models:/name@alias and models:/name/latest -> models:/name/<version>, with the MLflow client.
+
+    azureml-mlflow 1.62 splits the URI on '/' (an alias becomes the model name `models:` and a version
+    `carclf@champion`) and knows no `latest`: it must only ever see a number."""
+    match = _MODEL_URI.match(model_uri or "")
+    if not match:
+        return model_uri
+    name, version, alias = match.group("name"), match.group("version"), match.group("alias")
+    if version and version.lower() != "latest":
+        return model_uri
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if alias:
+            resolved = client.get_model_version_by_alias(name, alias).version
+        else:
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise DeployError(f"model_uri {model_uri!r}: registered model {name!r} has no versions")
+            resolved = max(int(v.version) for v in versions)
+    except MlflowException as exc:
+        what = f"alias {alias!r}" if alias else "its latest version"
+        raise DeployError(f"model_uri {model_uri!r}: cannot resolve {what} of registered model {name!r} "
+                          f"({_one_line(exc.message)})") from None
+    resolved_uri = f"models:/{name}/{resolved}"
+    log.info("%s is %s", model_uri, resolved_uri)
+    return resolved_uri
 
 
 @contextlib.contextmanager
@@ -270,7 +350,7 @@ def deploy(
     model_uri: str,
     target: str,
     name: str,
-    compute: str = "aci",
+    compute: str = "managed",
     cpu_cores: float = 3.0,
     memory_gb: float = 12.0,
     instance_type: str = "Standard_DS3_v2",
@@ -288,14 +368,21 @@ def deploy(
     workers: int | None = None,
     host: str | None = None,
     home: str | None = None,
+    traffic: int = 100,
+    delete_old: bool = False,
+    smoke_image: str | os.PathLike | None = None,
+    endpoint_auth: str = "key",
 ) -> dict:
-    """Create (or update, when `name` exists) a deployment of `model_uri` on `target`.
+    """Deploy `model_uri` as `name` on `target`.
 
     target: an Azure ML workspace tracking URI (azureml://...) or `carclf-local[:/state/folder]`.
-    Azure: nothing is written, tracked or sent until the preflight passed. The config file goes to
-    `config_dir` (kept) or a temporary folder (removed after it was logged to the run).
+    Azure, compute=managed (default): blue/green on the managed online endpoint `name` (see the module
+    docstring); `traffic` is the new deployment's share (100, or 1-99 for a canary), `delete_old` removes
+    the deployments left without traffic, `smoke_image` is the photo of the smoke test (default: a
+    rendered JPEG). compute=aci|aks: create, or update when `name` exists (deprecated).
+    Nothing is written, tracked or sent until the preflight passed. The config files go to `config_dir`
+    (kept) or a temporary folder (removed after they were logged to the run).
     Local: port/workers/host/home/request_timeout_s are passed to the carclf-local target.
-    Returns {"name", "flavor", "target", "model_uri", "action": "created"|"updated", "config_file", "deployment"}.
     """
     if not model_uri:
         raise DeployError("model_uri is empty: give e.g. models:/carclf/1")
@@ -309,6 +396,8 @@ def deploy(
                                instance_count=instance_count, aks_compute=aks_compute, min_replicas=min_replicas,
                                max_replicas=max_replicas, request_timeout_s=request_timeout_s,
                                auth_enabled=auth_enabled),
+            rollout=dict(traffic=traffic, delete_old=delete_old, smoke_image=smoke_image,
+                         endpoint_auth=endpoint_auth),
         )
     if target.split(":", 1)[0] == LOCAL_TARGET:
         local_config = {"port": port, "workers": workers, "host": host, "home": home,
@@ -317,8 +406,42 @@ def deploy(
     raise DeployError(f"unsupported target {target!r}: use an azureml://... workspace URI or {LOCAL_TARGET}")
 
 
+def _check_rollout(traffic, delete_old, smoke_image, endpoint_auth) -> bytes:
+    """Offline checks of the blue/green parameters; returns the smoke-test photo's bytes."""
+    if isinstance(traffic, bool) or not isinstance(traffic, int) or not 1 <= traffic <= 100:
+        raise DeployError(f"traffic must be a whole percentage from 1 to 100 (the new deployment's share), got {traffic!r}")
+    if delete_old and traffic != 100:
+        raise DeployError(f"delete_old needs traffic=100 (a {traffic}% canary still sends the rest to the old deployment)")
+    build_endpoint_config(endpoint_auth)
+    if smoke_image:
+        path = pathlib.Path(smoke_image)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DeployError(f"smoke_image {str(path)!r}: cannot read ({exc.strerror or exc})") from None
+        if not data:
+            raise DeployError(f"smoke_image {str(path)!r} is empty")
+        return data
+    return default_smoke_photo()
+
+
+def default_smoke_photo() -> bytes:
+    """A real JPEG of a car-like scene (the sample-data renderer), for the smoke test."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from entry_points.sample_data import render_photo
+
+    pixels, _box = render_photo(0, np.random.default_rng(0), 96, 128)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_check, network_timeout_s,
-                  config_kwargs) -> dict:
+                  config_kwargs, rollout) -> dict:
     # 1. Everything that can be checked offline, before anything is written or sent.
     if not _AZURE_NAME.match(name or ""):
         raise DeployError(
@@ -327,8 +450,14 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
         )
     azure_target = parse_target(target)
     _check_azure_model_uri(model_uri)
+    compute = (compute or "").strip().lower()
     config = build_deploy_config(compute, **config_kwargs)
-    compute = compute.strip().lower()
+    managed = compute == "managed"
+    if managed:
+        smoke_photo = _check_rollout(**rollout)
+    else:
+        log.warning("compute=%s is deprecated: Azure ML SDK v1 web services (ACI/AKS) lost support on 2026-06-30; "
+                    "use compute=managed (the default) for a managed online endpoint", compute)
     credential = find_credential(auth, azure_target)
     log.info("credential source: %s", credential.detail)
     if network_check:
@@ -337,13 +466,14 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
     import mlflow
     from mlflow.deployments import get_deploy_client
 
+    model_uri = resolve_model_uri(model_uri)
     registry = mlflow.get_registry_uri() or ""
     if not registry.startswith("azureml"):
         log.warning(
             "the azureml plugin deploys %s from the WORKSPACE's model registry (current registry: %s): "
             "register the model there first (MLFLOW_TRACKING_URI=<workspace URI>)", model_uri, registry,
         )
-    # 2. Write the config file (kept in config_dir, or a temporary folder removed at the end).
+    # 2. Write the config files (kept in config_dir, or a temporary folder removed at the end).
     scratch = None
     if config_dir:
         folder = pathlib.Path(config_dir)
@@ -356,11 +486,19 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
 
         with step_run():
             log_new_params({"target": target, "name": name, "model_uri": model_uri, "compute": compute,
-                               "auth": credential.kind})
+                            "auth": credential.kind, **({"traffic": rollout["traffic"]} if managed else {})})
             mlflow.log_artifact(str(config_path), artifact_path="deploy")
             with _env_defaults({"AZUREML_CURRENT_CLOUD": azure_target.cloud,
                                 **_narrowed_credential_env(credential.token_credentials)}):
                 client = _call_plugin("building the azureml deployment client", get_deploy_client, target)
+                if managed:
+                    result = _blue_green(client, name, model_uri, config_path, folder, smoke_photo, **{
+                        k: rollout[k] for k in ("traffic", "delete_old", "endpoint_auth")})
+                    mlflow.log_dict(result, "deploy/rollout.json")
+                    mlflow.set_tags({"carclf.deploy.action": result["action"], "carclf.deploy.target": target,
+                                     "carclf.deploy.deployment": result["deployment"]})
+                    return {"name": name, "flavor": "python_function", "target": target, "model_uri": model_uri,
+                            "config_file": str(config_path) if scratch is None else None, **result}
                 deploy_config = {"deploy-config-file": str(config_path)}
                 if _exists(client, name):
                     _call_plugin(f"updating {name!r}", client.update_deployment, name, model_uri=model_uri,
@@ -380,6 +518,134 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
     return {"name": name, "flavor": deployment.get("flavor", "python_function"), "target": target,
             "model_uri": model_uri, "action": action,
             "config_file": str(config_path) if scratch is None else None, "deployment": summary}
+
+
+# ------------------------------------------------------------------------------- managed: blue/green
+def _is_not_found(exc: BaseException) -> bool:
+    azure = _azure_error_in_chain(exc)
+    response = getattr(azure, "response", None)
+    return getattr(azure, "status_code", None) == 404 or getattr(response, "status_code", None) == 404
+
+
+def _find_endpoint(client, name: str) -> dict | None:
+    """The endpoint as the plugin describes it, or None when Azure answers 404."""
+    try:
+        return client.get_endpoint(name)
+    except Exception as exc:
+        if _is_not_found(exc):
+            return None
+        azure = _azure_error_in_chain(exc)
+        if azure is None:
+            raise
+        raise DeployError(f"looking up endpoint {name!r}: {type(azure).__name__}: {_one_line(azure)}") from None
+
+
+def _traffic_of(endpoint: dict | None) -> dict:
+    properties = (endpoint or {}).get("properties") or {}
+    return {k: int(v) for k, v in (properties.get("traffic") or {}).items()}
+
+
+def choose_slot(traffic: dict, existing: list[str]) -> str:
+    """The blue/green slot for the new model: the one that carries no traffic (blue on a new endpoint)."""
+    free = [slot for slot in DEPLOYMENT_SLOTS if traffic.get(slot, 0) == 0]
+    if not free:
+        raise DeployError(
+            f"both {' and '.join(DEPLOYMENT_SLOTS)} carry traffic ({_traffic_text(traffic)}): finish the canary "
+            "first (deploy again with traffic=100) or move the traffic back in Azure ML studio"
+        )
+    # Prefer a slot that does not exist yet, then one idle at 0% (left over by a failed rollout).
+    return next((slot for slot in free if slot not in existing), free[0])
+
+
+def split_traffic(old: dict, new: str, share: int) -> dict:
+    """`share`% to `new`, the rest to the deployments that had traffic, in their old proportions."""
+    live = {k: v for k, v in old.items() if v > 0 and k != new}
+    if share == 100 or not live:
+        return {**{k: 0 for k in old if k != new}, new: 100}
+    rest = 100 - share
+    total = sum(live.values())
+    scaled = {k: rest * v // total for k, v in live.items()}
+    biggest = max(live, key=live.get)
+    scaled[biggest] += rest - sum(scaled.values())  # the rounding remainder
+    return {**{k: 0 for k in old if k != new}, **scaled, new: share}
+
+
+def _traffic_text(traffic: dict) -> str:
+    return ", ".join(f"{k}={v}%" for k, v in sorted(traffic.items())) or "no traffic"
+
+
+def smoke_test(client, endpoint: str, deployment: str, photo: bytes) -> dict:
+    """Score one photo on `deployment` alone (the plugin sends the azureml-model-deployment header);
+    returns the first answer row or raises DeployError saying why, in one line."""
+    import base64
+
+    import pandas as pd
+
+    frame = pd.DataFrame({"image": [base64.b64encode(photo).decode("ascii")]})
+    what = f"smoke test of deployment {deployment!r} on endpoint {endpoint!r}"
+    try:
+        answer = client.predict(deployment_name=deployment, df=frame, endpoint=endpoint)
+    except Exception as exc:
+        azure = _azure_error_in_chain(exc) or exc
+        status = getattr(getattr(azure, "response", None), "status_code", None)
+        text = _one_line(getattr(azure, "message", None) or azure) or type(azure).__name__
+        # Azure's scoring script hides the model's exception behind a fixed text: say where the cause is.
+        logs = f"az ml online-deployment get-logs -e {endpoint} -n {deployment}"
+        raise DeployError(f"{what} failed: {'HTTP ' + str(status) + ': ' if status else ''}{text} "
+                          f"(deployment log: {logs})") from None
+    rows = answer.to_dict(orient="records") if hasattr(answer, "to_dict") else list(answer)
+    if len(rows) != 1:
+        raise DeployError(f"{what} failed: expected 1 answer for 1 photo, got {len(rows)}")
+    row = rows[0]
+    error = row.get("error")
+    if isinstance(error, str) and error.strip():
+        raise DeployError(f"{what} failed: the model answered error: {_one_line(error)}")
+    if row.get("label") in (None, "") or (isinstance(row.get("label"), float) and row["label"] != row["label"]):
+        raise DeployError(f"{what} failed: the answer has no label ({_one_line(json.dumps(row, default=str))[:200]})")
+    return row
+
+
+def _blue_green(client, name, model_uri, config_path, folder, photo, traffic, delete_old, endpoint_auth) -> dict:
+    endpoint = _find_endpoint(client, name)
+    created_endpoint = endpoint is None
+    if created_endpoint:
+        endpoint_file = write_config(build_endpoint_config(endpoint_auth), folder, "endpoint")
+        log.info("creating managed online endpoint %r (%s auth)", name, endpoint_auth)
+        endpoint = _call_plugin(f"creating endpoint {name!r}", client.create_endpoint, name,
+                                config={"endpoint-config-file": str(endpoint_file)})
+    before = _traffic_of(endpoint)
+    existing = [d["name"] for d in _call_plugin(f"listing the deployments of {name!r}", client.list_deployments,
+                                                endpoint=name)]
+    slot = choose_slot(before, existing)
+    deploy_config = {"deploy-config-file": str(config_path)}
+    if slot in existing:
+        log.info("updating idle deployment %r of %r with %s (0%% traffic)", slot, name, model_uri)
+        _call_plugin(f"updating deployment {slot!r}", client.update_deployment, slot, model_uri=model_uri,
+                     config=deploy_config, endpoint=name)
+    else:
+        log.info("creating deployment %r of %r with %s (0%% traffic)", slot, name, model_uri)
+        _call_plugin(f"creating deployment {slot!r}", client.create_deployment, slot, model_uri,
+                     config=deploy_config, endpoint=name)
+    try:
+        answer = smoke_test(client, name, slot, photo)
+    except DeployError as exc:
+        raise DeployError(f"{exc}; traffic unchanged ({_traffic_text(before)})") from None
+    log.info("smoke test of %r passed: %s", slot, answer.get("label"))
+    after = split_traffic({**{d: 0 for d in existing}, **before}, slot, traffic)
+    traffic_file = write_config(build_endpoint_config(traffic=after), folder, "traffic")
+    endpoint = _call_plugin(f"moving traffic of {name!r} to {slot!r}", client.update_endpoint, name,
+                            config={"endpoint-config-file": str(traffic_file)})
+    deleted = []
+    if delete_old:
+        for old in existing:
+            if old != slot and after.get(old, 0) == 0:
+                _call_plugin(f"deleting old deployment {old!r}", client.delete_deployment, old, endpoint=name)
+                deleted.append(old)
+    properties = endpoint.get("properties") or {} if isinstance(endpoint, dict) else {}
+    return {"action": "created endpoint" if created_endpoint else ("canary" if traffic < 100 else "switched"),
+            "endpoint": name, "deployment": slot, "traffic_before": before, "traffic": _traffic_of(endpoint) or after,
+            "deleted": deleted, "scoring_uri": properties.get("scoringUri"),
+            "smoke_test": {k: answer[k] for k in ("label", "prob") if k in answer}}
 
 
 def _deploy_local(model_uri, target, name, config) -> dict:
@@ -441,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-uri", required=True, help="models:/<name>/<version>")
     p.add_argument("--target", required=True, help="azureml://<region>.api.azureml.ms/mlflow/v1.0/... or carclf-local")
     p.add_argument("--name", required=True, help="deployment name")
-    p.add_argument("--compute", default="aci", choices=COMPUTE_CHOICES)
+    p.add_argument("--compute", default="managed", choices=COMPUTE_CHOICES,
+                   help="managed online endpoint (default); aci/aks are deprecated SDK v1 web services")
     p.add_argument("--cpu-cores", type=_positive_float, default=3.0)
     p.add_argument("--memory-gb", type=_positive_float, default=12.0)
     p.add_argument("--instance-type", default="Standard_DS3_v2")
@@ -459,6 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_optional(parse_int), default=None, help="carclf-local: server workers")
     p.add_argument("--host", type=_optional(str), default=None, help="carclf-local: interface (127.0.0.1)")
     p.add_argument("--home", type=_optional(str), default=None, help="carclf-local: state folder")
+    p.add_argument("--traffic", type=parse_int, default=100, help="managed: the new deployment's share, 1-100")
+    p.add_argument("--delete-old", type=parse_bool, default=False, help="managed: delete deployments left at 0%%")
+    p.add_argument("--smoke-image", type=_optional(str), default=None, help="managed: photo for the smoke test")
+    p.add_argument("--endpoint-auth", default="key", help="managed: key (default), aml_token or aad_token")
     return p
 
 
@@ -491,7 +762,8 @@ def main(argv=None) -> int:
             min_replicas=args.min_replicas, max_replicas=args.max_replicas,
             request_timeout_s=args.request_timeout, auth_enabled=args.auth_enabled,
             network_check=args.network_check, port=args.port, workers=args.workers, host=args.host,
-            home=args.home,
+            home=args.home, traffic=args.traffic, delete_old=args.delete_old, smoke_image=args.smoke_image,
+            endpoint_auth=args.endpoint_auth,
         )
     except (DeployError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,17 @@ REST (a thin client of ``mlflow models serve``)::
 Each batch is one POST to ``/invocations`` with the body MLflow's server expects
 (``{"dataframe_split": {"columns": ["image", ...], "data": [["<base64>", ...]]}, "params": {"top_k": k}}``).
 
+Azure ML managed online endpoint (the scoring URI; key from ``--key`` or ``AZUREML_ENDPOINT_KEY``)::
+
+    python -m entry_points.score --azure-endpoint https://<endpoint>.<region>.inference.ml.azure.com/score \
+        photo1.jpg [--deployment green] [--top-k 3] [--json]
+
+The body is what Azure's no-code scoring script reads
+(``{"input_data": {"columns": [...], "index": [...], "data": [[...]]}, "params": {"top_k": k}}``), sent with
+``Authorization: Bearer <key>`` (and ``azureml-model-deployment: <name>`` to score one deployment alone, e.g.
+a new one still at 0% traffic). The output is the same as with ``--url``; a photo the model could not read
+comes back with its ``error`` text (deployments made by ``deploy`` score with ``errors=coerce``).
+
 Spark (``mlflow.pyfunc.spark_udf`` on a local Spark)::
 
     python -m entry_points.score --spark --model-uri models:/carclf/1 --input-dir photos/ --output scores.parquet
@@ -54,15 +65,20 @@ def parse_bbox(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(f"bbox must be four integers x1,y1,x2,y2, got {text!r}") from None
 
 
-def build_request(images: Sequence[bytes], bboxes: Optional[Sequence] = None, top_k: int = 5) -> dict:
-    """The JSON body for /invocations: base64 images (+ bbox columns) and the top_k parameter."""
+def build_request(images: Sequence[bytes], bboxes: Optional[Sequence] = None, top_k: int = 5,
+                  azure: bool = False) -> dict:
+    """The JSON body: base64 images (+ bbox columns) and the top_k parameter, as a pandas split frame under
+    `dataframe_split` (mlflow models serve) or `input_data` with its index (Azure ML's scoring script)."""
     columns = ["image"]
     rows = [[base64.b64encode(data).decode("ascii")] for data in images]
     if bboxes is not None and any(b is not None for b in bboxes):
         columns += ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
         for row, bbox in zip(rows, bboxes):
             row.extend(list(bbox) if bbox is not None else [None] * 4)
-    return {"dataframe_split": {"columns": columns, "data": rows}, "params": {"top_k": int(top_k)}}
+    params = {"top_k": int(top_k)}
+    if azure:
+        return {"input_data": {"columns": columns, "index": list(range(len(rows))), "data": rows}, "params": params}
+    return {"dataframe_split": {"columns": columns, "data": rows}, "params": params}
 
 
 def _server_message(response) -> str:
@@ -92,9 +108,52 @@ def post_invocations(url: str, body: dict, timeout: float = 120.0) -> list[dict]
     return response.json()["predictions"]
 
 
+def post_azure(endpoint: str, body: dict, key: str, deployment: Optional[str] = None,
+               timeout: float = 120.0) -> list[dict]:
+    """POST one request to an Azure ML online endpoint's scoring URI; returns one dict per row."""
+    import requests
+
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    if deployment:
+        headers["azureml-model-deployment"] = deployment
+    target = f"{endpoint} (deployment {deployment})" if deployment else endpoint
+    try:
+        response = requests.post(endpoint, data=json.dumps(body), timeout=timeout, headers=headers)
+    except requests.exceptions.ConnectionError:
+        raise ScoringError(f"cannot connect to {target}: check --azure-endpoint (the endpoint's scoring URI)") from None
+    except requests.exceptions.Timeout:
+        raise ScoringError(f"{target} did not answer within {timeout:.0f} s") from None
+    if response.status_code in (401, 403):
+        raise ScoringError(f"{target} refused the key (HTTP {response.status_code}): check --key or "
+                           "AZUREML_ENDPOINT_KEY (az ml online-endpoint get-credentials -n <endpoint>)")
+    if response.status_code != 200:
+        hint = ""
+        if response.status_code >= 500:
+            # Azure's scoring script answers any exception with a fixed text; the cause is in the log.
+            hint = " (the cause is in the deployment log: az ml online-deployment get-logs -e <endpoint> -n <deployment>)"
+        message = " ".join(_server_message(response).split())[:500]
+        raise ScoringError(f"the endpoint refused the request (HTTP {response.status_code}): {message}{hint}")
+    try:
+        answer = response.json()
+    except ValueError:
+        raise ScoringError(f"{target} answered HTTP 200 with a body that is not JSON: {response.text[:200]!r}") from None
+    if isinstance(answer, str):  # some inference servers JSON-encode the scoring script's JSON once more
+        answer = json.loads(answer)
+    if isinstance(answer, dict) and "predictions" in answer:
+        answer = answer["predictions"]
+    if not isinstance(answer, list) or not all(isinstance(row, dict) for row in answer):
+        raise ScoringError(f"{target} answered with {type(answer).__name__}, not one record per photo")
+    for row in answer:
+        if isinstance(row.get("top_k"), str):  # a signature Azure can sample from may carry it as JSON text
+            row["top_k"] = json.loads(row["top_k"])
+    return answer
+
+
 def score_files(url: str, paths: Sequence[os.PathLike | str], top_k: int = 5, bbox=None,
-                batch_size: int = 16, timeout: float = 120.0) -> list[dict]:
-    """Score image files through the REST endpoint, ``batch_size`` per request; one dict per file."""
+                batch_size: int = 16, timeout: float = 120.0, azure_key: Optional[str] = None,
+                deployment: Optional[str] = None) -> list[dict]:
+    """Score image files through the REST endpoint, ``batch_size`` per request; one dict per file.
+    With ``azure_key``, ``url`` is an Azure ML online endpoint's scoring URI."""
     if batch_size < 1:
         raise ScoringError(f"--batch-size must be >= 1, got {batch_size}")
     paths = [pathlib.Path(p) for p in paths]
@@ -107,14 +166,19 @@ def score_files(url: str, paths: Sequence[os.PathLike | str], top_k: int = 5, bb
                 images.append(path.read_bytes())
             except OSError as exc:
                 raise ScoringError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        body = build_request(images, [bbox] * len(chunk) if bbox else None, top_k, azure=azure_key is not None)
         try:
-            predictions = post_invocations(url, build_request(images, [bbox] * len(chunk) if bbox else None, top_k),
-                                           timeout=timeout)
+            if azure_key is not None:
+                predictions = post_azure(url, body, azure_key, deployment, timeout=timeout)
+            else:
+                predictions = post_invocations(url, body, timeout=timeout)
         except ScoringError as exc:
             # The server names rows of this request: name the file instead.
             message = re.sub(r"\brow (\d+):", lambda m: f"{chunk[int(m.group(1))]}:" if int(m.group(1)) < len(chunk)
                              else m.group(0), str(exc))
             raise ScoringError(message) from None
+        if len(predictions) != len(chunk):
+            raise ScoringError(f"{url} answered {len(predictions)} predictions for {len(chunk)} photos")
         for path, prediction in zip(chunk, predictions):
             results.append(dict(file=str(path), **prediction))
     return results
@@ -125,6 +189,9 @@ def format_table(results: Sequence[dict]) -> str:
     label_width = max([len("label")] + [len(str(r.get("label"))) for r in results])
     lines = [f"{'file':<{width}}  {'label':<{label_width}}  {'prob':>6}  runners-up"]
     for r in results:
+        if r.get("error"):  # errors=coerce: the photo's problem instead of a prediction
+            lines.append(f"{r['file']:<{width}}  {'-':<{label_width}}  {'-':>6}  error: {r['error']}")
+            continue
         runners = ", ".join(f"{e['label']} ({e['prob']:.3f})" for e in (r.get("top_k") or [])[1:])
         lines.append(f"{r['file']:<{width}}  {str(r['label']):<{label_width}}  {r['prob']:>6.3f}  {runners}")
     return "\n".join(lines)
@@ -198,7 +265,12 @@ def score_folder_spark(model_uri: str, input_dir: os.PathLike | str, output: os.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m entry_points.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help="image files to score through --url")
-    parser.add_argument("--url", default="http://127.0.0.1:5000", help="base URL of `mlflow models serve`")
+    parser.add_argument("--url", default=None, help="base URL of `mlflow models serve` (http://127.0.0.1:5000)")
+    parser.add_argument("--azure-endpoint", default=None,
+                        help="scoring URI of an Azure ML managed online endpoint (https://...inference.ml.azure.com/score)")
+    parser.add_argument("--key", default=None, help="endpoint key for --azure-endpoint (default: $AZUREML_ENDPOINT_KEY)")
+    parser.add_argument("--deployment", default=None,
+                        help="--azure-endpoint: score this deployment alone (azureml-model-deployment header)")
     parser.add_argument("--top-k", type=parse_int, default=5)
     parser.add_argument("--bbox", type=parse_bbox, default=None, help="x1,y1,x2,y2 crop applied to every file")
     parser.add_argument("--batch-size", type=parse_int, default=16, help="images per request")
@@ -209,6 +281,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-dir", help="folder of images (searched recursively) for --spark")
     parser.add_argument("--output", help="Parquet output for --spark")
     return parser
+
+
+def _rest_target(args) -> tuple[str, Optional[str], Optional[str]]:
+    """(url, Azure key or None, deployment or None) from --url / --azure-endpoint / --key / --deployment."""
+    import urllib.parse
+
+    if args.azure_endpoint is None:
+        for flag, value in (("--key", args.key), ("--deployment", args.deployment)):
+            if value is not None:
+                raise ScoringError(f"{flag} is for --azure-endpoint (an Azure ML online endpoint), not --url")
+        return args.url or "http://127.0.0.1:5000", None, None
+    if args.url is not None:
+        raise ScoringError("give --url (mlflow models serve) or --azure-endpoint (Azure ML), not both")
+    parsed = urllib.parse.urlparse(args.azure_endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ScoringError(f"--azure-endpoint {args.azure_endpoint!r} is not a URL: give the endpoint's scoring URI "
+                           "(az ml online-endpoint show -n <endpoint> --query scoring_uri -o tsv)")
+    key = args.key if args.key is not None else os.environ.get("AZUREML_ENDPOINT_KEY")
+    if not key or not key.strip():
+        raise ScoringError("--azure-endpoint needs the endpoint key: pass --key or set AZUREML_ENDPOINT_KEY "
+                           "(az ml online-endpoint get-credentials -n <endpoint> --query primaryKey -o tsv)")
+    deployment = args.deployment.strip() if args.deployment is not None else None
+    if deployment is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{1,31}", deployment):
+        raise ScoringError(f"--deployment {args.deployment!r} is not an Azure deployment name "
+                           "(3-32 letters, digits or dashes, starting with a letter)")
+    return args.azure_endpoint, key.strip(), deployment
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -226,8 +324,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if not args.files:
             raise ScoringError("no image files given (or use --spark --input-dir)")
-        results = score_files(args.url, args.files, top_k=args.top_k, bbox=args.bbox,
-                              batch_size=args.batch_size, timeout=args.timeout)
+        url, key, deployment = _rest_target(args)
+        results = score_files(url, args.files, top_k=args.top_k, bbox=args.bbox, batch_size=args.batch_size,
+                              timeout=args.timeout, azure_key=key, deployment=deployment)
     except ScoringError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,17 +22,26 @@ MODEL_CODE = textwrap.dedent(
 
     VERSION = {version!r}
     BROKEN = {broken!r}
+    LABELLED = {labelled!r}
 
 
     class VersionModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context):
-            if BROKEN:
+            if BROKEN is True:
                 raise RuntimeError("carclf-test: this model version fails to load")
 
         def predict(self, context, model_input, params=None):
-            return pd.DataFrame(
+            if BROKEN == "answers":
+                raise RuntimeError("carclf-test: this model version fails on every photo")
+            answer = pd.DataFrame(
                 {{"version": [VERSION] * len(model_input), "n_bytes": [len(v) for v in model_input["image"]]}}
             )
+            if LABELLED:  # answers like a carclf model (a label per row)
+                answer["label"] = f"car-{{VERSION}}"
+            if BROKEN == "coerce":  # what carclf answers with errors=coerce when it cannot read the photo
+                answer["label"] = None
+                answer["error"] = "row 0: not a recognised image format"
+            return answer
 
 
     mlflow.models.set_model(VersionModel())
@@ -40,14 +49,17 @@ MODEL_CODE = textwrap.dedent(
 )
 
 
-def register_version_model(tmp_path: pathlib.Path, name: str, version: str, broken: bool = False) -> str:
-    """Log + register a model (from code) that answers its version; returns models:/name/<registry version>."""
+def register_version_model(tmp_path: pathlib.Path, name: str, version: str, broken: bool | str = False,
+                           labelled: bool = False) -> str:
+    """Log + register a model (from code) that answers its version; returns models:/name/<registry version>.
+    broken=True: fails to load; "answers": fails on every request; "coerce": answers every row with an `error`.
+    labelled: adds a `label` column."""
     import mlflow
     from mlflow.models.signature import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     code = tmp_path / f"model_{name}_{version}.py"
-    code.write_text(MODEL_CODE.format(version=version, broken=broken))
+    code.write_text(MODEL_CODE.format(version=version, broken=broken, labelled=labelled))
     signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]))
     # The throwaway model has no input example and no type hints on purpose; MLflow warns about both.
     with mlflow.start_run(), warnings.catch_warnings():
@@ -133,3 +145,187 @@ def kill_servers_of_store(tracking_uri: str) -> list[int]:
                 except ProcessLookupError:
                     pass
     return killed
+
+
+# ------------------------------------------------------------------------------------------ a fake Azure ML
+class FakeAzureML:
+    """Azure ML's ARM API and an endpoint's scoring URI, answered in-process at `requests.Session.send`.
+
+    Everything the azureml plugin sends (its REST clients go through azure-core's requests transport, its
+    predict through `requests.post`) arrives here as the real `PreparedRequest` the plugin built: the test
+    sees exactly the methods, URLs, bodies and headers that would go to Azure. Only the bearer token is
+    faked (azure-core's BearerTokenCredentialPolicy), so no login is attempted. Run it under `unshare -n`:
+    anything that slips past the fake finds no network. The scoring URI loads the deployment's registered
+    model with MLflow's pyfunc loader and answers the way Azure's no-code script does (a list of records;
+    any exception -> HTTP 500 with Azure's fixed text).
+    """
+
+    SCORING_ERROR = "An unexpected error occurred in scoring script. Check the logs for more info."
+
+    def __init__(self, subscription: str, resource_group: str, workspace: str, location: str = "westeurope",
+                 endpoints: dict | None = None, deployments: dict | None = None):
+        self.prefix = (f"/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/"
+                       f"Microsoft.MachineLearningServices/workspaces/{workspace}")
+        self.location = location
+        # name -> endpoint resource; (endpoint, deployment) -> deployment resource
+        self.endpoints: dict = {}
+        self.deployments: dict = {}
+        self.calls: list[dict] = []
+        self.scores: list[dict] = []
+        self.key = "fake-primary-key"
+        for name, traffic in (endpoints or {}).items():
+            self.endpoints[name] = self._endpoint_resource(name, {"properties": {"authMode": "Key", "traffic": traffic}})
+        for (endpoint, name), model in (deployments or {}).items():
+            self.deployments[(endpoint, name)] = self._deployment_resource(endpoint, name, {"properties": {
+                "model": f"{self.prefix}/models/{model[0]}/versions/{model[1]}", "instanceType": "Standard_DS3_v2"}})
+
+    # -- resources
+    def _endpoint_resource(self, name, body):
+        props = dict(body.get("properties") or {})
+        props.update(provisioningState="Succeeded",
+                     scoringUri=f"https://{name}.{self.location}.inference.ml.azure.com/score",
+                     swaggerUri=f"https://{name}.{self.location}.inference.ml.azure.com/swagger.json")
+        props.setdefault("traffic", {})
+        return {"id": f"{self.prefix}/onlineEndpoints/{name}", "name": name, "type": "onlineEndpoints",
+                "location": body.get("location") or self.location, "tags": body.get("tags") or {},
+                "identity": body.get("identity"), "properties": props}
+
+    def _deployment_resource(self, endpoint, name, body):
+        props = dict(body.get("properties") or {})
+        props.update(provisioningState="Succeeded", endpointComputeType="Managed")
+        return {"id": f"{self.prefix}/onlineEndpoints/{endpoint}/deployments/{name}", "name": name,
+                "type": "deployments", "location": body.get("location") or self.location,
+                "sku": body.get("sku") or {"name": "Default", "capacity": 1}, "properties": props}
+
+    # -- transport
+    def install(self):
+        import requests
+        from azure.core.pipeline.policies import BearerTokenCredentialPolicy
+
+        fake = self
+
+        def send(session, request, **kwargs):
+            return fake._respond(request)
+
+        def on_request(policy, request):
+            request.http_request.headers["Authorization"] = "Bearer fake-arm-token"
+
+        requests.Session.send = send
+        BearerTokenCredentialPolicy.on_request = on_request
+
+    def _respond(self, request):
+        import json as _json
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(request.url)
+        body = request.body
+        if isinstance(body, bytes):
+            body = body.decode()
+        parsed = _json.loads(body) if body else None
+        call = {"method": request.method, "host": url.hostname, "path": url.path, "body": parsed,
+                "headers": {k: v for k, v in request.headers.items()
+                            if k.lower() in ("authorization", "azureml-model-deployment", "content-type")}}
+        self.calls.append(call)
+        if url.hostname.endswith(".inference.ml.azure.com"):
+            status, answer = self._score(url, request, parsed)
+        else:
+            status, answer = self._arm(request.method, url.path, parsed)
+        return self._response(request, status, answer)
+
+    @staticmethod
+    def _response(request, status, answer):
+        import io
+        import json as _json
+
+        import requests
+        import urllib3
+
+        content = b"" if answer is None else (answer.encode() if isinstance(answer, str) else _json.dumps(answer).encode())
+        headers = {"Content-Type": "application/json" if not isinstance(answer, str) else "text/plain",
+                   "Content-Length": str(len(content))}
+        response = requests.Response()
+        response.status_code = status
+        response.headers = requests.structures.CaseInsensitiveDict(headers)
+        response.raw = urllib3.HTTPResponse(body=io.BytesIO(content), headers=headers, status=status,
+                                            preload_content=False)
+        response.url = request.url
+        response.request = request
+        response.encoding = "utf-8"
+        response.reason = {200: "OK", 201: "Created", 202: "Accepted", 404: "Not Found"}.get(status, "Error")
+        return response
+
+    def _not_found(self, what):
+        return 404, {"error": {"code": "NotFound", "message": f"{what} not found"}}
+
+    def _arm(self, method, path, body):
+        if not path.startswith(self.prefix):
+            return self._not_found(path)
+        rest = path[len(self.prefix):].strip("/").split("/")
+        if rest == [""]:
+            return 200, {"id": self.prefix, "name": self.prefix.rsplit("/", 1)[-1], "location": self.location,
+                         "properties": {}}
+        if rest[0] != "onlineEndpoints":
+            return self._not_found(path)
+        if len(rest) == 1:
+            return 200, {"value": list(self.endpoints.values())}
+        name = rest[1]
+        if len(rest) == 2:
+            if method == "GET":
+                return (200, self.endpoints[name]) if name in self.endpoints else self._not_found(f"endpoint {name}")
+            if method == "PUT":
+                self.endpoints[name] = self._endpoint_resource(name, body)
+                return 201, self.endpoints[name]
+            if method == "PATCH":
+                if name not in self.endpoints:
+                    return self._not_found(f"endpoint {name}")
+                traffic = (body.get("properties") or {}).get("traffic")
+                if traffic is not None:
+                    unknown = [d for d in traffic if (name, d) not in self.deployments]
+                    if unknown or sum(traffic.values()) not in (0, 100):
+                        return 400, {"error": {"code": "BadArgument", "message": f"bad traffic {traffic}"}}
+                    self.endpoints[name]["properties"]["traffic"] = traffic
+                return 200, self.endpoints[name]
+            if method == "DELETE":
+                self.endpoints.pop(name, None)
+                return 200, None
+        if len(rest) == 3 and rest[2] == "listKeys" and method == "POST":
+            return 200, {"primaryKey": self.key, "secondaryKey": "fake-secondary-key"}
+        if len(rest) >= 3 and rest[2] == "deployments":
+            if name not in self.endpoints:
+                return self._not_found(f"endpoint {name}")
+            if len(rest) == 3:
+                return 200, {"value": [d for (e, _), d in self.deployments.items() if e == name]}
+            key = (name, rest[3])
+            if method == "GET":
+                return (200, self.deployments[key]) if key in self.deployments else self._not_found(f"deployment {key}")
+            if method in ("PUT", "PATCH"):
+                self.deployments[key] = self._deployment_resource(name, rest[3], body)
+                return 200, self.deployments[key]
+            if method == "DELETE":
+                if self.endpoints[name]["properties"]["traffic"].get(rest[3], 0) > 0:
+                    return 400, {"error": {"code": "BadArgument", "message": "deployment has traffic"}}
+                self.deployments.pop(key, None)
+                return 200, None
+        return self._not_found(path)
+
+    def _score(self, url, request, body):
+        endpoint = url.hostname.split(".")[0]
+        if url.path.endswith("swagger.json"):
+            return 200, {"openapi": "3.0.1", "components": {"schemas": {}}}
+        if request.headers.get("Authorization") != f"Bearer {self.key}":
+            return 401, "unauthorized"
+        traffic = self.endpoints[endpoint]["properties"]["traffic"]
+        name = request.headers.get("azureml-model-deployment") or max(traffic, key=traffic.get)
+        model = self.deployments[(endpoint, name)]["properties"]["model"].split("/")
+        self.scores.append({"deployment": name, "model": f"{model[-3]}/{model[-1]}",
+                            "columns": (body.get("input_data") or {}).get("columns")})
+        try:
+            import mlflow.pyfunc
+            import pandas as pd
+
+            split = body["input_data"]
+            frame = pd.DataFrame(split["data"], columns=split["columns"], index=split.get("index"))
+            result = mlflow.pyfunc.load_model(f"models:/{model[-3]}/{model[-1]}").predict(frame)
+            return 200, pd.DataFrame(result).to_dict(orient="records")
+        except Exception:
+            return 500, self.SCORING_ERROR

@@ -16,10 +16,11 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from helpers_deploy import clean_azure_env, offline_run
+from helpers_deploy import FakeAzureML, clean_azure_env, offline_run
 
 from entry_points import azure_preflight as pf
-from entry_points.deploy import COMPUTE_CHOICES, DeployError, build_deploy_config, deploy, render_config, write_config
+from entry_points.deploy import (COMPUTE_CHOICES, DeployError, build_deploy_config, build_endpoint_config, deploy,
+                                 render_config, write_config)
 
 SUB = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 TARGET = (
@@ -37,6 +38,11 @@ def test_checked_in_examples_equal_generated_defaults(compute, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_checked_in_endpoint_example_equals_the_generated_default(tmp_path):
+    generated = write_config(build_endpoint_config(), tmp_path, "endpoint")
+    assert generated.read_text() == (REPO_ROOT / "deploy" / "endpoint.json").read_text()
+
+
 def test_defaults_follow_the_article_container():
     aci = build_deploy_config("aci")
     assert aci["computeType"] == "aci" and aci["containerResourceRequirements"] == {"cpu": 3, "memoryInGB": 12}
@@ -45,9 +51,14 @@ def test_defaults_follow_the_article_container():
     managed = build_deploy_config("managed", instance_type="Standard_F4s_v2", instance_count=3)
     assert "computeType" not in managed  # how the plugin tells a managed online deployment apart
     assert managed["instance_type"] == "Standard_F4s_v2" and managed["instance_count"] == 3
-    assert managed["liveness_probe"]["initial_delay"] >= 60  # the model takes a while to load
+    # Azure installs the model's requirements (TensorFlow...) at container start: minutes before it can answer.
+    assert managed["liveness_probe"]["initial_delay"] >= 600 and managed["readiness_probe"]["initial_delay"] >= 300
+    assert managed["environment_variables"] == {"CARCLF_ERRORS": "coerce"}
+    assert "scale_settings" not in managed and "endpoint_name" not in managed
+    assert build_deploy_config()["instance_type"] == "Standard_DS3_v2"  # managed is the default
     for bad in (dict(compute="gpu"), dict(cpu_cores=0), dict(compute="aks", min_replicas=3, max_replicas=2),
-                dict(compute="managed", request_timeout_s=600), dict(compute="managed", instance_count=0)):
+                dict(compute="managed", request_timeout_s=600), dict(compute="managed", instance_count=0),
+                dict(compute="managed", instance_type="Standard_DS1_v2")):
         with pytest.raises(DeployError):
             build_deploy_config(**bad)
 
@@ -64,6 +75,7 @@ PLUGIN_PARSE_SCRIPT = textwrap.dedent(
     from azureml.mlflow.deploy._mms.webservice.aci.aci import AciServiceDeploymentConfiguration
     from azureml.mlflow.deploy._mms.webservice.aks.aks import AksServiceDeploymentConfiguration
     from azureml.mlflow.deploy._mir._util import convert_v2_deploy_config_to_rest_config
+    from azureml.mlflow.deploy._mir.mir import OnlineEndpointConfiguration
     from azureml.mlflow._restclient.mfe_v2022_02_01_preview.models import (
         ManagedOnlineDeployment, OnlineDeploymentData, Sku)
 
@@ -74,7 +86,18 @@ PLUGIN_PARSE_SCRIPT = textwrap.dedent(
         try:
             with open(path) as stream:
                 obj = file_stream_to_object(stream)
-            if COMPUTE_TYPE_KEY in obj:
+            if os.path.basename(path).startswith(("endpoint", "traffic")):
+                # create_endpoint / update_endpoint: the plugin's own conversion, then the REST serializer.
+                kind = "endpoint"
+                config = OnlineEndpointConfiguration._from_dict_config(obj)
+                config.location = "westeurope"
+                operations = client._mir_client._client.online_endpoints
+                if os.path.basename(path).startswith("traffic"):
+                    body = operations._serialize.body(config._to_rest_update_config(),
+                                                      "PartialOnlineEndpointPartialTrackedResource")
+                else:
+                    body = operations._serialize.body(config._to_rest(), "OnlineEndpointData")
+            elif COMPUTE_TYPE_KEY in obj:
                 kind = obj[COMPUTE_TYPE_KEY].lower()
                 parser = {"aci": AciServiceDeploymentConfiguration, "aks": AksServiceDeploymentConfiguration}[kind]
                 config = parser._create_deploy_config_from_dict(deploy_config_dict=obj)
@@ -121,9 +144,15 @@ def test_generated_configs_accepted_by_the_azureml_plugins_own_parsers(tmp_path)
     bad_managed["request_settings"] = {**bad_managed["request_settings"], "request_timeout_ms": 90000}
     files["bad_managed_timeout"] = bad_managed
     files["bad_aks_replicas"] = {**build_deploy_config("aks"), "numReplicas": 2}  # autoscale + fixed replicas
+    # The plugin's scale_settings bug: neither spelling gets through, which is why the generated file has none.
+    files["bad_managed_scale_type"] = {**build_deploy_config("managed"), "scale_settings": {"type": "Default"}}
+    files["bad_managed_scale_scale_type"] = {**build_deploy_config("managed"), "scale_settings": {"scale_type": "Default"}}
+    files["endpoint"] = build_endpoint_config()
+    files["endpoint_token"] = build_endpoint_config("aml_token")
+    files["traffic"] = build_endpoint_config(traffic={"blue": 90, "green": 10})
     results = _plugin_parse(tmp_path, files)
 
-    assert all(results[c]["ok"] for c in (*COMPUTE_CHOICES, "aci_small")), results
+    assert all(results[c]["ok"] for c in (*COMPUTE_CHOICES, "aci_small", "endpoint", "endpoint_token", "traffic")), results
     aci = results["aci"]["body"]
     assert aci["computeType"] == "ACI" and aci["containerResourceRequirements"] == {"cpu": 3.0, "memoryInGB": 12.0}
     assert aci["authEnabled"] is True
@@ -137,7 +166,18 @@ def test_generated_configs_accepted_by_the_azureml_plugins_own_parsers(tmp_path)
     props = managed["properties"]
     assert props["instanceType"] == "Standard_DS3_v2" and props["endpointComputeType"] == "Managed"
     assert props["requestSettings"]["requestTimeout"] == "PT1M30S"
-    assert props["livenessProbe"]["initialDelay"] == "PT2M" and props["readinessProbe"]["initialDelay"] == "PT1M"
+    assert props["livenessProbe"]["initialDelay"] == "PT10M" and props["readinessProbe"]["initialDelay"] == "PT5M"
+    assert props["environmentVariables"] == {"CARCLF_ERRORS": "coerce"}
+    endpoint = results["endpoint"]["body"]
+    assert endpoint["properties"]["authMode"] == "Key" and endpoint["identity"]["type"] == "SystemAssigned"
+    assert endpoint["properties"]["properties"] == {"azureml.mlflow_client_endpoint": "True"}
+    assert results["endpoint_token"]["body"]["properties"]["authMode"] == "AMLToken"
+    assert results["traffic"]["body"]["properties"] == {"traffic": {"blue": 90, "green": 10}}
+    # `type` is dropped on the way: the body carries scaleSettings without its scaleType discriminator (refused
+    # by Azure); `scale_type` makes the plugin's converter fail.
+    assert results["bad_managed_scale_type"]["body"]["properties"]["scaleSettings"] == {}
+    assert "scaleSettings" not in props
+    assert not results["bad_managed_scale_scale_type"]["ok"] and "KeyError" in results["bad_managed_scale_scale_type"]["error"]
 
     assert not results["bad_aci_cpu"]["ok"] and "cpu_cores must be positive" in results["bad_aci_cpu"]["error"]
     assert not results["bad_managed_timeout"]["ok"] and "duration" in results["bad_managed_timeout"]["error"]
@@ -297,7 +337,7 @@ def test_plugin_call_without_network_ends_with_a_clear_line(tmp_path, mlflow_sto
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "car-resnet" in errors[0] and "login.microsoftonline.com" in errors[0]
     # The config file was written after the preflight, and equals the checked-in example.
-    assert (tmp_path / "cfg" / "aci.json").read_text() == (REPO_ROOT / "deploy" / "aci.json").read_text()
+    assert (tmp_path / "cfg" / "managed.json").read_text() == (REPO_ROOT / "deploy" / "managed.json").read_text()
     # The run tracked what was attempted (and failed with the step).
     import mlflow
 
@@ -305,9 +345,9 @@ def test_plugin_call_without_network_ends_with_a_clear_line(tmp_path, mlflow_sto
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     params = runs[0].data.params
     assert (params["target"], params["name"], params["model_uri"], params["compute"]) == (
-        TARGET, "car-resnet", "models:/carclf/1", "aci")
+        TARGET, "car-resnet", "models:/carclf/1", "managed")
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "deploy")]
-    assert artifacts == ["deploy/aci.json"]
+    assert artifacts == ["deploy/managed.json"]
 
 
 def test_function_refuses_bad_azure_parameters_before_anything_else(tmp_path, monkeypatch):
@@ -334,3 +374,227 @@ def test_plugin_is_narrowed_to_the_credential_the_preflight_chose(monkeypatch):
     assert "AZURE_TOKEN_CREDENTIALS" not in os.environ
     monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")  # the user's own choice wins
     assert _narrowed_credential_env("EnvironmentCredential") == {}
+
+
+# ------------------------------------------------------------------------------------------ blue/green, offline
+BLUE_GREEN_SCRIPT = textwrap.dedent(
+    """
+    # The deploy CLI against a fake Azure ML answering the plugin's real requests (helpers_deploy.FakeAzureML).
+    import json, sys
+    from helpers_deploy import FakeAzureML
+
+    spec = json.loads(sys.argv[1])
+    fake = FakeAzureML(spec["sub"], "rg-cars", "ws-cars", endpoints=spec["endpoints"],
+                       deployments={tuple(k.split("/")): v for k, v in spec["deployments"].items()})
+    fake.install()
+    from entry_points.deploy import main
+    rc = main(spec["argv"])
+    print("FAKE " + json.dumps({"rc": rc, "calls": fake.calls, "scores": fake.scores, "endpoints": fake.endpoints,
+                                "deployments": {"/".join(k): v for k, v in fake.deployments.items()}}, default=str))
+    """
+)
+
+
+def _blue_green(tmp_path, args, endpoints=None, deployments=None):
+    """Run `entry_points.deploy` (network check off: the fake is not on the network) under unshare -n."""
+    script = tmp_path / "blue_green.py"
+    script.write_text(BLUE_GREEN_SCRIPT)
+    env = clean_azure_env(tmp_path)
+    env.update(SP)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])
+    spec = {"sub": SUB, "endpoints": endpoints or {}, "deployments": deployments or {},
+            "argv": ["--target", TARGET, "--name", "car-resnet", "--network-check", "false",
+                     "--config-dir", str(tmp_path / "cfg"), *args]}
+    result = offline_run([sys.executable, str(script), json.dumps(spec)], env=env, timeout=180, cwd=tmp_path)
+    line = next((ln for ln in result.stdout.splitlines() if ln.startswith("FAKE ")), None)
+    assert line, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    state = json.loads(line[len("FAKE "):])
+    state["stderr"] = result.stderr
+    state["result"] = json.loads(result.stdout[:result.stdout.index("FAKE ")]) if state["rc"] == 0 else None
+    return state
+
+
+def _arm(state, method, suffix):
+    return [c for c in state["calls"] if c["method"] == method and c["host"] == "management.azure.com"
+            and c["path"].endswith(suffix)]
+
+
+def test_new_endpoint_is_created_with_key_auth_then_gets_all_traffic_after_the_smoke_test(tmp_path):
+    from helpers_deploy import register_version_model
+
+    model = register_version_model(tmp_path, "carclf", "one", labelled=True)
+    state = _blue_green(tmp_path, ["--model-uri", model])
+    assert state["rc"] == 0, state["stderr"][-3000:]
+    (create,) = _arm(state, "PUT", "/onlineEndpoints/car-resnet")
+    assert create["body"]["properties"]["authMode"] == "Key"
+    assert create["body"]["location"] == "westeurope"  # read from the workspace, as the plugin does
+    (deployment,) = _arm(state, "PUT", "/onlineEndpoints/car-resnet/deployments/blue")
+    props = deployment["body"]["properties"]
+    assert props["model"].endswith("/models/carclf/versions/1") and props["instanceType"] == "Standard_DS3_v2"
+    assert props["environmentVariables"] == {"CARCLF_ERRORS": "coerce"}
+    assert props["livenessProbe"]["initialDelay"] == "PT10M" and props["readinessProbe"]["initialDelay"] == "PT5M"
+    assert props["requestSettings"]["requestTimeout"] == "PT1M30S"
+    # The smoke test went to blue alone, with the endpoint key, in Azure's input_data shape, BEFORE traffic moved.
+    order = [(c["method"], c["path"].rsplit("/", 1)[-1]) for c in state["calls"]]
+    score = next(i for i, c in enumerate(state["calls"]) if c["path"] == "/score")
+    moved = next(i for i, c in enumerate(state["calls"]) if c["method"] == "PATCH")
+    assert score < moved, order
+    call = state["calls"][score]
+    assert call["headers"]["azureml-model-deployment"] == "blue"
+    assert call["headers"]["Authorization"] == "Bearer fake-primary-key"
+    assert set(call["body"]["input_data"]) == {"columns", "index", "data"} and call["body"]["input_data"]["columns"] == ["image"]
+    assert state["scores"] == [{"deployment": "blue", "model": "carclf/1", "columns": ["image"]}]
+    assert _arm(state, "PATCH", "/onlineEndpoints/car-resnet")[0]["body"]["properties"]["traffic"] == {"blue": 100}
+    assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"blue": 100}
+    result = state["result"]
+    assert result["action"] == "created endpoint" and result["deployment"] == "blue"
+    assert result["smoke_test"]["label"] == "car-one" and result["traffic"] == {"blue": 100}
+    # The files the plugin read are kept in config_dir: deployment, endpoint and traffic configs.
+    assert json.loads((tmp_path / "cfg" / "endpoint.json").read_text())["auth_mode"] == "key"
+    assert json.loads((tmp_path / "cfg" / "traffic.json").read_text()) == {"traffic": {"blue": 100}}
+
+
+def test_existing_endpoint_gets_a_green_deployment_at_zero_then_the_traffic(tmp_path):
+    from helpers_deploy import register_version_model
+
+    register_version_model(tmp_path, "carclf", "one", labelled=True)
+    model = register_version_model(tmp_path, "carclf", "two", labelled=True)
+    state = _blue_green(tmp_path, ["--model-uri", model, "--delete-old", "true"],
+                        endpoints={"car-resnet": {"blue": 100}}, deployments={"car-resnet/blue": ["carclf", "1"]})
+    assert state["rc"] == 0, state["stderr"][-3000:]
+    assert not _arm(state, "PUT", "/onlineEndpoints/car-resnet"), "an existing endpoint must not be re-created"
+    (green,) = _arm(state, "PUT", "/deployments/green")
+    assert green["body"]["properties"]["model"].endswith("/models/carclf/versions/2")
+    # While green was smoke-tested, blue still had all the traffic: no PATCH came before the smoke test.
+    score = next(i for i, c in enumerate(state["calls"]) if c["path"] == "/score")
+    assert all(c["method"] != "PATCH" for c in state["calls"][:score])
+    assert state["scores"] == [{"deployment": "green", "model": "carclf/2", "columns": ["image"]}]
+    patches = [c["body"]["properties"]["traffic"] for c in _arm(state, "PATCH", "/onlineEndpoints/car-resnet")]
+    assert patches[0] == {"blue": 0, "green": 100}
+    assert _arm(state, "DELETE", "/deployments/blue"), "delete_old removes the old deployment"
+    assert set(state["deployments"]) == {"car-resnet/green"}
+    assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"green": 100}
+    assert state["result"]["deleted"] == ["blue"] and state["result"]["traffic_before"] == {"blue": 100}
+
+
+def test_canary_share_and_alias_resolved_before_the_plugin_sees_it(tmp_path):
+    import mlflow
+
+    from helpers_deploy import register_version_model
+
+    register_version_model(tmp_path, "carclf", "one", labelled=True)
+    register_version_model(tmp_path, "carclf", "two", labelled=True)
+    mlflow.MlflowClient().set_registered_model_alias("carclf", "champion", "2")
+    state = _blue_green(tmp_path, ["--model-uri", "models:/carclf@champion", "--traffic", "10"],
+                        endpoints={"car-resnet": {"blue": 100}}, deployments={"car-resnet/blue": ["carclf", "1"]})
+    assert state["rc"] == 0, state["stderr"][-3000:]
+    (green,) = _arm(state, "PUT", "/deployments/green")
+    assert green["body"]["properties"]["model"].endswith("/models/carclf/versions/2")
+    assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"blue": 90, "green": 10}
+    assert state["result"]["model_uri"] == "models:/carclf/2" and state["result"]["action"] == "canary"
+    assert not _arm(state, "DELETE", "/deployments/blue")
+    # A missing alias: one line naming it, before anything reaches Azure.
+    state = _blue_green(tmp_path, ["--model-uri", "models:/carclf@nope"])
+    assert state["rc"] == 2 and not state["calls"]
+    errors = [ln for ln in state["stderr"].splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "alias 'nope'" in errors[0] and "Traceback" not in state["stderr"]
+
+
+@pytest.mark.parametrize("broken", [True, "answers"], ids=["fails-to-load", "fails-to-score"])
+def test_failed_smoke_test_leaves_traffic_where_it_was(tmp_path, broken):
+    from helpers_deploy import register_version_model
+
+    register_version_model(tmp_path, "carclf", "one", labelled=True)
+    model = register_version_model(tmp_path, "carclf", "two", broken=broken, labelled=True)
+    state = _blue_green(tmp_path, ["--model-uri", model, "--delete-old", "true"],
+                        endpoints={"car-resnet": {"blue": 100}}, deployments={"car-resnet/blue": ["carclf", "1"]})
+    assert state["rc"] == 2
+    errors = [ln for ln in state["stderr"].splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in state["stderr"], state["stderr"][-3000:]
+    assert "smoke test of deployment 'green'" in errors[0] and FakeAzureML.SCORING_ERROR in errors[0]
+    assert "az ml online-deployment get-logs -e car-resnet -n green" in errors[0]
+    assert "traffic unchanged (blue=100%)" in errors[0]
+    assert _arm(state, "PUT", "/deployments/green") and not _arm(state, "PATCH", "/onlineEndpoints/car-resnet")
+    assert not _arm(state, "DELETE", "/deployments/blue")
+    assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"blue": 100}
+
+
+def test_smoke_test_fails_on_an_error_row(tmp_path):
+    from helpers_deploy import register_version_model
+
+    model = register_version_model(tmp_path, "carclf", "one", broken="coerce", labelled=True)
+    state = _blue_green(tmp_path, ["--model-uri", model])
+    assert state["rc"] == 2
+    (error,) = [ln for ln in state["stderr"].splitlines() if ln.startswith("error:")]
+    assert "smoke test of deployment 'blue'" in error and "the model answered error: row 0: not a recognised" in error
+    assert "traffic unchanged (no traffic)" in error
+    assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {}
+
+
+def test_an_idle_deployment_left_by_a_failed_rollout_is_updated_not_duplicated(tmp_path):
+    from helpers_deploy import register_version_model
+
+    register_version_model(tmp_path, "carclf", "one", labelled=True)
+    model = register_version_model(tmp_path, "carclf", "two", labelled=True)
+    state = _blue_green(tmp_path, ["--model-uri", model],
+                        endpoints={"car-resnet": {"blue": 100, "green": 0}},
+                        deployments={"car-resnet/blue": ["carclf", "1"], "car-resnet/green": ["carclf", "1"]})
+    assert state["rc"] == 0, state["stderr"][-3000:]
+    updates = [c for c in state["calls"] if c["method"] in ("PUT", "PATCH") and c["path"].endswith("/deployments/green")]
+    assert len(updates) == 1 and updates[0]["body"]["properties"]["model"].endswith("/models/carclf/versions/2")
+    assert state["scores"][0]["model"] == "carclf/2"
+    assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"blue": 0, "green": 100}
+    assert set(state["deployments"]) == {"car-resnet/blue", "car-resnet/green"}  # no delete_old: blue stays
+
+
+def test_a_canary_in_progress_is_not_overwritten(tmp_path):
+    from helpers_deploy import register_version_model
+
+    model = register_version_model(tmp_path, "carclf", "one", labelled=True)
+    state = _blue_green(tmp_path, ["--model-uri", model],
+                        endpoints={"car-resnet": {"blue": 90, "green": 10}},
+                        deployments={"car-resnet/blue": ["carclf", "1"], "car-resnet/green": ["carclf", "1"]})
+    assert state["rc"] == 2 and not _arm(state, "PUT", "/deployments/blue")
+    assert "both blue and green carry traffic" in state["stderr"]
+
+
+def test_legacy_compute_warns_in_one_line_naming_the_retirement(tmp_path, mlflow_store):
+    result, _ = _deploy_cli(tmp_path, args=("--compute", "aci"))
+    warnings = [ln for ln in result.stderr.splitlines() if "deprecated" in ln]
+    assert len(warnings) == 1 and "2026-06-30" in warnings[0] and "compute=managed" in warnings[0], result.stderr
+    (tmp_path / "d").mkdir()
+    default, _ = _deploy_cli(tmp_path / "d")
+    assert "deprecated" not in default.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--traffic", "0"), "traffic must be a whole percentage from 1 to 100"),
+    (("--traffic", "50", "--delete-old", "true"), "delete_old needs traffic=100"),
+    (("--smoke-image", "/nonexistent.jpg"), "smoke_image '/nonexistent.jpg': cannot read"),
+    (("--endpoint-auth", "password"), "endpoint_auth must be key, aml_token or aad_token"),
+    (("--instance-type", "Standard_DS2_v2"), "instance_type 'Standard_DS2_v2' is too small"),
+])
+def test_bad_rollout_parameters_are_named_before_anything_else(tmp_path, mlflow_store, args, expected):
+    result, _ = _deploy_cli(tmp_path, args=args)
+    assert result.returncode == 2
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    _nothing_created(tmp_path, mlflow_store)
+
+
+def test_resolve_model_uri_gives_the_plugin_a_version_number(tmp_path):
+    import mlflow
+
+    from entry_points.deploy import resolve_model_uri
+    from helpers_deploy import register_version_model
+
+    register_version_model(tmp_path, "carclf", "one")
+    register_version_model(tmp_path, "carclf", "two")
+    mlflow.MlflowClient().set_registered_model_alias("carclf", "champion", "1")
+    assert resolve_model_uri("models:/carclf@champion") == "models:/carclf/1"
+    assert resolve_model_uri("models:/carclf/latest") == "models:/carclf/2"
+    assert resolve_model_uri("models:/carclf/2") == "models:/carclf/2"
+    with pytest.raises(DeployError, match=r"cannot resolve alias 'gone' of registered model 'carclf'"):
+        resolve_model_uri("models:/carclf@gone")
+    with pytest.raises(DeployError, match="registered model 'nobody'"):
+        resolve_model_uri("models:/nobody/latest")

@@ -73,6 +73,7 @@ COVERAGE = [
     (r"python -m entry_points\.score --spark .*", "test_spark_batch_scoring"),
     (r"mlflow run \. --env-manager local -e deploy .*-P target=\$AZUREML_TARGET .*", "test_azure_without_credentials"),
     (r"mlflow deployments create -t azureml .*", "test_azure_without_credentials"),
+    (r"python -m entry_points\.score --azure-endpoint https://\S+/score car\.jpg .*", "test_azure_endpoint_client"),
     (r"mlflow deployments \w+ -t carclf-local.*", "test_carclf_local_lifecycle"),
     (r"mlflow run \. --env-manager local -e deploy -P model_uri=models:/carclf/1 -P name=cars",
      "test_deploy_entry_point_local"),
@@ -421,13 +422,42 @@ def test_azure_without_credentials(world):
     errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
     assert any("no Azure credentials found" in ln and "az login" in ln for ln in errors), describe(run_step, result)
 
-    argv = adapt(plain_cli, tokens={"deploy-config-file=deploy/aci.json":
-                                    f"deploy-config-file={REPO_ROOT / 'deploy' / 'aci.json'}"})
+    argv = adapt(plain_cli, tokens={"deploy-config-file=deploy/managed.json":
+                                    f"deploy-config-file={REPO_ROOT / 'deploy' / 'managed.json'}"})
     azure_dir = world.root / "azure-cli"
     azure_dir.mkdir()
     result = world.run(["unshare", "-n", *argv], cwd=azure_dir, env=env, timeout=120, ok=False)
     assert result.returncode != 0, describe(argv, result)
     assert "is created" not in result.stdout, describe(argv, result)
+
+
+def test_azure_endpoint_client(world, tmp_path):
+    """The README's Azure client command, pointed at the stand-in endpoint of test_score_client (127.0.0.1),
+    which checks Azure's body shape, the bearer key and the deployment header (the real Azure scorer is
+    tested with Azure's own script elsewhere)."""
+    import http.server
+    import threading
+
+    from test_score_client import KEY, StandIn
+
+    (command,) = commands_for("test_azure_endpoint_client")
+    StandIn.requests_seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = re.search(r"https://\S+/score", command).group(0)
+        argv = adapt(command, tokens={url: f"http://127.0.0.1:{server.server_address[1]}/score",
+                                      "car.jpg": str(world.car_jpg)})
+        env = {**world.env, "AZUREML_ENDPOINT_KEY": KEY}
+        result = world.run([sys.executable if argv[0] == "python" else argv[0], *argv[1:]], cwd=REPO_ROOT, env=env,
+                           timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    (seen,) = StandIn.requests_seen
+    assert seen["authorization"] == f"Bearer {KEY}" and seen["deployment"] == "green"
+    assert base64.b64decode(seen["body"]["input_data"]["data"][0][0]) == world.car_jpg.read_bytes()
+    assert seen["body"]["params"] == {"top_k": 3} and "Car " in result.stdout
 
 
 def _request_body(photo: pathlib.Path) -> dict:
