@@ -440,9 +440,41 @@ def default_smoke_photo() -> bytes:
     return buffer.getvalue()
 
 
+def _check_azure_plugin_installed() -> None:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("azureml.mlflow") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise DeployError("the azureml target needs the Azure ML plugin: pip install 'carclf[azure]' "
+                          "(azureml-mlflow 1.62, which pins MLflow 3.15.0)")
+
+
+def _check_azure_scorer_can_boot(model_uri: str) -> None:
+    """Azure's no-code scorer builds a sample of every output column at boot; a nested column stops it there."""
+    from mlflow.models import get_model_info
+    from mlflow.types.schema import DataType
+
+    try:
+        signature = get_model_info(model_uri).signature
+    except Exception:  # an unreadable model is reported by the plugin itself, with its own reason
+        return
+    outputs = signature.outputs if signature is not None else None
+    nested = [column.name for column in (outputs.inputs if outputs is not None else [])
+              if not isinstance(column.type, DataType)]
+    if nested:
+        raise DeployError(
+            f"model {model_uri}: its output schema has columns that are not plain types ({', '.join(map(str, nested))}), "
+            "so Azure's no-code scorer would fail at boot; it was saved by carclf < 0.2: re-log it with this version"
+        )
+
+
 def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_check, network_timeout_s,
                   config_kwargs, rollout) -> dict:
     # 1. Everything that can be checked offline, before anything is written or sent.
+    _check_azure_plugin_installed()
     if not _AZURE_NAME.match(name or ""):
         raise DeployError(
             f"name {name!r}: Azure needs 3-32 lower-case letters, digits or dashes, starting with a letter "
@@ -467,6 +499,7 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
     from mlflow.deployments import get_deploy_client
 
     model_uri = resolve_model_uri(model_uri)
+    _check_azure_scorer_can_boot(model_uri)
     registry = mlflow.get_registry_uri() or ""
     if not registry.startswith("azureml"):
         log.warning(

@@ -50,7 +50,7 @@ MODEL_CODE = textwrap.dedent(
 
 
 def register_version_model(tmp_path: pathlib.Path, name: str, version: str, broken: bool | str = False,
-                           labelled: bool = False) -> str:
+                           labelled: bool = False, nested_output: bool = False) -> str:
     """Log + register a model (from code) that answers its version; returns models:/name/<registry version>.
     broken=True: fails to load; "answers": fails on every request; "coerce": answers every row with an `error`.
     labelled: adds a `label` column."""
@@ -60,7 +60,13 @@ def register_version_model(tmp_path: pathlib.Path, name: str, version: str, brok
 
     code = tmp_path / f"model_{name}_{version}.py"
     code.write_text(MODEL_CODE.format(version=version, broken=broken, labelled=labelled))
-    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]))
+    outputs = None
+    if nested_output:  # the output schema carclf < 0.2 logged: top_k as a list of objects
+        from mlflow.types.schema import Array, Object, Property
+
+        outputs = Schema([ColSpec("string", "label"),
+                          ColSpec(Array(Object([Property("label", "string"), Property("prob", "double")])), "top_k")])
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=outputs)
     # The throwaway model has no input example and no type hints on purpose; MLflow warns about both.
     with mlflow.start_run(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

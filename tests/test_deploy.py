@@ -454,6 +454,17 @@ def test_new_endpoint_is_created_with_key_auth_then_gets_all_traffic_after_the_s
     assert json.loads((tmp_path / "cfg" / "traffic.json").read_text()) == {"traffic": {"blue": 100}}
 
 
+def test_a_model_azures_scorer_cannot_boot_is_refused_before_any_azure_call(tmp_path):
+    from helpers_deploy import register_version_model
+
+    model = register_version_model(tmp_path, "carclf", "old", labelled=True, nested_output=True)
+    state = _blue_green(tmp_path, ["--model-uri", model])
+    assert state["rc"] != 0
+    last = state["stderr"].strip().splitlines()[-1]
+    assert "output schema has columns that are not plain types (top_k)" in last and "re-log it" in last, last
+    assert not [c for c in state["calls"] if c["method"] in ("PUT", "PATCH")]
+
+
 def test_existing_endpoint_gets_a_green_deployment_at_zero_then_the_traffic(tmp_path):
     from helpers_deploy import register_version_model
 
