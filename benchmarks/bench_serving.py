@@ -10,6 +10,10 @@ Same model, same run, same JPEG bytes (700x500, encoded once):
 
 Sizes via environment: BENCH_SERVING_DEPTH (50), BENCH_SERVING_IMAGE_SIZE (224), BENCH_SERVING_CLASSES (196),
 BENCH_SERVING_BATCHES (3 timed batches of 32), BENCH_SERVING_LATENCY_N (30 single-image calls).
+4. issue 14: a decompression bomb (a 20000x20000 PNG, 1.2 MB encoded, 1.2 GB decoded) sent to the worker of
+   `mlflow models serve -w 1`: rise of the worker's peak RSS for one request (target < 100 MB) and three at once
+   (target < 300 MB), beside the rise for one ordinary 700x500 JPEG (the baseline), and the RSS left afterwards.
+BENCH_SERVING_SECTIONS picks sections: "speed" (1-3), "bomb" (4); default both.
 """
 from __future__ import annotations
 
@@ -110,6 +114,113 @@ class Server:
         os.unlink(self.log.name)
 
 
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakRSS:
+    """Peak RSS (MB) of one process over a block: the kernel's high-water mark, reset at the start
+    (/proc/PID/clear_refs "5"), or where that is not allowed, VmRSS sampled every millisecond."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def rss_mb(self) -> float:
+        return _status_kb(self.pid, "VmRSS") / 1024
+
+    def __enter__(self):
+        import threading
+
+        self.start_mb = self.rss_mb()
+        try:
+            pathlib.Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self.sampler = None
+        except OSError:
+            self.samples = [self.start_mb]
+            self.stop = threading.Event()
+
+            def sample():
+                while not self.stop.is_set():
+                    self.samples.append(self.rss_mb())
+                    time.sleep(0.001)
+
+            self.sampler = threading.Thread(target=sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.sampler is None:
+            self.peak_mb = _status_kb(self.pid, "VmHWM") / 1024
+        else:
+            self.stop.set()
+            self.sampler.join()
+            self.peak_mb = max(self.samples)
+        self.rise_mb = self.peak_mb - self.start_mb
+
+
+def bomb_section(model_dir: pathlib.Path) -> None:
+    import concurrent.futures
+
+    import requests
+
+    from tests.helpers_hostile import bomb_png
+
+    bomb = base64.b64encode(bomb_png(20000, 20000)).decode("ascii")
+    photo = base64.b64encode(photo_jpegs(1)[0]).decode("ascii")
+
+    def send(image_b64: str):
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image_b64]]}})
+        start = time.perf_counter()
+        response = requests.post(server.url + "/invocations", data=body,
+                                 headers={"Content-Type": "application/json"}, timeout=600)
+        return response.status_code, response.text, time.perf_counter() - start
+
+    server = Server(model_dir)
+    try:
+        worker = max(process_tree(server.process.pid), key=lambda pid: PeakRSS(pid).rss_mb())
+        for _ in range(3):  # warm-up with ordinary photos only: the first bomb's own allocations are counted
+            assert send(photo)[0] == 200
+        with PeakRSS(worker) as normal:
+            status_photo = send(photo)[0]
+        with PeakRSS(worker) as one:
+            status, text, seconds = send(bomb)
+        with PeakRSS(worker) as three:
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                statuses = [r[0] for r in pool.map(send, [bomb] * 3)]
+        time.sleep(1.0)
+        after = PeakRSS(worker).rss_mb()
+    finally:
+        server.close()
+    message = json.loads(text).get("message", text) if text.startswith("{") else text
+    print(f"bomb: 20000x20000 PNG ({len(bomb) * 3 // 4 / 1e6:.1f} MB) -> HTTP {status} in {seconds:.2f} s: "
+          f"{message[:120]}")
+    print(f"bomb: worker RSS before {one.start_mb:7.1f} MB")
+    print(f"bomb: ordinary 700x500 JPEG (HTTP {status_photo}), peak RSS rise: {normal.rise_mb:7.1f} MB  (baseline)")
+    print(f"bomb: one 20000x20000 PNG, peak RSS rise:        {one.rise_mb:7.1f} MB  (target < 100 MB)")
+    print(f"bomb: three at once (HTTP {sorted(set(statuses))}), peak RSS rise: {three.rise_mb:7.1f} MB  "
+          f"(target < 300 MB)")
+    print(f"bomb: worker RSS 1 s after, vs before:            {after - one.start_mb:+7.1f} MB  (returns: ~0)")
+
+
 def interleaved_throughput(calls: dict, batch: list[bytes], repeats: int) -> dict:
     """img/s of each call on the same batch, measured in turns so that load from other processes on the
     machine (it is shared) falls on all of them alike."""
@@ -155,6 +266,12 @@ def main() -> int:
                              preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="none"),
                              inference_precision="auto")
     del network
+    sections = set(os.environ.get("BENCH_SERVING_SECTIONS", "speed,bomb").split(","))
+    if "bomb" in sections:
+        bomb_section(model_dir)
+    if "speed" not in sections:
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     images = photo_jpegs(BATCH)
 
     os.environ.pop(ENV_VAR, None)

@@ -87,7 +87,7 @@ def process_photo(task: Tuple[str, Optional[Sequence[int]]], settings: Optional[
     try:
         if not data:
             raise ImageDecodeError("empty image (0 bytes)")
-        width, height = image_size_of(data)
+        width, height = image_size_of(data, settings.max_pixels)
         used, clamped = (0, 0, width, height), False
         if bbox is not None:
             try:
