@@ -385,3 +385,51 @@ def test_a_bomb_among_the_photos_costs_no_memory(stanford, tmp_path, mlflow_stor
     assert runs[0].data.metrics["skipped_images"] == 1
     skipped = mlflow.artifacts.load_text(f"runs:/{runs[0].info.run_id}/skipped.txt")
     assert "bomb.png\timage is 400.0 megapixels, above the limit of 50.0 megapixels" in skipped
+
+
+_WRITER = """
+import sys, time
+from carclf_flavor.images import PreprocessSettings
+from entry_points.hdf5_dataset import HDF5SplitWriter
+writer = HDF5SplitWriter(sys.argv[1], ["a", "b"], PreprocessSettings(image_size=32), expected_rows=500)
+print(writer.tmp_path, flush=True)
+time.sleep(600)
+"""
+
+
+def _start_writer(target: pathlib.Path, env) -> tuple[subprocess.Popen, pathlib.Path]:
+    process = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], env=env, stdout=subprocess.PIPE,
+                               text=True)
+    partial = pathlib.Path(process.stdout.readline().strip())
+    assert partial.is_file() and partial.name == f".{target.name}.partial-{process.pid}"
+    return process, partial
+
+
+def test_next_run_removes_partials_of_killed_runs_only(stanford, tmp_path, caplog):
+    """Issue 14: a writer killed with SIGKILL leaves its partial file; the next preprocess into the folder
+    removes it and says so in one line, while a partial file whose writer is alive stays."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    killed, stale = _start_writer(out / "train.h5", env)
+    alive, live = _start_writer(out / "val.h5", env)
+    shards = out / f".train.h5.shards-{killed.pid}-0123456789ab"  # augment's shard folder of the killed run
+    shards.mkdir()
+    (shards / "shard-0000000000-0000000010.npz").write_bytes(b"x" * 1000)
+    try:
+        killed.kill()
+        killed.wait()
+        assert stale.exists()  # SIGKILL: nothing cleaned up
+        with caplog.at_level("INFO", logger="carclf.preprocess"):
+            run_preprocess(stanford, out)
+        assert not stale.exists() and not shards.exists()
+        assert live.exists()  # its writer still runs
+        assert {p.name for p in out.iterdir()} == {"train.h5", "val.h5", "test.h5", live.name}
+        lines = [r.getMessage() for r in caplog.records if "partial file" in r.getMessage()]
+        assert len(lines) == 1 and "\n" not in lines[0]
+        assert f"removed 2 partial file(s) left in {out} by runs that were killed" in lines[0]
+        assert stale.name in lines[0] and shards.name in lines[0] and live.name not in lines[0]
+    finally:
+        alive.kill()
+        alive.wait()
+        killed.kill()
