@@ -1,7 +1,10 @@
 """Hostile inputs shared by the image, preprocess, serving-fuzz tests and the serving benchmark."""
 from __future__ import annotations
 
+import pathlib
 import struct
+import threading
+import time
 import zlib
 
 
@@ -94,3 +97,64 @@ def _patch_tiff_size(data: bytes, width: int, height: int) -> bytes:
             value = width if tag == 256 else height
             data = _patch(data, entry + 8, "<H" if kind == 3 else "<I", value)
     return data
+
+
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakRSS:
+    """Peak RSS (MB) of one process over a block: the kernel's high-water mark, reset at the start
+    (/proc/PID/clear_refs "5"), or where that is not allowed, VmRSS sampled every millisecond."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def rss_mb(self) -> float:
+        return _status_kb(self.pid, "VmRSS") / 1024
+
+    def __enter__(self):
+        self.start_mb = self.rss_mb()
+        try:
+            pathlib.Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self.sampler = None
+        except OSError:
+            self.samples = [self.start_mb]
+            self.stop = threading.Event()
+
+            def sample():
+                while not self.stop.is_set():
+                    self.samples.append(self.rss_mb())
+                    time.sleep(0.001)
+
+            self.sampler = threading.Thread(target=sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.sampler is None:
+            self.peak_mb = _status_kb(self.pid, "VmHWM") / 1024
+        else:
+            self.stop.set()
+            self.sampler.join()
+            self.peak_mb = max(self.samples)
+        self.rise_mb = self.peak_mb - self.start_mb
