@@ -42,6 +42,15 @@ MAX_MESSAGE_CHARS = 600  # a one-line reason; the bodies sent are much longer, s
 
 GOOD = jpeg_bytes(90, 70, seed=1)
 
+# Answers MLflow's scoring server gives BEFORE the model runs (mlflow/pyfunc/scoring_server: the body's
+# decoding and its top-level shape), which no model code can change; each is listed with its exact request in
+# the README's troubleshooting. (status, start of the message); status 500 only for a body that is not UTF-8.
+MLFLOW_OWN_ANSWERS = [
+    (400, "Invalid input. Ensure that input is a valid JSON formatted string."),
+    (400, "The input must be a JSON dictionary with exactly one of the input fields"),
+    (415, "This predictor only supports the following content types"),
+]
+
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -124,7 +133,8 @@ def fixed_cases() -> list[Case]:
                                       "instances": [{"image": good}]}, "4xx"),
         Case("empty body", b"", expect="4xx"),
         Case("truncated JSON", json.dumps(split_body([good])).encode()[:50], expect="4xx"),
-        Case("deeply nested JSON", b"[" * 5000 + b"]" * 5000, expect="any"),
+        # MLflow's json.loads hits Python's recursion limit before the model runs: its own 500 (README).
+        Case("deeply nested JSON", b"[" * 5000 + b"]" * 5000, mlflow_5xx=True),
         Case("non-UTF-8 body", b"\xff\xfe\xfa" + json.dumps(split_body([good])).encode(), mlflow_5xx=True),
         Case("latin-1 JSON", json.dumps({"inputs": {"image": ["caf\u00e9"]}}).encode("latin-1"), mlflow_5xx=True),
         Case("text/plain content type", json.dumps(split_body([good])).encode(), "text/plain", "4xx"),
@@ -241,6 +251,10 @@ def _problem(case: Case, response: requests.Response) -> str | None:
     try:
         message = response.json().get("message", "")
     except ValueError:
+        message = response.text
+    if any(status == code and message.startswith(start) for code, start in MLFLOW_OWN_ANSWERS):
+        return None
+    if not response.headers.get("content-type", "").startswith("application/json"):
         return f"HTTP {status} with a body that is not JSON: {response.text[:200]!r}"
     if not isinstance(message, str) or not message.strip():
         return f"HTTP {status} without a message: {response.text[:200]!r}"
@@ -255,29 +269,34 @@ def test_hostile_requests_get_200_or_one_line(fuzz_server):
     rng = random.Random(SEED)
     cases = fixed_cases() + random_cases(rng, NUM_RANDOM_CASES)
     rng.shuffle(cases)
-    session = requests.Session()
     url = fuzz_server["url"] + "/invocations"
     worker = max(process_tree(fuzz_server["process"].pid), key=lambda pid: PeakRSS(pid).rss_mb())
     for _ in range(3):  # warm-up: first-call allocations of an ordinary request
-        assert session.post(url, data=json.dumps(split_body([b64(GOOD)])),
+        assert requests.post(url, data=json.dumps(split_body([b64(GOOD)])),
                             headers={"Content-Type": "application/json"}, timeout=60).status_code == 200
-    problems, began = [], time.monotonic()
+    problems, began, previous = [], time.monotonic(), "(none)"
     with PeakRSS(worker) as peak:
         for case in cases:
             if time.monotonic() - began > TIME_BUDGET_S:
                 pytest.fail(f"fuzzing took over {TIME_BUDGET_S:g} s; reached case {case.name!r}")
             try:
-                response = session.post(url, data=case.body, headers={"Content-Type": case.content_type},
-                                        timeout=60)
+                # A new connection per request: a keep-alive connection the server has just closed would
+                # make an answer go missing for reasons that have nothing to do with the request.
+                response = requests.post(url, data=case.body, headers={"Content-Type": case.content_type},
+                                         timeout=60)
             except requests.RequestException as exc:
-                problems.append(f"{case.name}: no answer ({type(exc).__name__})")
+                problems.append(f"{case.name}: no answer ({exc}); the request before: {previous}")
                 if fuzz_server["process"].poll() is not None:
                     break
                 continue
+            finally:
+                previous = case.name
             problem = _problem(case, response)
             if problem:
                 problems.append(f"{case.name}: {problem}")
-    assert fuzz_server["process"].poll() is None, "the server died"
+    log_tail = fuzz_server["log"].read_text()[-3000:]
+    assert fuzz_server["process"].poll() is None, f"the server died:\n{log_tail}"
     assert requests.get(fuzz_server["url"] + "/ping", timeout=5).status_code == 200
     assert peak.rise_mb < RSS_RISE_BOUND_MB, f"worker peak RSS rose by {peak.rise_mb:.0f} MB"
-    assert not problems, f"{len(problems)} of {len(cases)} answers wrong:\n" + "\n".join(problems)
+    assert not problems, (f"{len(problems)} of {len(cases)} answers wrong:\n" + "\n".join(sorted(problems))
+                          + f"\nserver log (tail):\n{log_tail}")
