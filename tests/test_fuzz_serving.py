@@ -294,6 +294,8 @@ def test_hostile_requests_get_200_or_one_line(fuzz_server):
             problem = _problem(case, response)
             if problem:
                 problems.append(f"{case.name}: {problem}")
+    print(f"fuzz: {len(cases)} requests in {time.monotonic() - began:.1f} s, {len(problems)} wrong; worker peak "
+          f"RSS {peak.start_mb:.0f} MB + {peak.rise_mb:.0f} MB (bound + {RSS_RISE_BOUND_MB} MB)")
     log_tail = fuzz_server["log"].read_text()[-3000:]
     assert fuzz_server["process"].poll() is None, f"the server died:\n{log_tail}"
     assert requests.get(fuzz_server["url"] + "/ping", timeout=5).status_code == 200
