@@ -155,7 +155,8 @@ def bomb_section(model_dir: pathlib.Path) -> None:
     print(f"bomb: one 20000x20000 PNG, peak RSS rise:        {one.rise_mb:7.1f} MB  (target < 100 MB)")
     print(f"bomb: three at once (HTTP {sorted(set(statuses))}), peak RSS rise: {three.rise_mb:7.1f} MB  "
           f"(target < 300 MB)")
-    print(f"bomb: worker RSS 1 s after, vs before:            {after - one.start_mb:+7.1f} MB  (target: back within 50 MB)")
+    print(f"bomb: worker RSS 1 s after, vs before:            {after - one.start_mb:+7.1f} MB  "
+          "(target: back within 50 MB)")
 
 
 def interleaved_throughput(calls: dict, batch: list[bytes], repeats: int) -> dict:

@@ -48,7 +48,8 @@ MASTER_SCHEMES = ("local", "yarn", "spark://", "k8s://", "sc://")
 # "org.apache.spark.SparkException: Could not parse Master URL: 'local[abc]'", optionally after
 # 'Exception in thread "main" '.
 _JAVA_EXCEPTION_LINE = re.compile(
-    r'^(?:Exception in thread "[^"]*" )?(?:Caused by: )?((?:[a-z_$][\w$]*\.)+[A-Z][\w$]*(?:Exception|Error))(?:: (.*))?$')
+    r'^(?:Exception in thread "[^"]*" )?(?:Caused by: )?'
+    r"((?:[a-z_$][\w$]*\.)+[A-Z][\w$]*(?:Exception|Error))(?:: (.*))?$")
 
 
 class SparkSetupError(RuntimeError):
