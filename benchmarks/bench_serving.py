@@ -10,6 +10,10 @@ Same model, same run, same JPEG bytes (700x500, encoded once):
 
 Sizes via environment: BENCH_SERVING_DEPTH (50), BENCH_SERVING_IMAGE_SIZE (224), BENCH_SERVING_CLASSES (196),
 BENCH_SERVING_BATCHES (3 timed batches of 32), BENCH_SERVING_LATENCY_N (30 single-image calls).
+4. issue 14: a decompression bomb (a 20000x20000 PNG, 1.2 MB encoded, 1.2 GB decoded) sent to the worker of
+   `mlflow models serve -w 1`: rise of the worker's peak RSS for one request (target < 100 MB) and three at once
+   (target < 300 MB), beside the rise for one ordinary 700x500 JPEG (the baseline), and the RSS left afterwards.
+BENCH_SERVING_SECTIONS picks sections: "speed" (1-3), "bomb" (4); default both.
 """
 from __future__ import annotations
 
@@ -110,6 +114,51 @@ class Server:
         os.unlink(self.log.name)
 
 
+def bomb_section(model_dir: pathlib.Path) -> None:
+    import concurrent.futures
+
+    import requests
+
+    from tests.helpers_hostile import PeakRSS, bomb_png, process_tree
+
+    bomb = base64.b64encode(bomb_png(20000, 20000)).decode("ascii")
+    photo = base64.b64encode(photo_jpegs(1)[0]).decode("ascii")
+
+    def send(image_b64: str):
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image_b64]]}})
+        start = time.perf_counter()
+        response = requests.post(server.url + "/invocations", data=body,
+                                 headers={"Content-Type": "application/json"}, timeout=600)
+        return response.status_code, response.text, time.perf_counter() - start
+
+    server = Server(model_dir)
+    try:
+        worker = max(process_tree(server.process.pid), key=lambda pid: PeakRSS(pid).rss_mb())
+        for _ in range(3):  # warm-up with ordinary photos only: the first bomb's own allocations are counted
+            assert send(photo)[0] == 200
+        with PeakRSS(worker) as normal:
+            status_photo = send(photo)[0]
+        with PeakRSS(worker) as one:
+            status, text, seconds = send(bomb)
+        with PeakRSS(worker) as three:
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                statuses = [r[0] for r in pool.map(send, [bomb] * 3)]
+        time.sleep(1.0)
+        after = PeakRSS(worker).rss_mb()
+    finally:
+        server.close()
+    message = json.loads(text).get("message", text) if text.startswith("{") else text
+    print(f"bomb: 20000x20000 PNG ({len(bomb) * 3 // 4 / 1e6:.1f} MB) -> HTTP {status} in {seconds:.2f} s: "
+          f"{message[:120]}")
+    print(f"bomb: worker RSS before {one.start_mb:7.1f} MB")
+    print(f"bomb: ordinary 700x500 JPEG (HTTP {status_photo}), peak RSS rise: {normal.rise_mb:7.1f} MB  (baseline)")
+    print(f"bomb: one 20000x20000 PNG, peak RSS rise:        {one.rise_mb:7.1f} MB  (target < 100 MB)")
+    print(f"bomb: three at once (HTTP {sorted(set(statuses))}), peak RSS rise: {three.rise_mb:7.1f} MB  "
+          f"(target < 300 MB)")
+    print(f"bomb: worker RSS 1 s after, vs before:            {after - one.start_mb:+7.1f} MB  "
+          "(target: back within 50 MB)")
+
+
 def interleaved_throughput(calls: dict, batch: list[bytes], repeats: int) -> dict:
     """img/s of each call on the same batch, measured in turns so that load from other processes on the
     machine (it is shared) falls on all of them alike."""
@@ -155,6 +204,12 @@ def main() -> int:
                              preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="none"),
                              inference_precision="auto")
     del network
+    sections = set(os.environ.get("BENCH_SERVING_SECTIONS", "speed,bomb").split(","))
+    if "bomb" in sections:
+        bomb_section(model_dir)
+    if "speed" not in sections:
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     images = photo_jpegs(BATCH)
 
     os.environ.pop(ENV_VAR, None)

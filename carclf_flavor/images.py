@@ -16,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
+import struct
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import cv2
@@ -32,8 +35,16 @@ PAD_VALUE = 128
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
-# PIL must not refuse large images before our own pixel limit gives a clear message.
-Image.MAX_IMAGE_PIXELS = None
+# The formats a photo may come in. Image.open is told these only, so a request cannot reach Pillow's other
+# decoders (EPS would start Ghostscript; ICO/ICNS/DCX carry several images of their own sizes). Phones' MPO
+# files (a JPEG plus extra pictures) open through the JPEG entry and report format "MPO".
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "AVIF", "JPEG2000")
+
+# Pillow's own bomb guard stays on as a second line behind ``max_pixels`` (checked from the header before any
+# pixel is decoded): Pillow's default limit is kept, and any path that reaches a Pillow decoder directly is
+# still refused above twice that. Leaving it at None let a 20000x20000 PNG be decoded in full (2.8 GB).
+if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > 2 * DEFAULT_MAX_PIXELS:
+    Image.MAX_IMAGE_PIXELS = 2 * DEFAULT_MAX_PIXELS
 
 
 class ImageDecodeError(ValueError):
@@ -83,18 +94,69 @@ class PreprocessSettings:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _read_header(data: bytes) -> Image.Image:
+def _bomb_error(exc: Exception, max_pixels: int) -> ImageDecodeError:
+    """Pillow's DecompressionBombError as our one line (its message carries the pixel count)."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too large"
+    limit = min(int(max_pixels), 2 * int(Image.MAX_IMAGE_PIXELS or max_pixels))
+    return ImageDecodeError(f"image is {size}, above the limit of {limit / 1e6:.1f} megapixels")
+
+
+def _read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open lazily (header only) so size, format and mode are known before any pixel is decoded."""
     try:
-        header = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit speaks first
+            header = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(exc, max_pixels) from None
     except Exception as exc:  # PIL raises several types for non-images
-        raise ImageDecodeError(f"not a recognised image format ({type(exc).__name__})") from None
+        raise ImageDecodeError(
+            f"not a recognised image format ({type(exc).__name__}; accepted: {', '.join(ACCEPTED_FORMATS)})"
+        ) from None
     return header
 
 
-def _exif_orientation(header: Image.Image) -> int:
+def _check_pixel_limit(width: int, height: int, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
+            f"{max_pixels / 1e6:.1f} megapixels"
+        )
+
+
+def _png_exif_chunk(data: bytes) -> Optional[bytes]:
+    """The payload of a PNG's eXIf chunk, found by walking the chunk headers (no pixel data is inflated).
+
+    Needed because Pillow's PngImageFile.getexif() decodes the WHOLE image when the chunk does not come
+    before the pixel data (or does not exist): for a 20000x20000 PNG that alone took 1.5 GB.
+    """
+    pos = 8  # after the signature
+    end = len(data)
+    while pos + 8 <= end:
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"eXIf":
+            return data[pos + 8:pos + 8 + length]
+        if kind == b"IEND":
+            return None
+        pos += 12 + length
+    return None
+
+
+def _exif_orientation(header: Image.Image, data: Optional[bytes] = None) -> int:
+    """EXIF orientation (1-8) from the metadata alone; never decodes pixels."""
     try:
-        return int(header.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
+        if header.format == "PNG":
+            chunk = _png_exif_chunk(data) if data is not None else None
+            if chunk is not None:
+                header.info["exif"] = chunk if chunk.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + chunk
+            # The base class reads info (eXIf, raw profile, XMP) only; PngImageFile's override would load().
+            exif = Image.Image.getexif(header)
+        else:
+            exif = header.getexif()
+        return int(exif.get(_EXIF_ORIENTATION_TAG, 1) or 1)
     except Exception:  # a broken EXIF block must not make a good photo unreadable
         return 1
 
@@ -150,19 +212,13 @@ def decode_image(data: bytes, reduce: int = 1, max_pixels: int = DEFAULT_MAX_PIX
         data = bytes(data)
     if not isinstance(data, bytes):
         raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
-    header = _read_header(data)
+    header = _read_header(data, max_pixels)
     width, height = header.size
-    if width < 1 or height < 1:
-        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
-            f"{max_pixels / 1e6:.1f} megapixels"
-        )
+    _check_pixel_limit(width, height, max_pixels)
     buffer = np.frombuffer(data, dtype=np.uint8)
     fmt = header.format
     try:
-        if fmt == "JPEG" and header.mode in ("RGB", "L"):
+        if fmt in ("JPEG", "MPO") and header.mode in ("RGB", "L"):
             # cv2 applies EXIF orientation itself for IMREAD_COLOR and the reduced flags.
             flag = _REDUCED_FLAGS.get(int(reduce), cv2.IMREAD_COLOR)
             decoded = cv2.imdecode(buffer, flag)
@@ -176,7 +232,7 @@ def decode_image(data: bytes, reduce: int = 1, max_pixels: int = DEFAULT_MAX_PIX
             if decoded is None:
                 raise ImageDecodeError(f"corrupt or truncated {fmt}")
             image = _to_rgb_uint8(decoded)
-            orientation = _exif_orientation(header)
+            orientation = _exif_orientation(header, data)
             if orientation != 1:
                 image = _apply_orientation(image, orientation)
         else:  # CMYK JPEG, palette PNG, GIF, ...: Pillow handles the colour conversions correctly
@@ -184,6 +240,8 @@ def decode_image(data: bytes, reduce: int = 1, max_pixels: int = DEFAULT_MAX_PIX
             image = _decode_with_pil(header)
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(exc, max_pixels) from None
     except (OSError, SyntaxError, ValueError, cv2.error) as exc:
         raise ImageDecodeError(f"corrupt or truncated {fmt or 'image'} ({exc})") from None
     return image
@@ -275,11 +333,13 @@ def choose_reduction(region_w: int, region_h: int, image_size: int) -> int:
     return 1
 
 
-def image_size_of(data: bytes) -> tuple[int, int]:
+def image_size_of(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after EXIF orientation, read from the header only."""
-    header = _read_header(data)
+    header = _read_header(data, max_pixels)
     width, height = header.size
-    if header.format in ("JPEG", "PNG", "WEBP", "TIFF") and _exif_orientation(header) in _TRANSPOSING_ORIENTATIONS:
+    if header.format in ("JPEG", "MPO", "PNG", "WEBP", "TIFF") and (
+        _exif_orientation(header, data) in _TRANSPOSING_ORIENTATIONS
+    ):
         width, height = height, width
     return width, height
 
@@ -293,12 +353,8 @@ def preprocess_image(
     """
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty image (0 bytes)")
-    width, height = image_size_of(bytes(data))
-    if width * height > settings.max_pixels:
-        raise ImageDecodeError(
-            f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
-            f"{settings.max_pixels / 1e6:.1f} megapixels"
-        )
+    width, height = image_size_of(bytes(data), settings.max_pixels)
+    _check_pixel_limit(width, height, settings.max_pixels)
     x1, y1, x2, y2 = _crop_region(bbox, width, height, settings)
     reduce = choose_reduction(x2 - x1, y2 - y1, int(settings.image_size))
     image = decode_image(bytes(data), reduce=reduce, max_pixels=settings.max_pixels)

@@ -44,7 +44,13 @@ import numpy as np
 from carclf_flavor.images import PAD_VALUE
 from entry_points.tracking import log_new_params, step_run
 from entry_points.cli_args import parse_bool, parse_int
-from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter, partial_path, read_dataset_info
+from entry_points.hdf5_dataset import (
+    DatasetError,
+    HDF5SplitWriter,
+    partial_path,
+    read_dataset_info,
+    remove_stale_partials,
+)
 from entry_points.spark_session import SparkSetupError
 
 log = logging.getLogger("carclf.augment")
@@ -618,7 +624,9 @@ def augment(
     num_partitions = int(partitions) or auto_partitions(info.num_images, parallelism)
     ranges = plan_ranges(info.num_images, num_partitions)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    shard_dir = output_path.parent / f".{output_path.name}.shards-{uuid.uuid4().hex[:12]}"
+    remove_stale_partials(output_path.parent, log)
+    # The pid in the name lets the next run tell a killed run's shards from a live one's.
+    shard_dir = output_path.parent / f".{output_path.name}.shards-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     spec = JobSpec(input=str(input_path), copies=int(copies), keep_original=bool(keep_original), params=params,
                    seed=int(seed), shard_dir=str(shard_dir), fail_mode=os.environ.get(FAIL_ENV, ""))
     log.info("augment: %d images x %d rows each -> %s on Spark %s, %d tasks", info.num_images,

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import datetime
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -35,8 +36,10 @@ import tempfile
 import time
 import urllib.parse
 
+import click
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
 from mlflow.protos.databricks_pb2 import (
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
@@ -55,10 +58,39 @@ _STOP_GRACE_S = 10.0
 _LOG_TAIL_LINES = 30
 
 
+class DeploymentError(MlflowException, click.ClickException):
+    """What the plugin raises: an MlflowException that the `mlflow deployments` CLI shows as ONE line.
+
+    mlflow/deployments/cli.py calls the plugin without any ``try``; click's ``main`` turns only a
+    ``click.ClickException`` into ``Error: <message>`` (exit 1) and lets everything else, MlflowException
+    included, escape as a 28-line Python traceback. Being both keeps API callers' ``except MlflowException``
+    working and gives the CLI its one line.
+    """
+
+    def __init__(self, message, error_code=INTERNAL_ERROR, **kwargs):
+        # MlflowException.__init__ ends in super().__init__(message): ClickException's, next in the MRO.
+        MlflowException.__init__(self, message, error_code, **kwargs)
+
+
+def _one_line_errors(method):
+    """Errors MLflow raises inside a plugin call leave it as DeploymentError too (one CLI line)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except DeploymentError:
+            raise
+        except MlflowException as exc:
+            raise DeploymentError(exc.message, getattr(databricks_pb2, exc.error_code, INTERNAL_ERROR)) from None
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 def validate_name(name) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in {".", ".."}:
-        raise MlflowException(
+        raise DeploymentError(
             f"invalid deployment name {name!r}: use 1-63 characters from A-Z a-z 0-9 _ . -, starting with a "
             "letter or digit (no slashes or path tricks)",
             error_code=INVALID_PARAMETER_VALUE,
@@ -76,10 +108,10 @@ def _int_config(config: dict, key: str, minimum: int, maximum: int | None = None
             raise ValueError
         number = int(number)
     except (TypeError, ValueError):
-        raise MlflowException(f"config {key}={value!r} is not an integer", INVALID_PARAMETER_VALUE) from None
+        raise DeploymentError(f"config {key}={value!r} is not an integer", INVALID_PARAMETER_VALUE) from None
     if number < minimum or (maximum is not None and number > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise MlflowException(f"config {key}={number} must be {bound}", INVALID_PARAMETER_VALUE)
+        raise DeploymentError(f"config {key}={number} must be {bound}", INVALID_PARAMETER_VALUE)
     return number
 
 
@@ -88,7 +120,7 @@ def parse_config(config: dict | None) -> dict:
     config = dict(config or {})
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
-        raise MlflowException(
+        raise DeploymentError(
             f"unknown config key(s) {', '.join(unknown)} for target {TARGET_NAME}; "
             f"known: {', '.join(sorted(CONFIG_KEYS))}",
             INVALID_PARAMETER_VALUE,
@@ -276,7 +308,7 @@ def _model_version_info(model_uri: str) -> dict:
 def _check_model(model_uri: str, flavor: str | None) -> None:
     """Fail in seconds (not after a server timeout) when the model is missing or cannot be served."""
     if flavor not in (None, "", FLAVOR):
-        raise MlflowException(
+        raise DeploymentError(
             f"target {TARGET_NAME} serves the {FLAVOR} flavor only, not {flavor!r}", INVALID_PARAMETER_VALUE
         )
     from mlflow.models import get_model_info
@@ -284,11 +316,11 @@ def _check_model(model_uri: str, flavor: str | None) -> None:
     try:
         info = get_model_info(model_uri)
     except MlflowException as exc:
-        raise MlflowException(f"cannot load model {model_uri}: {exc.message}", RESOURCE_DOES_NOT_EXIST) from None
+        raise DeploymentError(f"cannot load model {model_uri}: {exc.message}", RESOURCE_DOES_NOT_EXIST) from None
     except OSError as exc:
-        raise MlflowException(f"cannot load model {model_uri}: {exc}", RESOURCE_DOES_NOT_EXIST) from None
+        raise DeploymentError(f"cannot load model {model_uri}: {exc}", RESOURCE_DOES_NOT_EXIST) from None
     if FLAVOR not in info.flavors:
-        raise MlflowException(
+        raise DeploymentError(
             f"model {model_uri} has no {FLAVOR} flavor (flavors: {', '.join(info.flavors)}); it cannot be served",
             INVALID_PARAMETER_VALUE,
         )
@@ -357,7 +389,7 @@ class _StateStore:
         except FileNotFoundError:
             return None
         except ValueError as exc:
-            raise MlflowException(f"deployment record {path} is corrupt ({exc}); delete it by hand") from None
+            raise DeploymentError(f"deployment record {path} is corrupt ({exc}); delete it by hand") from None
 
     def write(self, record: dict) -> None:
         self.ensure()
@@ -416,14 +448,14 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         port = settings.get("port")
         if port is not None:
             if port == avoid_port:
-                raise MlflowException(
+                raise DeploymentError(
                     f"port {port} is still used by the running deployment {name!r}; a blue-green update starts "
                     "the new server before stopping the old one, so give another port (or none: a free one is "
                     "picked)",
                     INVALID_PARAMETER_VALUE,
                 )
             if _port_in_use(host, port):
-                raise MlflowException(f"port {port} on {host} is already in use", INVALID_PARAMETER_VALUE)
+                raise DeploymentError(f"port {port} on {host} is already in use", INVALID_PARAMETER_VALUE)
         else:
             port = _free_port(host)
         workers = settings.get("workers", DEFAULTS["workers"])
@@ -461,7 +493,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             stop_process_group(process.pid, start_time, grace_s=5.0)
             with contextlib.suppress(Exception):
                 process.wait(timeout=1)
-            raise MlflowException(
+            raise DeploymentError(
                 f"deployment {name!r} of {model_uri} failed to start: {reason}. Server log {log_path}, last "
                 f"lines:\n{_log_tail(log_path)}"
             )
@@ -484,6 +516,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         return described
 
     # -- MLflow deployment API
+    @_one_line_errors
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         validate_name(name)
         settings = parse_config(config)
@@ -493,7 +526,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             existing = store.read(name)
             if existing is not None:
                 state = self._describe(existing)["status"]
-                raise MlflowException(
+                raise DeploymentError(
                     f"deployment {name!r} already exists ({state}, model {existing.get('model_uri')}); use "
                     f"`mlflow deployments update` to change it or `delete` first",
                     RESOURCE_ALREADY_EXISTS,
@@ -511,6 +544,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         _logger.info("deployment %s serving %s at %s (pid %s)", name, model_uri, server["url"], server["pid"])
         return self._describe(record)
 
+    @_one_line_errors
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
         validate_name(name)
         settings = parse_config(config)
@@ -518,7 +552,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         with store.lock(name):
             old = store.read(name)
             if old is None:
-                raise MlflowException(
+                raise DeploymentError(
                     f"no deployment named {name!r} in {store.home}; create it first", RESOURCE_DOES_NOT_EXIST
                 )
             new_uri = model_uri or old["model_uri"]
@@ -546,6 +580,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                     os.unlink(old["log_path"])
         return self._describe(record)
 
+    @_one_line_errors
     def delete_deployment(self, name, config=None, endpoint=None):
         validate_name(name)
         settings = parse_config(config)
@@ -562,6 +597,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                     os.unlink(record["log_path"])
             store.remove(name)
 
+    @_one_line_errors
     def list_deployments(self, endpoint=None):
         store = self._store()
         described = []
@@ -572,14 +608,16 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                     described.append(self._describe(record))
         return described
 
+    @_one_line_errors
     def get_deployment(self, name, endpoint=None):
         validate_name(name)
         store = self._store()
         record = store.read(name)
         if record is None:
-            raise MlflowException(f"no deployment named {name!r} in {store.home}", RESOURCE_DOES_NOT_EXIST)
+            raise DeploymentError(f"no deployment named {name!r} in {store.home}", RESOURCE_DOES_NOT_EXIST)
         return self._describe(record)
 
+    @_one_line_errors
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
         """POST `inputs` (a DataFrame, e.g. an `image` column of base64 strings or raw bytes, or a ready
         request dict) to the deployment's /invocations; returns a PredictionsResponse."""
@@ -589,9 +627,9 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         name = validate_name(deployment_name or endpoint)
         record = self._store().read(name)
         if record is None:
-            raise MlflowException(f"no deployment named {name!r}", RESOURCE_DOES_NOT_EXIST)
+            raise DeploymentError(f"no deployment named {name!r}", RESOURCE_DOES_NOT_EXIST)
         if not _process_alive(record.get("pid", 0), record.get("pid_start_time")):
-            raise MlflowException(
+            raise DeploymentError(
                 f"deployment {name!r} is not running (process {record.get('pid')} is gone); "
                 f"`mlflow deployments update -t {TARGET_NAME} --name {name}` restarts it"
             )
@@ -607,7 +645,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         elif isinstance(inputs, dict):
             body = json.dumps(inputs)
         else:
-            raise MlflowException(
+            raise DeploymentError(
                 f"inputs must be a pandas DataFrame or a request dict, got {type(inputs).__name__}",
                 INVALID_PARAMETER_VALUE,
             )
@@ -617,24 +655,26 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                 timeout=record.get("timeout", DEFAULTS["timeout"]) + 10,
             )
         except requests.RequestException as exc:
-            raise MlflowException(f"deployment {name!r} at {record['url']} did not answer: {exc}") from None
+            raise DeploymentError(f"deployment {name!r} at {record['url']} did not answer: {exc}") from None
         if response.status_code != 200:
             try:
                 message = response.json().get("message", response.text)
             except ValueError:
                 message = response.text
-            raise MlflowException(
+            raise DeploymentError(
                 f"deployment {name!r} refused the request (HTTP {response.status_code}): {message.splitlines()[0] if message else ''}",
                 INVALID_PARAMETER_VALUE if response.status_code < 500 else INTERNAL_ERROR,
             )
         return PredictionsResponse.from_json(response.text)
 
     # -- endpoints are not a concept of this target
+    @_one_line_errors
     def create_endpoint(self, name, config=None):
-        raise MlflowException(f"target {TARGET_NAME} has no endpoints; use deployments")
+        raise DeploymentError(f"target {TARGET_NAME} has no endpoints; use deployments")
 
 
 # ----------------------------------------------------------------------------------------------- plugin API
+@_one_line_errors
 def run_local(name, model_uri, flavor=None, config=None):
     """Serve the model in the foreground (Ctrl-C stops it); no record is kept."""
     validate_name(name)
@@ -652,7 +692,7 @@ def run_local(name, model_uri, flavor=None, config=None):
     except KeyboardInterrupt:
         return None
     if result.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
-        raise MlflowException(f"`mlflow models serve` exited with code {result.returncode}")
+        raise DeploymentError(f"`mlflow models serve` exited with code {result.returncode}")
     return None
 
 

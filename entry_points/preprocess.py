@@ -37,7 +37,7 @@ import numpy as np
 
 from carclf_flavor.images import ImageDecodeError, PreprocessSettings, clamp_bbox, image_size_of, preprocess_image
 from entry_points.cli_args import parse_int
-from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter
+from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter, remove_stale_partials
 from entry_points.readers import DataLayoutError, ImageRecord, SourceDataset, read_dataset, stratified_split
 
 log = logging.getLogger("carclf.preprocess")
@@ -87,7 +87,7 @@ def process_photo(task: Tuple[str, Optional[Sequence[int]]], settings: Optional[
     try:
         if not data:
             raise ImageDecodeError("empty image (0 bytes)")
-        width, height = image_size_of(data)
+        width, height = image_size_of(data, settings.max_pixels)
         used, clamped = (0, 0, width, height), False
         if bbox is not None:
             try:
@@ -256,6 +256,7 @@ def _write_splits(
     skipped: List[Tuple[str, str]] = []
     clamped: List[str] = []
     labels: Dict[str, List[int]] = {split: [] for split in SPLITS}
+    remove_stale_partials(output_dir, log)
     try:
         for split in SPLITS:
             writers[split] = HDF5SplitWriter(output_dir / f"{split}.h5", dataset.class_names, settings, split=split,

@@ -8,11 +8,15 @@
 - otherwise Java is checked (missing or too old -> one line that says how to install it) and a session is
   built. Local sessions stay light and on loopback: no UI, few shuffle partitions, driver and block
   manager bound to 127.0.0.1 so nothing listens on or leaves through a public interface.
+- the JVM's own output (log4j lines, Java stack traces) goes to a log file, ``spark_log_path()``:
+  ``$CARCLF_SPARK_LOG_DIR`` (default ``<temp dir>/carclf-logs``) ``/spark-<pid>.log``; a failed start is one
+  line naming the master, the reason Java gave, and that file.
 
 No pyspark import happens at module import: steps that fail validation never start a JVM.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -38,8 +42,59 @@ PROBE_TIMEOUT_S = 5.0
 EXECUTOR_WAIT_S = 60.0
 
 
+SPARK_LOG_DIR_ENV = "CARCLF_SPARK_LOG_DIR"
+# Spark 4's master URL schemes (SparkSubmit refuses anything else, after a JVM start of ~10 s).
+MASTER_SCHEMES = ("local", "yarn", "spark://", "k8s://", "sc://")
+# "org.apache.spark.SparkException: Could not parse Master URL: 'local[abc]'", optionally after
+# 'Exception in thread "main" '.
+_JAVA_EXCEPTION_LINE = re.compile(
+    r'^(?:Exception in thread "[^"]*" )?(?:Caused by: )?'
+    r"((?:[a-z_$][\w$]*\.)+[A-Z][\w$]*(?:Exception|Error))(?:: (.*))?$")
+
+
 class SparkSetupError(RuntimeError):
     """Spark cannot start or reach its master; the message says what to do."""
+
+
+def spark_log_path() -> pathlib.Path:
+    """The file the JVM of this process writes its own output to."""
+    folder = pathlib.Path(os.environ.get(SPARK_LOG_DIR_ENV) or pathlib.Path(tempfile.gettempdir()) / "carclf-logs")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"spark-{os.getpid()}.log"
+
+
+@contextlib.contextmanager
+def _stderr_to(path: pathlib.Path):
+    """Point file descriptor 2 at ``path`` while the JVM is launched: the JVM inherits it and keeps writing
+    there (Java's stack traces included); Python's stderr is restored afterwards."""
+    sys.stderr.flush()
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(2)
+    try:
+        os.dup2(target, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)
+
+
+def _java_reason(exc: BaseException, log_text: str) -> str:
+    """The reason Java gave: the JVM exception's message (Py4J) or the first Java exception in its log."""
+    java = getattr(exc, "java_exception", None)
+    candidates = []
+    if java is not None:
+        try:
+            candidates.append(str(java.toString()))
+        except Exception:
+            pass
+    candidates.extend(log_text.splitlines())
+    for line in candidates:
+        match = _JAVA_EXCEPTION_LINE.match(line.strip())
+        if match:
+            return match.group(2) or match.group(1).rsplit(".", 1)[-1]
+    return _first_line(exc)
 
 
 def is_local_master(master: str) -> bool:
@@ -174,6 +229,11 @@ def get_spark(master: str = "local[*]", app_name: str = "carclf", conf: Optional
             log.info("using the active Spark session (master %s) instead of starting one on %s", current, master)
         return active
 
+    if not master.startswith(MASTER_SCHEMES):
+        raise SparkSetupError(
+            f"Spark master URL {master!r} is not one Spark accepts (expected local[N], yarn, spark://host:7077, "
+            "k8s://https://host:port or sc://host:15002)"
+        )
     check_java()
     if master.startswith("sc://"):
         builder = SparkSession.builder.remote(master)
@@ -189,10 +249,19 @@ def get_spark(master: str = "local[*]", app_name: str = "carclf", conf: Optional
             builder = builder.config(key, value)
     for key, value in (conf or {}).items():
         builder = builder.config(key, str(value))
+    log_path = spark_log_path()
+    start = log_path.stat().st_size if log_path.exists() else 0
     try:
-        spark = builder.getOrCreate()
+        with _stderr_to(log_path):
+            spark = builder.getOrCreate()
     except Exception as exc:
-        raise SparkSetupError(f"could not start Spark on {master}: {_first_line(exc)}") from None
+        with open(log_path, "rb") as handle:
+            handle.seek(start)
+            text = handle.read().decode("utf-8", "replace")
+        raise SparkSetupError(
+            f"could not start Spark on {master}: {_java_reason(exc, text)} (Java's output: {log_path})"
+        ) from None
+    log.info("Spark on %s started; its own log: %s", master, log_path)
     if not is_local_master(master) and not master.startswith("sc://"):
         _wait_for_executors(spark, master, executor_wait_s)
         ship_project_code(spark)

@@ -38,7 +38,7 @@ import numpy as np
 
 from entry_points.tracking import log_new_params
 from entry_points.cli_args import parse_bool, parse_int
-from entry_points.hdf5_dataset import DatasetError
+from entry_points.hdf5_dataset import DatasetError, partial_path, remove_stale_partials
 from entry_points.input_pipeline import HDF5Source, make_dataset, split_paths
 
 log = logging.getLogger("carclf.train")
@@ -296,7 +296,8 @@ def save_checkpoint(directory: pathlib.Path, model, state: dict) -> pathlib.Path
     directory.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{state['completed_epochs']:04d}"
     final = directory / name
-    tmp = directory / f".{name}.partial-{os.getpid()}"
+    tmp = partial_path(final)
+    remove_stale_partials(directory, log)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.save_weights(str(tmp / "model.weights.h5"))

@@ -1,5 +1,10 @@
 """carclf_flavor.images: decoding of real encoded files of every kind, bbox crop geometry, bad input."""
 import io
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import cv2
 import numpy as np
@@ -250,3 +255,71 @@ def test_settings_validation():
         PreprocessSettings(resize_mode="fit")
     settings = PreprocessSettings(image_size=48, crop="none", crop_margin=4, resize_mode="pad")
     assert PreprocessSettings.from_dict({**settings.to_dict(), "extra": 1}) == settings
+
+
+# --- hostile input: the pixel limit holds before any pixel is decoded (issue 14) ---------------------------
+from helpers_hostile import bomb_png, header_bombs  # noqa: E402
+
+
+@pytest.mark.parametrize("width,height", [(16000, 16000), (9000, 7000)])
+def test_every_format_is_refused_from_its_header(width, height):
+    """Above Pillow's guard (256 MP) and between our limit and Pillow's (63 MP): one line naming the size."""
+    for name, data in header_bombs(width, height).items():
+        for call in (lambda: decode_image(data),
+                     lambda: preprocess_image(data, None, PreprocessSettings(image_size=32))):
+            with pytest.raises(ImageDecodeError) as info:
+                call()
+            message = str(info.value)
+            assert f"{width * height / 1e6:.1f} megapixels, above the limit of 50.0 megapixels" in message, name
+            assert "\n" not in message
+
+
+def test_avif_and_small_files_are_checked_against_the_limit():
+    image = Image.fromarray(halves(48, 32))
+    for fmt in ("AVIF", "PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "JPEG2000"):
+        data = encode(image, fmt)
+        with pytest.raises(ImageDecodeError, match="48x32 = 0.0 megapixels, above the limit"):
+            preprocess_image(data, None, PreprocessSettings(image_size=16, max_pixels=1000))
+        assert preprocess_image(data, None, PreprocessSettings(image_size=16, max_pixels=48 * 32)).shape == (16, 16, 3)
+
+
+def test_png_exif_after_the_pixels_is_read_without_decoding():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = bomb_png(40, 20, exif_after_pixels=exif.tobytes()[6:])  # PNG's eXIf holds the bare TIFF block
+    assert image_size_of(data) == (20, 40)
+    assert decode_image(data).shape == (40, 20, 3)
+
+
+def test_other_pillow_formats_are_not_opened():
+    data = encode(Image.fromarray(halves()), "PPM")
+    with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+        decode_image(data)
+
+
+def test_pillow_bomb_guard_stays_on():
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS >= PreprocessSettings().max_pixels
+
+
+def test_a_20000px_png_costs_no_memory(tmp_path):
+    """In a fresh interpreter: refusing a 20000x20000 PNG (1.2 GB decoded) raises peak RSS by < 100 MB."""
+    script = tmp_path / "bomb.py"
+    script.write_text(textwrap.dedent("""
+        import resource, sys
+        sys.path.insert(0, sys.argv[1])
+        from helpers_hostile import bomb_png
+        from carclf_flavor.images import ImageDecodeError, PreprocessSettings, preprocess_image
+        data = bomb_png(20000, 20000)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            preprocess_image(data, None, PreprocessSettings(image_size=32))
+        except ImageDecodeError as exc:
+            print(exc)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(script), str(pathlib.Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    assert out[0] == "image is 400.0 megapixels, above the limit of 50.0 megapixels"
+    assert float(out[1]) < 100

@@ -193,3 +193,22 @@ def test_deploy_entry_point_against_carclf_local(tmp_path, deploy_home):
     finally:
         client.delete_deployment("cars")
     assert client.list_deployments() == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["get", "--name", "nope"], "Error: no deployment named 'nope' in "),
+    (["get", "--name", "../escape"], "Error: invalid deployment name '../escape'"),
+    (["predict", "--name", "nope", "--input-path", "{request}"], "Error: no deployment named 'nope'"),
+    (["create", "--name", "cars", "-m", "models:/nope/1"], "Error: cannot load model models:/nope/1"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path, deploy_home):
+    """Issue 14: MLflow's deployments CLI has no handler of its own and click shows only ClickExceptions as
+    one line; the plugin's errors are both MlflowException and ClickException, so no traceback comes first."""
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps({"image": [base64.b64encode(tiny_jpeg()).decode("ascii")]}))
+    result = _cli(*[a.replace("{request}", str(request)) for a in args], "-t", "carclf-local")
+    assert result.returncode == 1, result.stderr
+    # A fresh tracking store makes MLflow log its table creation first (INFO lines, not errors).
+    lines = [line for line in result.stderr.strip().splitlines() if " INFO mlflow." not in line]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr and not result.stdout.strip()

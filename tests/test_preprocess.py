@@ -350,3 +350,86 @@ def test_mlflow_run_entry_point(stanford, tmp_path, repo_root, mlflow_store):
     assert run.data.metrics["train_images"] + run.data.metrics["val_images"] == 18
     assert run.data.metrics["skipped_images"] == 0
     assert run.data.params["image_size"] == "32"
+
+
+def _peak_rss_mb_of_cli(argv, env) -> tuple[int, float, str]:
+    """Run ``python -m entry_points.preprocess argv``; exit code, peak RSS (MB) of it and its workers, stderr."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([sys.executable, "-m", "entry_points.preprocess", *argv], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return process.returncode, usage.ru_maxrss / 1024, err.read()
+
+
+def test_a_bomb_among_the_photos_costs_no_memory(stanford, tmp_path, mlflow_store):
+    """Issue 14: one 20000x20000 PNG (1.2 GB once decoded) among the photos is skipped, read from its header
+    only: the peak RSS of the whole run (workers included) stays within 100 MB of the same run without it."""
+    from helpers_hostile import bomb_png
+
+    root = make_folders(stanford, tmp_path / "flat", False)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store,
+               PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    common = ["--data-dir", str(root), "--image-size", "32", "--workers", "2", "--val-fraction", "0.2"]
+    rc, without, err = _peak_rss_mb_of_cli([*common, "--output-dir", str(tmp_path / "a")], env)
+    assert rc == 0, err[-2000:]
+    (root / "Sample SUV" / "bomb.png").write_bytes(bomb_png(20000, 20000))
+    rc, with_bomb, err = _peak_rss_mb_of_cli([*common, "--output-dir", str(tmp_path / "b")], env)
+    assert rc == 0, err[-2000:]
+    assert with_bomb - without < 100, (without, with_bomb)
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
+                                      order_by=["attributes.start_time DESC"])
+    assert runs[0].data.metrics["skipped_images"] == 1
+    skipped = mlflow.artifacts.load_text(f"runs:/{runs[0].info.run_id}/skipped.txt")
+    assert "bomb.png\timage is 400.0 megapixels, above the limit of 50.0 megapixels" in skipped
+
+
+_WRITER = """
+import sys, time
+from carclf_flavor.images import PreprocessSettings
+from entry_points.hdf5_dataset import HDF5SplitWriter
+writer = HDF5SplitWriter(sys.argv[1], ["a", "b"], PreprocessSettings(image_size=32), expected_rows=500)
+print(writer.tmp_path, flush=True)
+time.sleep(600)
+"""
+
+
+def _start_writer(target: pathlib.Path, env) -> tuple[subprocess.Popen, pathlib.Path]:
+    process = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], env=env, stdout=subprocess.PIPE,
+                               text=True)
+    partial = pathlib.Path(process.stdout.readline().strip())
+    assert partial.is_file() and partial.name == f".{target.name}.partial-{process.pid}"
+    return process, partial
+
+
+def test_next_run_removes_partials_of_killed_runs_only(stanford, tmp_path, caplog):
+    """Issue 14: a writer killed with SIGKILL leaves its partial file; the next preprocess into the folder
+    removes it and says so in one line, while a partial file whose writer is alive stays."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    killed, stale = _start_writer(out / "train.h5", env)
+    alive, live = _start_writer(out / "val.h5", env)
+    shards = out / f".train.h5.shards-{killed.pid}-0123456789ab"  # augment's shard folder of the killed run
+    shards.mkdir()
+    (shards / "shard-0000000000-0000000010.npz").write_bytes(b"x" * 1000)
+    try:
+        killed.kill()
+        killed.wait()
+        assert stale.exists()  # SIGKILL: nothing cleaned up
+        with caplog.at_level("INFO", logger="carclf.preprocess"):
+            run_preprocess(stanford, out)
+        assert not stale.exists() and not shards.exists()
+        assert live.exists()  # its writer still runs
+        assert {p.name for p in out.iterdir()} == {"train.h5", "val.h5", "test.h5", live.name}
+        lines = [r.getMessage() for r in caplog.records if "partial file" in r.getMessage()]
+        assert len(lines) == 1 and "\n" not in lines[0]
+        assert f"removed 2 partial file(s) left in {out} by runs that were killed" in lines[0]
+        assert stale.name in lines[0] and shards.name in lines[0] and live.name not in lines[0]
+    finally:
+        alive.kill()
+        alive.wait()
+        killed.kill()

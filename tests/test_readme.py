@@ -22,6 +22,8 @@ import time
 import urllib.error
 import urllib.request
 
+import cv2
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
@@ -69,7 +71,8 @@ COVERAGE = [
     (r"mlflow run \. --env-manager local -e (preprocess|augment|train|evaluate) .*", "test_my_cars_step_by_step"),
     (r"mlflow models serve -m models:/carclf/1 --env-manager local -p 5000", "test_serving"),
     (r"python -m entry_points\.score --url http://127\.0\.0\.1:5000 car\.jpg .*", "test_serving"),
-    (r"curl -s http://127\.0\.0\.1:5000/invocations .*", "test_serving"),
+    (r"\{ printf .*; base64 -w0 car\.jpg; printf .* > req\.json", "test_serving"),
+    (r"curl -s http://127\.0\.0\.1:5000/invocations .*--data-binary @req\.json", "test_serving"),
     (r"python -m entry_points\.score --spark .*", "test_spark_batch_scoring"),
     (r"mlflow run \. --env-manager local -e deploy .*-P target=\$AZUREML_TARGET .*", "test_azure_without_credentials"),
     (r"mlflow deployments create -t azureml .*", "test_azure_without_credentials"),
@@ -364,7 +367,7 @@ def test_my_cars_step_by_step(world):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_serving(world):
-    serve, score, curl = commands_for("test_serving")
+    serve, score, write_body, curl = commands_for("test_serving")
     port = str(free_port())
     server = world.start_server(adapt(serve, tokens={"5000": port}) + ["-h", "127.0.0.1"], "serve.log")
     try:
@@ -375,7 +378,13 @@ def test_serving(world):
 
         if shutil.which("curl") is None or shutil.which("base64") is None:
             pytest.skip("curl/base64 not installed: the README curl command cannot run here")
-        line = curl.replace(":5000", f":{port}").replace("car.jpg", shlex.quote(car))
+        # A photo over 1 MB (issue 14): the README's body-in-a-file form must not hit the 128 KiB argument cap.
+        big = world.root / "big_car.jpg"
+        rng = np.random.default_rng(3)
+        noisy = rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+        big.write_bytes(cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 98])[1].tobytes())
+        assert big.stat().st_size > 1_000_000
+        line = write_body.replace("car.jpg", shlex.quote(str(big))) + " && " + curl.replace(":5000", f":{port}")
         result = world.run(["bash", "-c", line + ' -w "\\n%{http_code}"'], timeout=180)
         body, _, status = result.stdout.rpartition("\n")
         assert status == "200", describe(line, result)
