@@ -46,6 +46,7 @@ GOOD = jpeg_bytes(90, 70, seed=1)
 # Answers MLflow's scoring server gives BEFORE the model runs (mlflow/pyfunc/scoring_server: the body's
 # decoding and its top-level shape), which no model code can change; each is listed with its exact request in
 # the README's troubleshooting. (status, start of the message); status 500 only for a body that is not UTF-8.
+MLFLOW_PARAMS_CHECK = "Error: Invalid parameters found: {("
 MLFLOW_OWN_ANSWERS = [
     (400, "Invalid input. Ensure that input is a valid JSON formatted string."),
     (400, "The input must be a JSON dictionary with exactly one of the input fields"),
@@ -254,6 +255,11 @@ def _problem(case: Case, response: requests.Response) -> str | None:
     except ValueError:
         message = response.text
     if any(status == code and message.startswith(start) for code, start in MLFLOW_OWN_ANSWERS):
+        return None
+    if status == 400 and message.startswith("Failed to predict data") and MLFLOW_PARAMS_CHECK in message:
+        # MLflow checks params against the signature's ParamSchema inside PyFuncModel.predict, before carclf's
+        # code runs, and its server prefixes the request's repr; a ParamSpec can only be a plain type, so a
+        # top_k of "abc" or an errors of 0 cannot reach carclf (README troubleshooting lists the answer).
         return None
     if not response.headers.get("content-type", "").startswith("application/json"):
         return f"HTTP {status} with a body that is not JSON: {response.text[:200]!r}"
