@@ -35,7 +35,6 @@ import pathlib
 import re
 import shutil
 import sys
-import uuid
 from typing import Optional, Sequence
 
 from entry_points.cli_args import parse_int
@@ -250,7 +249,11 @@ def score_folder_spark(model_uri: str, input_dir: os.PathLike | str, output: os.
         F.when(bad, F.lit(None)).otherwise(F.col("p.top_k")).alias("top_k"),
         F.when(bad, F.col("p.error")).otherwise(F.lit(None)).alias("error"),
     )
-    partial = output.with_name(f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
+    from entry_points.hdf5_dataset import partial_path, remove_stale_partials
+
+    # A killed earlier run's folder goes first; this run's is named after its pid, so the next run can tell.
+    remove_stale_partials(output.parent)
+    partial = partial_path(output)
     result.write.mode("error").parquet(str(partial))
     count = spark.read.parquet(str(partial)).count()
     if output.exists():
