@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-mlflow-latest bench venv clean
+.PHONY: run test test-fast test-mlflow-latest lint bench venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ run: $(VENV)/.installed
 # pytest's own exit code goes through: 5 (no tests collected) fails the target.
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick loop while developing: everything but the tests marked slow (CI still runs them all).
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff: lint, and the formatting check (configured in pyproject.toml; .pre-commit-config.yaml runs the same).
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The second venv: the newest installable MLflow, no Azure extra (the core's promise to Databricks users).
 MLFLOW_LATEST ?= 3.17.2

@@ -1,896 +1,108 @@
 """The ``carclf`` MLflow flavor: a car classifier that takes photos (encoded bytes) and returns car models.
 
-Public API (in the style of ``mlflow.sklearn``):
-- ``FLAVOR_NAME`` ("carclf").
-- ``get_default_pip_requirements()``, ``get_default_conda_env()``: the pinned packages a served model needs.
-- ``save_model(model, path, class_names, *, preprocessing=None, ..., fuse=True, inference_precision="auto")``.
-- ``log_model(model, name, class_names, ..., registered_model_name=None)`` (through ``mlflow.models.Model.log``).
-- ``load_model(model_uri) -> CarClassifier``; ``_load_pyfunc(path, model_config=None)`` for ``mlflow.pyfunc``.
-- ``CarClassifier``: Keras model + class names + ``PreprocessSettings``; ``predict(images, top_k=5, bboxes=None)``.
-- ``InvalidInputError``: the ``MlflowException`` (INVALID_PARAMETER_VALUE, HTTP 400) raised for bad requests.
-- ``input_schema()``, ``params_schema()``, ``default_signature()``: the logged signature (no output schema: see
-  ``default_signature``).
+Public API (in the style of ``mlflow.keras``: this file only re-exports):
+- ``FLAVOR_NAME`` ("carclf") and the saved layout: ``carclf_flavor.layout``.
+- ``get_default_pip_requirements()``, ``get_default_conda_env()``: ``carclf_flavor.environment``.
+- ``save_model(model, path, class_names, *, preprocessing=None, ..., fuse=True, inference_precision="auto")``,
+  ``log_model(model, name, class_names, ..., registered_model_name=None)``: ``carclf_flavor.save``.
+- ``load_model(model_uri) -> CarClassifier``; ``_load_pyfunc(path, model_config=None)`` for ``mlflow.pyfunc``
+  (saved models name this package as their ``loader_module``): ``carclf_flavor.load``.
+- ``CarClassifier``: Keras model + class names + ``PreprocessSettings``; ``predict(images, top_k=5, bboxes=None)``,
+  ``classify_pixels(pixels, top_k)``: ``carclf_flavor.classifier``.
+- The pyfunc wrapper, request parsing and ``RequestLimits``: ``carclf_flavor.pyfunc``.
+- ``InvalidInputError``: the ``MlflowException`` (INVALID_PARAMETER_VALUE, HTTP 400) raised for bad requests,
+  built on first access (PEP 562) so that importing this package does not import MLflow: ``carclf_flavor.errors``.
+- ``input_schema()``, ``params_schema()``, ``default_signature()`` and the request columns:
+  ``carclf_flavor.signature``.
+- The network: ``carclf_flavor.resnet`` (architecture, fusion), ``carclf_flavor.pretrained`` (ImageNet weight
+  import), ``carclf_flavor.layers``; photo preparation shared with training: ``carclf_flavor.images``.
 
-Saved layout::
-
-    MLmodel                      carclf + python_function flavors, signature, input example
-    data/model.keras             the fused float32 inference network (Keras 3 format, loads with safe_mode=True)
-    data/classes.json            class index -> name, as a JSON list
-    data/preprocessing.json      PreprocessSettings (as the HDF5 data was built) + inference_precision
-    code/carclf_flavor/          this package: the model loads with only requirements.txt installed
-    requirements.txt, conda.yaml, python_env.yaml, serving_input_example.json, input_example.json
-
-Nothing is unpickled at load time: the network is a ``.keras`` file loaded with ``safe_mode=True`` and every
-other piece is JSON. Heavy imports (TensorFlow, Keras, MLflow) happen inside functions so that
-``import carclf_flavor.images`` stays light in Spark workers.
+Heavy imports (TensorFlow, Keras, MLflow) happen inside functions so that ``import carclf_flavor.images`` stays
+light in Spark workers. The package never imports Spark or the pipeline (``entry_points``): it ships inside every
+saved model (``code/carclf_flavor``).
 """
+
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
-import json
-import logging
-import math
-import numbers
-import os
-import pathlib
-import re
-import shutil
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Sequence
-
-import numpy as np
-
-from carclf_flavor.images import (
-    ImageDecodeError,
-    PreprocessSettings,
-    clamp_bbox,
-    crop_and_resize,
-    image_size_of,
-    preprocess_image,
+from carclf_flavor import errors as _errors
+from carclf_flavor.classifier import INFERENCE_CHUNK, CarClassifier
+from carclf_flavor.environment import get_default_conda_env, get_default_pip_requirements
+from carclf_flavor.errors import first_problem_message
+from carclf_flavor.images import ImageDecodeError, PreprocessSettings
+from carclf_flavor.layout import CLASSES_FILE, DATA_SUBPATH, FLAVOR_NAME, MODEL_FILE, PREPROCESSING_FILE
+from carclf_flavor.load import MAX_PIXELS_ENV_VAR, _load_from_data_dir, _load_pyfunc, load_model
+from carclf_flavor.precision import ENV_VAR as PRECISION_ENV_VAR
+from carclf_flavor.pyfunc import (
+    ACCEPTED_SHAPES,
+    DEFAULT_MAX_IMAGES_PER_REQUEST,
+    DEFAULT_MAX_REQUEST_BYTES,
+    ERRORS_ENV_VAR,
+    MAX_IMAGES_ENV_VAR,
+    MAX_REQUEST_BYTES_ENV_VAR,
+    RequestLimits,
+    decode_base64_image,
 )
-from carclf_flavor.precision import ENV_VAR as PRECISION_ENV_VAR  # noqa: F401  (re-exported)
-from carclf_flavor.precision import choose_inference_precision, validate_precision
+from carclf_flavor.save import log_model, read_class_names, save_model
+from carclf_flavor.signature import (
+    AUTO_ERROR_MODE,
+    BBOX_COLUMNS,
+    DEFAULT_TOP_K,
+    ERROR_COLUMN,
+    ERROR_MODES,
+    IMAGE_COLUMN,
+    OUTPUT_COLUMNS,
+    default_signature,
+    input_schema,
+    params_schema,
+)
 from carclf_flavor.version import __version__
-
-FLAVOR_NAME = "carclf"
-DATA_SUBPATH = "data"
-MODEL_FILE = "model.keras"
-CLASSES_FILE = "classes.json"
-PREPROCESSING_FILE = "preprocessing.json"
-IMAGE_COLUMN = "image"
-BBOX_COLUMNS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
-ERROR_COLUMN = "error"
-OUTPUT_COLUMNS = ("label", "class_id", "prob", "top_k")
-ERROR_MODES = ("raise", "coerce")
-# The params default: the deployment's error mode (CARCLF_ERRORS, else "raise"). Azure's no-code scorer answers
-# every exception with a fixed HTTP 500 text, so `deploy` sets CARCLF_ERRORS=coerce there: bad rows come back
-# with an `error` text instead.
-AUTO_ERROR_MODE = "auto"
-ERRORS_ENV_VAR = "CARCLF_ERRORS"
-DEFAULT_TOP_K = 5
-# Serve-time override of the pixel limit (decompression-bomb guard) saved in preprocessing.json.
-MAX_PIXELS_ENV_VAR = "CARCLF_MAX_PIXELS"
-# Request limits (memory a request may make the server hold): images per request and their encoded bytes.
-MAX_IMAGES_ENV_VAR = "CARCLF_MAX_IMAGES_PER_REQUEST"
-MAX_REQUEST_BYTES_ENV_VAR = "CARCLF_MAX_REQUEST_BYTES"
-DEFAULT_MAX_IMAGES_PER_REQUEST = 1024
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
-# Images per network call: bounds activation memory whatever the request's batch size.
-INFERENCE_CHUNK = 64
-# Packages the served model imports (directly or through MLflow's scoring server).
-_SERVING_PACKAGES = ("mlflow", "tensorflow-cpu", "keras", "opencv-python-headless", "pillow", "numpy", "pandas")
-_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
-
-# A child of MLflow's logger: `mlflow models serve` shows its INFO lines, so the precision choice is visible.
-_logger = logging.getLogger("mlflow.carclf")
-
-
-# --------------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------------
-_invalid_input_class = None
-
-
-def _invalid_input_error_class():
-    """Build the MlflowException subclass on first use (importing MLflow costs ~2 s; images.py users skip it)."""
-    global _invalid_input_class
-    if _invalid_input_class is None:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        class InvalidInputError(MlflowException):
-            """A bad request (image, bbox or parameter): HTTP 400 with a one-line message, no stack trace.
-
-            MLflow's scoring server rewrites ``e.message`` to "Failed to predict data '<repr of the whole
-            input DataFrame>'. Error: ..." before answering; that repr holds raw image bytes and spans many
-            lines, so the message set at construction is kept.
-            """
-
-            def __init__(self, message: str):
-                super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-                self.__dict__["_frozen_message"] = str(message)
-
-            @property
-            def message(self):
-                return self.__dict__.get("_frozen_message", self.__dict__.get("_message"))
-
-            @message.setter
-            def message(self, value):
-                if "_frozen_message" not in self.__dict__:
-                    self.__dict__["_message"] = value
-
-        InvalidInputError.__module__ = __name__
-        InvalidInputError.__qualname__ = "InvalidInputError"
-        _invalid_input_class = InvalidInputError
-    return _invalid_input_class
 
 
 def __getattr__(name):  # PEP 562: `carclf_flavor.InvalidInputError` without importing MLflow up front
     if name == "InvalidInputError":
-        return _invalid_input_error_class()
+        return _errors._invalid_input_error_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _invalid(message: str):
-    return _invalid_input_error_class()(message)
-
-
-# --------------------------------------------------------------------------------------------------
-# Environment
-# --------------------------------------------------------------------------------------------------
-def get_default_pip_requirements() -> list[str]:
-    """Pinned requirements (versions of this environment) a served carclf model needs; no repo install."""
-    from mlflow.utils.requirements_utils import _get_pinned_requirement
-
-    return [_get_pinned_requirement(package) for package in _SERVING_PACKAGES]
-
-
-def get_default_conda_env() -> dict:
-    from mlflow.utils.environment import _mlflow_conda_env
-
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
-
-
-# --------------------------------------------------------------------------------------------------
-# Signature
-# --------------------------------------------------------------------------------------------------
-def input_schema():
-    from mlflow.types import ColSpec, Schema
-    from mlflow.types.schema import AnyType
-
-    # Every column is `Any` and optional so that carclf's own code, not MLflow's schema enforcement, reads the
-    # request: MLflow's errors repeat the whole request in a multi-line message, its base64 decoding of
-    # `binary` columns only happens for `dataframe_split` (not `inputs`/`instances`, nor Azure's scorer, which
-    # passes base64 as plain strings), and its lenient decoder turns text that is not base64 into an empty image.
-    # The image: base64 text (line breaks allowed) or raw bytes in-process. The bbox columns hold integer pixel
-    # coordinates, checked by predict (naming the row): as `long` MLflow would cast 1.5 to 1 silently.
-    return Schema([ColSpec(AnyType(), IMAGE_COLUMN, required=False)]
-                  + [ColSpec(AnyType(), name, required=False) for name in BBOX_COLUMNS])
-
-
-def params_schema():
-    from mlflow.types import ParamSchema, ParamSpec
-
-    return ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("errors", "string", AUTO_ERROR_MODE)])
-
-
-def default_signature():
-    """Inputs and params; no output schema.
-
-    The answer (label, class_id, prob, top_k as a list of {label, prob}, and `error` with errors=coerce) has a
-    nested column, and Azure's no-code scorer cannot boot from a signature whose outputs are not plain types:
-    it builds a sample DataFrame of every output column at start-up. The README documents the answer instead.
-    """
-    from mlflow.models import ModelSignature
-
-    return ModelSignature(inputs=input_schema(), outputs=None, params=params_schema())
-
-
-def _default_input_example_image() -> bytes:
-    """A small real JPEG (a car-coloured gradient) for the logged input example."""
-    import cv2
-
-    height, width = 48, 64
-    y, x = np.mgrid[0:height, 0:width]
-    image = np.stack([(x * 4) % 256, (y * 5) % 256, ((x + y) * 2) % 256], axis=-1).astype(np.uint8)
-    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return encoded.tobytes()
-
-
-def _normalise_input_example(input_example):
-    """The example as a DataFrame whose images are one-line base64 text, exactly what a REST client sends.
-
-    MLflow would write bytes as MIME base64 (a line break every 76 characters); one-line text is what clients
-    copy from Azure's swagger page and from ``serving_input_example.json``.
-    """
-    import pandas as pd
-
-    if input_example is None:
-        input_example = _default_input_example_image()
-    if isinstance(input_example, (str, os.PathLike)) and pathlib.Path(input_example).is_file():
-        input_example = pathlib.Path(input_example).read_bytes()
-    if isinstance(input_example, (bytes, bytearray)):
-        input_example = pd.DataFrame({IMAGE_COLUMN: [bytes(input_example)]})
-    if isinstance(input_example, pd.DataFrame) and IMAGE_COLUMN in input_example.columns:
-        input_example = input_example.copy()
-        input_example[IMAGE_COLUMN] = [
-            base64.b64encode(bytes(value)).decode("ascii") if isinstance(value, (bytes, bytearray)) else value
-            for value in input_example[IMAGE_COLUMN]
-        ]
-    return input_example
-
-
-# --------------------------------------------------------------------------------------------------
-# Class names and metadata
-# --------------------------------------------------------------------------------------------------
-def read_class_names(class_names) -> list[str]:
-    """A list of names, or a path to Stanford Cars' ``cars_meta.mat`` (``class_names`` cell array)."""
-    if isinstance(class_names, (str, os.PathLike)):
-        path = pathlib.Path(class_names)
-        if not path.is_file():
-            raise ValueError(f"class_names: {path} is not a file (expected a list of names or a cars_meta.mat)")
-        if path.suffix.lower() == ".json":
-            names = json.loads(path.read_text())
-        else:
-            import scipy.io
-
-            try:
-                meta = scipy.io.loadmat(str(path), squeeze_me=True)
-            except Exception as exc:
-                raise ValueError(f"class_names: cannot read {path} as a .mat file ({exc})") from None
-            if "class_names" not in meta:
-                raise ValueError(f"class_names: {path} has no 'class_names' variable (keys: {sorted(meta)})")
-            names = [str(np.asarray(name).squeeze()) for name in np.atleast_1d(meta["class_names"])]
-    else:
-        names = [str(name) for name in class_names]
-    if not names:
-        raise ValueError("class_names is empty")
-    if len(set(names)) != len(names):
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        raise ValueError(f"class_names has duplicates: {duplicates[:5]}")
-    return names
-
-
-def _settings_from(preprocessing, image_size: Optional[int]) -> PreprocessSettings:
-    if preprocessing is None:
-        return PreprocessSettings(image_size=image_size or 224)
-    if isinstance(preprocessing, PreprocessSettings):
-        return preprocessing
-    if isinstance(preprocessing, dict):
-        return PreprocessSettings.from_dict(preprocessing)
-    raise TypeError(f"preprocessing must be a PreprocessSettings or a dict, got {type(preprocessing).__name__}")
-
-
-def _model_io_shape(model) -> tuple[Optional[int], int]:
-    input_shape = tuple(model.inputs[0].shape)
-    output_shape = tuple(model.outputs[0].shape)
-    image_size = input_shape[1] if len(input_shape) == 4 else None
-    return image_size, int(output_shape[-1])
-
-
-# --------------------------------------------------------------------------------------------------
-# save / log
-# --------------------------------------------------------------------------------------------------
-def save_model(
-    model,
-    path,
-    class_names,
-    *,
-    preprocessing=None,
-    mlflow_model=None,
-    signature=None,
-    input_example=None,
-    pip_requirements=None,
-    extra_pip_requirements=None,
-    conda_env=None,
-    code_paths=None,
-    metadata=None,
-    fuse: bool = True,
-    inference_precision: str = "auto",
-):
-    """Save a Keras classifier (uint8 (S, S, 3) RGB in, class probabilities out) as a carclf MLflow model.
-
-    ``class_names``: list of names (index = class id) or a path to a ``cars_meta.mat``.
-    ``preprocessing``: the ``PreprocessSettings`` (or its dict) the training HDF5 was built with.
-    ``fuse``: save ``carclf_flavor.resnet.fuse_for_inference(model)`` (BN and Scale folded into the convs).
-    ``inference_precision``: "auto" (bfloat16 where the serving hardware computes it natively), "float32" or
-    "bfloat16"; the environment variable CARCLF_INFERENCE_PRECISION overrides it at serve time.
-    ``signature`` defaults to ``default_signature()`` (pass False for none); ``input_example`` defaults to a
-    small JPEG (bytes, an image path or a DataFrame with an ``image`` column are accepted).
-    """
-    import yaml
-    from mlflow import pyfunc
-    from mlflow.models import Model
-    from mlflow.models.model import MLMODEL_FILE_NAME
-    from mlflow.models.utils import _save_example
-    from mlflow.utils.environment import (
-        _CONDA_ENV_FILE_NAME,
-        _CONSTRAINTS_FILE_NAME,
-        _PYTHON_ENV_FILE_NAME,
-        _REQUIREMENTS_FILE_NAME,
-        _process_conda_env,
-        _process_pip_requirements,
-        _PythonEnv,
-        _validate_env_arguments,
-    )
-    from mlflow.utils.file_utils import get_total_file_size, write_to
-    from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
-
-    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
-    inference_precision = validate_precision(inference_precision)
-    names = read_class_names(class_names)
-    image_size, num_outputs = _model_io_shape(model)
-    if num_outputs != len(names):
-        raise ValueError(f"the model has {num_outputs} outputs but {len(names)} class names were given")
-    settings = _settings_from(preprocessing, image_size)
-    if image_size is not None and int(settings.image_size) != int(image_size):
-        raise ValueError(
-            f"preprocessing.image_size={settings.image_size} but the model takes {image_size}x{image_size} images"
-        )
-
-    path = os.path.abspath(os.fspath(path))
-    _validate_and_prepare_target_save_path(path)
-
-    if fuse:
-        from carclf_flavor.resnet import fuse_for_inference
-
-        model = fuse_for_inference(model, dtype="float32")
-
-    data_dir = os.path.join(path, DATA_SUBPATH)
-    os.makedirs(data_dir)
-    model.save(os.path.join(data_dir, MODEL_FILE))
-    with open(os.path.join(data_dir, CLASSES_FILE), "w", encoding="utf-8") as handle:
-        json.dump(names, handle, indent=1, ensure_ascii=False)
-    preprocessing_record = dict(settings.to_dict(), inference_precision=inference_precision)
-    with open(os.path.join(data_dir, PREPROCESSING_FILE), "w", encoding="utf-8") as handle:
-        json.dump(preprocessing_record, handle, indent=2, sort_keys=True)
-
-    # The package ships inside the model (no repo install needed to serve); __pycache__ stays behind.
-    with tempfile.TemporaryDirectory() as staging:
-        package_copy = os.path.join(staging, "carclf_flavor")
-        shutil.copytree(_PACKAGE_DIR, package_copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        code_dir_subpath = _validate_and_copy_code_paths([package_copy] + list(code_paths or []), path)
-
-    if mlflow_model is None:
-        mlflow_model = Model()
-    _save_example(mlflow_model, _normalise_input_example(input_example), path)
-    if signature is None:
-        signature = default_signature()
-    elif signature is False:
-        signature = None
-    if signature is not None:
-        mlflow_model.signature = signature
-    if metadata is not None:
-        mlflow_model.metadata = metadata
-
-    pyfunc.add_to_model(
-        mlflow_model,
-        loader_module="carclf_flavor",
-        data=DATA_SUBPATH,
-        conda_env=_CONDA_ENV_FILE_NAME,
-        python_env=_PYTHON_ENV_FILE_NAME,
-        code=code_dir_subpath,
-        # Declared so that `mlflow.pyfunc.load_model(uri, model_config={...})` may override them at load
-        # time; the environment variables (CARCLF_INFERENCE_PRECISION, CARCLF_MAX_PIXELS,
-        # CARCLF_MAX_IMAGES_PER_REQUEST, CARCLF_MAX_REQUEST_BYTES, CARCLF_ERRORS) still win.
-        model_config={"inference_precision": inference_precision, "max_pixels": int(settings.max_pixels),
-                      "max_images_per_request": DEFAULT_MAX_IMAGES_PER_REQUEST,
-                      "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES, "errors": "raise"},
-    )
-    import keras
-
-    mlflow_model.add_flavor(
-        FLAVOR_NAME,
-        data=DATA_SUBPATH,
-        model_file=MODEL_FILE,
-        classes_file=CLASSES_FILE,
-        preprocessing_file=PREPROCESSING_FILE,
-        num_classes=len(names),
-        image_size=int(settings.image_size),
-        fused=bool(fuse),
-        inference_precision=inference_precision,
-        keras_version=keras.__version__,
-        carclf_version=__version__,
-        code=code_dir_subpath,
-    )
-    if size := get_total_file_size(path):
-        mlflow_model.model_size_bytes = size
-    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
-
-    if conda_env is None:
-        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
-        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
-            default_reqs, pip_requirements, extra_pip_requirements
-        )
-    else:
-        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
-    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as handle:
-        yaml.safe_dump(conda_env, stream=handle, default_flow_style=False)
-    if pip_constraints:
-        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
-    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
-    return mlflow_model
-
-
-def log_model(
-    model,
-    name,
-    class_names,
-    *,
-    preprocessing=None,
-    signature=None,
-    input_example=None,
-    pip_requirements=None,
-    extra_pip_requirements=None,
-    conda_env=None,
-    code_paths=None,
-    metadata=None,
-    fuse: bool = True,
-    inference_precision: str = "auto",
-    registered_model_name=None,
-    await_registration_for=None,
-    params=None,
-    tags=None,
-    model_type=None,
-    step: int = 0,
-    model_id=None,
-    **kwargs,
-):
-    """Log a carclf model to the active run (see ``save_model``); returns MLflow's ``ModelInfo``."""
-    import sys
-
-    from mlflow.models import Model
-    from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
-
-    return Model.log(
-        name=name,
-        artifact_path=None,
-        flavor=sys.modules[__name__],
-        model=model,
-        class_names=class_names,
-        preprocessing=preprocessing,
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
-        conda_env=conda_env,
-        code_paths=code_paths,
-        metadata=metadata,
-        fuse=fuse,
-        inference_precision=inference_precision,
-        registered_model_name=registered_model_name,
-        await_registration_for=DEFAULT_AWAIT_MAX_SLEEP_SECONDS if await_registration_for is None else await_registration_for,
-        params=params,
-        tags=tags,
-        model_type=model_type,
-        step=step,
-        model_id=model_id,
-        **kwargs,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# The classifier
-# --------------------------------------------------------------------------------------------------
-_executor_lock = threading.Lock()
-_executor: Optional[ThreadPoolExecutor] = None
-
-
-def _decode_pool() -> ThreadPoolExecutor:
-    # OpenCV and Pillow release the GIL while decoding: a few threads decode a batch in parallel.
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="carclf-decode")
-        return _executor
-
-
-class CarClassifier:
-    """A Keras network + class names + the preprocessing it was trained with. Thread-safe."""
-
-    def __init__(self, model, class_names: Sequence[str], settings: PreprocessSettings,
-                 precision: str = "float32", precision_reason: str = ""):
-        import tensorflow as tf
-
-        self.model = model
-        self.class_names = list(class_names)
-        self.settings = settings
-        self.precision = precision
-        self.precision_reason = precision_reason
-        size = int(settings.image_size)
-        self._num_classes = len(self.class_names)
-        # One traced graph with a fixed signature: concurrent calls never retrace (Keras' predict() is not
-        # safe to call from several threads at once), and a batch is a single call.
-        self._forward = tf.function(
-            lambda pixels: tf.cast(model(pixels, training=False), tf.float32),
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
-            reduce_retracing=False,
-        )
-        self._forward(tf.zeros([1, size, size, 3], tf.uint8))  # trace now, not inside the first request
-
-    # -- preprocessing ------------------------------------------------------------------------------
-    def _prepare_one(self, image, bbox) -> np.ndarray:
-        if isinstance(image, np.ndarray) and image.dtype != np.uint8 and image.dtype != object:
-            raise ImageDecodeError(f"arrays must be uint8 RGB, got dtype {image.dtype}")
-        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
-            if image.ndim != 3 or image.shape[2] != 3:
-                raise ImageDecodeError(f"arrays must have shape (H, W, 3), got {image.shape}")
-            height, width = image.shape[:2]
-            if width * height > self.settings.max_pixels:
-                raise ImageDecodeError(f"image is {width}x{height}, above the pixel limit {self.settings.max_pixels}")
-            if bbox is not None:
-                clamp_bbox(bbox, width, height)  # a box outside the image is an error, even when crop="none"
-            return crop_and_resize(image, bbox, self.settings)
-        if isinstance(image, (bytearray, memoryview)):
-            image = bytes(image)
-        if not isinstance(image, bytes):
-            raise ImageDecodeError(f"expected encoded image bytes or a uint8 array, got {type(image).__name__}")
-        if bbox is not None and len(image) > 0:
-            width, height = image_size_of(image)
-            clamp_bbox(bbox, width, height)
-        return preprocess_image(image, bbox, self.settings)
-
-    def preprocess(self, images: Sequence[Any], bboxes: Optional[Sequence[Any]] = None
-                   ) -> tuple[np.ndarray, list[Optional[str]]]:
-        """Decode/crop/resize each image (in parallel); returns (pixels of the good ones, error per input)."""
-        bboxes = list(bboxes) if bboxes is not None else [None] * len(images)
-        if len(bboxes) != len(images):
-            raise ValueError(f"{len(images)} images but {len(bboxes)} bboxes")
-
-        def prepare(index):
-            try:
-                return self._prepare_one(images[index], bboxes[index]), None
-            except (ImageDecodeError, ValueError, TypeError) as exc:
-                return None, str(exc)
-
-        if len(images) > 1:
-            results = list(_decode_pool().map(prepare, range(len(images))))
-        else:
-            results = [prepare(i) for i in range(len(images))]
-        errors = [error for _, error in results]
-        size = int(self.settings.image_size)
-        good = [pixels for pixels, error in results if error is None]
-        batch = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
-        return batch, errors
-
-    # -- prediction ---------------------------------------------------------------------------------
-    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 -> (N, num_classes) float32 probabilities, in one network call."""
-        if len(pixels) == 0:
-            return np.zeros((0, self._num_classes), np.float32)
-        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-        return np.concatenate([self._forward(pixels[start:start + INFERENCE_CHUNK]).numpy()
-                               for start in range(0, len(pixels), INFERENCE_CHUNK)])
-
-    def _rank(self, probs: np.ndarray, top_k: int) -> list[dict]:
-        k = min(int(top_k), self._num_classes)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        results = []
-        for row, ranked in zip(probs, order):
-            best = int(ranked[0])
-            results.append({
-                "label": self.class_names[best],
-                "class_id": best,
-                "prob": float(row[best]),
-                "top_k": [{"label": self.class_names[int(c)], "prob": float(row[int(c)])} for c in ranked],
-            })
-        return results
-
-    def predict(self, images, top_k: int = DEFAULT_TOP_K, bboxes=None, errors: str = "raise") -> list[Optional[dict]]:
-        """Classify encoded images (bytes) or uint8 RGB arrays; one dict per image.
-
-        Each dict: ``label``, ``class_id``, ``prob``, ``top_k`` (list of {label, prob}, most likely first).
-        ``bboxes``: one (x1, y1, x2, y2) or None per image, in source pixels. ``errors="raise"`` raises
-        ``ImageDecodeError`` naming the first bad image; ``"coerce"`` returns None for bad images.
-        """
-        if isinstance(images, (bytes, bytearray)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-            images = [images]
-        images = list(images)
-        if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-        pixels, problems = self.preprocess(images, bboxes)
-        bad = [(i, p) for i, p in enumerate(problems) if p is not None]
-        if bad and errors == "raise":
-            index, problem = bad[0]
-            more = f" (and {len(bad) - 1} more bad images)" if len(bad) > 1 else ""
-            raise ImageDecodeError(f"image {index}: {problem}{more}")
-        ranked = iter(self._rank(self.predict_pixels(pixels), top_k))
-        return [None if problem is not None else next(ranked) for problem in problems]
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------
-def _register_custom_layers():
-    """Importing the network modules registers their Keras layers (Scale, the input preprocessing layer)."""
-    import importlib
-    import importlib.util
-
-    for module in ("carclf_flavor.layers", "carclf_flavor.resnet"):
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
-def _to_bfloat16(model):
-    """The bf16 variant of the saved float32 fused network (weights cast once at load)."""
-    from carclf_flavor.resnet import fuse_for_inference
-
-    return fuse_for_inference(model, dtype="bfloat16")
-
-
-def _load_from_data_dir(data_dir: str, model_config: Optional[dict] = None) -> CarClassifier:
-    import keras
-
-    model_config = dict(model_config or {})
-    data_dir = pathlib.Path(data_dir)
-    names = json.loads((data_dir / CLASSES_FILE).read_text(encoding="utf-8"))
-    record = json.loads((data_dir / PREPROCESSING_FILE).read_text(encoding="utf-8"))
-    saved_precision = record.get("inference_precision", "float32")
-    max_pixels = os.environ.get(MAX_PIXELS_ENV_VAR) or model_config.get("max_pixels")
-    if max_pixels:
-        record["max_pixels"] = int(float(max_pixels))
-    settings = PreprocessSettings.from_dict(record)
-
-    _register_custom_layers()
-    model = keras.saving.load_model(str(data_dir / MODEL_FILE), compile=False, safe_mode=True)
-    requested = model_config.get("inference_precision", saved_precision)
-    precision, reason = choose_inference_precision(requested)
-    if precision == "bfloat16":
-        model = _to_bfloat16(model)
-    _logger.info("carclf model serving in %s: %s", precision, reason)
-    return CarClassifier(model, names, settings, precision=precision, precision_reason=reason)
-
-
-def load_model(model_uri, dst_path=None) -> CarClassifier:
-    """Load a carclf model from any MLflow model URI (runs:/, models:/, a local path, ...)."""
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-    from mlflow.utils.model_utils import _add_code_from_conf_to_system_path, _get_flavor_configuration
-
-    local_path = _download_artifact_from_uri(artifact_uri=str(model_uri), output_path=dst_path)
-    flavor_conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
-    _add_code_from_conf_to_system_path(local_path, flavor_conf)
-    return _load_from_data_dir(os.path.join(local_path, flavor_conf.get("data", DATA_SUBPATH)))
-
-
-def _load_pyfunc(path, model_config=None):
-    """Called by ``mlflow.pyfunc.load_model`` with the ``data`` folder of the model."""
-    path = pathlib.Path(path)
-    if (path / "MLmodel").exists():
-        path = path / DATA_SUBPATH
-    return _CarClassifierPyfunc(_load_from_data_dir(str(path), model_config), RequestLimits.from_environment(model_config))
-
-
-# --------------------------------------------------------------------------------------------------
-# The pyfunc (what `mlflow models serve` runs)
-# --------------------------------------------------------------------------------------------------
-def _is_missing(value) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return True
-    import pandas as pd
-
-    return value is pd.NA or value is pd.NaT
-
-
-def _as_int(value, column: str) -> int:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise ValueError(f"{column} must be an integer, got {value!r}")
-
-
-_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")
-_NOT_BASE64_CHARACTER = re.compile(r"[^A-Za-z0-9+/=]")
-# What a request may look like, for the one-line answer to one that has no image column.
-ACCEPTED_SHAPES = (
-    "send an 'image' column of base64 text: {\"dataframe_split\": {\"columns\": [\"image\"], \"data\": "
-    "[[\"<base64>\"]]}}, {\"dataframe_records\": [{\"image\": \"<base64>\"}]}, {\"inputs\": {\"image\": "
-    "[\"<base64>\"]}} or {\"instances\": [{\"image\": \"<base64>\"}]} (Azure: {\"input_data\": {\"columns\": "
-    "[\"image\"], \"index\": [0], \"data\": [[\"<base64>\"]]}}), with optional bbox_x1, bbox_y1, bbox_x2, bbox_y2"
-)
-
-
-def decode_base64_image(text: str) -> bytes:
-    """Base64 text -> bytes: MIME line breaks, surrounding whitespace and a ``data:...;base64,`` prefix allowed;
-    anything else that is not base64 is refused naming the first bad character."""
-    if text.startswith("data:"):
-        header, comma, text = text.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise ValueError("image is a data: URI but not ';base64,' encoded")
-    compact = "".join(text.split())
-    if not compact:
-        raise ValueError("empty image (0 bytes)")
-    if bad := _NOT_BASE64_CHARACTER.search(compact):
-        raise ValueError(f"image is text but not base64: character {bad.group()!r} at position {bad.start()}")
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"image is text but not valid base64 ({exc})") from None
-
-
-def _image_bytes(value):
-    if isinstance(value, (bytearray, memoryview)):
-        value = bytes(value)
-    if isinstance(value, bytes):
-        # Base64 text sent as bytes (a `binary` signature of a caller's own, or an in-process caller): no image
-        # format is pure base64 text, since every one starts with a binary magic number.
-        if len(value) >= 8 and _BASE64_TEXT.fullmatch(value):
-            try:
-                return decode_base64_image(value.decode("ascii"))
-            except ValueError:
-                return value
-        return value
-    if isinstance(value, str):
-        return decode_base64_image(value)
-    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
-        return value
-    raise ValueError(f"image must be base64 text or encoded image bytes, got {type(value).__name__}")
-
-
-def _limit_from(env_var: str, model_config: dict, key: str, default: int) -> int:
-    raw = os.environ.get(env_var) or model_config.get(key) or default
-    try:
-        value = int(float(raw))
-    except (TypeError, ValueError):
-        value = 0
-    if value < 1:
-        source = env_var if os.environ.get(env_var) else f"model_config {key}"
-        raise ValueError(f"{source} must be a positive integer, got {raw!r}")
-    return value
-
-
-def _error_mode_from(model_config: dict) -> str:
-    mode = str(os.environ.get(ERRORS_ENV_VAR) or model_config.get("errors") or "raise").strip().lower()
-    if mode not in ERROR_MODES:
-        source = ERRORS_ENV_VAR if os.environ.get(ERRORS_ENV_VAR) else "model_config errors"
-        raise ValueError(f"{source} must be one of {', '.join(ERROR_MODES)}, got {mode!r}")
-    return mode
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestLimits:
-    """What one request may ask of the server; set per deployment (environment) or per load (model_config)."""
-
-    max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST
-    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    default_errors: str = "raise"
-
-    @classmethod
-    def from_environment(cls, model_config: Optional[dict] = None) -> "RequestLimits":
-        model_config = dict(model_config or {})
-        return cls(
-            max_images=_limit_from(MAX_IMAGES_ENV_VAR, model_config, "max_images_per_request",
-                                   DEFAULT_MAX_IMAGES_PER_REQUEST),
-            max_bytes=_limit_from(MAX_REQUEST_BYTES_ENV_VAR, model_config, "max_request_bytes",
-                                  DEFAULT_MAX_REQUEST_BYTES),
-            default_errors=_error_mode_from(model_config),
-        )
-
-
-class _CarClassifierPyfunc:
-    """pyfunc wrapper: DataFrame (image [+ bbox_x1..bbox_y2]) -> DataFrame (label, class_id, prob, top_k[, error]).
-
-    params: ``top_k`` (default 5), ``errors`` ("raise": the first bad row fails the request with HTTP 400;
-    "coerce": bad rows get label/class_id/prob null, top_k [] and an ``error`` text; good rows are scored).
-    """
-
-    def __init__(self, classifier: CarClassifier, limits: Optional[RequestLimits] = None):
-        self.classifier = classifier
-        self.limits = limits or RequestLimits()
-
-    def get_raw_model(self):
-        return self.classifier
-
-    def _params(self, params):
-        params = dict(params or {})
-        top_k = params.get("top_k", DEFAULT_TOP_K)
-        if isinstance(top_k, str):
-            try:
-                top_k = int(top_k)
-            except ValueError:
-                pass
-        if isinstance(top_k, (bool, np.bool_)) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-            raise _invalid(f"params.top_k must be an integer >= 1, got {top_k!r}")
-        errors = str(params.get("errors", AUTO_ERROR_MODE)).strip().lower()
-        if errors == AUTO_ERROR_MODE:
-            errors = self.limits.default_errors
-        if errors not in ERROR_MODES:
-            raise _invalid(f"params.errors must be one of {', '.join(ERROR_MODES + (AUTO_ERROR_MODE,))}, "
-                           f"got {params.get('errors')!r}")
-        return int(top_k), errors
-
-    def _rows(self, data):
-        import pandas as pd
-
-        if isinstance(data, dict):
-            try:
-                data = pd.DataFrame(data)
-            except ValueError:
-                data = pd.DataFrame([data])
-        if not isinstance(data, pd.DataFrame):
-            raise _invalid(f"input is a {type(data).__name__}, not a table: {ACCEPTED_SHAPES}")
-        if IMAGE_COLUMN not in data.columns:
-            raise _invalid(f"input has no '{IMAGE_COLUMN}' column: {ACCEPTED_SHAPES}")
-        if len(data) == 1 and all(isinstance(v, (list, tuple, np.ndarray)) for v in data.iloc[0]):
-            # `{"inputs": {"image": [...]}}` with only text lists reaches us as ONE row holding the lists
-            # (MLflow's schema enforcement builds `DataFrame([inputs])` then): spread them back into rows.
-            lengths = {len(v) for v in data.iloc[0]}
-            if len(lengths) != 1:
-                raise _invalid(f"input columns have different lengths: {sorted(lengths)}")
-            data = pd.DataFrame({column: list(values) for column, values in data.iloc[0].items()})
-        if len(data) > self.limits.max_images:
-            raise _invalid(f"request has {len(data)} images, above the limit of {self.limits.max_images} per request "
-                           f"({MAX_IMAGES_ENV_VAR}); send smaller batches")
-        present = [c for c in BBOX_COLUMNS if c in data.columns]
-        if present and len(present) != len(BBOX_COLUMNS):
-            missing = [c for c in BBOX_COLUMNS if c not in data.columns]
-            raise _invalid(f"bbox columns must come together: missing {', '.join(missing)}")
-        images, bboxes, problems = [], [], []
-        bbox_values = data[list(BBOX_COLUMNS)].to_numpy(dtype=object) if present else None
-        total_bytes = 0
-        for row, value in enumerate(data[IMAGE_COLUMN].tolist()):
-            problem, image, bbox = None, None, None
-            try:
-                if _is_missing(value):
-                    raise ValueError("image is missing (null)")
-                image = _image_bytes(value)
-                total_bytes += image.nbytes if isinstance(image, np.ndarray) else len(image)
-                if total_bytes > self.limits.max_bytes:
-                    raise _invalid(f"request's images add up to more than {self.limits.max_bytes} bytes by row {row} "
-                                   f"({MAX_REQUEST_BYTES_ENV_VAR}); send smaller batches")
-                if bbox_values is not None:
-                    values = bbox_values[row]
-                    missing = [c for c, v in zip(BBOX_COLUMNS, values) if _is_missing(v)]
-                    if len(missing) == len(BBOX_COLUMNS):
-                        bbox = None
-                    elif missing:
-                        raise ValueError(f"bbox is incomplete: {', '.join(missing)} missing")
-                    else:
-                        bbox = tuple(_as_int(v, c) for c, v in zip(BBOX_COLUMNS, values))
-            except ValueError as exc:
-                problem = str(exc)
-            images.append(image if problem is None else b"")
-            bboxes.append(bbox)
-            problems.append(problem)
-        return images, bboxes, problems
-
-    def predict(self, data, params: Optional[dict] = None):
-        import pandas as pd
-
-        top_k, errors = self._params(params)
-        images, bboxes, problems = self._rows(data)
-        # Rows already bad are not decoded; the rest go through the same preprocessing as the training data.
-        todo = [i for i, p in enumerate(problems) if p is None]
-        pixels, decode_problems = self.classifier.preprocess([images[i] for i in todo], [bboxes[i] for i in todo])
-        for i, problem in zip(todo, decode_problems):
-            problems[i] = problem
-        bad = [(i, p) for i, p in enumerate(problems) if p is not None]
-        if bad and errors == "raise":
-            row, problem = bad[0]
-            more = f" (and {len(bad) - 1} more bad rows; params errors=coerce scores the good ones)" if len(bad) > 1 else ""
-            raise _invalid(f"row {row}: {problem}{more}")
-        ranked = iter(self.classifier._rank(self.classifier.predict_pixels(pixels), top_k))
-        records = []
-        for problem in problems:
-            if problem is None:
-                record = next(ranked)
-                if errors == "coerce":
-                    record[ERROR_COLUMN] = None
-            else:
-                # top_k is an empty list, not null: spark_udf cannot convert a null array inside its struct.
-                record = dict(dict.fromkeys(OUTPUT_COLUMNS), top_k=[])
-                record[ERROR_COLUMN] = problem
-            records.append(record)
-        columns = list(OUTPUT_COLUMNS) + ([ERROR_COLUMN] if errors == "coerce" else [])
-        if errors == "coerce":
-            # object columns keep None (JSON null) for bad rows instead of NaN.
-            return pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in columns})
-        return pd.DataFrame.from_records(records, columns=columns) if records else pd.DataFrame(columns=columns)
+__all__ = [
+    "ACCEPTED_SHAPES",
+    "AUTO_ERROR_MODE",
+    "BBOX_COLUMNS",
+    "CLASSES_FILE",
+    "DATA_SUBPATH",
+    "DEFAULT_MAX_IMAGES_PER_REQUEST",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_TOP_K",
+    "ERRORS_ENV_VAR",
+    "ERROR_COLUMN",
+    "ERROR_MODES",
+    "FLAVOR_NAME",
+    "IMAGE_COLUMN",
+    "INFERENCE_CHUNK",
+    "MAX_IMAGES_ENV_VAR",
+    "MAX_PIXELS_ENV_VAR",
+    "MAX_REQUEST_BYTES_ENV_VAR",
+    "MODEL_FILE",
+    "OUTPUT_COLUMNS",
+    "PRECISION_ENV_VAR",
+    "PREPROCESSING_FILE",
+    "CarClassifier",
+    "ImageDecodeError",
+    "InvalidInputError",
+    "PreprocessSettings",
+    "RequestLimits",
+    "__version__",
+    "_load_from_data_dir",
+    "_load_pyfunc",
+    "decode_base64_image",
+    "default_signature",
+    "first_problem_message",
+    "get_default_conda_env",
+    "get_default_pip_requirements",
+    "input_schema",
+    "load_model",
+    "log_model",
+    "params_schema",
+    "read_class_names",
+    "save_model",
+]

@@ -8,7 +8,7 @@ Only Keras (and numpy) are imported: this module ships inside every saved model.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 from keras import ops

@@ -15,33 +15,25 @@ cancels it, in inference it only shifts the moving mean. So the Caffe original h
 broadcast add per convolution, and on import a keras.applications bias ``b`` is folded exactly into the
 moving mean (``mean - b``). The parameter count is keras.applications' minus those biases.
 
-Pretrained weights are kept apart from the architecture: ``load_imagenet_weights(model, source)`` with
-``source`` = ``"imagenet"`` (download through keras.applications) or a path to a keras.applications weights
-file (legacy ``resnet50_weights_tf_dim_ordering_tf_kernels[_notop].h5`` layout, Keras 3 ``.weights.h5``, or
-a ``.keras`` model). Any mismatch raises ``WeightsError`` naming the layer; nothing is loaded partially.
+Pretrained weights live next door, in ``carclf_flavor.pretrained`` (``load_imagenet_weights``, ``WeightsError``,
+``KERAS_APPLICATIONS``); ``build_resnet(..., weights=...)`` calls it. Those names stay importable from here.
 
 ``fuse_for_inference(model, dtype)`` rebuilds the network with each conv -> BN -> Scale folded into one
 convolution with bias (+ ReLU), in float32 or pure bfloat16. Only standard Keras layers plus
 ``CaffePreprocess`` remain, so the result saves and loads as ``.keras`` with ``safe_mode=True``.
 
-Only Keras, numpy and h5py are imported: this module ships inside every saved model.
+Only Keras and numpy are imported: this module ships inside every saved model.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import re
-import zipfile
-from typing import Dict, List, Optional, Tuple
-
-import numpy as np
+from collections.abc import Iterable
 
 import keras
+import numpy as np
 
 from carclf_flavor.layers import CaffePreprocess, Scale
-
-_logger = logging.getLogger(__name__)
 
 BN_EPSILON = 1.001e-5  # keras.applications ResNet's value (Caffe used 1e-5)
 STEM_FILTERS = 64
@@ -50,22 +42,14 @@ BOTTLENECK_EXPANSION = 4
 MIN_IMAGE_SIZE = 32  # five stride-2 steps: 32 px is the smallest input that keeps a 1x1 final map
 
 # The one table of ResNet variants: depth -> (block kind, blocks in stages conv2..conv5).
-RESNET_STAGES: Dict[int, Tuple[str, Tuple[int, int, int, int]]] = {
+RESNET_STAGES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
 }
-# keras.applications ships ImageNet weights for these depths only.
-KERAS_APPLICATIONS = {50: "ResNet50", 101: "ResNet101", 152: "ResNet152"}
-KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 INFERENCE_DTYPES = ("float32", "bfloat16")
-IMAGENET_HEAD = "predictions"
-
-
-class WeightsError(ValueError):
-    """Pretrained weights that cannot be used: unreadable, wrong depth or width, missing layers, wrong shapes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,25 +58,20 @@ class ResNetArchitecture:
 
     depth: int
     block_kind: str
-    stage_depths: Tuple[int, int, int, int]
+    stage_depths: tuple[int, int, int, int]
     stem_filters: int
-    stage_filters: Tuple[int, int, int, int]
+    stage_filters: tuple[int, int, int, int]
     image_size: int
     num_classes: int
     head_name: str
     fused: bool
 
 
-def weight_file_name(depth: int, include_top: bool) -> str:
-    """The file keras.applications downloads (and caches in ~/.keras/models) for ``depth``."""
-    return f"resnet{depth}_weights_tf_dim_ordering_tf_kernels{'' if include_top else '_notop'}.h5"
-
-
 def _scaled(filters: int, width: float) -> int:
     return max(1, int(round(filters * width)))
 
 
-def _describe_depth(depth: int) -> str:
+def describe_depth(depth: int) -> str:
     kind, stages = RESNET_STAGES[depth]
     return f"ResNet-{depth} (stage depths {'-'.join(map(str, stages))})"
 
@@ -125,10 +104,10 @@ class _TrainableUnit:
 class _FusedUnit:
     """One Conv2D with bias (and ReLU) standing for conv -> BN -> Scale [-> ReLU], weights folded beforehand."""
 
-    def __init__(self, folded: Dict[str, Tuple[np.ndarray, np.ndarray, Tuple[int, int]]], dtype: str):
+    def __init__(self, folded: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]], dtype: str):
         self.folded = folded
         self.dtype = dtype
-        self.pending: List[Tuple[keras.layers.Layer, np.ndarray, np.ndarray]] = []
+        self.pending: list[tuple[keras.layers.Layer, np.ndarray, np.ndarray]] = []
 
     def __call__(self, x, filters, kernel_size, strides, name, relu, padding="valid", dtype=None):
         if name not in self.folded:
@@ -230,7 +209,7 @@ def build_resnet(
     dropout: float = 0.0,
     width: float = 1.0,
     head_name: str = "car_model",
-    name: Optional[str] = None,
+    name: str | None = None,
 ) -> keras.Model:
     """A Caffe-style ResNet taking uint8 ``(image_size, image_size, 3)`` RGB images, softmax over ``num_classes``.
 
@@ -251,7 +230,9 @@ def build_resnet(
     if not float(width) > 0:
         raise ValueError(f"width must be > 0, got {width}")
     if weights is not None:
-        _check_weights_compatible(depth, float(width))
+        from carclf_flavor.pretrained import check_weights_compatible
+
+        check_weights_compatible(depth, float(width))
 
     block_kind, stage_depths = RESNET_STAGES[depth]
     image_size = int(image_size)
@@ -264,21 +245,13 @@ def build_resnet(
     outputs = _head(x, int(num_classes), float(dropout), head_name, dtype=None)
     model = keras.Model(inputs, outputs, name=name or f"carclf_resnet{depth}")
     if weights is not None:
+        from carclf_flavor.pretrained import load_imagenet_weights
+
         load_imagenet_weights(model, weights)
     return model
 
 
-def _check_weights_compatible(depth: int, width: float):
-    if depth not in KERAS_APPLICATIONS:
-        raise WeightsError(
-            f"pretrained weights exist only for depths {sorted(KERAS_APPLICATIONS)} (keras.applications), "
-            f"not {depth}: use weights=None"
-        )
-    if width != 1.0:
-        raise WeightsError(f"pretrained weights need width=1.0, got width={width}")
-
-
-def _head_layer(model: keras.Model, head_name: Optional[str] = None) -> keras.layers.Layer:
+def head_layer(model: keras.Model, head_name: str | None = None) -> keras.layers.Layer:
     if head_name is not None:
         try:
             return model.get_layer(head_name)
@@ -290,14 +263,14 @@ def _head_layer(model: keras.Model, head_name: Optional[str] = None) -> keras.la
     return dense[-1]
 
 
-def backbone_trainable(model: keras.Model, trainable: bool, head_name: Optional[str] = None) -> keras.Model:
+def backbone_trainable(model: keras.Model, trainable: bool, head_name: str | None = None) -> keras.Model:
     """Freeze (``False``) or unfreeze (``True``) everything but the classification head.
 
     In Keras 3 a BatchNormalization with ``trainable=False`` runs in inference mode even inside
     ``fit`` (moving statistics used and not updated), so a frozen backbone is truly frozen.
     Recompile the model afterwards: ``compile`` snapshots which weights are trainable.
     """
-    head = _head_layer(model, head_name)
+    head = head_layer(model, head_name)
     for layer in model.layers:
         layer.trainable = True if layer is head else bool(trainable)
     return model
@@ -309,21 +282,28 @@ def backbone_trainable(model: keras.Model, trainable: bool, head_name: Optional[
 _UNIT_NAME = re.compile(r"^conv([2-5])_block(\d+)_([0-3])_conv$")
 
 
-def describe_resnet(model: keras.Model) -> ResNetArchitecture:
-    """Depth, filters, input size and head of a carclf ResNet (trainable or fused), from its layer names."""
-    names = {layer.name: layer for layer in model.layers}
-    if "conv1_conv" not in names or not any(isinstance(layer, CaffePreprocess) for layer in model.layers):
-        raise ValueError(f"model {model.name!r} is not a carclf ResNet (no conv1_conv / CaffePreprocess layer)")
+def stage_depths_of(layer_names: Iterable[str]) -> tuple[str, tuple[int, int, int, int]]:
+    """(block kind, blocks in stages conv2..conv5) read from unit names ``conv{stage}_block{i}_{unit}_conv``.
+
+    Used on a model's layers and on a weights file's layers (``carclf_flavor.pretrained``): one parser.
+    """
     blocks = {stage: 0 for stage in range(2, 6)}
     bottleneck = False
-    for layer_name in names:
+    for layer_name in layer_names:
         match = _UNIT_NAME.match(layer_name)
         if match:
             stage, block, unit = (int(g) for g in match.groups())
             blocks[stage] = max(blocks[stage], block)
             bottleneck = bottleneck or unit == 3
-    block_kind = "bottleneck" if bottleneck else "basic"
-    stage_depths = tuple(blocks[stage] for stage in range(2, 6))
+    return ("bottleneck" if bottleneck else "basic"), tuple(blocks[stage] for stage in range(2, 6))
+
+
+def describe_resnet(model: keras.Model) -> ResNetArchitecture:
+    """Depth, filters, input size and head of a carclf ResNet (trainable or fused), from its layer names."""
+    names = {layer.name: layer for layer in model.layers}
+    if "conv1_conv" not in names or not any(isinstance(layer, CaffePreprocess) for layer in model.layers):
+        raise ValueError(f"model {model.name!r} is not a carclf ResNet (no conv1_conv / CaffePreprocess layer)")
+    block_kind, stage_depths = stage_depths_of(names)
     matching = [d for d, spec in RESNET_STAGES.items() if spec == (block_kind, stage_depths)]
     if not matching:
         raise ValueError(
@@ -331,7 +311,7 @@ def describe_resnet(model: keras.Model) -> ResNetArchitecture:
             f"which is none of the known ResNets {sorted(RESNET_STAGES)}"
         )
     stage_filters = tuple(int(names[f"conv{stage}_block1_1_conv"].filters) for stage in range(2, 6))
-    head = _head_layer(model)
+    head = head_layer(model)
     input_shape = model.inputs[0].shape
     return ResNetArchitecture(
         depth=matching[0], block_kind=block_kind, stage_depths=stage_depths,
@@ -341,7 +321,7 @@ def describe_resnet(model: keras.Model) -> ResNetArchitecture:
     )
 
 
-def _unit_prefixes(model: keras.Model) -> List[str]:
+def unit_prefixes(model: keras.Model) -> list[str]:
     return [layer.name[: -len("_conv")] for layer in model.layers
             if isinstance(layer, keras.layers.Conv2D) and layer.name.endswith("_conv")]
 
@@ -349,7 +329,7 @@ def _unit_prefixes(model: keras.Model) -> List[str]:
 # --------------------------------------------------------------------------------------------------
 # Inference fusion
 # --------------------------------------------------------------------------------------------------
-def _folded_unit(model: keras.Model, prefix: str) -> Tuple[np.ndarray, np.ndarray, Tuple[int, int]]:
+def _folded_unit(model: keras.Model, prefix: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Kernel and bias of one conv with its following BN and Scale folded in (float64 arithmetic)."""
     conv = model.get_layer(f"{prefix}_conv")
     kernel = np.asarray(keras.ops.convert_to_numpy(conv.kernel), dtype=np.float64)
@@ -390,7 +370,7 @@ def fuse_for_inference(model: keras.Model, dtype: str = "float32") -> keras.Mode
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
     arch = describe_resnet(model)
-    folded = {prefix: _folded_unit(model, prefix) for prefix in _unit_prefixes(model)}
+    folded = {prefix: _folded_unit(model, prefix) for prefix in unit_prefixes(model)}
     preprocess = next(layer for layer in model.layers if isinstance(layer, CaffePreprocess))
     head = model.get_layer(arch.head_name)
 
@@ -405,7 +385,7 @@ def fuse_for_inference(model: keras.Model, dtype: str = "float32") -> keras.Mode
     unused = set(folded) - {layer.name[: -len("_conv")] for layer, _, _ in unit.pending}
     if unused:
         raise ValueError(f"cannot fuse: layers {sorted(f'{p}_conv' for p in unused)} are not part of a "
-                         f"{_describe_depth(arch.depth)}")
+                         f"{describe_depth(arch.depth)}")
     # Pool in float32: averaging 7x7 bf16 values in bf16 would cost accuracy for no measurable speed.
     activation = keras.activations.serialize(head.activation)
     outputs = _head(x, arch.num_classes, 0.0, arch.head_name, dtype="float32", activation=activation)
@@ -419,249 +399,17 @@ def fuse_for_inference(model: keras.Model, dtype: str = "float32") -> keras.Mode
     return fused
 
 
-# --------------------------------------------------------------------------------------------------
-# Pretrained weights
-# --------------------------------------------------------------------------------------------------
-# The original Caffe-converted ResNet-50 file (fchollet/deep-learning-models) names layers
-# res2a_branch2a / bn2a_branch2a / fc1000; ResNet-101/152 Caffe names count blocks b1, b2, ...
-_CAFFE_NAME = re.compile(r"^(res|bn)([2-5])([a-z])(\d*)_branch(1|2a|2b|2c)$")
-_CAFFE_UNITS = {"1": "0", "2a": "1", "2b": "2", "2c": "3"}
-_WEIGHT_KEYS = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
+# Pretrained-weight names kept importable from here (``from carclf_flavor.resnet import WeightsError``) for
+# existing callers; their home is ``carclf_flavor.pretrained``, imported only when asked for (PEP 562).
+_PRETRAINED_NAMES = frozenset({
+    "IMAGENET_HEAD", "KERAS_APPLICATIONS", "KERAS_WEIGHTS_URL", "WeightsError", "check_weights_compatible",
+    "load_imagenet_weights", "read_resnet_weights", "weight_file_name",
+})
 
 
-def _canonical_layer_name(name: str) -> str:
-    special = {"conv1": "conv1_conv", "bn_conv1": "conv1_bn", "fc1000": IMAGENET_HEAD}
-    if name in special:
-        return special[name]
-    match = _CAFFE_NAME.match(name)
-    if not match:
-        return name
-    kind, stage, letter, number, branch = match.groups()
-    block = int(number) + 1 if number else ord(letter) - ord("a") + 1
-    return f"conv{stage}_block{block}_{_CAFFE_UNITS[branch]}_{'conv' if kind == 'res' else 'bn'}"
+def __getattr__(name):
+    if name in _PRETRAINED_NAMES:
+        from carclf_flavor import pretrained
 
-
-def _weights_of_keras_model(model: keras.Model) -> Dict[str, Dict[str, np.ndarray]]:
-    weights = {}
-    for layer in model.layers:
-        if layer.weights:
-            weights[_canonical_layer_name(layer.name)] = {
-                variable.name.split("/")[-1].split(":")[0]: np.asarray(keras.ops.convert_to_numpy(variable))
-                for variable in layer.weights
-            }
-    return weights
-
-
-def _keras_application(depth: int, include_top: bool, weights, classes: int = 1000) -> keras.Model:
-    builder = getattr(keras.applications, KERAS_APPLICATIONS[depth])
-    input_shape = None if (include_top and weights == "imagenet") else (MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3)
-    return builder(weights=weights, include_top=include_top, input_shape=input_shape, classes=classes)
-
-
-def _read_attribute_list(group, name: str) -> List[str]:
-    """An HDF5 string-list attribute as Keras 2 writes it (split into name0, name1, ... when large)."""
-    if name in group.attrs:
-        values = list(group.attrs[name])
-    else:
-        values, chunk = [], 0
-        while f"{name}{chunk}" in group.attrs:
-            values.extend(group.attrs[f"{name}{chunk}"])
-            chunk += 1
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
-
-
-def _read_legacy_h5(handle, path: str) -> Dict[str, Dict[str, np.ndarray]]:
-    root = handle["model_weights"] if "model_weights" in handle else handle
-    weights = {}
-    for layer_name in _read_attribute_list(root, "layer_names"):
-        if layer_name not in root:
-            raise WeightsError(f"{path}: layer {layer_name!r} is listed but has no group in the file")
-        group = root[layer_name]
-        arrays = {}
-        for weight_name in _read_attribute_list(group, "weight_names"):
-            key = weight_name.split("/")[-1].split(":")[0]
-            if key not in _WEIGHT_KEYS:
-                raise WeightsError(f"{path}: layer {layer_name!r} has an unknown weight {weight_name!r}")
-            arrays[key] = np.asarray(group[weight_name], dtype=np.float32)
-        if arrays:
-            weights[_canonical_layer_name(layer_name)] = arrays
-    return weights
-
-
-_KERAS3_CONV_COUNTS = {
-    1 + sum(stages) * 3 + 4: depth for depth, (kind, stages) in RESNET_STAGES.items() if depth in KERAS_APPLICATIONS
-}
-
-
-def _read_keras3_weights(handle, path: str) -> Dict[str, Dict[str, np.ndarray]]:
-    """Keras 3 ``.weights.h5``: groups are named by class (conv2d_17), so let Keras itself read the file
-    into the keras.applications model of the depth the file's convolution count gives."""
-    layer_groups = list(handle["layers"].keys())
-    convs = sum(1 for g in layer_groups if re.fullmatch(r"conv2d(_\d+)?", g))
-    dense = [g for g in layer_groups if re.fullmatch(r"dense(_\d+)?", g)]
-    if convs not in _KERAS3_CONV_COUNTS or len(dense) > 1:
-        raise WeightsError(
-            f"{path}: {convs} convolution and {len(dense)} dense layers; a keras.applications ResNet-50/101/152 "
-            f"has {sorted(_KERAS3_CONV_COUNTS)} convolutions and 0 or 1 dense layer"
-        )
-    depth = _KERAS3_CONV_COUNTS[convs]
-    classes = 1000
-    if dense:
-        kernel = handle["layers"][dense[0]]["vars"]["0"]
-        classes = int(kernel.shape[-1])
-    handle.close()
-    reference = _keras_application(depth, include_top=bool(dense), weights=None, classes=classes)
-    try:
-        reference.load_weights(path)
-    except Exception as error:  # Keras' own reader: report its reason with the file and the model tried
-        raise WeightsError(
-            f"{path}: cannot be read as keras.applications.{KERAS_APPLICATIONS[depth]}"
-            f"(include_top={bool(dense)}): {error}"
-        ) from error
-    return _weights_of_keras_model(reference)
-
-
-def read_resnet_weights(source) -> Tuple[Dict[str, Dict[str, np.ndarray]], str]:
-    """``{layer name (keras.applications naming): {kernel|bias|gamma|beta|moving_mean|moving_variance: array}}``
-    from a keras.applications ResNet weights file, plus a description of the source for messages."""
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file not found: {path}")
-    if zipfile.is_zipfile(path):  # a whole .keras model saved from keras.applications
-        try:
-            reference = keras.saving.load_model(path, compile=False)
-        except Exception as error:
-            raise WeightsError(f"{path}: cannot load this .keras file: {error}") from error
-        return _weights_of_keras_model(reference), path
-    import h5py
-
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise WeightsError(f"{path}: not an HDF5 weights file ({error})") from error
-    try:
-        root = handle["model_weights"] if "model_weights" in handle else handle
-        if "layer_names" in root.attrs or "layer_names0" in root.attrs:
-            return _read_legacy_h5(handle, path), path
-        if "layers" in handle and "vars" in handle:
-            return _read_keras3_weights(handle, path), path
-        raise WeightsError(f"{path}: neither a legacy Keras .h5 (layer_names) nor a Keras 3 .weights.h5 file")
-    finally:
-        if handle.id.valid:
-            handle.close()
-
-
-def _imagenet_weights(depth: int, include_top: bool) -> Tuple[Dict[str, Dict[str, np.ndarray]], str]:
-    try:
-        reference = _keras_application(depth, include_top=include_top, weights="imagenet")
-    except Exception as error:
-        file_name = weight_file_name(depth, include_top)
-        raise WeightsError(
-            f"could not get the ImageNet weights of keras.applications.{KERAS_APPLICATIONS[depth]} "
-            f"({type(error).__name__}: {error}). Without internet access, download {KERAS_WEIGHTS_URL}{file_name} "
-            f"elsewhere, copy it here and pass its path: weights='/path/to/{file_name}' "
-            f"(or put it in ~/.keras/models/)"
-        ) from error
-    return _weights_of_keras_model(reference), f"keras.applications.{KERAS_APPLICATIONS[depth]} ImageNet weights"
-
-
-def _stage_depths_of(weights: Dict[str, Dict[str, np.ndarray]]) -> Tuple[str, Tuple[int, ...]]:
-    blocks = {stage: 0 for stage in range(2, 6)}
-    bottleneck = False
-    for name in weights:
-        match = re.match(r"^conv([2-5])_block(\d+)_([0-3])_(conv|bn)$", name)
-        if match:
-            stage, block, unit = int(match.group(1)), int(match.group(2)), int(match.group(3))
-            blocks[stage] = max(blocks[stage], block)
-            bottleneck = bottleneck or unit == 3
-    return ("bottleneck" if bottleneck else "basic"), tuple(blocks[s] for s in range(2, 6))
-
-
-def load_imagenet_weights(model: keras.Model, source, head_name: Optional[str] = None) -> dict:
-    """Copy keras.applications ResNet weights into a (trainable, unfused) carclf ResNet of the same depth.
-
-    ``source``: ``"imagenet"``, a path (see module docstring) or an in-memory keras.applications ResNet. Conv kernels are copied, each conv bias is
-    folded into the following BN's moving mean, BN moving mean/variance go to our BN and BN gamma/beta to
-    our Scale. The 1000-class ImageNet top is copied only when the head has the same shape. Everything is
-    checked before anything is assigned. Returns ``{"source", "layers", "head_carried"}``.
-    """
-    arch = describe_resnet(model)
-    if arch.fused:
-        raise ValueError("load weights into the trainable model, then fuse it (this model is already fused)")
-    if arch.depth not in KERAS_APPLICATIONS:
-        raise WeightsError(f"pretrained weights exist only for depths {sorted(KERAS_APPLICATIONS)}, "
-                           f"not for this ResNet-{arch.depth}")
-    head = _head_layer(model, head_name or arch.head_name)
-    if isinstance(source, str) and source == "imagenet":
-        weights, description = _imagenet_weights(arch.depth, include_top=arch.num_classes == 1000)
-    elif isinstance(source, keras.Model):  # an in-memory keras.applications ResNet
-        weights, description = _weights_of_keras_model(source), f"model {source.name!r}"
-    elif isinstance(source, (str, os.PathLike)):
-        weights, description = read_resnet_weights(source)
-    else:
-        raise WeightsError(f"weights must be None, 'imagenet', a file path or a keras.applications model, "
-                           f"got {source!r}")
-
-    kind, stages = _stage_depths_of(weights)
-    if (kind, stages) != (arch.block_kind, arch.stage_depths):
-        found = [d for d, spec in RESNET_STAGES.items() if spec == (kind, stages)]
-        found_text = f"ResNet-{found[0]}" if found else f"an unknown {kind} network"
-        raise WeightsError(
-            f"{description} holds {found_text} (stage depths {'-'.join(map(str, stages))}) but the model is "
-            f"{_describe_depth(arch.depth)}"
-        )
-
-    assignments = []  # (layer, [arrays]) checked completely before anything is written
-    used = set()
-
-    def need(layer_name: str, key: str, shape) -> np.ndarray:
-        arrays = weights.get(layer_name)
-        if arrays is None:
-            raise WeightsError(f"{description} has no layer {layer_name!r} (needed by {model.name})")
-        if key not in arrays:
-            raise WeightsError(f"{description}: layer {layer_name!r} has no {key!r} weight")
-        value = arrays[key]
-        if tuple(value.shape) != tuple(shape):
-            raise WeightsError(
-                f"{description}: layer {layer_name!r} {key} has shape {tuple(value.shape)}, "
-                f"the model needs {tuple(shape)}"
-            )
-        used.add(layer_name)
-        return value.astype(np.float32)
-
-    for prefix in _unit_prefixes(model):
-        conv, bn, scale = (model.get_layer(f"{prefix}_{part}") for part in ("conv", "bn", "scale"))
-        kernel = need(f"{prefix}_conv", "kernel", conv.kernel.shape)
-        channels = kernel.shape[-1]
-        source_conv = weights[f"{prefix}_conv"]
-        bias = need(f"{prefix}_conv", "bias", (channels,)) if "bias" in source_conv else np.zeros(channels, np.float32)
-        mean = need(f"{prefix}_bn", "moving_mean", (channels,))
-        variance = need(f"{prefix}_bn", "moving_variance", (channels,))
-        source_bn = weights[f"{prefix}_bn"]
-        gamma = need(f"{prefix}_bn", "gamma", (channels,)) if "gamma" in source_bn else np.ones(channels, np.float32)
-        beta = need(f"{prefix}_bn", "beta", (channels,)) if "beta" in source_bn else np.zeros(channels, np.float32)
-        # BN(conv + b) with moving mean m == BN(conv) with moving mean m - b: the bias folds exactly.
-        folded_mean = (mean.astype(np.float64) - bias.astype(np.float64)).astype(np.float32)
-        assignments += [(conv, [kernel]), (bn, [folded_mean, variance]), (scale, [gamma, beta])]
-
-    unexpected = sorted(set(weights) - used - {IMAGENET_HEAD})
-    if unexpected:
-        raise WeightsError(f"{description} holds layers this {_describe_depth(arch.depth)} does not have: "
-                           f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-
-    head_carried = False
-    top = weights.get(IMAGENET_HEAD)
-    if top is not None and "kernel" in top and "bias" in top:
-        if tuple(top["kernel"].shape) == tuple(head.kernel.shape) and tuple(top["bias"].shape) == tuple(head.bias.shape):
-            assignments.append((head, [top["kernel"].astype(np.float32), top["bias"].astype(np.float32)]))
-            head_carried = True
-        else:
-            _logger.info("ImageNet top %s not carried over to head %r %s (different number of classes)",
-                         tuple(top["kernel"].shape), head.name, tuple(head.kernel.shape))
-
-    for layer, arrays in assignments:
-        layer.set_weights(arrays)
-    summary = {"source": description, "layers": len(used), "head_carried": head_carried}
-    _logger.info("loaded %d layers from %s into %s (head carried over: %s)",
-                 len(used), description, model.name, head_carried)
-    return summary
+        return getattr(pretrained, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

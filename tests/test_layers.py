@@ -1,11 +1,10 @@
 """The Scale and CaffePreprocess layers: arithmetic, gradients, serialisation, mixed precision."""
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-
-from carclf_flavor.layers import CaffePreprocess, Scale  # noqa: E402
+from carclf_flavor.layers import CaffePreprocess, Scale
 
 
 @pytest.fixture

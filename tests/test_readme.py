@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from helpers_deploy import clean_azure_env, kill_servers_of_store, unshare_problem
+from helpers_deploy import clean_azure_env, kill_servers_of_store, require_unshare
 from helpers_flavor import free_port
 
 README = REPO_ROOT / "README.md"
@@ -413,9 +413,7 @@ def test_spark_batch_scoring(world):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_azure_without_credentials(world):
-    problem = unshare_problem()
-    if problem:
-        pytest.skip(f"cannot isolate the Azure commands from the network: {problem}")
+    require_unshare("the Azure commands")
     run_step, plain_cli = commands_for("test_azure_without_credentials")
     home = world.root / "empty-home"
     home.mkdir()

@@ -4,24 +4,20 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-
-from carclf_flavor.layers import CaffePreprocess, Scale  # noqa: E402
-from carclf_flavor.resnet import (  # noqa: E402
+from carclf_flavor.layers import CaffePreprocess, Scale
+from carclf_flavor.pretrained import WeightsError, load_imagenet_weights, weight_file_name
+from carclf_flavor.resnet import (
     RESNET_STAGES,
-    WeightsError,
     backbone_trainable,
     build_resnet,
     describe_resnet,
     fuse_for_inference,
-    load_imagenet_weights,
-    weight_file_name,
 )
-from helpers_resnet import randomize_batchnorm_and_biases, varied_images, write_legacy_h5  # noqa: E402
+from helpers_resnet import randomize_batchnorm_and_biases, varied_images, write_legacy_h5
 
 IMPORT_SIZE = 64  # keras.applications ResNet50 import checks
 TINY_SIZE = 32
@@ -437,3 +433,25 @@ def test_bfloat16_fused_agrees_with_float32_on_imported_resnet50(reference_files
     assert len(set(reference.argmax(1))) == 4
     fused16 = fuse_for_inference(model, "bfloat16")
     assert_bf16_agrees(reference, fused16.predict(images, batch_size=64, verbose=0))
+
+
+def test_stage_depths_are_read_from_unit_names_for_every_depth():
+    """One parser for a model's layers and a weights file's layers (BN names beside conv names are ignored)."""
+    from carclf_flavor.resnet import stage_depths_of
+
+    for depth, (kind, stages) in RESNET_STAGES.items():
+        units = (0, 1, 2, 3) if kind == "bottleneck" else (0, 1, 2)
+        names = [f"conv{stage}_block{block}_{unit}_{part}" for stage, blocks in zip(range(2, 6), stages)
+                 for block in range(1, blocks + 1) for unit in units for part in ("conv", "bn", "scale")]
+        assert stage_depths_of(["conv1_conv", "predictions", *names]) == (kind, stages), depth
+
+
+def test_pretrained_names_stay_importable_from_resnet():
+    """Callers that import the weight-import names from carclf_flavor.resnet (entry_points.train) keep working."""
+    from carclf_flavor import pretrained, resnet
+
+    for name in ("WeightsError", "KERAS_APPLICATIONS", "KERAS_WEIGHTS_URL", "load_imagenet_weights",
+                 "read_resnet_weights", "weight_file_name"):
+        assert getattr(resnet, name) is getattr(pretrained, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        resnet.no_such_name  # noqa: B018

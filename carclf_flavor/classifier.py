@@ -1,0 +1,157 @@
+"""``CarClassifier``: a Keras network + class names + the preprocessing it was trained with.
+
+``predict`` (in-process) and the pyfunc wrapper (``carclf_flavor.pyfunc``, what ``mlflow models serve`` runs)
+both go ``preprocess`` -> ``classify_pixels``: one decoding, one network call per chunk, one ranking.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from carclf_flavor.errors import first_problem_message
+from carclf_flavor.images import (
+    ImageDecodeError,
+    PreprocessSettings,
+    clamp_bbox,
+    crop_and_resize,
+    image_size_of,
+    preprocess_image,
+)
+from carclf_flavor.signature import DEFAULT_TOP_K
+
+# Images per network call: bounds activation memory whatever the request's batch size.
+INFERENCE_CHUNK = 64
+
+_executor_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    # OpenCV and Pillow release the GIL while decoding: a few threads decode a batch in parallel.
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="carclf-decode")
+        return _executor
+
+
+class CarClassifier:
+    """A Keras network + class names + the preprocessing it was trained with. Thread-safe."""
+
+    def __init__(self, model, class_names: Sequence[str], settings: PreprocessSettings,
+                 precision: str = "float32", precision_reason: str = ""):
+        import tensorflow as tf
+
+        self.model = model
+        self.class_names = list(class_names)
+        self.settings = settings
+        self.precision = precision
+        self.precision_reason = precision_reason
+        size = int(settings.image_size)
+        self._num_classes = len(self.class_names)
+        # One traced graph with a fixed signature: concurrent calls never retrace (Keras' predict() is not
+        # safe to call from several threads at once), and a batch is a single call.
+        self._forward = tf.function(
+            lambda pixels: tf.cast(model(pixels, training=False), tf.float32),
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
+            reduce_retracing=False,
+        )
+        self._forward(tf.zeros([1, size, size, 3], tf.uint8))  # trace now, not inside the first request
+
+    # -- preprocessing ------------------------------------------------------------------------------
+    def _prepare_one(self, image, bbox) -> np.ndarray:
+        if isinstance(image, np.ndarray) and image.dtype != np.uint8 and image.dtype != object:
+            raise ImageDecodeError(f"arrays must be uint8 RGB, got dtype {image.dtype}")
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ImageDecodeError(f"arrays must have shape (H, W, 3), got {image.shape}")
+            height, width = image.shape[:2]
+            if width * height > self.settings.max_pixels:
+                raise ImageDecodeError(f"image is {width}x{height}, above the pixel limit {self.settings.max_pixels}")
+            if bbox is not None:
+                clamp_bbox(bbox, width, height)  # a box outside the image is an error, even when crop="none"
+            return crop_and_resize(image, bbox, self.settings)
+        if isinstance(image, (bytearray, memoryview)):
+            image = bytes(image)
+        if not isinstance(image, bytes):
+            raise ImageDecodeError(f"expected encoded image bytes or a uint8 array, got {type(image).__name__}")
+        if bbox is not None and len(image) > 0:
+            width, height = image_size_of(image)
+            clamp_bbox(bbox, width, height)
+        return preprocess_image(image, bbox, self.settings)
+
+    def preprocess(self, images: Sequence[Any], bboxes: Sequence[Any] | None = None
+                   ) -> tuple[np.ndarray, list[str | None]]:
+        """Decode/crop/resize each image (in parallel); returns (pixels of the good ones, error per input)."""
+        bboxes = list(bboxes) if bboxes is not None else [None] * len(images)
+        if len(bboxes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(bboxes)} bboxes")
+
+        def prepare(index):
+            try:
+                return self._prepare_one(images[index], bboxes[index]), None
+            except (ImageDecodeError, ValueError, TypeError) as exc:
+                return None, str(exc)
+
+        if len(images) > 1:
+            results = list(_decode_pool().map(prepare, range(len(images))))
+        else:
+            results = [prepare(i) for i in range(len(images))]
+        errors = [error for _, error in results]
+        size = int(self.settings.image_size)
+        good = [pixels for pixels, error in results if error is None]
+        batch = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
+        return batch, errors
+
+    # -- prediction ---------------------------------------------------------------------------------
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 -> (N, num_classes) float32 probabilities, in one network call."""
+        if len(pixels) == 0:
+            return np.zeros((0, self._num_classes), np.float32)
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        return np.concatenate([self._forward(pixels[start:start + INFERENCE_CHUNK]).numpy()
+                               for start in range(0, len(pixels), INFERENCE_CHUNK)])
+
+    def classify_pixels(self, pixels: np.ndarray, top_k: int) -> list[dict]:
+        """(N, S, S, 3) uint8 -> one dict per image: ``label``, ``class_id``, ``prob``, ``top_k`` (list of
+        {label, prob}, most likely first; ``top_k`` >= 1, at most the number of classes)."""
+        return self._rank(self.predict_pixels(pixels), top_k)
+
+    def _rank(self, probs: np.ndarray, top_k: int) -> list[dict]:
+        k = min(int(top_k), self._num_classes)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        results = []
+        for row, ranked in zip(probs, order):
+            best = int(ranked[0])
+            results.append({
+                "label": self.class_names[best],
+                "class_id": best,
+                "prob": float(row[best]),
+                "top_k": [{"label": self.class_names[int(c)], "prob": float(row[int(c)])} for c in ranked],
+            })
+        return results
+
+    def predict(self, images, top_k: int = DEFAULT_TOP_K, bboxes=None, errors: str = "raise") -> list[dict | None]:
+        """Classify encoded images (bytes) or uint8 RGB arrays; one dict per image.
+
+        Each dict: ``label``, ``class_id``, ``prob``, ``top_k`` (list of {label, prob}, most likely first).
+        ``bboxes``: one (x1, y1, x2, y2) or None per image, in source pixels. ``errors="raise"`` raises
+        ``ImageDecodeError`` naming the first bad image; ``"coerce"`` returns None for bad images.
+        """
+        if isinstance(images, (bytes, bytearray)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+            images = [images]
+        images = list(images)
+        if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        pixels, problems = self.preprocess(images, bboxes)
+        if errors == "raise" and (message := first_problem_message(problems, "image")):
+            raise ImageDecodeError(message)
+        ranked = iter(self.classify_pixels(pixels, top_k))
+        return [None if problem is not None else next(ranked) for problem in problems]

@@ -1,0 +1,20 @@
+"""The layout of a saved carclf model: the flavor's name and the files its ``data`` folder holds.
+
+::
+
+    MLmodel                      carclf + python_function flavors, signature, input example
+    data/model.keras             the fused float32 inference network (Keras 3 format, loads with safe_mode=True)
+    data/classes.json            class index -> name, as a JSON list
+    data/preprocessing.json      PreprocessSettings (as the HDF5 data was built) + inference_precision
+    code/carclf_flavor/          this package: the model loads with only requirements.txt installed
+    requirements.txt, conda.yaml, python_env.yaml, serving_input_example.json, input_example.json
+
+Nothing is unpickled at load time: the network is a ``.keras`` file loaded with ``safe_mode=True`` and every
+other piece is JSON. These names are read back from models saved by every earlier version: never rename them.
+"""
+
+FLAVOR_NAME = "carclf"
+DATA_SUBPATH = "data"
+MODEL_FILE = "model.keras"
+CLASSES_FILE = "classes.json"
+PREPROCESSING_FILE = "preprocessing.json"

@@ -1,0 +1,263 @@
+"""The pyfunc model ``mlflow models serve`` (and Azure's no-code scorer, and ``spark_udf``) runs.
+
+It reads the request itself (every signature column is ``Any``: see ``carclf_flavor.signature``): base64 text
+in any of MLflow's request formats, optional bbox columns, per-request limits, and the ``top_k`` / ``errors``
+params; then hands the rows to ``CarClassifier.preprocess`` and ``CarClassifier.classify_pixels``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import math
+import numbers
+import os
+import re
+
+import numpy as np
+
+from carclf_flavor.classifier import CarClassifier
+from carclf_flavor.errors import first_problem_message, invalid_input
+from carclf_flavor.signature import (
+    AUTO_ERROR_MODE,
+    BBOX_COLUMNS,
+    DEFAULT_TOP_K,
+    ERROR_COLUMN,
+    ERROR_MODES,
+    IMAGE_COLUMN,
+    OUTPUT_COLUMNS,
+)
+
+ERRORS_ENV_VAR = "CARCLF_ERRORS"
+# Request limits (memory a request may make the server hold): images per request and their encoded bytes.
+MAX_IMAGES_ENV_VAR = "CARCLF_MAX_IMAGES_PER_REQUEST"
+MAX_REQUEST_BYTES_ENV_VAR = "CARCLF_MAX_REQUEST_BYTES"
+DEFAULT_MAX_IMAGES_PER_REQUEST = 1024
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+def _is_missing(value) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    import pandas as pd
+
+    return value is pd.NA or value is pd.NaT
+
+
+def _as_int(value, column: str) -> int:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError(f"{column} must be an integer, got {value!r}")
+
+
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")
+_NOT_BASE64_CHARACTER = re.compile(r"[^A-Za-z0-9+/=]")
+# What a request may look like, for the one-line answer to one that has no image column.
+ACCEPTED_SHAPES = (
+    "send an 'image' column of base64 text: {\"dataframe_split\": {\"columns\": [\"image\"], \"data\": "
+    "[[\"<base64>\"]]}}, {\"dataframe_records\": [{\"image\": \"<base64>\"}]}, {\"inputs\": {\"image\": "
+    "[\"<base64>\"]}} or {\"instances\": [{\"image\": \"<base64>\"}]} (Azure: {\"input_data\": {\"columns\": "
+    "[\"image\"], \"index\": [0], \"data\": [[\"<base64>\"]]}}), with optional bbox_x1, bbox_y1, bbox_x2, bbox_y2"
+)
+
+
+def decode_base64_image(text: str) -> bytes:
+    """Base64 text -> bytes: MIME line breaks, surrounding whitespace and a ``data:...;base64,`` prefix allowed;
+    anything else that is not base64 is refused naming the first bad character."""
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError("image is a data: URI but not ';base64,' encoded")
+    compact = "".join(text.split())
+    if not compact:
+        raise ValueError("empty image (0 bytes)")
+    if bad := _NOT_BASE64_CHARACTER.search(compact):
+        raise ValueError(f"image is text but not base64: character {bad.group()!r} at position {bad.start()}")
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"image is text but not valid base64 ({exc})") from None
+
+
+def _image_bytes(value):
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    if isinstance(value, bytes):
+        # Base64 text sent as bytes (a `binary` signature of a caller's own, or an in-process caller): no image
+        # format is pure base64 text, since every one starts with a binary magic number.
+        if len(value) >= 8 and _BASE64_TEXT.fullmatch(value):
+            try:
+                return decode_base64_image(value.decode("ascii"))
+            except ValueError:
+                return value
+        return value
+    if isinstance(value, str):
+        return decode_base64_image(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value
+    raise ValueError(f"image must be base64 text or encoded image bytes, got {type(value).__name__}")
+
+
+def _limit_from(env_var: str, model_config: dict, key: str, default: int) -> int:
+    raw = os.environ.get(env_var) or model_config.get(key) or default
+    try:
+        value = int(float(raw))
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        source = env_var if os.environ.get(env_var) else f"model_config {key}"
+        raise ValueError(f"{source} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _error_mode_from(model_config: dict) -> str:
+    mode = str(os.environ.get(ERRORS_ENV_VAR) or model_config.get("errors") or "raise").strip().lower()
+    if mode not in ERROR_MODES:
+        source = ERRORS_ENV_VAR if os.environ.get(ERRORS_ENV_VAR) else "model_config errors"
+        raise ValueError(f"{source} must be one of {', '.join(ERROR_MODES)}, got {mode!r}")
+    return mode
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the server; set per deployment (environment) or per load (model_config)."""
+
+    max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST
+    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    default_errors: str = "raise"
+
+    @classmethod
+    def from_environment(cls, model_config: dict | None = None) -> RequestLimits:
+        model_config = dict(model_config or {})
+        return cls(
+            max_images=_limit_from(MAX_IMAGES_ENV_VAR, model_config, "max_images_per_request",
+                                   DEFAULT_MAX_IMAGES_PER_REQUEST),
+            max_bytes=_limit_from(MAX_REQUEST_BYTES_ENV_VAR, model_config, "max_request_bytes",
+                                  DEFAULT_MAX_REQUEST_BYTES),
+            default_errors=_error_mode_from(model_config),
+        )
+
+
+class _CarClassifierPyfunc:
+    """pyfunc wrapper: DataFrame (image [+ bbox_x1..bbox_y2]) -> DataFrame (label, class_id, prob, top_k[, error]).
+
+    params: ``top_k`` (default 5), ``errors`` ("raise": the first bad row fails the request with HTTP 400;
+    "coerce": bad rows get label/class_id/prob null, top_k [] and an ``error`` text; good rows are scored).
+    """
+
+    def __init__(self, classifier: CarClassifier, limits: RequestLimits | None = None):
+        self.classifier = classifier
+        self.limits = limits or RequestLimits()
+
+    def get_raw_model(self):
+        return self.classifier
+
+    def _params(self, params):
+        params = dict(params or {})
+        top_k = params.get("top_k", DEFAULT_TOP_K)
+        if isinstance(top_k, str):
+            try:
+                top_k = int(top_k)
+            except ValueError:
+                pass
+        if isinstance(top_k, (bool, np.bool_)) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+            raise invalid_input(f"params.top_k must be an integer >= 1, got {top_k!r}")
+        errors = str(params.get("errors", AUTO_ERROR_MODE)).strip().lower()
+        if errors == AUTO_ERROR_MODE:
+            errors = self.limits.default_errors
+        if errors not in ERROR_MODES:
+            raise invalid_input(f"params.errors must be one of {', '.join(ERROR_MODES + (AUTO_ERROR_MODE,))}, "
+                           f"got {params.get('errors')!r}")
+        return int(top_k), errors
+
+    def _rows(self, data):
+        import pandas as pd
+
+        if isinstance(data, dict):
+            try:
+                data = pd.DataFrame(data)
+            except ValueError:
+                data = pd.DataFrame([data])
+        if not isinstance(data, pd.DataFrame):
+            raise invalid_input(f"input is a {type(data).__name__}, not a table: {ACCEPTED_SHAPES}")
+        if IMAGE_COLUMN not in data.columns:
+            raise invalid_input(f"input has no '{IMAGE_COLUMN}' column: {ACCEPTED_SHAPES}")
+        if len(data) == 1 and all(isinstance(v, (list, tuple, np.ndarray)) for v in data.iloc[0]):
+            # `{"inputs": {"image": [...]}}` with only text lists reaches us as ONE row holding the lists
+            # (MLflow's schema enforcement builds `DataFrame([inputs])` then): spread them back into rows.
+            lengths = {len(v) for v in data.iloc[0]}
+            if len(lengths) != 1:
+                raise invalid_input(f"input columns have different lengths: {sorted(lengths)}")
+            data = pd.DataFrame({column: list(values) for column, values in data.iloc[0].items()})
+        if len(data) > self.limits.max_images:
+            raise invalid_input(f"request has {len(data)} images, above the limit of {self.limits.max_images} per request "
+                           f"({MAX_IMAGES_ENV_VAR}); send smaller batches")
+        present = [c for c in BBOX_COLUMNS if c in data.columns]
+        if present and len(present) != len(BBOX_COLUMNS):
+            missing = [c for c in BBOX_COLUMNS if c not in data.columns]
+            raise invalid_input(f"bbox columns must come together: missing {', '.join(missing)}")
+        images, bboxes, problems = [], [], []
+        bbox_values = data[list(BBOX_COLUMNS)].to_numpy(dtype=object) if present else None
+        total_bytes = 0
+        for row, value in enumerate(data[IMAGE_COLUMN].tolist()):
+            problem, image, bbox = None, None, None
+            try:
+                if _is_missing(value):
+                    raise ValueError("image is missing (null)")
+                image = _image_bytes(value)
+                total_bytes += image.nbytes if isinstance(image, np.ndarray) else len(image)
+                if total_bytes > self.limits.max_bytes:
+                    raise invalid_input(f"request's images add up to more than {self.limits.max_bytes} bytes by row {row} "
+                                   f"({MAX_REQUEST_BYTES_ENV_VAR}); send smaller batches")
+                if bbox_values is not None:
+                    values = bbox_values[row]
+                    missing = [c for c, v in zip(BBOX_COLUMNS, values) if _is_missing(v)]
+                    if len(missing) == len(BBOX_COLUMNS):
+                        bbox = None
+                    elif missing:
+                        raise ValueError(f"bbox is incomplete: {', '.join(missing)} missing")
+                    else:
+                        bbox = tuple(_as_int(v, c) for c, v in zip(BBOX_COLUMNS, values))
+            except ValueError as exc:
+                problem = str(exc)
+            images.append(image if problem is None else b"")
+            bboxes.append(bbox)
+            problems.append(problem)
+        return images, bboxes, problems
+
+    def predict(self, data, params: dict | None = None):
+        import pandas as pd
+
+        top_k, errors = self._params(params)
+        images, bboxes, problems = self._rows(data)
+        # Rows already bad are not decoded; the rest go through the same preprocessing as the training data.
+        todo = [i for i, p in enumerate(problems) if p is None]
+        pixels, decode_problems = self.classifier.preprocess([images[i] for i in todo], [bboxes[i] for i in todo])
+        for i, problem in zip(todo, decode_problems):
+            problems[i] = problem
+        if errors == "raise" and (
+            message := first_problem_message(problems, "row", "; params errors=coerce scores the good ones")
+        ):
+            raise invalid_input(message)
+        ranked = iter(self.classifier.classify_pixels(pixels, top_k))
+        records = []
+        for problem in problems:
+            if problem is None:
+                record = next(ranked)
+                if errors == "coerce":
+                    record[ERROR_COLUMN] = None
+            else:
+                # top_k is an empty list, not null: spark_udf cannot convert a null array inside its struct.
+                record = dict(dict.fromkeys(OUTPUT_COLUMNS), top_k=[])
+                record[ERROR_COLUMN] = problem
+            records.append(record)
+        columns = list(OUTPUT_COLUMNS) + ([ERROR_COLUMN] if errors == "coerce" else [])
+        if errors == "coerce":
+            # object columns keep None (JSON null) for bad rows instead of NaN.
+            return pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in columns})
+        return pd.DataFrame.from_records(records, columns=columns) if records else pd.DataFrame(columns=columns)

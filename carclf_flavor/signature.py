@@ -1,0 +1,91 @@
+"""What a request to a carclf model looks like: its columns, params, logged signature and input example.
+
+Every input column is ``Any`` and optional (see ``input_schema``): carclf's own code (``carclf_flavor.pyfunc``)
+reads and checks the request, naming the row; there is no output schema (see ``default_signature``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pathlib
+
+import numpy as np
+
+IMAGE_COLUMN = "image"
+BBOX_COLUMNS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
+ERROR_COLUMN = "error"
+OUTPUT_COLUMNS = ("label", "class_id", "prob", "top_k")
+ERROR_MODES = ("raise", "coerce")
+# The params default: the deployment's error mode (CARCLF_ERRORS, else "raise"). Azure's no-code scorer answers
+# every exception with a fixed HTTP 500 text, so `deploy` sets CARCLF_ERRORS=coerce there: bad rows come back
+# with an `error` text instead.
+AUTO_ERROR_MODE = "auto"
+DEFAULT_TOP_K = 5
+
+
+def input_schema():
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
+
+    # Every column is `Any` and optional so that carclf's own code, not MLflow's schema enforcement, reads the
+    # request: MLflow's errors repeat the whole request in a multi-line message, its base64 decoding of
+    # `binary` columns only happens for `dataframe_split` (not `inputs`/`instances`, nor Azure's scorer, which
+    # passes base64 as plain strings), and its lenient decoder turns text that is not base64 into an empty image.
+    # The image: base64 text (line breaks allowed) or raw bytes in-process. The bbox columns hold integer pixel
+    # coordinates, checked by predict (naming the row): as `long` MLflow would cast 1.5 to 1 silently.
+    return Schema([ColSpec(AnyType(), IMAGE_COLUMN, required=False)]
+                  + [ColSpec(AnyType(), name, required=False) for name in BBOX_COLUMNS])
+
+
+def params_schema():
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("errors", "string", AUTO_ERROR_MODE)])
+
+
+def default_signature():
+    """Inputs and params; no output schema.
+
+    The answer (label, class_id, prob, top_k as a list of {label, prob}, and `error` with errors=coerce) has a
+    nested column, and Azure's no-code scorer cannot boot from a signature whose outputs are not plain types:
+    it builds a sample DataFrame of every output column at start-up. The README documents the answer instead.
+    """
+    from mlflow.models import ModelSignature
+
+    return ModelSignature(inputs=input_schema(), outputs=None, params=params_schema())
+
+
+def _default_input_example_image() -> bytes:
+    """A small real JPEG (a car-coloured gradient) for the logged input example."""
+    import cv2
+
+    height, width = 48, 64
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([(x * 4) % 256, (y * 5) % 256, ((x + y) * 2) % 256], axis=-1).astype(np.uint8)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return encoded.tobytes()
+
+
+def _normalise_input_example(input_example):
+    """The example as a DataFrame whose images are one-line base64 text, exactly what a REST client sends.
+
+    MLflow would write bytes as MIME base64 (a line break every 76 characters); one-line text is what clients
+    copy from Azure's swagger page and from ``serving_input_example.json``.
+    """
+    import pandas as pd
+
+    if input_example is None:
+        input_example = _default_input_example_image()
+    if isinstance(input_example, (str, os.PathLike)) and pathlib.Path(input_example).is_file():
+        input_example = pathlib.Path(input_example).read_bytes()
+    if isinstance(input_example, (bytes, bytearray)):
+        input_example = pd.DataFrame({IMAGE_COLUMN: [bytes(input_example)]})
+    if isinstance(input_example, pd.DataFrame) and IMAGE_COLUMN in input_example.columns:
+        input_example = input_example.copy()
+        input_example[IMAGE_COLUMN] = [
+            base64.b64encode(bytes(value)).decode("ascii") if isinstance(value, (bytes, bytearray)) else value
+            for value in input_example[IMAGE_COLUMN]
+        ]
+    return input_example
