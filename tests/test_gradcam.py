@@ -44,7 +44,7 @@ def test_gradcam_of_the_logit_is_cam_for_a_gap_dense_head():
     classes = np.array([0, 1, 2, 1], np.int32)
     gradcam = GradCAM(model)
     maps = gradcam.feature_maps(images, classes)
-    features = np.asarray(keras.Model(model.inputs, feature_map(model))(images[None] if False else images))
+    features = np.asarray(keras.Model(model.inputs, feature_map(model))(images))
     kernel, bias = (np.asarray(w) for w in model.get_layer("car_model").weights)
     expected = np.maximum(np.einsum("nhwk,kn->nhw", features, kernel[:, classes]), 0) / (2 * 2)
     assert expected.max() > 0
