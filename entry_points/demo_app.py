@@ -137,7 +137,7 @@ class PhotoAnalyser:
         heatmap_ms = (time.perf_counter() - start) * 1000
         return dict(answer, classify_ms=round(classify_ms, 1), heatmap_ms=round(heatmap_ms, 1),
                     heatmap=picture, region=list(region), bbox=list(bbox) if bbox else None,
-                    heatmap_layer=self.gradcam.layer_name)
+                    heatmap_layer=self.gradcam.layer_name, heatmap_cells=list(self.gradcam.map_size))
 
     def _heatmap_picture(self, data: bytes, bbox, heatmap: np.ndarray) -> tuple[str, tuple[int, int, int, int]]:
         """The Grad-CAM over the region of the photo that the network saw (crop + margin), as a JPEG data URL."""

@@ -56,6 +56,8 @@ class GradCAM:
         head = _head_dense(model)
         # e.g. "conv5_block2_out": what the heatmap is computed on (shown on the demo page).
         self.layer_name = features._keras_history.operation.name
+        # The heatmap's real resolution (input size / 32 for a ResNet: 7x7 at 224 px); it is enlarged smoothly.
+        self.map_size = (int(features.shape[1]), int(features.shape[2]))
         self.image_size = int(model.inputs[0].shape[1])
         # One forward pass that yields the feature map and what the head reads; the logits are recomputed
         # from the head's weights so that its softmax is left out.

@@ -5,6 +5,7 @@ let info = null;
 const $ = (selector, root = document) => root.querySelector(selector);
 
 function megabytes(bytes) { return (bytes / (1024 * 1024)).toFixed(1) + " MB"; }
+function fileSize(bytes) { return bytes < 1024 * 1024 ? Math.ceil(bytes / 1024) + " KB" : megabytes(bytes); }
 function percent(p) { return (100 * p).toFixed(1) + "%"; }
 
 function showNotice(text) {
@@ -70,7 +71,7 @@ function handleFiles(fileList) {
 function addCard(file) {
   const card = $("#card-template").content.firstElementChild.cloneNode(true);
   card.dataset.name = file.name;
-  $(".file-name", card).textContent = file.name + " (" + megabytes(file.size) + ")";
+  $(".file-name", card).textContent = file.name + " (" + fileSize(file.size) + ")";
   $("#results").prepend(card);
   if (file.size > info.max_upload_bytes) {
     showError(card, file.name + " is " + megabytes(file.size) + ", above the limit of " +
@@ -154,7 +155,8 @@ function showAnswer(card, answer, roundTrip) {
   $("img.heatmap", heat).src = answer.heatmap;
   const r = answer.region;
   $("figcaption", heat).textContent = "Where it looked (Grad-CAM for \u201c" + answer.label + "\u201d): red raised this " +
-    "score most, blue did not matter. Region " + r[0] + "," + r[1] + " \u2013 " + r[2] + "," + r[3] + " px.";
+    "score most, blue did not matter. Region " + r[0] + "," + r[1] + " \u2013 " + r[2] + "," + r[3] + " px, " +
+    answer.heatmap_cells.join("\u00d7") + " cells of " + answer.heatmap_layer + ".";
   heat.hidden = false;
   card.dataset.state = "done";
   card.dataset.label = answer.label;
