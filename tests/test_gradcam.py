@@ -1,4 +1,8 @@
 """Grad-CAM: exact on the GAP + Dense head, the same on the fused serving network, and it points at the object."""
+import os
+import pathlib
+import shutil
+
 import numpy as np
 import pytest
 
@@ -139,3 +143,53 @@ def test_heatmap_mass_lies_in_the_quadrant_of_the_vehicle():
     # Chance is 0.25 per quadrant.
     assert np.median(own) > 0.5, np.round(own, 2)
     assert np.mean(np.argmax(share, axis=1) == test_q[correct]) >= 0.75, np.round(share, 2)
+
+
+def test_gallery_of_mistakes_shows_each_image_beside_its_heatmap():
+    from entry_points.reports import misclassified_grid
+
+    images = varied_images(3, 32, seed=2)
+    heat = np.zeros((3, 32, 32), np.float32)
+    heat[:, :, 16:] = 1.0
+    with_heat = misclassified_grid(images, ["a"] * 3, ["b"] * 3, [0.9, 0.8, 0.7], heatmaps=heat)
+    # Each tile is the image, a 2 px white gap and the overlay, enlarged by one whole factor.
+    tile = np.hstack([images[0], np.full((32, 2, 3), 255, np.uint8), overlay_heatmap(images[0], heat[0])])
+    factor = 160 // tile.shape[1] + (160 % tile.shape[1] > 0)
+    big = np.repeat(np.repeat(tile, factor, 0), factor, 1)
+    found = [(y, x) for y in range(with_heat.shape[0] - big.shape[0] + 1) for x in range(0, 40)
+             if np.array_equal(with_heat[y:y + big.shape[0], x:x + big.shape[1]], big)]
+    assert len(found) == 1
+
+
+def test_evaluate_logs_the_gallery_with_the_heatmaps_of_the_wrong_guesses(tmp_path):
+    import cv2
+    import mlflow
+
+    import carclf_flavor
+    from carclf_flavor.images import PreprocessSettings
+    from entry_points.evaluate import evaluate
+    from entry_points.hdf5_dataset import read_split, write_hdf5_split
+    from entry_points.reports import misclassified_grid, worst_mistakes
+
+    classes = ["a", "b", "c"]
+    settings = PreprocessSettings(image_size=64)
+    images = varied_images(12, 64, seed=4)
+    test = write_hdf5_split(tmp_path / "test.h5", images, np.arange(12) % 3, classes, settings)
+    carclf_flavor.save_model(_tiny_resnet(64, 3), tmp_path / "model", classes, preprocessing=settings,
+                             inference_precision="float32")
+    result = evaluate(str(tmp_path / "model"), str(test), gallery_size=4)
+    predictions = result["predictions"]
+    worst = worst_mistakes(predictions, 4)
+    assert len(worst) >= 2  # an untrained network: most answers are wrong
+    stored, labels = read_split(str(test))
+    rows = predictions.indices[worst]
+    classifier = carclf_flavor.load_model(str(tmp_path / "model"))
+    predicted = predictions.top_classes[worst, 0]
+    expected = misclassified_grid(stored[rows], [classes[c] for c in labels[rows]], [classes[c] for c in predicted],
+                                  predictions.top_probs[worst, 0], heatmaps=GradCAM(classifier.model)(stored[rows], predicted))
+    local = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/evaluation/misclassified_gallery.png")
+    np.testing.assert_array_equal(cv2.imread(local)[:, :, ::-1], expected)
+    artifacts = os.environ.get("CARCLF_TEST_ARTIFACTS")
+    if artifacts:
+        pathlib.Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(local, pathlib.Path(artifacts) / "misclassified_gallery_with_heatmaps.png")
