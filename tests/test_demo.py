@@ -272,6 +272,34 @@ def test_page_answers_like_rest_with_and_without_a_box(servers, browser, tmp_pat
     assert picture is not None and picture.shape[0] > 500 and picture.std() > 10
 
 
+_DROP_FILES_JS = """
+const [files, target] = arguments;
+const transfer = new DataTransfer();
+for (const [name, data] of files) {
+  const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+  transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+}
+for (const type of ["dragenter", "dragover", "drop"]) {
+  target.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true, cancelable: true }));
+}
+"""
+
+
+def test_several_photos_dropped_on_the_page_each_get_their_answer(servers, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, servers)
+    photos = [_sample_photo(tmp_path / f"drop{i}.jpg", class_id=i, seed=20 + i) for i in range(MAX_FILES)]
+    files = [[p.name, base64.b64encode(p.read_bytes()).decode("ascii")] for p in photos]
+    browser.execute_script(_DROP_FILES_JS, files, browser.find_element(By.ID, "drop"))
+    for photo in photos:
+        card = _card_when_settled(browser, photo.name)
+        assert card.get_attribute("data-state") == "done", card.text
+        assert card.find_element(By.CSS_SELECTOR, ".top1-label").text == \
+            _rest_answer(servers, photo.read_bytes())["label"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".card")) == MAX_FILES
+
+
 def test_limits_are_clear_messages_and_the_server_stays_up(servers, browser, tmp_path):
     from selenium.webdriver.common.by import By
 

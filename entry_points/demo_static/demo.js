@@ -97,6 +97,19 @@ function showError(card, text) {
   error.hidden = false;
 }
 
+// A few photos at a time: the server's cores are shared, and each photo's time should be its own.
+const MAX_IN_FLIGHT = 3;
+let inFlight = 0;
+const waiting = [];
+function takeSlot() {
+  if (inFlight < MAX_IN_FLIGHT) { inFlight += 1; return Promise.resolve(); }
+  return new Promise((resolve) => waiting.push(resolve));
+}
+function releaseSlot() {
+  const next = waiting.shift();
+  if (next) next(); else inFlight -= 1;
+}
+
 async function classify(card, file, bbox) {
   card.dataset.state = "busy";
   card.classList.remove("failed");
@@ -106,18 +119,27 @@ async function classify(card, file, bbox) {
   status.textContent = bbox ? "Classifying the box\u2026" : "Classifying\u2026";
   const params = new URLSearchParams({ name: file.name });
   if (bbox) ["x1", "y1", "x2", "y2"].forEach((key, i) => params.set(key, String(bbox[i])));
+  await takeSlot();
   const started = performance.now();
-  let response, body;
+  let response, text;
   try {
     response = await fetch("api/predict?" + params.toString(), {
       method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" },
     });
-    body = await response.json();
+    text = await response.text();
   } catch (error) {
     showError(card, file.name + ": no answer from the demo server (" + error.message + ")");
     return;
+  } finally {
+    releaseSlot();
   }
   const roundTrip = performance.now() - started;
+  let body;
+  try {
+    body = JSON.parse(text);
+  } catch (error) {
+    body = { error: file.name + ": HTTP " + response.status + " " + text.slice(0, 200) };
+  }
   if (!response.ok) {
     showError(card, body.error || (file.name + ": HTTP " + response.status));
     return;
