@@ -99,7 +99,8 @@ def test_overlay_colours_hot_red_and_cold_blue():
 
 
 def _quadrant_photos(count, seed):
-    """Noise photos with one vehicle silhouette (its class) inside one random quadrant."""
+    """Plain grey photos (with sensor noise) with one vehicle silhouette (its class) inside one random quadrant.
+    A flat background, not the sample data's clutter: what the heatmap should show is then unambiguous."""
     from entry_points.sample_data import draw_vehicle
 
     rng = np.random.default_rng(seed)
@@ -107,7 +108,7 @@ def _quadrant_photos(count, seed):
     labels = np.arange(count) % len(VEHICLES)
     quadrants = rng.integers(0, 4, count)
     for i in range(count):
-        images[i] = rng.integers(90, 170, (SIZE, SIZE, 3))
+        images[i] = rng.integers(118, 139, (SIZE, SIZE, 3))
         row, col = divmod(int(quadrants[i]), 2)
         w = int(rng.integers(HALF * 11 // 16, HALF * 15 // 16))
         h = int(w * 0.55)
@@ -140,9 +141,10 @@ def test_heatmap_mass_lies_in_the_quadrant_of_the_vehicle():
                       for h in heat])
     share = quads / quads.sum(axis=1, keepdims=True)
     own = share[np.arange(len(share)), test_q[correct]]
-    # Chance is 0.25 per quadrant.
+    # Chance is 0.25 per quadrant. Measured (two training seeds): median 0.58-0.61, the vehicle's quadrant
+    # the hottest in 100% of the images.
     assert np.median(own) > 0.5, np.round(own, 2)
-    assert np.mean(np.argmax(share, axis=1) == test_q[correct]) >= 0.75, np.round(share, 2)
+    assert np.mean(np.argmax(share, axis=1) == test_q[correct]) >= 0.9, np.round(share, 2)
 
 
 def test_gallery_of_mistakes_shows_each_image_beside_its_heatmap():
