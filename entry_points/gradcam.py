@@ -18,8 +18,6 @@ flavor, never the other way round. Imports Keras/TensorFlow, numpy and OpenCV on
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 # Share of the overlay's colour that comes from the heatmap (the rest is the photo).
@@ -136,11 +134,3 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERL
     colour = cv2.applyColorMap(np.uint8(np.clip(heatmap, 0, 1) * 255), cv2.COLORMAP_JET)[:, :, ::-1]
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-
-
-def gradcam_overlays(model, pixels: np.ndarray, class_ids, gradcam: Optional[GradCAM] = None) -> np.ndarray:
-    """The model's input pixels with the Grad-CAM of ``class_ids`` on top: (N, S, S, 3) uint8."""
-    gradcam = gradcam or GradCAM(model)
-    heatmaps = gradcam(pixels, class_ids)
-    return np.stack([overlay_heatmap(image, heat) for image, heat in zip(pixels, heatmaps)]) if len(pixels) else \
-        np.zeros((0,) + tuple(pixels.shape[1:]), np.uint8)

@@ -49,7 +49,7 @@ def test_gradcam_of_the_logit_is_cam_for_a_gap_dense_head():
     gradcam = GradCAM(model)
     maps = gradcam.feature_maps(images, classes)
     features = np.asarray(keras.Model(model.inputs, feature_map(model))(images))
-    kernel, bias = (np.asarray(w) for w in model.get_layer("car_model").weights)
+    kernel = np.asarray(model.get_layer("car_model").kernel)
     expected = np.maximum(np.einsum("nhwk,kn->nhw", features, kernel[:, classes]), 0) / (2 * 2)
     assert expected.max() > 0
     np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6 * expected.max())
@@ -158,7 +158,7 @@ def test_gallery_of_mistakes_shows_each_image_beside_its_heatmap():
     tile = np.hstack([images[0], np.full((32, 2, 3), 255, np.uint8), overlay_heatmap(images[0], heat[0])])
     factor = 160 // tile.shape[1] + (160 % tile.shape[1] > 0)
     big = np.repeat(np.repeat(tile, factor, 0), factor, 1)
-    found = [(y, x) for y in range(with_heat.shape[0] - big.shape[0] + 1) for x in range(0, 40)
+    found = [(y, x) for y in range(with_heat.shape[0] - big.shape[0] + 1) for x in range(40)
              if np.array_equal(with_heat[y:y + big.shape[0], x:x + big.shape[1]], big)]
     assert len(found) == 1
 
