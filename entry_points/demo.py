@@ -6,6 +6,7 @@
 Loads the model through the flavor (``carclf_flavor.load_model``) and serves ``entry_points.demo_app`` with
 uvicorn on loopback by default; open the printed address in a browser. Ctrl+C stops it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def demo(model_uri: str, host: str = "127.0.0.1", port: int = 8080,
-         max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024), max_files: int = DEFAULT_MAX_FILES) -> None:
+def demo(
+    model_uri: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024),
+    max_files: int = DEFAULT_MAX_FILES,
+) -> None:
     """Serve the demo page for ``model_uri`` on ``host:port`` until interrupted."""
     import uvicorn
 
@@ -69,11 +75,15 @@ def demo(model_uri: str, host: str = "127.0.0.1", port: int = 8080,
     log.info("loading %s", model_uri)
     classifier = carclf_flavor.load_model(model_uri)
     card = describe_model(model_uri)
-    app = create_app(classifier, card, max_upload_bytes=int(float(max_upload_mb) * 1024 * 1024),
-                     max_files=int(max_files))
+    app = create_app(
+        classifier, card, max_upload_bytes=int(float(max_upload_mb) * 1024 * 1024), max_files=int(max_files)
+    )
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"carclf demo of {card.name} version {card.version} ({classifier.precision}) on "
-          f"http://{shown_host}:{int(port)}/  (Ctrl+C stops it)", flush=True)
+    print(
+        f"carclf demo of {card.name} version {card.version} ({classifier.precision}) on "
+        f"http://{shown_host}:{int(port)}/  (Ctrl+C stops it)",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=int(port), log_level="info", timeout_graceful_shutdown=5)
 
 
@@ -89,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-uri", required=True, help="models:/carclf/1, runs:/<run>/model, a path, ...")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=parse_int, default=8080)
-    p.add_argument("--max-upload-mb", type=_parse_float, default=DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024),
-                   help="largest photo accepted, in MiB")
+    p.add_argument(
+        "--max-upload-mb",
+        type=_parse_float,
+        default=DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024),
+        help="largest photo accepted, in MiB",
+    )
     p.add_argument("--max-files", type=parse_int, default=DEFAULT_MAX_FILES, help="photos per drop")
     return p
 

@@ -17,6 +17,7 @@ other web framework, no CDN: the page is plain HTML/CSS/JS from ``demo_static/``
 Photos are classified through ``CarClassifier.preprocess`` and ``predict_pixels``, the same two calls the
 served pyfunc makes, so the page's answer is the REST answer for the same bytes and box.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,7 +25,6 @@ import dataclasses
 import logging
 import pathlib
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class ModelCard:
     uri: str
     name: str
     version: str
-    source_run: Optional[str] = None
+    source_run: str | None = None
 
 
 def describe_model(model_uri: str) -> ModelCard:
@@ -68,7 +68,7 @@ def describe_model(model_uri: str) -> ModelCard:
     except Exception as exc:  # the page still works without lineage
         log.debug("no model info for %s: %s", uri, exc)
     if uri.startswith("models:/"):
-        rest = uri[len("models:/"):].strip("/")
+        rest = uri[len("models:/") :].strip("/")
         if "@" in rest:
             name, alias = rest.split("@", 1)
             version = f"@{alias}"
@@ -82,12 +82,12 @@ def describe_model(model_uri: str) -> ModelCard:
         name, _, version = rest.partition("/")
         return ModelCard(uri, name, version or "latest", source_run)
     if uri.startswith("runs:/"):
-        run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")
+        run_id, _, path = uri[len("runs:/") :].strip("/").partition("/")
         return ModelCard(uri, path or "model", f"run {run_id[:8]}", source_run or run_id)
     return ModelCard(uri, pathlib.Path(uri.rstrip("/")).name or uri, "unregistered", source_run)
 
 
-def _bbox_from_query(params) -> Optional[tuple[int, int, int, int]]:
+def _bbox_from_query(params) -> tuple[int, int, int, int] | None:
     given = [name for name in _BBOX_PARAMS if params.get(name) not in (None, "")]
     if not given:
         return None
@@ -135,9 +135,16 @@ class PhotoAnalyser:
         heatmap = self.gradcam(pixels, [answer["class_id"]])[0]
         picture, region = self._heatmap_picture(data, bbox, heatmap)
         heatmap_ms = (time.perf_counter() - start) * 1000
-        return dict(answer, classify_ms=round(classify_ms, 1), heatmap_ms=round(heatmap_ms, 1),
-                    heatmap=picture, region=list(region), bbox=list(bbox) if bbox else None,
-                    heatmap_layer=self.gradcam.layer_name, heatmap_cells=list(self.gradcam.map_size))
+        return dict(
+            answer,
+            classify_ms=round(classify_ms, 1),
+            heatmap_ms=round(heatmap_ms, 1),
+            heatmap=picture,
+            region=list(region),
+            bbox=list(bbox) if bbox else None,
+            heatmap_layer=self.gradcam.layer_name,
+            heatmap_cells=list(self.gradcam.map_size),
+        )
 
     def _heatmap_picture(self, data: bytes, bbox, heatmap: np.ndarray) -> tuple[str, tuple[int, int, int, int]]:
         """The Grad-CAM over the region of the photo that the network saw (crop + margin), as a JPEG data URL."""
@@ -152,8 +159,10 @@ class PhotoAnalyser:
         reduce = choose_reduction(x2 - x1, y2 - y1, HEATMAP_DISPLAY_PX)
         image = decode_image(data, reduce=reduce, max_pixels=settings.max_pixels)
         sx, sy = image.shape[1] / width, image.shape[0] / height
-        region = image[int(y1 * sy):max(int(y1 * sy) + 1, int(np.ceil(y2 * sy))),
-                       int(x1 * sx):max(int(x1 * sx) + 1, int(np.ceil(x2 * sx)))]
+        region = image[
+            int(y1 * sy) : max(int(y1 * sy) + 1, int(np.ceil(y2 * sy))),
+            int(x1 * sx) : max(int(x1 * sx) + 1, int(np.ceil(x2 * sx))),
+        ]
         scale = min(1.0, HEATMAP_DISPLAY_PX / max(region.shape[:2]))
         shown_w, shown_h = max(1, round(region.shape[1] * scale)), max(1, round(region.shape[0] * scale))
         if (shown_w, shown_h) != (region.shape[1], region.shape[0]):
@@ -165,8 +174,13 @@ class PhotoAnalyser:
         return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii"), (x1, y1, x2, y2)
 
 
-def create_app(classifier, card: ModelCard, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_files: int = DEFAULT_MAX_FILES, top_k: int = TOP_K):
+def create_app(
+    classifier,
+    card: ModelCard,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_files: int = DEFAULT_MAX_FILES,
+    top_k: int = TOP_K,
+):
     """The Starlette app serving the page for a loaded ``CarClassifier``."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -181,12 +195,21 @@ def create_app(classifier, card: ModelCard, max_upload_bytes: int = DEFAULT_MAX_
     max_upload_bytes, max_files = int(max_upload_bytes), int(max_files)
     analyser = PhotoAnalyser(classifier, top_k)
     info = {
-        "name": card.name, "version": card.version, "uri": card.uri, "source_run": card.source_run,
-        "classes": list(classifier.class_names), "num_classes": len(classifier.class_names),
-        "precision": classifier.precision, "precision_reason": classifier.precision_reason,
-        "image_size": int(classifier.settings.image_size), "crop": classifier.settings.crop,
-        "crop_margin": int(classifier.settings.crop_margin), "resize_mode": classifier.settings.resize_mode,
-        "max_upload_bytes": max_upload_bytes, "max_files": max_files, "top_k": int(top_k),
+        "name": card.name,
+        "version": card.version,
+        "uri": card.uri,
+        "source_run": card.source_run,
+        "classes": list(classifier.class_names),
+        "num_classes": len(classifier.class_names),
+        "precision": classifier.precision,
+        "precision_reason": classifier.precision_reason,
+        "image_size": int(classifier.settings.image_size),
+        "crop": classifier.settings.crop,
+        "crop_margin": int(classifier.settings.crop_margin),
+        "resize_mode": classifier.settings.resize_mode,
+        "max_upload_bytes": max_upload_bytes,
+        "max_files": max_files,
+        "top_k": int(top_k),
         "heatmap_layer": analyser.gradcam.layer_name,
     }
 
@@ -211,8 +234,11 @@ def create_app(classifier, card: ModelCard, max_upload_bytes: int = DEFAULT_MAX_
         too_large = error(413, f"{name}: the file is larger than the {_megabytes(max_upload_bytes)} limit per photo")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_upload_bytes:
-            too_large = error(413, f"{name}: the file is {_megabytes(int(declared))}, above the "
-                                   f"{_megabytes(max_upload_bytes)} limit per photo")
+            too_large = error(
+                413,
+                f"{name}: the file is {_megabytes(int(declared))}, above the "
+                f"{_megabytes(max_upload_bytes)} limit per photo",
+            )
         body, received = bytearray(), 0
         async for chunk in request.stream():
             received += len(chunk)
@@ -234,10 +260,12 @@ def create_app(classifier, card: ModelCard, max_upload_bytes: int = DEFAULT_MAX_
         answer["name"] = name
         return JSONResponse(answer)
 
-    return Starlette(routes=[
-        Route("/", index),
-        Route("/api/info", api_info),
-        Route("/api/predict", predict, methods=["POST"]),
-        Route("/ping", ping),
-        Mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static"),
-    ])
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/info", api_info),
+            Route("/api/predict", predict, methods=["POST"]),
+            Route("/ping", ping),
+            Mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static"),
+        ]
+    )

@@ -16,6 +16,7 @@ is the logit, not the probability: a softmax output near 1 has a vanishing gradi
 Kept out of ``carclf_flavor``: a served model never computes gradients, and the pipeline may import the
 flavor, never the other way round. Imports Keras/TensorFlow, numpy and OpenCV only.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -119,7 +120,7 @@ def heatmap_to_region(heatmap: np.ndarray, width: int, height: int, resize_mode:
         side = max(width, height)
         square = cv2.resize(heatmap, (side, side), interpolation=cv2.INTER_LINEAR)
         top, left = (side - height) // 2, (side - width) // 2
-        return np.ascontiguousarray(square[top:top + height, left:left + width])
+        return np.ascontiguousarray(square[top : top + height, left : left + width])
     return cv2.resize(heatmap, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
 
 

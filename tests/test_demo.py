@@ -1,5 +1,6 @@
 """The demo page for real: `mlflow run . -e demo` on 127.0.0.1, driven by a headless Chromium (Selenium), its
 answers checked against a real `mlflow models serve` of the same registered model."""
+
 import base64
 import json
 import os
@@ -51,17 +52,30 @@ def _random_resnet(seed=3):
 
 def _env(uri):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "AZUREML_"))}
-    env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
-               TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-               # `mlflow run` and `mlflow models serve` start `python` / `uvicorn` by name: this venv first.
-               PATH=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env.update(
+        MLFLOW_TRACKING_URI=uri,
+        MLFLOW_REGISTRY_URI=uri,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONUNBUFFERED="1",
+        # `mlflow run` and `mlflow models serve` start `python` / `uvicorn` by name: this venv first.
+        PATH=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     return env
 
 
 def _start(argv, log_path, env, cwd):
     log = open(log_path, "wb")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               cwd=str(cwd), start_new_session=True)
+    process = subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=str(cwd),
+        start_new_session=True,
+    )
     process.log_path = log_path
     return process
 
@@ -109,23 +123,69 @@ def servers(tmp_path_factory):
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         with mlflow.start_run():
-            carclf_flavor.log_model(_random_resnet(), "model", CLASS_NAMES,
-                                    preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4),
-                                    inference_precision="float32", registered_model_name=MODEL_NAME)
+            carclf_flavor.log_model(
+                _random_resnet(),
+                "model",
+                CLASS_NAMES,
+                preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4),
+                inference_precision="float32",
+                registered_model_name=MODEL_NAME,
+            )
     env = _env(uri)
     demo_port, rest_port = free_port(), free_port()
     mlflow_cli = str(pathlib.Path(sys.executable).with_name("mlflow"))
-    demo = _start([mlflow_cli, "run", str(REPO_ROOT), "-e", "demo", "--env-manager", "local",
-                   "-P", f"model_uri={MODEL_URI}", "-P", f"port={demo_port}", "-P", f"max_files={MAX_FILES}",
-                   "-P", f"max_upload_mb={MAX_UPLOAD_MB}"], base / "demo.log", env, base)
-    rest = _start([mlflow_cli, "models", "serve", "-m", MODEL_URI, "--env-manager", "local", "-h", "127.0.0.1",
-                   "-p", str(rest_port), "-w", "1"], base / "rest.log", env, base)
+    demo = _start(
+        [
+            mlflow_cli,
+            "run",
+            str(REPO_ROOT),
+            "-e",
+            "demo",
+            "--env-manager",
+            "local",
+            "-P",
+            f"model_uri={MODEL_URI}",
+            "-P",
+            f"port={demo_port}",
+            "-P",
+            f"max_files={MAX_FILES}",
+            "-P",
+            f"max_upload_mb={MAX_UPLOAD_MB}",
+        ],
+        base / "demo.log",
+        env,
+        base,
+    )
+    rest = _start(
+        [
+            mlflow_cli,
+            "models",
+            "serve",
+            "-m",
+            MODEL_URI,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(rest_port),
+            "-w",
+            "1",
+        ],
+        base / "rest.log",
+        env,
+        base,
+    )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         _wait_up(f"http://127.0.0.1:{demo_port}/ping", demo, deadline)
         _wait_up(f"http://127.0.0.1:{rest_port}/ping", rest, deadline)
-        yield {"demo": f"http://127.0.0.1:{demo_port}", "rest": f"http://127.0.0.1:{rest_port}", "base": base,
-               "demo_process": demo}
+        yield {
+            "demo": f"http://127.0.0.1:{demo_port}",
+            "rest": f"http://127.0.0.1:{rest_port}",
+            "base": base,
+            "demo_process": demo,
+        }
     finally:
         _stop(demo)
         _stop(rest)
@@ -139,15 +199,29 @@ def browser():
 
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver_path:
-        pytest.fail("the browser tests need Debian's chromium and chromium-driver: "
-                    "apt-get install -y chromium chromium-driver (.ci/run installs them)")
+        pytest.fail(
+            "the browser tests need Debian's chromium and chromium-driver: "
+            "apt-get install -y chromium chromium-driver (.ci/run installs them)"
+        )
     options = Options()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1360,1000",
-                 "--no-first-run", "--disable-extensions", "--disable-background-networking", "--disable-sync",
-                 "--disable-component-update", "--disable-default-apps", "--no-pings",
-                 # Nothing past loopback: every other address goes to a proxy that does not exist.
-                 "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1;localhost"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1360,1000",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-sync",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--no-pings",
+        # Nothing past loopback: every other address goes to a proxy that does not exist.
+        "--proxy-server=http://127.0.0.1:9",
+        "--proxy-bypass-list=127.0.0.1;localhost",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     driver.set_page_load_timeout(60)
@@ -171,9 +245,12 @@ def _rest_answer(servers, photo: bytes, bbox=None):
     if bbox is not None:
         columns += ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
         row += list(bbox)
-    response = requests.post(f"{servers['rest']}/invocations", timeout=60,
-                             data=json.dumps({"dataframe_split": {"columns": columns, "data": [row]}}),
-                             headers={"Content-Type": "application/json"})
+    response = requests.post(
+        f"{servers['rest']}/invocations",
+        timeout=60,
+        data=json.dumps({"dataframe_split": {"columns": columns, "data": [row]}}),
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code == 200, response.text
     return response.json()["predictions"][0]
 
@@ -198,8 +275,11 @@ def _card_when_settled(browser, name, timeout=90):
 
     selector = f'.card[data-name="{name}"]'
     WebDriverWait(browser, timeout).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, selector)
-        and d.find_element(By.CSS_SELECTOR, selector).get_attribute("data-state") in ("done", "error"))
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, selector)
+            and d.find_element(By.CSS_SELECTOR, selector).get_attribute("data-state") in ("done", "error")
+        )
+    )
     return browser.find_element(By.CSS_SELECTOR, selector)
 
 
@@ -221,8 +301,13 @@ def test_page_answers_like_rest_with_and_without_a_box(servers, browser, tmp_pat
     photo = _sample_photo(tmp_path / "sample_car.jpg")
     _open(browser, servers)
     header = browser.find_element(By.ID, "model").text
-    for fact in (f"Model {MODEL_NAME}", "version 1", "precision float32", f"input {IMAGE_SIZE} px, crop bbox",
-                 f"{len(CLASS_NAMES)} classes"):
+    for fact in (
+        f"Model {MODEL_NAME}",
+        "version 1",
+        "precision float32",
+        f"input {IMAGE_SIZE} px, crop bbox",
+        f"{len(CLASS_NAMES)} classes",
+    ):
         assert fact in header, header
 
     _upload(browser, photo)
@@ -232,8 +317,9 @@ def test_page_answers_like_rest_with_and_without_a_box(servers, browser, tmp_pat
     assert card.find_element(By.CSS_SELECTOR, ".top1-label").text == expected["label"]
     assert card.find_element(By.CSS_SELECTOR, ".top1-prob").text == f"{100 * expected['prob']:.1f}%"
     rows = card.find_elements(By.CSS_SELECTOR, ".top5 li")
-    assert [r.find_element(By.CSS_SELECTOR, ".name").get_attribute("title") for r in rows] == \
-        [e["label"] for e in expected["top_k"]]
+    assert [r.find_element(By.CSS_SELECTOR, ".name").get_attribute("title") for r in rows] == [
+        e["label"] for e in expected["top_k"]
+    ]
     assert "classified in" in card.find_element(By.CSS_SELECTOR, ".timing").text
     heatmap = card.find_element(By.CSS_SELECTOR, "img.heatmap")
     WebDriverWait(browser, 10).until(lambda d: browser.execute_script("return arguments[0].naturalWidth", heatmap) > 0)
@@ -245,9 +331,12 @@ def test_page_answers_like_rest_with_and_without_a_box(servers, browser, tmp_pat
     # A box dragged over the upper-left part of the photo: sent in source pixels, the same answer as REST's.
     source = card.find_element(By.CSS_SELECTOR, "img.source")
     w, h = source.size["width"], source.size["height"]
-    ActionChains(browser).move_to_element_with_offset(source, -w // 2 + 5, -h // 2 + 5).click_and_hold() \
-        .move_by_offset(int(w * 0.6), int(h * 0.7)).release().perform()
-    WebDriverWait(browser, 90).until(lambda d: card.get_attribute("data-bbox") and card.get_attribute("data-state") == "done")
+    ActionChains(browser).move_to_element_with_offset(source, -w // 2 + 5, -h // 2 + 5).click_and_hold().move_by_offset(
+        int(w * 0.6), int(h * 0.7)
+    ).release().perform()
+    WebDriverWait(browser, 90).until(
+        lambda d: card.get_attribute("data-bbox") and card.get_attribute("data-state") == "done"
+    )
     bbox = [int(v) for v in card.get_attribute("data-bbox").split(",")]
     assert 0 <= bbox[0] < 15 and 0 <= bbox[1] < 15, bbox
     assert bbox[2] == pytest.approx(width * 0.6 + 5 * width / w, abs=0.05 * width), (bbox, width)
@@ -299,8 +388,9 @@ def test_several_photos_dropped_on_the_page_each_get_their_answer(servers, brows
     for photo in photos:
         card = _card_when_settled(browser, photo.name)
         assert card.get_attribute("data-state") == "done", card.text
-        assert card.find_element(By.CSS_SELECTOR, ".top1-label").text == \
-            _rest_answer(servers, photo.read_bytes())["label"]
+        assert (
+            card.find_element(By.CSS_SELECTOR, ".top1-label").text == _rest_answer(servers, photo.read_bytes())["label"]
+        )
     assert len(browser.find_elements(By.CSS_SELECTOR, ".card")) == MAX_FILES
 
 
@@ -312,16 +402,20 @@ def test_limits_are_clear_messages_and_the_server_stays_up(servers, browser, tmp
     _upload(browser, *photos)
     notice = browser.find_element(By.ID, "notice")
     assert notice.is_displayed()
-    assert notice.text == (f"Too many files: {MAX_FILES + 1} selected, the limit is {MAX_FILES} at a time. "
-                           "Nothing was uploaded; choose fewer.")
+    assert notice.text == (
+        f"Too many files: {MAX_FILES + 1} selected, the limit is {MAX_FILES} at a time. "
+        "Nothing was uploaded; choose fewer."
+    )
     assert not browser.find_elements(By.CSS_SELECTOR, ".card")
 
     big = tmp_path / "huge.jpg"
     big.write_bytes(np.random.default_rng(0).integers(0, 256, int(0.8 * 1024 * 1024), np.uint8))
     _upload(browser, big)
     card = _card_when_settled(browser, big.name, timeout=10)
-    assert card.find_element(By.CSS_SELECTOR, ".error").text == \
-        "huge.jpg is 0.8 MB, above the limit of 0.5 MB per photo: it was not uploaded."
+    assert (
+        card.find_element(By.CSS_SELECTOR, ".error").text
+        == "huge.jpg is 0.8 MB, above the limit of 0.5 MB per photo: it was not uploaded."
+    )
     assert not notice.is_displayed()
 
     # The server enforces the limit itself (413, one line), and bad requests do not take it down.
@@ -331,8 +425,12 @@ def test_limits_are_clear_messages_and_the_server_stays_up(servers, browser, tmp
     assert response.json() == {"error": "huge.jpg: the file is 0.8 MB, above the 0.5 MB limit per photo"}
     response = requests.post(predict, params={"name": "car0.jpg", "x1": 5, "y1": 5, "x2": 4}, data=b"x", timeout=60)
     assert response.status_code == 400 and response.json() == {"error": "car0.jpg: box is incomplete: y2 missing"}
-    response = requests.post(predict, params={"name": "car0.jpg", "x1": 900, "y1": 5, "x2": 990, "y2": 40},
-                             data=photos[0].read_bytes(), timeout=60)
+    response = requests.post(
+        predict,
+        params={"name": "car0.jpg", "x1": 900, "y1": 5, "x2": 990, "y2": 40},
+        data=photos[0].read_bytes(),
+        timeout=60,
+    )
     assert response.status_code == 400
     assert response.json()["error"].startswith("car0.jpg: bbox (900, 5, 990, 40) lies outside the ")
     response = requests.post(predict, params={"name": "empty.jpg"}, data=b"", timeout=60)
@@ -356,7 +454,10 @@ def test_cli_gives_one_line_errors(tmp_path, capsys):
         taken.listen(1)
         port = taken.getsockname()[1]
         assert demo_module.main(["--model-uri", str(tmp_path), "--port", str(port)]) == 2
-    assert capsys.readouterr().err == f"error: port {port} on 127.0.0.1 is already in use: pass another port (-P port=...)\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: port {port} on 127.0.0.1 is already in use: pass another port (-P port=...)\n"
+    )
     assert demo_module.main(["--model-uri", str(tmp_path / "missing"), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'missing'}: ") and err.count("\n") == 1, err

@@ -1,4 +1,5 @@
 """Grad-CAM: exact on the GAP + Dense head, the same on the fused serving network, and it points at the object."""
+
 import os
 import pathlib
 import shutil
@@ -137,8 +138,9 @@ def test_heatmap_mass_lies_in_the_quadrant_of_the_vehicle():
     correct = predicted == test_y
     assert correct.mean() >= 0.75, f"the network did not learn the silhouettes (test accuracy {correct.mean():.2f})"
     heat = GradCAM(model)(test_x[correct], predicted[correct].astype(np.int32))
-    quads = np.stack([[h[:HALF, :HALF].sum(), h[:HALF, HALF:].sum(), h[HALF:, :HALF].sum(), h[HALF:, HALF:].sum()]
-                      for h in heat])
+    quads = np.stack(
+        [[h[:HALF, :HALF].sum(), h[:HALF, HALF:].sum(), h[HALF:, :HALF].sum(), h[HALF:, HALF:].sum()] for h in heat]
+    )
     share = quads / quads.sum(axis=1, keepdims=True)
     own = share[np.arange(len(share)), test_q[correct]]
     # Chance is 0.25 per quadrant. Measured (two training seeds): median 0.58-0.61, the vehicle's quadrant
@@ -158,8 +160,12 @@ def test_gallery_of_mistakes_shows_each_image_beside_its_heatmap():
     tile = np.hstack([images[0], np.full((32, 2, 3), 255, np.uint8), overlay_heatmap(images[0], heat[0])])
     factor = 160 // tile.shape[1] + (160 % tile.shape[1] > 0)
     big = np.repeat(np.repeat(tile, factor, 0), factor, 1)
-    found = [(y, x) for y in range(with_heat.shape[0] - big.shape[0] + 1) for x in range(40)
-             if np.array_equal(with_heat[y:y + big.shape[0], x:x + big.shape[1]], big)]
+    found = [
+        (y, x)
+        for y in range(with_heat.shape[0] - big.shape[0] + 1)
+        for x in range(40)
+        if np.array_equal(with_heat[y : y + big.shape[0], x : x + big.shape[1]], big)
+    ]
     assert len(found) == 1
 
 
@@ -177,8 +183,9 @@ def test_evaluate_logs_the_gallery_with_the_heatmaps_of_the_wrong_guesses(tmp_pa
     settings = PreprocessSettings(image_size=64)
     images = varied_images(12, 64, seed=4)
     test = write_hdf5_split(tmp_path / "test.h5", images, np.arange(12) % 3, classes, settings)
-    carclf_flavor.save_model(_tiny_resnet(64, 3), tmp_path / "model", classes, preprocessing=settings,
-                             inference_precision="float32")
+    carclf_flavor.save_model(
+        _tiny_resnet(64, 3), tmp_path / "model", classes, preprocessing=settings, inference_precision="float32"
+    )
     result = evaluate(str(tmp_path / "model"), str(test), gallery_size=4)
     predictions = result["predictions"]
     worst = worst_mistakes(predictions, 4)
@@ -187,8 +194,13 @@ def test_evaluate_logs_the_gallery_with_the_heatmaps_of_the_wrong_guesses(tmp_pa
     rows = predictions.indices[worst]
     classifier = carclf_flavor.load_model(str(tmp_path / "model"))
     predicted = predictions.top_classes[worst, 0]
-    expected = misclassified_grid(stored[rows], [classes[c] for c in labels[rows]], [classes[c] for c in predicted],
-                                  predictions.top_probs[worst, 0], heatmaps=GradCAM(classifier.model)(stored[rows], predicted))
+    expected = misclassified_grid(
+        stored[rows],
+        [classes[c] for c in labels[rows]],
+        [classes[c] for c in predicted],
+        predictions.top_probs[worst, 0],
+        heatmaps=GradCAM(classifier.model)(stored[rows], predicted),
+    )
     local = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/evaluation/misclassified_gallery.png")
     np.testing.assert_array_equal(cv2.imread(local)[:, :, ::-1], expected)
     artifacts = os.environ.get("CARCLF_TEST_ARTIFACTS")
