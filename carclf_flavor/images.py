@@ -284,7 +284,7 @@ def clamp_bbox(bbox: Sequence[int], width: int, height: int) -> tuple[tuple[int,
     return clamped, clamped != (x1, y1, x2, y2)
 
 
-def _crop_region(bbox, width: int, height: int, settings: PreprocessSettings) -> tuple[int, int, int, int]:
+def crop_region(bbox, width: int, height: int, settings: PreprocessSettings) -> tuple[int, int, int, int]:
     """The region of the source image (in source pixels) that ends up in the output."""
     if settings.crop == "none" or bbox is None:
         return 0, 0, width, height
@@ -306,7 +306,7 @@ def crop_and_resize(
     """
     height, width = image.shape[:2]
     src_w, src_h = source_size or (width, height)
-    x1, y1, x2, y2 = _crop_region(bbox, src_w, src_h, settings)
+    x1, y1, x2, y2 = crop_region(bbox, src_w, src_h, settings)
     sx, sy = width / src_w, height / src_h
     px1, py1 = int(np.floor(x1 * sx)), int(np.floor(y1 * sy))
     px2, py2 = max(px1 + 1, int(np.ceil(x2 * sx))), max(py1 + 1, int(np.ceil(y2 * sy)))
@@ -355,7 +355,7 @@ def preprocess_image(
         raise ImageDecodeError("empty image (0 bytes)")
     width, height = image_size_of(bytes(data), settings.max_pixels)
     _check_pixel_limit(width, height, settings.max_pixels)
-    x1, y1, x2, y2 = _crop_region(bbox, width, height, settings)
+    x1, y1, x2, y2 = crop_region(bbox, width, height, settings)
     reduce = choose_reduction(x2 - x1, y2 - y1, int(settings.image_size))
     image = decode_image(bytes(data), reduce=reduce, max_pixels=settings.max_pixels)
     return crop_and_resize(image, bbox, settings, source_size=(width, height))

@@ -9,7 +9,8 @@ Two input paths, same metrics:
 
 Metrics ``test_top1``, ``test_top5``, ``test_macro_f1``, ``test_num_images``; artifacts
 ``evaluation/confusion_matrix.png``, ``evaluation/per_class_accuracy.csv``,
-``evaluation/misclassified_gallery.png``; tags link the model URI and the run that produced the model.
+``evaluation/misclassified_gallery.png`` (each mistake beside its Grad-CAM heatmap for the wrong guess); tags
+link the model URI and the run that produced the model.
 """
 from __future__ import annotations
 
@@ -152,7 +153,10 @@ def evaluate(
         else:
             pyfunc_model = mlflow.pyfunc.load_model(model_uri)
             predictions = predict_jpeg_files(pyfunc_model, source, image_root or None, int(batch_size))
-        metrics = log_test_report(predictions, source, list(source.class_names), gallery_size=int(gallery_size))
+        from entry_points.gradcam import GradCAM
+
+        metrics = log_test_report(predictions, source, list(source.class_names), gallery_size=int(gallery_size),
+                                  heatmap_fn=GradCAM(classifier.model))
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise

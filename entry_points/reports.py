@@ -9,7 +9,8 @@ pictures shared by every step.
 - ``image_grid(images, captions, cols)``: images tiled at their own pixels with text captions (sample crops,
   augmented variants, misclassified images), drawn with OpenCV: no matplotlib import or resampling.
 - ``stacked_bar_svg(categories, series)``: a small bar chart written as SVG text (class counts).
-- ``log_test_report(...)``: computes everything and logs metrics (``test_top1``, ``test_top5``,
+- ``log_test_report(...)``: computes everything (the gallery of mistakes with heatmaps when given a
+  ``heatmap_fn``) and logs metrics (``test_top1``, ``test_top5``,
   ``test_macro_f1``, ...) and artifacts to the active MLflow run; returns the metrics.
 
 Plots use matplotlib's Agg backend (no display needed).
@@ -307,19 +308,32 @@ def stacked_bar_svg(categories: Sequence[str], series: Mapping[str, Sequence[int
 
 
 def misclassified_grid(images: np.ndarray, true_names: Sequence[str], predicted_names: Sequence[str],
-                       probs: Sequence[float], title: str = "Worst misclassified test images") -> np.ndarray:
-    """The most confident mistakes, each captioned with its true and (wrong) predicted label and probability."""
+                       probs: Sequence[float], title: str = "Worst misclassified test images",
+                       heatmaps: Optional[np.ndarray] = None) -> np.ndarray:
+    """The most confident mistakes, each captioned with its true and (wrong) predicted label and probability.
+    ``heatmaps`` (N, H, W) in [0, 1]: each image is shown again to its right with the heatmap on top (the
+    Grad-CAM of the wrong guess: what made the network say it)."""
     if len(images) == 0:
         return image_grid([None], [["no misclassified images"]], cols=1, title=title)
+    tiles = list(images)
+    if heatmaps is not None:
+        from entry_points.gradcam import overlay_heatmap
+
+        gap = np.full((images.shape[1], 2, 3), 255, np.uint8)
+        tiles = [np.hstack([image, gap, overlay_heatmap(image, heat)]) for image, heat in zip(images, heatmaps)]
+        title = f"{title} (right: where the network looked for its guess, red = most)"
     # The probability leads: long class names are cut at the tile's edge.
     captions = [[f"true: {truth}", f"pred {prob:.0%}: {guess}"]
                 for truth, guess, prob in zip(true_names, predicted_names, probs)]
-    return image_grid(list(images), captions, cols=4, title=title, caption_rgb=_WARN_RGB)
+    return image_grid(tiles, captions, cols=4, title=title, caption_rgb=_WARN_RGB)
 
 
 def log_test_report(predictions: Predictions, source, class_names: Sequence[str], prefix: str = "test_",
-                    gallery_size: int = 16, artifact_dir: str = "evaluation") -> dict:
-    """Log metrics ``<prefix>top1/top5/macro_f1`` and the CSV/PNG artifacts to the active run."""
+                    gallery_size: int = 16, artifact_dir: str = "evaluation",
+                    heatmap_fn: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None) -> dict:
+    """Log metrics ``<prefix>top1/top5/macro_f1`` and the CSV/PNG artifacts to the active run.
+    ``heatmap_fn(images, class_ids) -> (N, H, W)`` (e.g. ``entry_points.gradcam.GradCAM``) adds a heatmap
+    overlay of the predicted class to each image of the gallery of mistakes."""
     import mlflow
 
     plt = _pyplot()
@@ -339,6 +353,7 @@ def log_test_report(predictions: Predictions, source, class_names: Sequence[str]
         [class_names[c] for c in predictions.labels[worst]],
         [class_names[c] for c in predictions.top_classes[worst, 0]],
         predictions.top_probs[worst, 0],
+        heatmaps=heatmap_fn(images, predictions.top_classes[worst, 0]) if heatmap_fn is not None and len(worst) else None,
     )
     log_png(gallery, f"{artifact_dir}/misclassified_gallery.png")
     return dict(scalar, confusion_matrix=metrics["confusion_matrix"], per_class_accuracy=metrics["per_class_accuracy"])

@@ -81,6 +81,7 @@ COVERAGE = [
     (r"mlflow run \. --env-manager local -e deploy -P model_uri=models:/carclf/1 -P name=cars",
      "test_deploy_entry_point_local"),
     (r"mlflow run \. --env-manager local -P deploy_target=carclf-local", "test_main_with_deploy_target"),
+    (r"mlflow run \. --env-manager local -e demo -P model_uri=models:/carclf/1", "test_demo_page"),
 ]
 
 
@@ -391,6 +392,27 @@ def test_serving(world):
         predictions = json.loads(body)["predictions"]
         assert len(predictions) == 1 and predictions[0]["label"] in world.class_names
         assert 0.0 <= predictions[0]["prob"] <= 1.0 and len(predictions[0]["top_k"]) == 3
+    finally:
+        world.stop(server)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_page(world):
+    """The README's demo command serves the page and answers for a photo (the browser tests: test_demo.py)."""
+    (command,) = commands_for("test_demo_page")
+    port = free_port()
+    server = world.start_server(adapt(command, tokens={".": str(REPO_ROOT)}, add={"port": port}), "demo.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", server, seconds=300)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=10) as response:
+            info = json.loads(response.read())
+        assert info["name"] == "carclf" and info["version"] == "1" and info["classes"] == world.class_names
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/predict?name=car.jpg",
+                                         data=world.car_jpg.read_bytes(), method="POST")
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        assert answer["label"] in world.class_names and answer["heatmap"].startswith("data:image/jpeg;base64,")
     finally:
         world.stop(server)
 
