@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
         mlflow.set_tracking_uri(uri)
         root = generate_sample_dataset(base / "sample", num_classes=4, train_per_class=16, test_per_class=8,
                                        min_width=140, max_width=220)
-        splits = preprocess(root, base / "processed", image_size=SIZE, crop="bbox", workers=1)
+        splits = preprocess(data_dir=root, output_dir=base / "processed", image_size=SIZE, crop="bbox", workers=1)
         while mlflow.active_run() is not None:
             mlflow.end_run()
     source = HDF5Source.open(splits["train"])
