@@ -27,11 +27,13 @@ _META = "carclf"
 
 
 def param(default: Any = dataclasses.MISSING, help: str = "", *, choices: Optional[Sequence[str]] = None,
-          mlproject_type: Optional[str] = None, cli: bool = True, mlproject: bool = True) -> Any:
+          mlproject_type: Optional[str] = None, cli: bool = True, mlproject: bool = True,
+          parse: Optional[Callable[[str], Any]] = None) -> Any:
     """A config field. ``mlproject_type`` overrides the MLproject type (e.g. ``"path"``); ``cli=False`` keeps a
-    field off the command line, ``mlproject=False`` keeps a CLI flag out of MLproject."""
+    field off the command line, ``mlproject=False`` keeps a CLI flag out of MLproject; ``parse`` replaces the
+    type's CLI parser (e.g. one that refuses non-positive numbers)."""
     meta = {_META: {"help": help, "choices": tuple(choices) if choices else None, "mlproject_type": mlproject_type,
-                    "cli": cli, "mlproject": mlproject}}
+                    "cli": cli, "mlproject": mlproject, "parse": parse}}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -48,6 +50,7 @@ class FieldSpec:
     mlproject_type: str
     cli: bool
     mlproject: bool
+    parse: Optional[Callable[[str], Any]] = None
 
     @property
     def flag(self) -> str:
@@ -82,7 +85,7 @@ def field_specs(config_cls: type) -> list[FieldSpec]:
         specs.append(FieldSpec(
             name=f.name, kind=kind, optional=optional, default=f.default, help=meta.get("help", ""),
             choices=meta.get("choices"), mlproject_type=mltype, cli=meta.get("cli", True),
-            mlproject=meta.get("mlproject", True),
+            mlproject=meta.get("mlproject", True), parse=meta.get("parse"),
         ))
     return specs
 
@@ -111,22 +114,31 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser(config_cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    """argparse from the config: ``--field-name``, parsed by the field's type, default and choices from it."""
-    parser = OneLineErrorParser(prog=prog, description=description)
+def add_arguments(parser: argparse.ArgumentParser, config_cls: type, *, enforce_required: bool = True) -> None:
+    """One ``--field-name`` per CLI field, parsed by the field's type, default and choices from it.
+    ``enforce_required=False``: required fields default to None, for a CLI whose other modes do not need them
+    (the caller checks)."""
     for spec in field_specs(config_cls):
         if not spec.cli:
             continue
-        parse = _PARSERS[spec.kind]
+        parse = spec.parse or _PARSERS[spec.kind]
         kwargs: dict = {"type": _optional(parse) if spec.optional else parse, "dest": spec.name,
                         "help": spec.help.replace("%", "%%") or None}
         if spec.choices:
             kwargs["choices"] = spec.choices
-        if spec.required:
+        if not spec.required:
+            kwargs["default"] = spec.default
+        elif enforce_required:
             kwargs["required"] = True
         else:
-            kwargs["default"] = spec.default
+            kwargs["default"] = None
         parser.add_argument(spec.flag, **kwargs)
+
+
+def build_parser(config_cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
+    """argparse from the config, with one-line errors."""
+    parser = OneLineErrorParser(prog=prog, description=description)
+    add_arguments(parser, config_cls)
     return parser
 
 
