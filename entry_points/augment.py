@@ -685,8 +685,9 @@ def augment(config: AugmentConfig | None = None, **overrides) -> dict:
     return summary
 
 
-def augment_in_process(input, output, copies: int = 2, keep_original: bool = True, ops: str = DEFAULT_OPS,
-                       seed: int = 0, **strengths) -> dict:
+def augment_in_process(input, output, copies: int = AugmentConfig.copies,
+                       keep_original: bool = AugmentConfig.keep_original, ops: str = AugmentConfig.ops,
+                       seed: int = AugmentConfig.seed, **strengths) -> dict:
     """The same augmentation as a plain single-process loop, no Spark: the benchmark's baseline and the
     reference the Spark output must equal byte for byte."""
     params = AugmentParams.parse(ops, **strengths)
