@@ -9,6 +9,7 @@ with a default has that default everywhere (function, CLI, MLproject); a field w
 everywhere. ``None`` ("not set") is written as ``""`` in MLproject and an empty CLI value reads back as
 ``None``, because MLflow always passes every parameter, as a string.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ import logging
 import sys
 import types
 import typing
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from entry_points.cli_args import parse_bool, parse_int
 
@@ -26,14 +28,29 @@ log = logging.getLogger(__name__)
 _META = "carclf"
 
 
-def param(default: Any = dataclasses.MISSING, help: str = "", *, choices: Optional[Sequence[str]] = None,
-          mlproject_type: Optional[str] = None, cli: bool = True, mlproject: bool = True,
-          parse: Optional[Callable[[str], Any]] = None) -> Any:
+def param(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    choices: Sequence[str] | None = None,
+    mlproject_type: str | None = None,
+    cli: bool = True,
+    mlproject: bool = True,
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
     """A config field. ``mlproject_type`` overrides the MLproject type (e.g. ``"path"``); ``cli=False`` keeps a
     field off the command line, ``mlproject=False`` keeps a CLI flag out of MLproject; ``parse`` replaces the
     type's CLI parser (e.g. one that refuses non-positive numbers)."""
-    meta = {_META: {"help": help, "choices": tuple(choices) if choices else None, "mlproject_type": mlproject_type,
-                    "cli": cli, "mlproject": mlproject, "parse": parse}}
+    meta = {
+        _META: {
+            "help": help,
+            "choices": tuple(choices) if choices else None,
+            "mlproject_type": mlproject_type,
+            "cli": cli,
+            "mlproject": mlproject,
+            "parse": parse,
+        }
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -42,15 +59,15 @@ class FieldSpec:
     """What one config field means to argparse and to MLproject."""
 
     name: str
-    kind: type                 # int, float, bool or str
-    optional: bool             # ``X | None``: "" means None
-    default: Any               # dataclasses.MISSING when required
+    kind: type  # int, float, bool or str
+    optional: bool  # ``X | None``: "" means None
+    default: Any  # dataclasses.MISSING when required
     help: str
-    choices: Optional[tuple]
+    choices: tuple | None
     mlproject_type: str
     cli: bool
     mlproject: bool
-    parse: Optional[Callable[[str], Any]] = None
+    parse: Callable[[str], Any] | None = None
 
     @property
     def flag(self) -> str:
@@ -80,13 +97,21 @@ def field_specs(config_cls: type) -> list[FieldSpec]:
         kind, optional = _unwrap(hints[f.name])
         if kind not in (int, float, bool, str):
             raise TypeError(f"{config_cls.__name__}.{f.name}: unsupported type {kind!r}")
-        mltype = meta.get("mlproject_type") or (
-            "float" if kind in (int, float) and not optional else "string")
-        specs.append(FieldSpec(
-            name=f.name, kind=kind, optional=optional, default=f.default, help=meta.get("help", ""),
-            choices=meta.get("choices"), mlproject_type=mltype, cli=meta.get("cli", True),
-            mlproject=meta.get("mlproject", True), parse=meta.get("parse"),
-        ))
+        mltype = meta.get("mlproject_type") or ("float" if kind in (int, float) and not optional else "string")
+        specs.append(
+            FieldSpec(
+                name=f.name,
+                kind=kind,
+                optional=optional,
+                default=f.default,
+                help=meta.get("help", ""),
+                choices=meta.get("choices"),
+                mlproject_type=mltype,
+                cli=meta.get("cli", True),
+                mlproject=meta.get("mlproject", True),
+                parse=meta.get("parse"),
+            )
+        )
     return specs
 
 
@@ -122,8 +147,11 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type, *, enforce_
         if not spec.cli:
             continue
         parse = spec.parse or _PARSERS[spec.kind]
-        kwargs: dict = {"type": _optional(parse) if spec.optional else parse, "dest": spec.name,
-                        "help": spec.help.replace("%", "%%") or None}
+        kwargs: dict = {
+            "type": _optional(parse) if spec.optional else parse,
+            "dest": spec.name,
+            "help": spec.help.replace("%", "%%") or None,
+        }
         if spec.choices:
             kwargs["choices"] = spec.choices
         if not spec.required:
@@ -157,14 +185,27 @@ def resolve_config(config_cls: type, config: Any = None, **overrides) -> Any:
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
-    return config_cls(**{name: value for name, value in vars(args).items()
-                         if name in {f.name for f in dataclasses.fields(config_cls)}})
+    return config_cls(
+        **{
+            name: value
+            for name, value in vars(args).items()
+            if name in {f.name for f in dataclasses.fields(config_cls)}
+        }
+    )
 
 
-def run_step(step: Callable, config_cls: type, prog: str, description: str, argv: Optional[Sequence[str]] = None, *,
-             expected_errors: tuple = (), print_result: Callable[[Any, Any], None] = print,
-             error_line: Optional[Callable[[BaseException, Any], Optional[str]]] = None,
-             log_format: str = "%(asctime)s %(name)s %(levelname)s %(message)s") -> int:
+def run_step(
+    step: Callable,
+    config_cls: type,
+    prog: str,
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    expected_errors: tuple = (),
+    print_result: Callable[[Any, Any], None] = print,
+    error_line: Callable[[BaseException, Any], str | None] | None = None,
+    log_format: str = "%(asctime)s %(name)s %(levelname)s %(message)s",
+) -> int:
     """The CLI ``main()`` of a step: parse -> ``step(config)`` -> ``print_result(result, config)``; the step's
     expected errors end as one ``error: ...`` line and exit code 2, anything else is a bug and keeps its
     traceback. ``error_line(exc, config)`` may word an error (or return None to re-raise it)."""

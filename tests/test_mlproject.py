@@ -1,5 +1,6 @@
 """MLproject is generated from the steps' configs (`make mlproject`): the checked-in file is that output, and what
 MLflow passes by default is what the CLI and the step function take by default."""
+
 import dataclasses
 import importlib
 import shlex
