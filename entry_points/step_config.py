@@ -202,7 +202,7 @@ def run_step(
     argv: Sequence[str] | None = None,
     *,
     expected_errors: tuple = (),
-    print_result: Callable[[Any, Any], None] = print,
+    print_result: Callable[[Any, Any], None] | None = None,
     error_line: Callable[[BaseException, Any], str | None] | None = None,
     log_format: str = "%(asctime)s %(name)s %(levelname)s %(message)s",
 ) -> int:
@@ -224,5 +224,8 @@ def run_step(
             raise
         print(f"error: {line}", file=sys.stderr)
         return 2
-    print_result(result, config)
+    if print_result is None:
+        print(result)
+    else:
+        print_result(result, config)
     return 0
