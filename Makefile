@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast test-mlflow-latest lint bench venv clean
+.PHONY: run test test-fast test-mlflow-latest lint bench venv clean mlproject
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ $(VENV_LATEST)/.installed: pyproject.toml
 test-mlflow-latest: $(VENV_LATEST)/.installed
 	CARCLF_EXPECT_MLFLOW=$(MLFLOW_LATEST) $(VENV_LATEST)/bin/python -m pytest -m "not slow" \
 	  tests/test_project_frame.py tests/test_flavor.py tests/test_serving.py tests/test_train.py
+
+# MLproject is generated from the steps' configs (entry_points/*Config); tests/test_mlproject.py refuses drift.
+mlproject: $(VENV)/.installed
+	$(BIN)/python -m entry_points.mlproject
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

@@ -55,12 +55,13 @@ def time_spark(master: str, source: pathlib.Path, warmup: pathlib.Path, folder: 
     began = time.perf_counter()
     spark = get_spark(master, app_name="carclf-bench-augment")
     startup = time.perf_counter() - began
-    aug.augment(warmup, folder / "warmup_out.h5", copies=1, spark_master=master, log_to_mlflow=False)
+    aug.augment(input=warmup, output=folder / "warmup_out.h5", copies=1, spark_master=master, log_to_mlflow=False)
     out = folder / f"spark_{master.replace('[', '').replace(']', '').replace(',', '_')}.h5"
     runs = []
     for _ in range(REPEATS):
         fresh(out)
-        runs.append(aug.augment(source, out, copies=COPIES, ops=OPS, spark_master=master, log_to_mlflow=False))
+        runs.append(aug.augment(input=source, output=out, copies=COPIES, ops=OPS, spark_master=master,
+                                log_to_mlflow=False))
     spark.stop()
     best = max(runs, key=lambda r: r["images_per_second"])
     best["startup"] = startup

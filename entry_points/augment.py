@@ -43,7 +43,8 @@ import numpy as np
 
 from carclf_flavor.images import PAD_VALUE
 from entry_points.tracking import log_new_params, step_run
-from entry_points.cli_args import parse_bool, parse_int
+from entry_points.step_config import build_parser as build_parser_for
+from entry_points.step_config import param, resolve_config, run_step
 from entry_points.hdf5_dataset import (
     DatasetError,
     HDF5SplitWriter,
@@ -578,36 +579,49 @@ def _file_attrs(spec: JobSpec, input_path: pathlib.Path, engine: str) -> dict:
     }
 
 
-def augment(
-    input: str | os.PathLike,
-    output: str | os.PathLike,
-    copies: int = 2,
-    keep_original: bool = True,
-    ops: str = DEFAULT_OPS,
-    crop_scale: float = 0.8,
-    pad_fraction: float = 0.1,
-    flip_prob: float = 0.5,
-    rotate_degrees: float = 15.0,
-    brightness: float = 0.2,
-    contrast: float = 0.2,
-    hue_degrees: float = 10.0,
-    blur_sigma: float = 1.0,
-    cutout_fraction: float = 0.25,
-    spark_master: str = "local[*]",
-    partitions: int = 0,
-    seed: int = 0,
-    log_to_mlflow: bool = True,
-) -> dict:
+_STRENGTHS = AugmentParams()  # the op strengths' defaults live in AugmentParams
+STRENGTHS = tuple(f.name for f in dataclasses.fields(AugmentParams) if f.name != "ops")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """The `augment` step's parameters (CLI flags, MLproject parameters and keyword arguments alike).
+
+    ``input``/``output`` default to the files ``preprocess`` writes by default, on the CLI as in MLproject
+    (they used to be required on the CLI only): one rule, the declaration's default applies everywhere.
+    """
+
+    input: str = param("data/processed/train.h5", "HDF5 split to augment", mlproject_type="path")
+    output: str = param("data/processed/train_aug.h5", "HDF5 file to write")
+    copies: int = param(2, "augmented variants per image")
+    keep_original: bool = param(True, "also write the original images")
+    ops: str = param(DEFAULT_OPS, f"comma list, applied in order, from: {','.join(OPS)}")
+    crop_scale: float = param(_STRENGTHS.crop_scale, "crop: random square of side U(crop_scale, 1) * S")
+    pad_fraction: float = param(_STRENGTHS.pad_fraction, "pad: pad by pad_fraction * S and crop back")
+    flip_prob: float = param(_STRENGTHS.flip_prob, "flip: horizontal mirror with this probability")
+    rotate_degrees: float = param(_STRENGTHS.rotate_degrees, "rotate: angle U(-d, d)")
+    brightness: float = param(_STRENGTHS.brightness, "brightness: add U(-b, b) * 255")
+    contrast: float = param(_STRENGTHS.contrast, "contrast: scale around the mean by U(1 - c, 1 + c)")
+    hue_degrees: float = param(_STRENGTHS.hue_degrees, "hue: rotate the hue by U(-h, h) degrees")
+    blur_sigma: float = param(_STRENGTHS.blur_sigma, "blur: Gaussian, sigma U(0.1, blur_sigma)")
+    cutout_fraction: float = param(_STRENGTHS.cutout_fraction, "cutout: one grey square of side fraction * S")
+    spark_master: str = param("local[*]", "Spark master URL (local[N], local[N,maxFailures], spark://host:7077, "
+                                          "...); an active session (Databricks) is used as is")
+    partitions: int = param(0, "Spark tasks; 0 = automatic")
+    seed: int = param(0, "augmentation seed (per source row and copy)")
+    log_to_mlflow: bool = param(True, "log parameters, counts and a sample grid", cli=False, mlproject=False)
+
+
+def augment(config: AugmentConfig | None = None, **overrides) -> dict:
     """Augment ``input`` on Spark into ``output``; returns counts, timings and the output path.
 
     Logs to the active MLflow run (or starts one): parameters, counts, throughput and a PNG grid of
-    originals beside their augmented variants.
+    originals beside their augmented variants. Takes an ``AugmentConfig`` or its fields as keywords.
     """
-    params = AugmentParams.parse(
-        ops, crop_scale=crop_scale, pad_fraction=pad_fraction, flip_prob=flip_prob, rotate_degrees=rotate_degrees,
-        brightness=brightness, contrast=contrast, hue_degrees=hue_degrees, blur_sigma=blur_sigma,
-        cutout_fraction=cutout_fraction,
-    )
+    c = resolve_config(AugmentConfig, config, **overrides)
+    input, output, copies, keep_original, seed, partitions, spark_master = (  # noqa: A001 - the MLproject name
+        c.input, c.output, c.copies, c.keep_original, c.seed, c.partitions, c.spark_master)
+    params = AugmentParams.parse(c.ops, **{name: getattr(c, name) for name in STRENGTHS})
     input_path, output_path = _validate(input, output, int(copies), keep_original, int(seed), int(partitions))
     info, split = _input_meta(str(input_path))  # DatasetError for a missing or malformed file, before Spark starts
 
@@ -666,13 +680,14 @@ def augment(
     }
     log.info("augment: wrote %d images to %s in %.1f s (%.0f images/s)", total, output_path, seconds,
              summary["images_per_second"])
-    if log_to_mlflow:
+    if c.log_to_mlflow:
         _log_to_mlflow(summary, spec, input_path, output_path)
     return summary
 
 
-def augment_in_process(input, output, copies: int = 2, keep_original: bool = True, ops: str = DEFAULT_OPS,
-                       seed: int = 0, **strengths) -> dict:
+def augment_in_process(input, output, copies: int = AugmentConfig.copies,
+                       keep_original: bool = AugmentConfig.keep_original, ops: str = AugmentConfig.ops,
+                       seed: int = AugmentConfig.seed, **strengths) -> dict:
     """The same augmentation as a plain single-process loop, no Spark: the benchmark's baseline and the
     reference the Spark output must equal byte for byte."""
     params = AugmentParams.parse(ops, **strengths)
@@ -759,38 +774,22 @@ def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies:
     return image_grid(images, captions, cols=1 + shown, title="Originals and their augmented copies")
 
 
+_PROG = "python -m entry_points.augment"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m entry_points.augment", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="HDF5 split to augment (e.g. data/processed/train.h5)")
-    p.add_argument("--output", required=True, help="HDF5 file to write (e.g. data/processed/train_aug.h5)")
-    p.add_argument("--copies", type=parse_int, default=2, help="augmented variants per image")
-    p.add_argument("--keep-original", type=parse_bool, default=True, help="also write the original images")
-    p.add_argument("--ops", default=DEFAULT_OPS, help=f"comma list, applied in order, from: {','.join(OPS)}")
-    defaults = AugmentParams()
-    for name in ("crop_scale", "pad_fraction", "flip_prob", "rotate_degrees", "brightness", "contrast",
-                 "hue_degrees", "blur_sigma", "cutout_fraction"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    p.add_argument("--spark-master", default="local[*]",
-                   help="Spark master URL (local[N], local[N,maxFailures], spark://host:7077, ...); "
-                        "an active session (Databricks) is used as is")
-    p.add_argument("--partitions", type=parse_int, default=0, help="Spark tasks; 0 = automatic")
-    p.add_argument("--seed", type=parse_int, default=0)
-    return p
+    return build_parser_for(AugmentConfig, _PROG, __doc__.splitlines()[0])
+
+
+def _print_summary(summary: dict, config: AugmentConfig) -> None:
+    print(json.dumps({k: summary[k] for k in ("output", "num_source_images", "num_output_images",
+                                              "images_per_second")}))
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)  # one INFO line per Py4J connection otherwise
-    args = build_parser().parse_args(argv)
-    kwargs = {k: v for k, v in vars(args).items()}
-    try:
-        summary = augment(**kwargs)
-    except (AugmentError, DatasetError, SparkSetupError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: summary[k] for k in ("output", "num_source_images", "num_output_images",
-                                              "images_per_second")}))
-    return 0
+    return run_step(augment, AugmentConfig, _PROG, __doc__.splitlines()[0], argv,
+                    expected_errors=(AugmentError, DatasetError, SparkSetupError), print_result=_print_summary)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,16 @@ uvicorn on loopback by default; open the printed address in a browser. Ctrl+C st
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import errno
 import ipaddress
 import logging
 import socket
 import sys
 
-from entry_points.cli_args import parse_int
 from entry_points.demo_app import DEFAULT_MAX_FILES, DEFAULT_MAX_UPLOAD_BYTES
+from entry_points.step_config import build_parser as build_parser_for
+from entry_points.step_config import param, resolve_config, run_step
 
 log = logging.getLogger("carclf.demo")
 
@@ -48,19 +49,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def demo(
-    model_uri: str,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024),
-    max_files: int = DEFAULT_MAX_FILES,
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """The `demo` step's parameters (entry_points.step_config: each default written once, here)."""
+
+    model_uri: str = param(help="models:/carclf/1, runs:/<run>/model, a path, ...")
+    host: str = param("127.0.0.1", "address to listen on (default: loopback only)")
+    port: int = param(8080, "port to listen on")
+    max_upload_mb: float = param(DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024), "largest photo accepted, in MiB")
+    max_files: int = param(DEFAULT_MAX_FILES, "photos per drop")
+
+
+def demo(config: DemoConfig | None = None, **overrides) -> None:
     """Serve the demo page for ``model_uri`` on ``host:port`` until interrupted."""
     import uvicorn
 
     import carclf_flavor
     from entry_points.demo_app import create_app, describe_model
 
+    c = resolve_config(DemoConfig, config, **overrides)
+    model_uri, host, port, max_upload_mb, max_files = c.model_uri, c.host, c.port, c.max_upload_mb, c.max_files
     if not model_uri:
         raise DemoError("model_uri is empty: pass e.g. -P model_uri=models:/carclf/1")
     if not 0 < int(port) < 65536:
@@ -87,44 +95,23 @@ def demo(
     uvicorn.run(app, host=host, port=int(port), log_level="info", timeout_graceful_shutdown=5)
 
 
-def _parse_float(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+def build_parser():
+    return build_parser_for(DemoConfig, "python -m entry_points.demo", __doc__.splitlines()[0])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m entry_points.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--model-uri", required=True, help="models:/carclf/1, runs:/<run>/model, a path, ...")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=parse_int, default=8080)
-    p.add_argument(
-        "--max-upload-mb",
-        type=_parse_float,
-        default=DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024),
-        help="largest photo accepted, in MiB",
-    )
-    p.add_argument("--max-files", type=parse_int, default=DEFAULT_MAX_FILES, help="photos per drop")
-    return p
+def _error_line(exc: BaseException, config: DemoConfig) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, DemoError):
+        return str(exc)
+    if isinstance(exc, MlflowException):
+        return f"{config.model_uri}: {str(exc.message).splitlines()[0]}"
+    return None
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        demo(args.model_uri, args.host, args.port, args.max_upload_mb, args.max_files)
-    except DemoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MlflowException as exc:
-        print(f"error: {args.model_uri}: {str(exc.message).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    return run_step(demo, DemoConfig, "python -m entry_points.demo", __doc__.splitlines()[0], argv,
+                    error_line=_error_line, print_result=lambda result, config: None)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import re
 import shutil
 import sys
 import tempfile
+from typing import Optional
 
 from entry_points.azure_preflight import (
     AUTH_CHOICES,
@@ -37,7 +39,8 @@ from entry_points.azure_preflight import (
     is_azureml_target,
     parse_target,
 )
-from entry_points.cli_args import parse_bool, parse_int
+from entry_points.step_config import build_parser as build_parser_for
+from entry_points.step_config import param, resolve_config, run_step
 
 log = logging.getLogger("carclf.deploy")
 
@@ -346,33 +349,57 @@ def _summary(deployment: dict) -> dict:
     return summary
 
 
-def deploy(
-    model_uri: str,
-    target: str,
-    name: str,
-    compute: str = "managed",
-    cpu_cores: float = 3.0,
-    memory_gb: float = 12.0,
-    instance_type: str = "Standard_DS3_v2",
-    instance_count: int = 1,
-    auth: str = "auto",
-    config_dir: str | os.PathLike | None = None,
-    aks_compute: str = "aks-cluster",
-    min_replicas: int = 1,
-    max_replicas: int = 4,
-    request_timeout_s: int = 90,
-    auth_enabled: bool = True,
-    network_check: bool = True,
-    network_timeout_s: float = 5.0,
-    port: int | None = None,
-    workers: int | None = None,
-    host: str | None = None,
-    home: str | None = None,
-    traffic: int = 100,
-    delete_old: bool = False,
-    smoke_image: str | os.PathLike | None = None,
-    endpoint_auth: str = "key",
-) -> dict:
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployConfig:
+    """The `deploy` step's parameters (CLI flags, MLproject parameters and keyword arguments alike).
+
+    ``target`` and ``name`` default to the local target and ``car-resnet`` on the CLI and in calls as in
+    MLproject (they used to be required on the CLI only): one rule, the declaration's default applies
+    everywhere. ``None`` = not set (``""`` in MLproject and on the CLI).
+    """
+
+    model_uri: str = param(help="models:/<name>/<version>")
+    target: str = param(LOCAL_TARGET, "azureml://<region>.api.azureml.ms/mlflow/v1.0/... or carclf-local")
+    name: str = param("car-resnet", "deployment name")
+    compute: str = param("managed", "managed online endpoint (default); aci/aks are deprecated SDK v1 web services",
+                         choices=COMPUTE_CHOICES)
+    traffic: int = param(100, "managed: the new deployment's share, 1-100")
+    delete_old: bool = param(False, "managed: delete deployments left at 0%")
+    smoke_image: str | None = param(None, "managed: photo for the smoke test")
+    endpoint_auth: str = param("key", "managed: key (default), aml_token or aad_token")
+    cpu_cores: float = param(3.0, "CPU cores per instance (aci/aks)", parse=_positive_float)
+    memory_gb: float = param(12.0, "memory per instance (aci/aks)", parse=_positive_float)
+    instance_type: str = param("Standard_DS3_v2", "managed: VM size")
+    instance_count: int = param(1, "managed: instances")
+    auth: str = param("auto", "how to sign in to Azure", choices=AUTH_CHOICES)
+    config_dir: str | None = param(None, "keep the generated deploy-config file here (default: temporary, logged "
+                                         "to the run)")
+    aks_compute: str = param("aks-cluster", "AKS cluster attached to the workspace")
+    min_replicas: int = param(1, "aks: fewest replicas")
+    max_replicas: int = param(4, "aks: most replicas")
+    request_timeout: int = param(90, "seconds per scoring request")
+    network_check: bool = param(True, "check that the workspace is reachable before anything else")
+    port: int | None = param(None, "carclf-local: port")
+    workers: int | None = param(None, "carclf-local: server workers")
+    # CLI only (not in MLproject):
+    auth_enabled: bool = param(True, "key auth on ACI/AKS services", mlproject=False)
+    host: str | None = param(None, "carclf-local: interface (127.0.0.1)", mlproject=False)
+    home: str | None = param(None, "carclf-local: state folder", mlproject=False)
+    # Calls only:
+    network_timeout_s: float = param(5.0, "seconds the network check waits", cli=False, mlproject=False)
+
+
+def deploy(config: DeployConfig | None = None, **overrides) -> dict:
     """Deploy `model_uri` as `name` on `target`.
 
     target: an Azure ML workspace tracking URI (azureml://...) or `carclf-local[:/state/folder]`.
@@ -382,8 +409,17 @@ def deploy(
     rendered JPEG). compute=aci|aks: create, or update when `name` exists (deprecated).
     Nothing is written, tracked or sent until the preflight passed. The config files go to `config_dir`
     (kept) or a temporary folder (removed after they were logged to the run).
-    Local: port/workers/host/home/request_timeout_s are passed to the carclf-local target.
+    Local: port/workers/host/home/request_timeout are passed to the carclf-local target.
+    Takes a ``DeployConfig`` or its fields as keywords (``deploy(model_uri=..., target=..., name=...)``).
     """
+    c = resolve_config(DeployConfig, config, **overrides)
+    model_uri, target, name, compute, auth, config_dir = (c.model_uri, c.target, c.name, c.compute, c.auth,
+                                                          c.config_dir)
+    network_check, network_timeout_s, request_timeout_s = c.network_check, c.network_timeout_s, c.request_timeout
+    cpu_cores, memory_gb, instance_type, instance_count = c.cpu_cores, c.memory_gb, c.instance_type, c.instance_count
+    aks_compute, min_replicas, max_replicas, auth_enabled = c.aks_compute, c.min_replicas, c.max_replicas, c.auth_enabled
+    traffic, delete_old, smoke_image, endpoint_auth = c.traffic, c.delete_old, c.smoke_image, c.endpoint_auth
+    port, workers, host, home = c.port, c.workers, c.host, c.home
     if not model_uri:
         raise DeployError("model_uri is empty: give e.g. models:/carclf/1")
     if not target:
@@ -718,52 +754,11 @@ def _deploy_local(model_uri, target, name, config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _optional(parser):
-    """MLflow passes unset optional parameters as ''."""
-    def parse(value):
-        return None if value is None or str(value).strip() == "" else parser(value)
-    return parse
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return number
+_PROG = "python -m entry_points.deploy"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m entry_points.deploy", description=__doc__.split("\n")[0])
-    p.add_argument("--model-uri", required=True, help="models:/<name>/<version>")
-    p.add_argument("--target", required=True, help="azureml://<region>.api.azureml.ms/mlflow/v1.0/... or carclf-local")
-    p.add_argument("--name", required=True, help="deployment name")
-    p.add_argument("--compute", default="managed", choices=COMPUTE_CHOICES,
-                   help="managed online endpoint (default); aci/aks are deprecated SDK v1 web services")
-    p.add_argument("--cpu-cores", type=_positive_float, default=3.0)
-    p.add_argument("--memory-gb", type=_positive_float, default=12.0)
-    p.add_argument("--instance-type", default="Standard_DS3_v2")
-    p.add_argument("--instance-count", type=parse_int, default=1)
-    p.add_argument("--auth", default="auto", choices=AUTH_CHOICES)
-    p.add_argument("--config-dir", type=_optional(str), default=None,
-                   help="keep the generated deploy-config file here (default: temporary, logged to the run)")
-    p.add_argument("--aks-compute", default="aks-cluster", help="AKS cluster attached to the workspace")
-    p.add_argument("--min-replicas", type=parse_int, default=1)
-    p.add_argument("--max-replicas", type=parse_int, default=4)
-    p.add_argument("--request-timeout", type=parse_int, default=90, help="seconds per scoring request")
-    p.add_argument("--auth-enabled", type=parse_bool, default=True, help="key auth on ACI/AKS services")
-    p.add_argument("--network-check", type=parse_bool, default=True)
-    p.add_argument("--port", type=_optional(parse_int), default=None, help="carclf-local: port")
-    p.add_argument("--workers", type=_optional(parse_int), default=None, help="carclf-local: server workers")
-    p.add_argument("--host", type=_optional(str), default=None, help="carclf-local: interface (127.0.0.1)")
-    p.add_argument("--home", type=_optional(str), default=None, help="carclf-local: state folder")
-    p.add_argument("--traffic", type=parse_int, default=100, help="managed: the new deployment's share, 1-100")
-    p.add_argument("--delete-old", type=parse_bool, default=False, help="managed: delete deployments left at 0%%")
-    p.add_argument("--smoke-image", type=_optional(str), default=None, help="managed: photo for the smoke test")
-    p.add_argument("--endpoint-auth", default="key", help="managed: key (default), aml_token or aad_token")
-    return p
+    return build_parser_for(DeployConfig, _PROG, __doc__.split("\n")[0])
 
 
 def _is_known_failure(exc: BaseException) -> bool:
@@ -781,39 +776,29 @@ def _is_known_failure(exc: BaseException) -> bool:
     return isinstance(exc, known)
 
 
+def _error_line(exc: BaseException, config: DeployConfig) -> Optional[str]:
+    if isinstance(exc, (DeployError, PreflightError)):
+        return str(exc)
+    if not _is_known_failure(exc):  # MlflowException and the Azure SDK's errors: one line, cause included
+        return None
+    text = str(getattr(exc, "message", None) or exc).strip()
+    lines = text.splitlines() or [type(exc).__name__]
+    cause = exc.__cause__
+    because = f" (cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
+    # Lines after the first (e.g. the local server's log tail) follow the one error line.
+    return "\n".join([f"{lines[0]}{because}", *lines[1:]])
+
+
+def _print_result(result: dict, config: DeployConfig) -> None:
+    print(json.dumps(result, indent=2, default=str))
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The Azure SDK logs every HTTP request and the plugin every URI parse at INFO: keep the output readable.
     for noisy in ("azure", "azureml", "msal", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        result = deploy(
-            args.model_uri, args.target, args.name, compute=args.compute, cpu_cores=args.cpu_cores,
-            memory_gb=args.memory_gb, instance_type=args.instance_type, instance_count=args.instance_count,
-            auth=args.auth, config_dir=args.config_dir, aks_compute=args.aks_compute,
-            min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-            request_timeout_s=args.request_timeout, auth_enabled=args.auth_enabled,
-            network_check=args.network_check, port=args.port, workers=args.workers, host=args.host,
-            home=args.home, traffic=args.traffic, delete_old=args.delete_old, smoke_image=args.smoke_image,
-            endpoint_auth=args.endpoint_auth,
-        )
-    except (DeployError, PreflightError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # MlflowException and the Azure SDK's errors: one line, cause included
-        if not _is_known_failure(exc):
-            raise
-        text = str(getattr(exc, "message", None) or exc).strip()
-        lines = text.splitlines() or [type(exc).__name__]
-        cause = exc.__cause__
-        because = f" (cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
-        print(f"error: {lines[0]}{because}", file=sys.stderr)
-        if len(lines) > 1:  # e.g. the local server's log tail
-            print("\n".join(lines[1:]), file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+    return run_step(deploy, DeployConfig, _PROG, __doc__.split("\n")[0], argv, error_line=_error_line,
+                    print_result=_print_result, log_format="%(levelname)s %(name)s: %(message)s")
 
 
 if __name__ == "__main__":

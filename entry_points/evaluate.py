@@ -15,6 +15,7 @@ link the model URI and the run that produced the model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import pathlib
 import sys
@@ -23,9 +24,10 @@ from typing import Optional
 import numpy as np
 
 from entry_points.tracking import log_new_params
-from entry_points.cli_args import parse_int
 from entry_points.hdf5_dataset import DatasetError
 from entry_points.input_pipeline import HDF5Source
+from entry_points.step_config import build_parser as build_parser_for
+from entry_points.step_config import param, resolve_config, run_step
 from entry_points.reports import TOP_K, Predictions, collect_predictions, format_table, log_test_report
 
 log = logging.getLogger("carclf.evaluate")
@@ -114,15 +116,27 @@ def predict_jpeg_files(pyfunc_model, source: HDF5Source, image_root=None, batch_
                        np.concatenate(indices))
 
 
-def evaluate(
-    model_uri: str,
-    test_data,
-    batch_size: int = 64,
-    input: str = "hdf5",  # noqa: A002 - the MLproject parameter name
-    image_root: str = "",
-    gallery_size: int = 16,
-) -> dict:
-    """Evaluate ``model_uri`` on ``test_data`` (one or several comma-separated HDF5 files) in a new run."""
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate` step's parameters (CLI flags, MLproject parameters and keyword arguments alike)."""
+
+    model_uri: str = param(help="models:/carclf/1, runs:/<run>/model, a path, ...")
+    test_data: str = param(help="HDF5 file(s), comma-separated")
+    batch_size: int = param(64, "images per prediction batch")
+    input: str = param("hdf5", "hdf5: preprocessed pixels; jpeg: the original photos through the served pyfunc path",
+                       choices=INPUTS)
+    image_root: str = param("", "folder that relative `filenames` are under (input=jpeg)")
+    gallery_size: int = param(16, "misclassified photos shown in the gallery")
+
+
+def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
+    """Evaluate ``model_uri`` on ``test_data`` (one or several comma-separated HDF5 files) in a new run.
+
+    Takes an ``EvaluateConfig`` or its fields as keywords (``evaluate(model_uri=..., test_data=...)``).
+    """
+    c = resolve_config(EvaluateConfig, config, **overrides)
+    model_uri, test_data, batch_size, input, image_root, gallery_size = (  # noqa: A001 - the MLproject name
+        c.model_uri, c.test_data, c.batch_size, c.input, c.image_root, c.gallery_size)
     import mlflow
 
     import carclf_flavor
@@ -171,35 +185,31 @@ def evaluate(
             "per_class_accuracy": metrics["per_class_accuracy"]}
 
 
+_PROG = "python -m entry_points.evaluate"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m entry_points.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model-uri", required=True, help="models:/carclf/1, runs:/<run>/model, a path, ...")
-    p.add_argument("--test-data", required=True, help="HDF5 file(s), comma-separated")
-    p.add_argument("--batch-size", type=parse_int, default=64)
-    p.add_argument("--input", default="hdf5", choices=INPUTS,
-                   help="hdf5: preprocessed pixels; jpeg: the original photos through the served pyfunc path")
-    p.add_argument("--image-root", default="", help="folder that relative `filenames` are under (input=jpeg)")
-    p.add_argument("--gallery-size", type=parse_int, default=16)
-    return p
+    return build_parser_for(EvaluateConfig, _PROG, __doc__.splitlines()[0])
+
+
+def _error_line(exc: BaseException, config: EvaluateConfig) -> Optional[str]:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (EvaluateError, DatasetError)):
+        return str(exc)
+    if isinstance(exc, MlflowException):
+        return f"{config.model_uri}: {str(exc.message).splitlines()[0]}"
+    return None
+
+
+def _print_result(result: dict, config: EvaluateConfig) -> None:
+    print(f"evaluation run {result['run_id']} of {config.model_uri} on {config.test_data} ({config.input})")
+    print(format_table(result["metrics"]))
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        result = evaluate(args.model_uri, args.test_data, args.batch_size, args.input, args.image_root,
-                          args.gallery_size)
-    except (EvaluateError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MlflowException as exc:
-        print(f"error: {args.model_uri}: {str(exc.message).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"evaluation run {result['run_id']} of {args.model_uri} on {args.test_data} ({args.input})")
-    print(format_table(result["metrics"]))
-    return 0
+    return run_step(evaluate, EvaluateConfig, _PROG, __doc__.splitlines()[0], argv, error_line=_error_line,
+                    print_result=_print_result)
 
 
 if __name__ == "__main__":

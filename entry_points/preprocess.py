@@ -24,6 +24,7 @@ deadlock inside OpenCV), so a script calling ``preprocess()`` with workers != 1 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -35,10 +36,12 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from carclf_flavor.images import ImageDecodeError, PreprocessSettings, clamp_bbox, image_size_of, preprocess_image
-from entry_points.cli_args import parse_int
+from carclf_flavor.images import (CROP_MODES, RESIZE_MODES, ImageDecodeError, PreprocessSettings, clamp_bbox,
+                                  image_size_of, preprocess_image)
 from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter, remove_stale_partials
 from entry_points.readers import DataLayoutError, ImageRecord, SourceDataset, read_dataset, stratified_split
+from entry_points.step_config import build_parser as build_parser_for
+from entry_points.step_config import param, resolve_config, run_step
 
 log = logging.getLogger("carclf.preprocess")
 
@@ -374,22 +377,32 @@ def _log_results(dataset, settings, paths, labels, skipped, clamped, seconds, pr
         log_png(sample_crops_grid(paths["train"], dataset.class_names), "sample_crops.png")
 
 
-def preprocess(
-    data_dir: os.PathLike | str,
-    output_dir: os.PathLike | str,
-    image_size: int = 224,
-    crop: str = "bbox",
-    crop_margin: int = 16,
-    resize_mode: str = "stretch",
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    workers: int = 0,
-    seed: int = 0,
-) -> Dict[str, pathlib.Path]:
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """The `preprocess` step's parameters (CLI flags, MLproject parameters and keyword arguments alike)."""
+
+    data_dir: str = param("", "dataset root; empty = generated sample data (cached)")
+    output_dir: str = param("data/processed", "folder for train.h5, val.h5 and test.h5")
+    image_size: int = param(224, "side of the square images, in pixels")
+    crop: str = param("bbox", "bbox: crop to the labelled box; none: the whole photo", choices=CROP_MODES)
+    crop_margin: int = param(16, "pixels added around the box")
+    resize_mode: str = param("stretch", "stretch or pad to the square", choices=RESIZE_MODES)
+    val_fraction: float = param(0.1, "per class, taken from train")
+    test_fraction: float = param(0.2, "per class; only for <root>/<class>/ folders")
+    workers: int = param(0, "decode processes; 0 = all cores")
+    seed: int = param(0, "split and shuffle seed")
+
+
+def preprocess(config: PreprocessConfig | None = None, **overrides) -> Dict[str, pathlib.Path]:
     """Build ``train.h5``, ``val.h5`` and ``test.h5`` in ``output_dir``; returns their paths by split.
 
     ``data_dir`` empty (or None) = the generated sample data in the cache folder. ``workers`` 0 = all cores.
+    Takes a ``PreprocessConfig`` or its fields as keywords (``preprocess(data_dir=..., output_dir=...)``).
     """
+    c = resolve_config(PreprocessConfig, config, **overrides)
+    data_dir, output_dir, image_size, crop, crop_margin = c.data_dir, c.output_dir, c.image_size, c.crop, c.crop_margin
+    resize_mode, val_fraction, test_fraction, workers, seed = (c.resize_mode, c.val_fraction, c.test_fraction,
+                                                              c.workers, c.seed)
     settings = _validate(image_size, crop, crop_margin, resize_mode, val_fraction, test_fraction, workers)
     workers = int(workers) or _cpu_count()
     if data_dir in (None, ""):
@@ -426,49 +439,20 @@ def preprocess(
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; one clear line is enough
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _fraction(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+def _print_paths(paths: Dict[str, pathlib.Path], config: PreprocessConfig) -> None:
+    for split, path in paths.items():
+        print(f"{split}: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineErrorParser(prog="python -m entry_points.preprocess",
-                            description="Photos (Stanford Cars or folder per class) -> train/val/test HDF5.")
-    p.add_argument("--data-dir", default="", help="dataset root; empty = generated sample data (cached)")
-    p.add_argument("--output-dir", default="data/processed")
-    p.add_argument("--image-size", type=parse_int, default=224)
-    p.add_argument("--crop", default="bbox", choices=["bbox", "none"])
-    p.add_argument("--crop-margin", type=parse_int, default=16, help="pixels added around the box")
-    p.add_argument("--resize-mode", default="stretch", choices=["stretch", "pad"])
-    p.add_argument("--val-fraction", type=_fraction, default=0.1, help="per class, taken from train")
-    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="per class; only for <root>/<class>/ folders")
-    p.add_argument("--workers", type=parse_int, default=0, help="decode processes; 0 = all cores")
-    p.add_argument("--seed", type=parse_int, default=0)
-    return p
+    return build_parser_for(PreprocessConfig, "python -m entry_points.preprocess",
+                            "Photos (Stanford Cars or folder per class) -> train/val/test HDF5.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        paths = preprocess(args.data_dir, args.output_dir, image_size=args.image_size, crop=args.crop,
-                           crop_margin=args.crop_margin, resize_mode=args.resize_mode,
-                           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                           workers=args.workers, seed=args.seed)
-    except (DataLayoutError, DatasetError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for split, path in paths.items():
-        print(f"{split}: {path}")
-    return 0
+    return run_step(preprocess, PreprocessConfig, "python -m entry_points.preprocess",
+                    "Photos (Stanford Cars or folder per class) -> train/val/test HDF5.", argv,
+                    expected_errors=(DataLayoutError, DatasetError, ValueError, OSError), print_result=_print_paths)
 
 
 if __name__ == "__main__":

@@ -42,13 +42,29 @@ import cv2
 import numpy as np
 import scipy.io
 
-from entry_points.cli_args import parse_int
+from entry_points.step_config import build_parser as build_parser_for
+from entry_points.step_config import param, run_step
 
 log = logging.getLogger("carclf.sample_data")
 
 # Bump when the generator's output changes, so stale cached copies are not reused.
 SAMPLE_VERSION = 1
-DEFAULTS = dict(num_classes=10, train_per_class=48, test_per_class=16, seed=0, min_width=300, max_width=900)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleDataConfig:
+    """The sample-data CLI's parameters; its defaults are also the cached sample's (``DEFAULTS``)."""
+
+    output: str = param(help="folder to write (cars_train/, cars_test/, devkit/, ...)")
+    num_classes: int = param(10, "car models to draw")
+    train_per_class: int = param(48, "training photos per class")
+    test_per_class: int = param(16, "test photos per class")
+    seed: int = param(0, "drawing seed")
+    min_width: int = param(300, "narrowest photo, in pixels")
+    max_width: int = param(900, "widest photo, in pixels")
+
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(SampleDataConfig) if f.name != "output"}
 _COMPLETE_MARKER = ".complete"
 
 Point = Tuple[float, float]
@@ -444,12 +460,12 @@ def _split_labels(rng: np.random.Generator, num_classes: int, per_class: int) ->
 
 def generate_sample_dataset(
     root: os.PathLike | str,
-    num_classes: int = 10,
-    train_per_class: int = 48,
-    test_per_class: int = 16,
-    seed: int = 0,
-    min_width: int = 300,
-    max_width: int = 900,
+    num_classes: int = DEFAULTS["num_classes"],
+    train_per_class: int = DEFAULTS["train_per_class"],
+    test_per_class: int = DEFAULTS["test_per_class"],
+    seed: int = DEFAULTS["seed"],
+    min_width: int = DEFAULTS["min_width"],
+    max_width: int = DEFAULTS["max_width"],
 ) -> pathlib.Path:
     """Write a Stanford-Cars-layout sample dataset under ``root`` (created if needed); returns ``root``."""
     _check_num_classes(num_classes)
@@ -539,31 +555,27 @@ def ensure_sample_data(**params) -> pathlib.Path:
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
+_PROG = "python -m entry_points.sample_data"
+_DESCRIPTION = "Write a sample dataset in the Stanford Cars layout."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m entry_points.sample_data",
-                                description="Write a sample dataset in the Stanford Cars layout.")
-    p.add_argument("--output", required=True, help="folder to write (cars_train/, cars_test/, devkit/, ...)")
-    p.add_argument("--num-classes", type=parse_int, default=DEFAULTS["num_classes"])
-    p.add_argument("--train-per-class", type=parse_int, default=DEFAULTS["train_per_class"])
-    p.add_argument("--test-per-class", type=parse_int, default=DEFAULTS["test_per_class"])
-    p.add_argument("--seed", type=parse_int, default=DEFAULTS["seed"])
-    p.add_argument("--min-width", type=parse_int, default=DEFAULTS["min_width"])
-    p.add_argument("--max-width", type=parse_int, default=DEFAULTS["max_width"])
-    return p
+    return build_parser_for(SampleDataConfig, _PROG, _DESCRIPTION)
+
+
+def _generate(config: SampleDataConfig) -> pathlib.Path:
+    return generate_sample_dataset(config.output, config.num_classes, config.train_per_class, config.test_per_class,
+                                   config.seed, config.min_width, config.max_width)
+
+
+def _print_root(root: pathlib.Path, config: SampleDataConfig) -> None:
+    total = config.num_classes * (config.train_per_class + config.test_per_class)
+    print(f"wrote {total} photos of {config.num_classes} classes to {root}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        root = generate_sample_dataset(args.output, args.num_classes, args.train_per_class, args.test_per_class,
-                                       args.seed, args.min_width, args.max_width)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    total = args.num_classes * (args.train_per_class + args.test_per_class)
-    print(f"wrote {total} photos of {args.num_classes} classes to {root}")
-    return 0
+    return run_step(_generate, SampleDataConfig, _PROG, _DESCRIPTION, argv, expected_errors=(ValueError, OSError),
+                    print_result=_print_root)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import pathlib
@@ -38,6 +39,7 @@ import sys
 from typing import Optional, Sequence
 
 from entry_points.cli_args import parse_int
+from entry_points.step_config import OneLineErrorParser, add_arguments, config_from_args, param
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # spark_udf result: one struct per image. class_id/prob are doubles because spark_udf casts a struct field
@@ -265,8 +267,23 @@ def score_folder_spark(model_uri: str, input_dir: os.PathLike | str, output: os.
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ScoreSparkConfig:
+    """The `score` entry point's parameters: batch scoring of a folder on Spark (``--spark``).
+
+    The REST client's flags (``--url``, ``--azure-endpoint``, ...) are CLI only. ``model_uri`` and
+    ``input_dir`` are required by MLproject; on the CLI only with ``--spark`` (``main`` checks), since the
+    REST mode does not take them. ``output`` has its default on the CLI as in MLproject.
+    """
+
+    model_uri: str = param(help="model to load in Spark (runs:/..., models:/..., a path)")
+    input_dir: str = param(help="folder of images (searched recursively) for --spark", mlproject_type="path")
+    output: str = param("scores.parquet", "Parquet output for --spark")
+    top_k: int = param(5, "classes per image")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m entry_points.score", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="python -m entry_points.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help="image files to score through --url")
     parser.add_argument("--url", default=None, help="base URL of `mlflow models serve` (http://127.0.0.1:5000)")
     parser.add_argument("--azure-endpoint", default=None,
@@ -274,15 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", default=None, help="endpoint key for --azure-endpoint (default: $AZUREML_ENDPOINT_KEY)")
     parser.add_argument("--deployment", default=None,
                         help="--azure-endpoint: score this deployment alone (azureml-model-deployment header)")
-    parser.add_argument("--top-k", type=parse_int, default=5)
     parser.add_argument("--bbox", type=parse_bbox, default=None, help="x1,y1,x2,y2 crop applied to every file")
     parser.add_argument("--batch-size", type=parse_int, default=16, help="images per request")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one request")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--spark", action="store_true", help="batch-score --input-dir on local Spark")
-    parser.add_argument("--model-uri", help="model to load in Spark (runs:/..., models:/..., a path)")
-    parser.add_argument("--input-dir", help="folder of images (searched recursively) for --spark")
-    parser.add_argument("--output", help="Parquet output for --spark")
+    add_arguments(parser, ScoreSparkConfig, enforce_required=False)
     return parser
 
 
@@ -322,7 +336,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                 ("--output", args.output)) if not value]
             if missing:
                 raise ScoringError(f"--spark needs {', '.join(missing)}")
-            count = score_folder_spark(args.model_uri, args.input_dir, args.output, top_k=args.top_k)
+            config = config_from_args(ScoreSparkConfig, args)
+            count = score_folder_spark(config.model_uri, config.input_dir, config.output, top_k=config.top_k)
             print(f"scored {count} images -> {args.output}")
             return 0
         if not args.files:

@@ -65,7 +65,7 @@ def test_labels_class_names_and_copies_preserved(spark, source, tmp_path):
     import mlflow
 
     out = tmp_path / "out" / "train_aug.h5"
-    summary = aug.augment(source, out, copies=3, spark_master=MASTER, partitions=2, seed=5)
+    summary = aug.augment(input=source, output=out, copies=3, spark_master=MASTER, partitions=2, seed=5)
     src, got = _read(source), _read(out)
     assert summary["num_output_images"] == NUM_IMAGES * 4 == len(got["images"])
     assert [c.decode() for c in got["class_names"]] == CLASS_NAMES
@@ -101,7 +101,7 @@ def test_train_input_pipeline_reads_the_output(spark, source, tmp_path):
     from entry_points.input_pipeline import HDF5Source
 
     out = tmp_path / "train_aug.h5"
-    aug.augment(source, out, copies=1, spark_master=MASTER, partitions=2, log_to_mlflow=False)
+    aug.augment(input=source, output=out, copies=1, spark_master=MASTER, partitions=2, log_to_mlflow=False)
     # train opens its files through HDF5Source (validation + compatibility with the other splits).
     train = HDF5Source.open(f"{out},{source}")
     assert train.num_images == NUM_IMAGES * 2 + NUM_IMAGES and train.class_names == tuple(CLASS_NAMES)
@@ -111,8 +111,8 @@ def test_train_input_pipeline_reads_the_output(spark, source, tmp_path):
 
 def test_flip_really_mirrors(spark, source, tmp_path):
     out = tmp_path / "flipped.h5"
-    aug.augment(source, out, copies=1, keep_original=False, ops="flip", flip_prob=1.0, spark_master=MASTER,
-                partitions=3, log_to_mlflow=False)
+    aug.augment(input=source, output=out, copies=1, keep_original=False, ops="flip", flip_prob=1.0,
+                spark_master=MASTER, partitions=3, log_to_mlflow=False)
     src, got = _read(source), _read(out)
     np.testing.assert_array_equal(got["source_index"], np.arange(NUM_IMAGES))
     np.testing.assert_array_equal(got["images"], src["images"][:, :, ::-1, :])
@@ -138,8 +138,8 @@ def test_every_op_keeps_size_and_changes_pixels(op, size):
 def test_same_output_with_1_and_3_partitions_and_in_process(spark, source, tmp_path):
     one, three = tmp_path / "p1.h5", tmp_path / "p3.h5"
     common = dict(copies=2, ops=ALL_OPS, seed=11, spark_master=MASTER, log_to_mlflow=False)
-    assert aug.augment(source, one, partitions=1, **common)["partitions"] == 1
-    assert aug.augment(source, three, partitions=3, **common)["partitions"] == 3
+    assert aug.augment(input=source, output=one, partitions=1, **common)["partitions"] == 1
+    assert aug.augment(input=source, output=three, partitions=3, **common)["partitions"] == 3
     reference = aug.augment_in_process(source, tmp_path / "loop.h5", copies=2, ops=ALL_OPS, seed=11)
     a, b, c = _read(one), _read(three), _read(reference["output"])
     for key in ("images", "labels", "source_index", "bboxes"):
@@ -155,7 +155,7 @@ def test_task_killed_once_is_retried_without_duplicates(spark, source, tmp_path,
     markers = tmp_path / "markers"
     monkeypatch.setenv(aug.FAIL_ENV, f"once:{markers}")
     out = tmp_path / "out" / "retried.h5"
-    aug.augment(source, out, copies=2, spark_master=MASTER, partitions=3, seed=3, log_to_mlflow=False)
+    aug.augment(input=source, output=out, copies=2, spark_master=MASTER, partitions=3, seed=3, log_to_mlflow=False)
     # Every task's first attempt died halfway through its rows (worker killed: half its images written, no shard).
     assert len(list(markers.iterdir())) == 3
     got = _read(out)
@@ -204,7 +204,7 @@ def test_failed_job_leaves_no_output_and_no_shards(spark, source, tmp_path, monk
     monkeypatch.setenv(aug.FAIL_ENV, "always")
     out = tmp_path / "out" / "never.h5"
     with pytest.raises(aug.AugmentError, match="Spark job on .* failed: .*injected failure"):
-        aug.augment(source, out, copies=1, spark_master=MASTER, partitions=1, log_to_mlflow=False)
+        aug.augment(input=source, output=out, copies=1, spark_master=MASTER, partitions=1, log_to_mlflow=False)
     assert not out.exists()
     assert list(out.parent.iterdir()) == []
 

@@ -355,13 +355,13 @@ def test_function_refuses_bad_azure_parameters_before_anything_else(tmp_path, mo
     for var in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(DeployError, match="3-32 lower-case"):
-        deploy("models:/carclf/1", TARGET, "Car_ResNet", config_dir=tmp_path / "cfg")
+        deploy(model_uri="models:/carclf/1", target=TARGET, name="Car_ResNet", config_dir=tmp_path / "cfg")
     with pytest.raises(DeployError, match="models:/<name>/<version>"):
-        deploy("/tmp/some/model", TARGET, "car-resnet", config_dir=tmp_path / "cfg")
+        deploy(model_uri="/tmp/some/model", target=TARGET, name="car-resnet", config_dir=tmp_path / "cfg")
     with pytest.raises(DeployError, match="unsupported target"):
-        deploy("models:/carclf/1", "sagemaker", "car-resnet")
+        deploy(model_uri="models:/carclf/1", target="sagemaker", name="car-resnet")
     with pytest.raises(pf.PreflightError, match="no Azure credentials"):
-        deploy("models:/carclf/1", TARGET, "car-resnet", config_dir=tmp_path / "cfg")
+        deploy(model_uri="models:/carclf/1", target=TARGET, name="car-resnet", config_dir=tmp_path / "cfg")
     assert not (tmp_path / "cfg").exists()
 
 

@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
         mlflow.set_tracking_uri(uri)
         root = generate_sample_dataset(base / "sample", num_classes=4, train_per_class=16, test_per_class=8,
                                        min_width=140, max_width=220)
-        splits = preprocess(root, base / "processed", image_size=SIZE, crop="bbox", workers=1)
+        splits = preprocess(data_dir=root, output_dir=base / "processed", image_size=SIZE, crop="bbox", workers=1)
         while mlflow.active_run() is not None:
             mlflow.end_run()
     source = HDF5Source.open(splits["train"])
@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
 def test_evaluate_logs_metrics_artifacts_and_links_the_model(trained, capsys):
     import mlflow
 
-    result = evaluate(trained["model_path"], trained["test"], batch_size=8)
+    result = evaluate(model_uri=trained["model_path"], test_data=trained["test"], batch_size=8)
     client = mlflow.tracking.MlflowClient()
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
@@ -87,8 +87,9 @@ def test_served_pyfunc_on_jpeg_bytes_matches_keras_on_hdf5(trained, monkeypatch)
     images, labels = read_split(trained["test"])
     keras_top1 = trained["model"].predict(images, verbose=0).argmax(axis=1)
 
-    via_jpeg = evaluate(trained["model_path"], trained["test"], input="jpeg", image_root=trained["root"])
-    via_hdf5 = evaluate(trained["model_path"], trained["test"], input="hdf5")
+    via_jpeg = evaluate(model_uri=trained["model_path"], test_data=trained["test"], input="jpeg",
+                        image_root=trained["root"])
+    via_hdf5 = evaluate(model_uri=trained["model_path"], test_data=trained["test"], input="hdf5")
     jpeg_top1 = via_jpeg["predictions"].top_classes[:, 0]
     order = np.argsort(via_jpeg["predictions"].indices)
     np.testing.assert_array_equal(jpeg_top1[order], keras_top1)
@@ -107,7 +108,7 @@ def test_registered_model_is_linked_to_its_training_run_and_bad_inputs_are_one_l
     with mlflow.start_run() as training_run:
         carclf_flavor.log_model(trained["model"], "model", trained["class_names"],
                                 preprocessing=PreprocessSettings(image_size=SIZE), registered_model_name="carclf-eval")
-    result = evaluate("models:/carclf-eval/1", trained["test"])
+    result = evaluate(model_uri="models:/carclf-eval/1", test_data=trained["test"])
     run = mlflow.tracking.MlflowClient().get_run(result["run_id"])
     assert run.data.tags["carclf.model_source_run_id"] == training_run.info.run_id
     assert run.info.run_id != training_run.info.run_id
@@ -118,7 +119,7 @@ def test_registered_model_is_linked_to_its_training_run_and_bad_inputs_are_one_l
     other = write_hdf5_split(tmp_path / "other.h5", np.zeros((2, SIZE, SIZE, 3), np.uint8), [0, 1], ["x", "y"],
                              PreprocessSettings(image_size=SIZE))
     with pytest.raises(EvaluateError, match="classes differ"):
-        evaluate(trained["model_path"], str(other))
+        evaluate(model_uri=trained["model_path"], test_data=str(other))
     assert evaluate_module.main(["--model-uri", trained["model_path"], "--test-data", trained["test"],
                                  "--input", "jpeg", "--image-root", str(tmp_path / "nowhere")]) == 2
     assert evaluate_module.main(["--model-uri", "models:/carclf-eval/7", "--test-data", trained["test"]]) == 2

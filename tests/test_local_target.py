@@ -173,11 +173,11 @@ def test_deploy_entry_point_against_carclf_local(tmp_path, deploy_home):
     image = tiny_jpeg(seed=2)
     client = local_target.CarclfLocalDeploymentClient("carclf-local")
     try:
-        first = deploy(v1, "carclf-local", "cars", workers=1)
+        first = deploy(model_uri=v1, target="carclf-local", name="cars", workers=1)
         assert first["action"] == "created" and first["flavor"] == "python_function"
         assert client.predict("cars", pd.DataFrame({"image": [image]})).get_predictions()["version"][0] == "one"
 
-        second = deploy(v2, "carclf-local", "cars")
+        second = deploy(model_uri=v2, target="carclf-local", name="cars")
         assert second["action"] == "updated"
         answer = client.predict("cars", pd.DataFrame({"image": [image]})).get_predictions()
         assert answer["version"][0] == "two" and answer["n_bytes"][0] == len(image)

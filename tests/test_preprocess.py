@@ -47,7 +47,7 @@ def make_folders(stanford_root: pathlib.Path, dest: pathlib.Path, split_folders:
 
 def run_preprocess(data_dir, out, **kwargs):
     kwargs = {"image_size": SIZE, "workers": 1, **kwargs}
-    return preprocess(data_dir, out, **kwargs)
+    return preprocess(data_dir=data_dir, output_dir=out, **kwargs)
 
 
 def the_run():

@@ -239,7 +239,7 @@ def test_learnability_on_sample_data_cut_down(tmp_path):
     root = generate_sample_dataset(tmp_path / "sample", num_classes=10, train_per_class=24, test_per_class=6,
                                    min_width=160, max_width=240)
     # workers=1: a few dozen photos are decoded faster in-process than by a worker pool.
-    splits = preprocess(root, tmp_path / "processed", image_size=48, crop="bbox", workers=1)
+    splits = preprocess(data_dir=root, output_dir=tmp_path / "processed", image_size=48, crop="bbox", workers=1)
     result = train(splits["train"], splits["val"], splits["test"], depth=18, width=0.25, weights="none",
                    epochs=12, head_epochs=0, batch_size=16, learning_rate=0.003, optimizer="adam",
                    online_augment=True, label_smoothing=0.1, checkpoint_dir=str(tmp_path / "ckpt"),
