@@ -52,7 +52,7 @@ test-mlflow-latest: $(VENV_LATEST)/.installed
 
 # MLproject is generated from the steps' configs (entry_points/*Config); tests/test_mlproject.py refuses drift.
 mlproject: $(VENV)/.installed
-	$(BIN)/python -m entry_points.mlproject
+	$(BIN)/python -m carclf.cli.mlproject
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

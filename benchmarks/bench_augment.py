@@ -25,8 +25,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from carclf_flavor.images import PreprocessSettings  # noqa: E402
 from entry_points import augment as aug  # noqa: E402
-from entry_points.hdf5_dataset import write_hdf5_split  # noqa: E402
-from entry_points.spark_session import get_spark  # noqa: E402
+from carclf.data.hdf5_dataset import write_hdf5_split  # noqa: E402
+from carclf.compute.spark_session import get_spark  # noqa: E402
 
 NUM_IMAGES = int(os.environ.get("CARCLF_BENCH_AUGMENT_IMAGES", "2000"))
 SIZE = int(os.environ.get("CARCLF_BENCH_AUGMENT_SIZE", "224"))

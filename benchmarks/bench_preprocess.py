@@ -44,7 +44,7 @@ def cores() -> int:
 
 def make_photos(root: pathlib.Path) -> list[pathlib.Path]:
     """NUM_IMAGES JPEGs of WIDTH x HEIGHT in a folder per class (the sample scenes, resized)."""
-    from entry_points.sample_data import render_photo
+    from carclf.data.sample_data import render_photo
 
     scenes = []
     for i in range(min(DISTINCT, NUM_IMAGES)):

@@ -50,7 +50,7 @@ def _peak_rss_mb() -> float:
 def write_dataset(path: pathlib.Path, count: int, size: int, seed: int = 0) -> pathlib.Path:
     """Random uint8 images written in slices (the writer never holds the whole set either)."""
     from carclf_flavor.images import PreprocessSettings
-    from entry_points.hdf5_dataset import HDF5SplitWriter
+    from carclf.data.hdf5_dataset import HDF5SplitWriter
 
     rng = np.random.default_rng(seed)
     names = [f"class {i}" for i in range(NUM_CLASSES)]
@@ -67,7 +67,7 @@ def child_train_epoch(path: str, width: float) -> dict:
     import keras
 
     from carclf_flavor.resnet import build_resnet
-    from entry_points.input_pipeline import HDF5Source, make_dataset
+    from carclf.data.input_pipeline import HDF5Source, make_dataset
 
     source = HDF5Source.open(path)
     keras.utils.set_random_seed(0)
@@ -119,7 +119,7 @@ def throughput(precision: str, h5_path: pathlib.Path) -> tuple[float, float]:
     import tensorflow as tf
 
     from carclf_flavor.resnet import build_resnet
-    from entry_points.input_pipeline import HDF5Source, make_dataset
+    from carclf.data.input_pipeline import HDF5Source, make_dataset
 
     keras.mixed_precision.set_global_policy(precision)
     try:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-# Packages the served model imports (directly or through MLflow's scoring server).
-_SERVING_PACKAGES = ("mlflow", "tensorflow-cpu", "keras", "opencv-python-headless", "pillow", "numpy", "pandas")
+# Packages the served model imports (directly or through MLflow's scoring server), pinned to this environment's
+# versions. TensorFlow is pinned separately (below).
+_SERVING_PACKAGES = ("mlflow", "keras", "opencv-python-headless", "pillow", "numpy", "pandas")
+# Served models run on CPU endpoints (Azure managed online endpoints, `mlflow models serve`), so they ask for
+# `tensorflow-cpu`: the same TensorFlow without the CUDA libraries, about half the install and image size. It is
+# pinned to the TensorFlow version that trained the model, whichever distribution provided it here (`tensorflow`
+# on GPU machines and Databricks, `tensorflow-cpu` elsewhere): both ship the same `tensorflow` module.
+_SERVING_TENSORFLOW = "tensorflow-cpu"
 
 
 def get_default_pip_requirements() -> list[str]:
     """Pinned requirements (versions of this environment) a served carclf model needs; no repo install."""
+    import tensorflow as tf
     from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-    return [_get_pinned_requirement(package) for package in _SERVING_PACKAGES]
+    requirements = [_get_pinned_requirement(package) for package in _SERVING_PACKAGES]
+    requirements.insert(1, f"{_SERVING_TENSORFLOW}=={tf.__version__}")
+    return requirements
 
 
 def get_default_conda_env() -> dict:

@@ -42,19 +42,19 @@ import h5py
 import numpy as np
 
 from carclf_flavor.images import PAD_VALUE
-from entry_points.tracking import log_new_params, step_run
-from entry_points.step_config import build_parser as build_parser_for
-from entry_points.step_config import param, resolve_config, run_step
-from entry_points.hdf5_dataset import (
+from carclf.tracking.runs import log_new_params, step_run
+from carclf.cli.step_config import build_parser as build_parser_for
+from carclf.cli.step_config import param, resolve_config, run_step
+from carclf.data.hdf5_dataset import (
     DatasetError,
     HDF5SplitWriter,
     partial_path,
     read_dataset_info,
     remove_stale_partials,
 )
-from entry_points.spark_session import SparkSetupError
+from carclf.compute.spark_session import SparkSetupError
 
-log = logging.getLogger("carclf.augment")
+log = logging.getLogger(__name__)
 
 OPS = ("crop", "pad", "flip", "rotate", "brightness", "contrast", "hue", "blur", "cutout")
 DEFAULT_OPS = "crop,pad,flip"
@@ -625,7 +625,7 @@ def augment(config: AugmentConfig | None = None, **overrides) -> dict:
     input_path, output_path = _validate(input, output, int(copies), keep_original, int(seed), int(partitions))
     info, split = _input_meta(str(input_path))  # DatasetError for a missing or malformed file, before Spark starts
 
-    from entry_points.spark_session import get_spark, session_master
+    from carclf.compute.spark_session import get_spark, session_master
 
     startup_began = time.perf_counter()
     spark = get_spark(spark_master, app_name="carclf-augment")
@@ -745,7 +745,7 @@ def _log_to_mlflow(summary: dict, spec: JobSpec, input_path: pathlib.Path, outpu
             "task_cpu_seconds", "merge_cpu_seconds")})
         grid = sample_grid(input_path, output_path, spec.copies)
         if grid is not None:
-            from entry_points.reports import log_png
+            from carclf.reporting.reports import log_png
 
             log_png(grid, "augment_samples.png")
 
@@ -754,7 +754,7 @@ def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies:
     """A picture: each row one source image (original) beside its first augmented variants."""
     if copies == 0:
         return None
-    from entry_points.reports import image_grid
+    from carclf.reporting.reports import image_grid
 
     with h5py.File(input_path, "r") as src, h5py.File(output_path, "r") as out:
         n = src["images"].shape[0]

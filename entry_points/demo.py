@@ -3,7 +3,7 @@
     mlflow run . -e demo -P model_uri=models:/carclf/1 [-P port=8080] [-P host=127.0.0.1]
     python -m entry_points.demo --model-uri models:/carclf/1 [--port 8080] [--host 127.0.0.1]
 
-Loads the model through the flavor (``carclf_flavor.load_model``) and serves ``entry_points.demo_app`` with
+Loads the model through the flavor (``carclf_flavor.load_model``) and serves ``carclf.demo.app`` with
 uvicorn on loopback by default; open the printed address in a browser. Ctrl+C stops it.
 """
 
@@ -16,11 +16,11 @@ import logging
 import socket
 import sys
 
-from entry_points.demo_app import DEFAULT_MAX_FILES, DEFAULT_MAX_UPLOAD_BYTES
-from entry_points.step_config import build_parser as build_parser_for
-from entry_points.step_config import param, resolve_config, run_step
+from carclf.demo.app import DEFAULT_MAX_FILES, DEFAULT_MAX_UPLOAD_BYTES
+from carclf.cli.step_config import build_parser as build_parser_for
+from carclf.cli.step_config import param, resolve_config, run_step
 
-log = logging.getLogger("carclf.demo")
+log = logging.getLogger(__name__)
 
 
 class DemoError(ValueError):
@@ -51,7 +51,7 @@ def _is_loopback(host: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """The `demo` step's parameters (entry_points.step_config: each default written once, here)."""
+    """The `demo` step's parameters (carclf.cli.step_config: each default written once, here)."""
 
     model_uri: str = param(help="models:/carclf/1, runs:/<run>/model, a path, ...")
     host: str = param("127.0.0.1", "address to listen on (default: loopback only)")
@@ -65,7 +65,7 @@ def demo(config: DemoConfig | None = None, **overrides) -> None:
     import uvicorn
 
     import carclf_flavor
-    from entry_points.demo_app import create_app, describe_model
+    from carclf.demo.app import create_app, describe_model
 
     c = resolve_config(DemoConfig, config, **overrides)
     model_uri, host, port, max_upload_mb, max_files = c.model_uri, c.host, c.port, c.max_upload_mb, c.max_files

@@ -31,7 +31,7 @@ import sys
 import tempfile
 from typing import Optional
 
-from entry_points.azure_preflight import (
+from carclf.deployment.azure_preflight import (
     AUTH_CHOICES,
     PreflightError,
     check_reachable,
@@ -39,10 +39,10 @@ from entry_points.azure_preflight import (
     is_azureml_target,
     parse_target,
 )
-from entry_points.step_config import build_parser as build_parser_for
-from entry_points.step_config import param, resolve_config, run_step
+from carclf.cli.step_config import build_parser as build_parser_for
+from carclf.cli.step_config import param, resolve_config, run_step
 
-log = logging.getLogger("carclf.deploy")
+log = logging.getLogger(__name__)
 
 COMPUTE_CHOICES = ("managed", "aci", "aks")
 LEGACY_COMPUTE = ("aci", "aks")
@@ -468,7 +468,7 @@ def default_smoke_photo() -> bytes:
     import numpy as np
     from PIL import Image
 
-    from entry_points.sample_data import render_photo
+    from carclf.data.sample_data import render_photo
 
     pixels, _box = render_photo(0, np.random.default_rng(0), 96, 128)
     buffer = io.BytesIO()
@@ -551,7 +551,7 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
         folder = scratch
     try:
         config_path = write_config(config, folder, compute)
-        from entry_points.tracking import log_new_params, step_run
+        from carclf.tracking.runs import log_new_params, step_run
 
         with step_run():
             log_new_params({"target": target, "name": name, "model_uri": model_uri, "compute": compute,
@@ -723,7 +723,7 @@ def _deploy_local(model_uri, target, name, config) -> dict:
 
     from mlflow.exceptions import MlflowException
 
-    from entry_points.local_target import parse_config, validate_name
+    from carclf.deployment.local_target import parse_config, validate_name
 
     try:
         validate_name(name)
@@ -734,7 +734,7 @@ def _deploy_local(model_uri, target, name, config) -> dict:
         # get/list take no config: name the state folder in the target URI so every call sees it.
         target = f"{LOCAL_TARGET}:{pathlib.Path(config.pop('home')).expanduser().resolve()}"
     client = get_deploy_client(target)
-    from entry_points.tracking import log_new_params, step_run
+    from carclf.tracking.runs import log_new_params, step_run
 
     with step_run():
         log_new_params({"target": target, "name": name, "model_uri": model_uri})

@@ -23,14 +23,14 @@ from typing import Optional
 
 import numpy as np
 
-from entry_points.tracking import log_new_params
-from entry_points.hdf5_dataset import DatasetError
-from entry_points.input_pipeline import HDF5Source
-from entry_points.step_config import build_parser as build_parser_for
-from entry_points.step_config import param, resolve_config, run_step
-from entry_points.reports import TOP_K, Predictions, collect_predictions, format_table, log_test_report
+from carclf.tracking.runs import log_new_params
+from carclf.data.hdf5_dataset import DatasetError
+from carclf.data.input_pipeline import HDF5Source
+from carclf.cli.step_config import build_parser as build_parser_for
+from carclf.cli.step_config import param, resolve_config, run_step
+from carclf.reporting.reports import TOP_K, Predictions, collect_predictions, format_table, log_test_report
 
-log = logging.getLogger("carclf.evaluate")
+log = logging.getLogger(__name__)
 INPUTS = ("hdf5", "jpeg")
 TAG_MODEL_URI = "carclf.evaluated_model_uri"
 TAG_SOURCE_RUN = "carclf.model_source_run_id"
@@ -167,7 +167,7 @@ def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
         else:
             pyfunc_model = mlflow.pyfunc.load_model(model_uri)
             predictions = predict_jpeg_files(pyfunc_model, source, image_root or None, int(batch_size))
-        from entry_points.gradcam import GradCAM
+        from carclf.reporting.gradcam import GradCAM
 
         metrics = log_test_report(predictions, source, list(source.class_names), gallery_size=int(gallery_size),
                                   heatmap_fn=GradCAM(classifier.model))

@@ -23,9 +23,9 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
-from entry_points.cli_args import parse_bool, parse_int
+from carclf.cli.cli_args import parse_bool, parse_int
 
-log = logging.getLogger("carclf.main")
+log = logging.getLogger(__name__)
 PROJECT_DIR = pathlib.Path(__file__).resolve().parents[1]
 
 TAG_INPUTS = "carclf.inputs_fingerprint"
@@ -272,7 +272,7 @@ def sample_photo_for(data_dir: str) -> Optional[str]:
     root = pathlib.Path(data_dir) if data_dir else None
     if root is None:
         try:
-            from entry_points.sample_data import default_sample_dir
+            from carclf.data.sample_data import default_sample_dir
 
             root = pathlib.Path(default_sample_dir())
         except Exception:

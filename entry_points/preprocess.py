@@ -15,7 +15,7 @@ Tracking (into the active MLflow run, or a run of its own): parameters, image co
 clamped counts, throughput, a per-class count bar chart, a grid of sample crops and the output paths.
 
 CLI: ``python -m entry_points.preprocess --data-dir DIR --output-dir data/processed --image-size 224 ...``;
-an empty ``--data-dir`` uses the generated sample data (cached, see ``entry_points.sample_data``).
+an empty ``--data-dir`` uses the generated sample data (cached, see ``carclf.data.sample_data``).
 
 Workers start through a fork server (a plain fork of a process whose OpenCV thread pool has run can
 deadlock inside OpenCV), so a script calling ``preprocess()`` with workers != 1 needs the usual
@@ -38,12 +38,12 @@ import numpy as np
 
 from carclf_flavor.images import (CROP_MODES, RESIZE_MODES, ImageDecodeError, PreprocessSettings, clamp_bbox,
                                   image_size_of, preprocess_image)
-from entry_points.hdf5_dataset import DatasetError, HDF5SplitWriter, remove_stale_partials
-from entry_points.readers import DataLayoutError, ImageRecord, SourceDataset, read_dataset, stratified_split
-from entry_points.step_config import build_parser as build_parser_for
-from entry_points.step_config import param, resolve_config, run_step
+from carclf.data.hdf5_dataset import DatasetError, HDF5SplitWriter, remove_stale_partials
+from carclf.data.readers import DataLayoutError, ImageRecord, SourceDataset, read_dataset, stratified_split
+from carclf.cli.step_config import build_parser as build_parser_for
+from carclf.cli.step_config import param, resolve_config, run_step
 
-log = logging.getLogger("carclf.preprocess")
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 WRITE_BATCH = 64          # images buffered per split before one HDF5 write
@@ -312,14 +312,14 @@ def _progress(total: int):
 
 
 def _log_params(params: dict) -> None:
-    from entry_points.tracking import log_new_params
+    from carclf.tracking.runs import log_new_params
 
     log_new_params(params)
 
 
 def class_count_chart(class_names: Sequence[str], labels: Dict[str, np.ndarray]) -> str:
     """Images per class and split, as an SVG stacked bar chart."""
-    from entry_points.reports import stacked_bar_svg
+    from carclf.reporting.reports import stacked_bar_svg
 
     num = len(class_names)
     series = {split: np.bincount(labels[split], minlength=num)[:num] for split in SPLITS}
@@ -331,7 +331,7 @@ def sample_crops_grid(train_path: pathlib.Path, class_names: Sequence[str], max_
     the crop and resize settings can be checked by eye."""
     import h5py
 
-    from entry_points.reports import image_grid
+    from carclf.reporting.reports import image_grid
 
     with h5py.File(train_path, "r") as f:
         file_labels = f["labels"][()]
@@ -372,7 +372,7 @@ def _log_results(dataset, settings, paths, labels, skipped, clamped, seconds, pr
     # Drawn without matplotlib (its import and layout cost ~1 s, a third of preprocessing 2,000 photos).
     mlflow.log_text(class_count_chart(dataset.class_names, labels), "class_counts.svg")
     if counts["train"]:
-        from entry_points.reports import log_png
+        from carclf.reporting.reports import log_png
 
         log_png(sample_crops_grid(paths["train"], dataset.class_names), "sample_crops.png")
 
@@ -406,7 +406,7 @@ def preprocess(config: PreprocessConfig | None = None, **overrides) -> Dict[str,
     settings = _validate(image_size, crop, crop_margin, resize_mode, val_fraction, test_fraction, workers)
     workers = int(workers) or _cpu_count()
     if data_dir in (None, ""):
-        from entry_points.sample_data import ensure_sample_data
+        from carclf.data.sample_data import ensure_sample_data
 
         root = ensure_sample_data()
         source = "sample"
@@ -419,7 +419,7 @@ def preprocess(config: PreprocessConfig | None = None, **overrides) -> Dict[str,
     total = sum(len(plan[s]) for s in SPLITS)
     log.info("%s (%s layout): %d classes; %s; %d worker(s)", root, dataset.layout, len(dataset.class_names),
              ", ".join(f"{s} {len(plan[s])}" for s in SPLITS), workers)
-    from entry_points.tracking import step_run
+    from carclf.tracking.runs import step_run
 
     with step_run():
         _log_params({

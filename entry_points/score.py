@@ -38,8 +38,8 @@ import shutil
 import sys
 from typing import Optional, Sequence
 
-from entry_points.cli_args import parse_int
-from entry_points.step_config import OneLineErrorParser, add_arguments, config_from_args, param
+from carclf.cli.cli_args import parse_int
+from carclf.cli.step_config import OneLineErrorParser, add_arguments, config_from_args, param
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # spark_udf result: one struct per image. class_id/prob are doubles because spark_udf casts a struct field
@@ -251,7 +251,7 @@ def score_folder_spark(model_uri: str, input_dir: os.PathLike | str, output: os.
         F.when(bad, F.lit(None)).otherwise(F.col("p.top_k")).alias("top_k"),
         F.when(bad, F.col("p.error")).otherwise(F.lit(None)).alias("error"),
     )
-    from entry_points.hdf5_dataset import partial_path, remove_stale_partials
+    from carclf.data.hdf5_dataset import partial_path, remove_stale_partials
 
     # A killed earlier run's folder goes first; this run's is named after its pid, so the next run can tell.
     remove_stale_partials(output.parent)

@@ -36,12 +36,12 @@ from typing import Optional
 
 import numpy as np
 
-from entry_points.tracking import log_new_params
-from entry_points.cli_args import parse_bool, parse_int
-from entry_points.hdf5_dataset import DatasetError, partial_path, remove_stale_partials
-from entry_points.input_pipeline import HDF5Source, make_dataset, split_paths
+from carclf.tracking.runs import log_new_params
+from carclf.cli.cli_args import parse_bool, parse_int
+from carclf.data.hdf5_dataset import DatasetError, partial_path, remove_stale_partials
+from carclf.data.input_pipeline import HDF5Source, make_dataset, split_paths
 
-log = logging.getLogger("carclf.train")
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "plateau")
@@ -144,7 +144,7 @@ def validate(config: TrainConfig) -> tuple[HDF5Source, HDF5Source, Optional[HDF5
     train = HDF5Source.open(config.train_data)
     val = HDF5Source.open(config.val_data)
     test = HDF5Source.open(config.test_data) if split_paths(config.test_data) else None
-    from entry_points.hdf5_dataset import check_compatible
+    from carclf.data.hdf5_dataset import check_compatible
 
     check_compatible(train.infos + val.infos + (test.infos if test else []))
     need(train.num_images > 0, f"{train.paths[0]}: training set has no images")
@@ -621,7 +621,7 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
 def _log_training_curves(run_id: str) -> None:
     import mlflow
 
-    from entry_points.reports import _pyplot, plot_training_curves
+    from carclf.reporting.reports import _pyplot, plot_training_curves
 
     client = mlflow.tracking.MlflowClient()
     history = {}
@@ -635,7 +635,7 @@ def _log_training_curves(run_id: str) -> None:
 def _evaluate_on_test(model, test_source: HDF5Source, batch_size: int) -> dict:
     import tensorflow as tf
 
-    from entry_points.reports import collect_predictions, format_table, log_test_report
+    from carclf.reporting.reports import collect_predictions, format_table, log_test_report
 
     forward = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
     predictions = collect_predictions(lambda images: forward(images).numpy(), test_source, batch_size)

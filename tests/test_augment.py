@@ -8,8 +8,8 @@ import pytest
 
 from carclf_flavor.images import PreprocessSettings
 from entry_points import augment as aug
-from entry_points.hdf5_dataset import read_dataset_info, write_hdf5_split
-from entry_points.spark_session import SparkSetupError, check_java, get_spark, session_master
+from carclf.data.hdf5_dataset import read_dataset_info, write_hdf5_split
+from carclf.compute.spark_session import SparkSetupError, check_java, get_spark, session_master
 from helpers_flavor import free_port
 
 # Two cores, and up to 4 attempts per task: local[N] alone never retries a failed task.
@@ -98,7 +98,7 @@ def test_labels_class_names_and_copies_preserved(spark, source, tmp_path):
 
 
 def test_train_input_pipeline_reads_the_output(spark, source, tmp_path):
-    from entry_points.input_pipeline import HDF5Source
+    from carclf.data.input_pipeline import HDF5Source
 
     out = tmp_path / "train_aug.h5"
     aug.augment(input=source, output=out, copies=1, spark_master=MASTER, partitions=2, log_to_mlflow=False)
@@ -169,7 +169,7 @@ def test_task_killed_once_is_retried_without_duplicates(spark, source, tmp_path,
 
 def test_tasks_write_their_rows_into_the_preallocated_output_in_any_order(source, tmp_path):
     """The mechanism under the Spark job, without Spark: ranges written last-first, straight into the block."""
-    from entry_points.hdf5_dataset import HDF5SplitWriter
+    from carclf.data.hdf5_dataset import HDF5SplitWriter
 
     info, split = aug._input_meta(str(source))
     spec = aug.JobSpec(input=str(source), copies=2, keep_original=True, params=aug.AugmentParams.parse("crop,flip"),

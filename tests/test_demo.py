@@ -231,7 +231,7 @@ def browser():
 
 def _sample_photo(path, class_id=1, seed=7):
     """A photo of the project's sample data (a drawn vehicle on a background), written as a real JPEG."""
-    from entry_points.sample_data import render_photo
+    from carclf.data.sample_data import render_photo
 
     image, _ = render_photo(class_id, np.random.default_rng(seed), min_width=300, max_width=340)
     ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO_ROOT
 from helpers_deploy import FakeAzureML, clean_azure_env, offline_run
 
-from entry_points import azure_preflight as pf
+from carclf.deployment import azure_preflight as pf
 from entry_points.deploy import (COMPUTE_CHOICES, DeployError, build_deploy_config, build_endpoint_config, deploy,
                                  render_config, write_config)
 

@@ -7,7 +7,7 @@ import pytest
 from carclf_flavor.precision import ENV_VAR as PRECISION_ENV_VAR
 from entry_points import evaluate as evaluate_module
 from entry_points.evaluate import EvaluateError, evaluate
-from entry_points.hdf5_dataset import read_split
+from carclf.data.hdf5_dataset import read_split
 
 SIZE = 32
 
@@ -20,9 +20,9 @@ def trained(tmp_path_factory):
 
     import carclf_flavor
     from carclf_flavor.resnet import build_resnet
-    from entry_points.input_pipeline import HDF5Source, make_dataset
+    from carclf.data.input_pipeline import HDF5Source, make_dataset
     from entry_points.preprocess import preprocess
-    from entry_points.sample_data import generate_sample_dataset
+    from carclf.data.sample_data import generate_sample_dataset
 
     base = tmp_path_factory.mktemp("evaluate")
     # This fixture outlives the per-test MLflow store: give preprocess (which tracks its run) its own.
@@ -114,7 +114,7 @@ def test_registered_model_is_linked_to_its_training_run_and_bad_inputs_are_one_l
     assert run.info.run_id != training_run.info.run_id
 
     # A test set with other classes, and a JPEG folder that is not there: one-line errors.
-    from entry_points.hdf5_dataset import write_hdf5_split
+    from carclf.data.hdf5_dataset import write_hdf5_split
 
     other = write_hdf5_split(tmp_path / "other.h5", np.zeros((2, SIZE, SIZE, 3), np.uint8), [0, 1], ["x", "y"],
                              PreprocessSettings(image_size=SIZE))

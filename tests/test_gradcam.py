@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from entry_points.gradcam import GradCAM, feature_map, heatmap_to_region, overlay_heatmap
+from carclf.reporting.gradcam import GradCAM, feature_map, heatmap_to_region, overlay_heatmap
 from helpers_resnet import varied_images
 
 # 128 px, not 64: at 64 px ResNet-18's last feature map is 2x2 and each cell sees the whole image, so the
@@ -102,7 +102,7 @@ def test_overlay_colours_hot_red_and_cold_blue():
 def _quadrant_photos(count, seed):
     """Plain grey photos (with sensor noise) with one vehicle silhouette (its class) inside one random quadrant.
     A flat background, not the sample data's clutter: what the heatmap should show is then unambiguous."""
-    from entry_points.sample_data import draw_vehicle
+    from carclf.data.sample_data import draw_vehicle
 
     rng = np.random.default_rng(seed)
     images = np.empty((count, SIZE, SIZE, 3), np.uint8)
@@ -150,7 +150,7 @@ def test_heatmap_mass_lies_in_the_quadrant_of_the_vehicle():
 
 
 def test_gallery_of_mistakes_shows_each_image_beside_its_heatmap():
-    from entry_points.reports import misclassified_grid
+    from carclf.reporting.reports import misclassified_grid
 
     images = varied_images(3, 32, seed=2)
     heat = np.zeros((3, 32, 32), np.float32)
@@ -176,8 +176,8 @@ def test_evaluate_logs_the_gallery_with_the_heatmaps_of_the_wrong_guesses(tmp_pa
     import carclf_flavor
     from carclf_flavor.images import PreprocessSettings
     from entry_points.evaluate import evaluate
-    from entry_points.hdf5_dataset import read_split, write_hdf5_split
-    from entry_points.reports import misclassified_grid, worst_mistakes
+    from carclf.data.hdf5_dataset import read_split, write_hdf5_split
+    from carclf.reporting.reports import misclassified_grid, worst_mistakes
 
     classes = ["a", "b", "c"]
     settings = PreprocessSettings(image_size=64)

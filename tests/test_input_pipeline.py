@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from carclf_flavor.images import PreprocessSettings
-from entry_points.hdf5_dataset import DatasetError, write_hdf5_split
-from entry_points.input_pipeline import HDF5Source, epoch_order, make_dataset
+from carclf.data.hdf5_dataset import DatasetError, write_hdf5_split
+from carclf.data.input_pipeline import HDF5Source, epoch_order, make_dataset
 
 SIZE = 16  # the pipeline does not care about the network's minimum size
 CLASSES = ["a", "b", "c", "d", "e"]

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from helpers_deploy import kill_servers_of_store, register_version_model, tiny_jpeg
 
-from entry_points import local_target
+from carclf.deployment import local_target
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from entry_points import mlproject
-from entry_points.step_config import field_specs, resolve_config
+from carclf.cli import mlproject
+from carclf.cli.step_config import field_specs, resolve_config
 
 CONVERTED = [step for step in mlproject.STEPS if step.config is not None]
 

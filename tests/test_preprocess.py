@@ -13,10 +13,10 @@ from mlflow.tracking import MlflowClient
 
 import entry_points.preprocess as prep
 from carclf_flavor.version import __version__
-from entry_points.hdf5_dataset import read_dataset_info
+from carclf.data.hdf5_dataset import read_dataset_info
 from entry_points.preprocess import preprocess
-from entry_points.readers import DataLayoutError, read_dataset, stratified_split
-from entry_points.sample_data import generate_sample_dataset, write_annotations
+from carclf.data.readers import DataLayoutError, read_dataset, stratified_split
+from carclf.data.sample_data import generate_sample_dataset, write_annotations
 
 SIZE = 32
 TINY = dict(num_classes=3, train_per_class=6, test_per_class=2, min_width=96, max_width=160)
@@ -294,7 +294,7 @@ def test_logs_into_the_active_run(stanford, tmp_path):
 
 
 def test_empty_data_dir_uses_the_cached_sample(tmp_path, monkeypatch):
-    import entry_points.sample_data as sample_data
+    import carclf.data.sample_data as sample_data
 
     monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / "cache"))
     for key, value in dict(TINY, num_classes=2, train_per_class=3, test_per_class=1).items():
@@ -390,7 +390,7 @@ def test_a_bomb_among_the_photos_costs_no_memory(stanford, tmp_path, mlflow_stor
 _WRITER = """
 import sys, time
 from carclf_flavor.images import PreprocessSettings
-from entry_points.hdf5_dataset import HDF5SplitWriter
+from carclf.data.hdf5_dataset import HDF5SplitWriter
 writer = HDF5SplitWriter(sys.argv[1], ["a", "b"], PreprocessSettings(image_size=32), expected_rows=500)
 print(writer.tmp_path, flush=True)
 time.sleep(600)
@@ -420,7 +420,7 @@ def test_next_run_removes_partials_of_killed_runs_only(stanford, tmp_path, caplo
         killed.kill()
         killed.wait()
         assert stale.exists()  # SIGKILL: nothing cleaned up
-        with caplog.at_level("INFO", logger="carclf.preprocess"):
+        with caplog.at_level("INFO", logger="entry_points.preprocess"):
             run_preprocess(stanford, out)
         assert not stale.exists() and not shards.exists()
         assert live.exists()  # its writer still runs

@@ -96,5 +96,5 @@ def test_ci_runs_the_readme_test_command_and_keeps_pytest_exit_code():
 
 def test_generated_files_are_ignored():
     ignored = (REPO_ROOT / ".gitignore").read_text().split()
-    for pattern in ("data/", "mlruns/", "mlflow.db", "*.h5", "*.keras", ".venv", ".venv-mlflow-latest/"):
+    for pattern in ("/data/", "mlruns/", "mlflow.db", "*.h5", "*.keras", ".venv", ".venv-mlflow-latest/"):
         assert pattern in ignored

@@ -140,7 +140,7 @@ class World:
             MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
         )
         self.servers: list[subprocess.Popen] = []
-        from entry_points.sample_data import class_names, generate_sample_dataset
+        from carclf.data.sample_data import class_names, generate_sample_dataset
 
         self.sample = generate_sample_dataset(root / "sample", num_classes=SAMPLE_CLASSES, train_per_class=12,
                                               test_per_class=4, min_width=96, max_width=160)
@@ -184,7 +184,7 @@ class World:
                 process.wait(timeout=10)
 
     def cleanup(self) -> None:
-        from entry_points import local_target
+        from carclf.deployment import local_target
 
         for process in self.servers:
             self.stop(process)
@@ -323,7 +323,7 @@ def _write_my_cars(root: pathlib.Path, classes=3, per_class=10) -> list[str]:
     import numpy as np
     from PIL import Image
 
-    from entry_points.sample_data import render_photo
+    from carclf.data.sample_data import render_photo
 
     names = [f"Model {chr(65 + c)} 20{10 + c}" for c in range(classes)]
     for class_id, name in enumerate(names):

@@ -7,8 +7,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from entry_points import sample_data
-from entry_points.sample_data import (
+from carclf.data import sample_data
+from carclf.data.sample_data import (
     class_names,
     default_sample_dir,
     ensure_sample_data,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from carclf_flavor.images import PreprocessSettings
-from entry_points.hdf5_dataset import write_hdf5_split
+from carclf.data.hdf5_dataset import write_hdf5_split
 
 
 @pytest.fixture(scope="module")

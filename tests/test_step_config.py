@@ -1,10 +1,10 @@
-"""entry_points.step_config: the one CLI skeleton of the steps (parse -> step -> print, one-line errors)."""
+"""carclf.cli.step_config: the one CLI skeleton of the steps (parse -> step -> print, one-line errors)."""
 
 import dataclasses
 
 import pytest
 
-from entry_points.step_config import build_parser, param, run_step
+from carclf.cli.step_config import build_parser, param, run_step
 
 
 @dataclasses.dataclass(frozen=True)

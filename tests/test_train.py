@@ -10,7 +10,7 @@ import pytest
 
 from carclf_flavor.images import PreprocessSettings
 from entry_points import train as train_module
-from entry_points.hdf5_dataset import DatasetError, write_hdf5_split
+from carclf.data.hdf5_dataset import DatasetError, write_hdf5_split
 from entry_points.train import TrainConfig, TrainConfigError, build_model, file_sha256, train
 
 from conftest import REPO_ROOT
@@ -234,7 +234,7 @@ def test_learnability_on_sample_data_cut_down(tmp_path):
     smaller photos, 12 epochs, 6 test photos per class.
     """
     from entry_points.preprocess import preprocess
-    from entry_points.sample_data import generate_sample_dataset
+    from carclf.data.sample_data import generate_sample_dataset
 
     root = generate_sample_dataset(tmp_path / "sample", num_classes=10, train_per_class=24, test_per_class=6,
                                    min_width=160, max_width=240)

@@ -22,7 +22,7 @@ byte-identical files.
 (``$CARCLF_CACHE_DIR`` or ``$XDG_CACHE_HOME/carclf`` or ``~/.cache/carclf``), generated once and moved into
 place atomically; ``preprocess`` uses it when ``data_dir`` is empty.
 
-CLI: ``python -m entry_points.sample_data --output DIR [--num-classes 10 --train-per-class 24 ...]``.
+CLI: ``python -m carclf.data.sample_data --output DIR [--num-classes 10 --train-per-class 24 ...]``.
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ import cv2
 import numpy as np
 import scipy.io
 
-from entry_points.step_config import build_parser as build_parser_for
-from entry_points.step_config import param, run_step
+from carclf.cli.step_config import build_parser as build_parser_for
+from carclf.cli.step_config import param, run_step
 
-log = logging.getLogger("carclf.sample_data")
+log = logging.getLogger(__name__)
 
 # Bump when the generator's output changes, so stale cached copies are not reused.
 SAMPLE_VERSION = 1
@@ -555,7 +555,7 @@ def ensure_sample_data(**params) -> pathlib.Path:
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
-_PROG = "python -m entry_points.sample_data"
+_PROG = "python -m carclf.data.sample_data"
 _DESCRIPTION = "Write a sample dataset in the Stanford Cars layout."
 
 

@@ -51,7 +51,7 @@ class Predictions:
 def collect_predictions(predict_fn: Callable[[np.ndarray], np.ndarray], source, batch_size: int = 64,
                         top_k: int = TOP_K) -> Predictions:
     """Run ``predict_fn`` (uint8 batch -> (B, C) probabilities) over ``source`` in file order."""
-    from entry_points.input_pipeline import make_dataset
+    from carclf.data.input_pipeline import make_dataset
 
     dataset = make_dataset(source, batch_size, shuffle=False, epochs=1, with_indices=True)
     labels, classes, probs, indices = [], [], [], []
@@ -317,7 +317,7 @@ def misclassified_grid(images: np.ndarray, true_names: Sequence[str], predicted_
         return image_grid([None], [["no misclassified images"]], cols=1, title=title)
     tiles = list(images)
     if heatmaps is not None:
-        from entry_points.gradcam import overlay_heatmap
+        from carclf.reporting.gradcam import overlay_heatmap
 
         gap = np.full((images.shape[1], 2, 3), 255, np.uint8)
         tiles = [np.hstack([image, gap, overlay_heatmap(image, heat)]) for image, heat in zip(images, heatmaps)]
@@ -332,7 +332,7 @@ def log_test_report(predictions: Predictions, source, class_names: Sequence[str]
                     gallery_size: int = 16, artifact_dir: str = "evaluation",
                     heatmap_fn: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None) -> dict:
     """Log metrics ``<prefix>top1/top5/macro_f1`` and the CSV/PNG artifacts to the active run.
-    ``heatmap_fn(images, class_ids) -> (N, H, W)`` (e.g. ``entry_points.gradcam.GradCAM``) adds a heatmap
+    ``heatmap_fn(images, class_ids) -> (N, H, W)`` (e.g. ``carclf.reporting.gradcam.GradCAM``) adds a heatmap
     overlay of the predicted class to each image of the gallery of mistakes."""
     import mlflow
 

@@ -1,7 +1,7 @@
 """One declaration per step parameter: a frozen dataclass whose fields carry default, help and MLproject type.
 
 From that one declaration come the step's argparse CLI (``build_parser``), the step function's keyword
-arguments (``resolve_config``) and the step's entry in ``MLproject`` (``entry_points.mlproject``, run by
+arguments (``resolve_config``) and the step's entry in ``MLproject`` (``carclf.cli.mlproject``, run by
 ``make mlproject``): a default is written once, in the config.
 
 Defaults rule (settles the old drift where MLproject gave a default that argparse made required): a field
@@ -21,7 +21,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from entry_points.cli_args import parse_bool, parse_int
+from carclf.cli.cli_args import parse_bool, parse_int
 
 log = logging.getLogger(__name__)
 

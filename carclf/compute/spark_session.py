@@ -31,7 +31,7 @@ import zipfile
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
-log = logging.getLogger("carclf.spark")
+log = logging.getLogger(__name__)
 
 MIN_JAVA = 17  # Spark 4 runs on Java 17+
 JAVA_INSTALL_HINT = (

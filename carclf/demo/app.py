@@ -28,9 +28,9 @@ import time
 
 import numpy as np
 
-log = logging.getLogger("carclf.demo")
+log = logging.getLogger(__name__)
 
-STATIC_DIR = pathlib.Path(__file__).resolve().parent / "demo_static"
+STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_FILES = 20
 TOP_K = 5
@@ -114,7 +114,7 @@ class PhotoAnalyser:
     """Classifies one photo and draws its heatmap; thread-safe (the app calls it from a thread pool)."""
 
     def __init__(self, classifier, top_k: int = TOP_K):
-        from entry_points.gradcam import GradCAM
+        from carclf.reporting.gradcam import GradCAM
 
         self.classifier = classifier
         self.top_k = int(top_k)
@@ -151,7 +151,7 @@ class PhotoAnalyser:
         import cv2
 
         from carclf_flavor.images import crop_region, choose_reduction, decode_image, image_size_of
-        from entry_points.gradcam import heatmap_to_region, overlay_heatmap
+        from carclf.reporting.gradcam import heatmap_to_region, overlay_heatmap
 
         settings = self.classifier.settings
         width, height = image_size_of(data)

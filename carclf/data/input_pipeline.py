@@ -28,7 +28,7 @@ from typing import Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
-from entry_points.hdf5_dataset import DatasetInfo, check_compatible, read_dataset_info
+from carclf.data.hdf5_dataset import DatasetInfo, check_compatible, read_dataset_info
 
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_WINDOW_BLOCKS = 16

@@ -103,7 +103,7 @@ def remove_stale_partials(folder: os.PathLike | str, logger: Optional[logging.Lo
         removed.append(entry)
         freed += size
     if removed:
-        (logger or logging.getLogger("carclf")).warning(
+        (logger or logging.getLogger(__name__)).warning(
             "removed %d partial file(s) left in %s by runs that were killed (%.1f MB): %s", len(removed), folder,
             freed / 2**20, ", ".join(sorted(p.name for p in removed)))
     return removed

@@ -1,0 +1,1 @@
+"""carclf's pipeline library (see README, "Layout")."""
