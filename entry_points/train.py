@@ -40,6 +40,7 @@ from entry_points.tracking import log_new_params
 from entry_points.cli_args import parse_bool, parse_int
 from entry_points.hdf5_dataset import DatasetError
 from entry_points.input_pipeline import HDF5Source, make_dataset, split_paths
+from entry_points.online_augmentation import augment_in_train_step
 
 log = logging.getLogger("carclf.train")
 
@@ -586,6 +587,9 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
             if completed >= phase.stop:
                 continue
             _compile(model, config, phase.name, phase.base_lr)
+            if config.online_augment:
+                # In the training step (on the accelerator), not in tf.data on the CPU; never in the saved model.
+                augment_in_train_step(model, seed=config.seed, salt=0 if phase.name == "head" else 1)
             if resume_from is not None:
                 restore_checkpoint(resume_from[0], model, resume_from[1], phase)
                 resume_from = None
@@ -593,8 +597,7 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
             log.info("phase %s: epochs %d..%d (%s backbone)", phase.name, start + 1, phase.stop,
                      "frozen" if phase.name == "head" else "trainable")
             train_ds = make_dataset(train_source, config.batch_size, shuffle=True, seed=config.seed,
-                                    start_epoch=start, epochs=phase.stop - start,
-                                    augment=config.online_augment).map(one_hot)
+                                    start_epoch=start, epochs=phase.stop - start).map(one_hot)
             val_ds = make_dataset(val_source, config.batch_size, shuffle=False, epochs=1).map(one_hot)
             tracker = _make_tracker(config, phase, run_id, checkpoint_dir, fingerprint, schedule_state)
             model.fit(train_ds, validation_data=val_ds, epochs=phase.stop, initial_epoch=start,
