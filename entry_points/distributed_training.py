@@ -40,6 +40,16 @@ def make_strategy(name: str):
     """A ``tf.distribute`` strategy for ``name`` (see the module docstring)."""
     import tensorflow as tf
 
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise StrategyError("strategy=multi_worker needs TF_CONFIG; use workers=N to launch the workers")
+        # Physical, not logical devices: listing logical ones starts the runtime, and collectives must be
+        # configured before that.
+        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL
+                          if tf.config.list_physical_devices("GPU")
+                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
     name = resolve_strategy_name(name)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "one":
@@ -50,13 +60,6 @@ def make_strategy(name: str):
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
         # NCCL (the default all-reduce) needs GPUs; between CPU devices a plain reduction is exact and cheap.
         return tf.distribute.MirroredStrategy(cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
-    if name == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise StrategyError("strategy=multi_worker needs TF_CONFIG; use workers=N to launch the workers")
-        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
-                          else tf.distribute.experimental.CommunicationImplementation.RING)
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
     raise StrategyError(f"strategy must be one of {STRATEGIES}, got {name!r}")
 
 

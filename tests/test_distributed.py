@@ -181,7 +181,7 @@ def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
     for a, b in zip(chief, other):  # the same all-reduced updates on both workers
         np.testing.assert_array_equal(a, b)
 
-    single = train(mw_splits["train"], mw_splits["val"], checkpoint_dir=str(tmp_path / "one"), strategy="one",
+    single = train_module.train(mw_splits["train"], mw_splits["val"], checkpoint_dir=str(tmp_path / "one"), strategy="one",
                    **MW_ARGS)
     config = train_module.TrainConfig(train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0,
                                       **{k: v for k, v in MW_ARGS.items()})
