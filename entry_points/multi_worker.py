@@ -61,13 +61,17 @@ def run_multi_worker(config, run_id: str, checkpoint_dir: pathlib.Path, fingerpr
 
     from entry_points.spark_session import get_spark
 
+    workers = int(config.workers)
+    if (spark_master or "").strip() == "local[*]":
+        # A barrier stage needs a slot per task: local[*] on a machine with fewer cores than workers would
+        # refuse the stage, so give local mode at least one thread per worker.
+        spark_master = f"local[{max(workers, os.cpu_count() or 1)}]"
     spark = get_spark(spark_master, app_name="carclf-train")
     spec = json.dumps({
         "config": _config_dict(config), "run_id": run_id, "checkpoint_dir": str(checkpoint_dir),
         "fingerprint": fingerprint, "tracking_uri": mlflow.get_tracking_uri(),
         "registry_uri": mlflow.get_registry_uri(), "pythonpath": os.pathsep.join(sys.path),
     })
-    workers = int(config.workers)
     log.info("launching %d training workers in a Spark barrier stage", workers)
     rdd = spark.sparkContext.parallelize(range(workers), workers).barrier()
     try:
