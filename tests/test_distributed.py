@@ -230,3 +230,27 @@ def test_dead_worker_fails_the_job_with_one_line_and_leaves_nothing(mw_splits, t
     assert time.monotonic() - started < 300
     time.sleep(2)
     assert not _worker_processes(str(tmp_path))
+
+
+def test_mixed_float16_trains_with_loss_scaling(tmp_path, monkeypatch):
+    import math
+
+    import mlflow
+
+    from entry_points import train as train_module
+
+    seen = {}
+    compile_for_real = train_module._compile
+
+    def compile_and_look(model, config, phase, learning_rate):
+        compile_for_real(model, config, phase, learning_rate)
+        seen["optimizer"] = type(model.optimizer).__name__
+
+    monkeypatch.setattr(train_module, "_compile", compile_and_look)
+    result = train_module.train(str(_colour_set(tmp_path / "train.h5", 12, 0)), str(_colour_set(tmp_path / "val.h5", 4, 1)),
+                                depth=18, width=0.125, weights="none", epochs=1, head_epochs=0, batch_size=16,
+                                optimizer="adam", learning_rate=0.003, precision="mixed_float16",
+                                checkpoint_dir=str(tmp_path / "ckpt"), registered_model_name="")
+    assert seen["optimizer"] == "LossScaleOptimizer"  # Keras wraps the optimizer for float16
+    losses = mlflow.tracking.MlflowClient().get_metric_history(result["run_id"], "loss")
+    assert len(losses) == 1 and math.isfinite(losses[0].value)
