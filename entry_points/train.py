@@ -555,7 +555,8 @@ def train(
 
             _prepare_run(config, run_id, train_source, val_source, test_source, checkpoint_dir, fingerprint,
                          resume_from)
-            log_new_params({"num_replicas": config.workers, "per_replica_batch_size": config.batch_size // config.workers})
+            log_new_params({"num_replicas": config.workers,
+                            "per_replica_batch_size": config.batch_size // config.workers})
             result = run_multi_worker(config, run_id, checkpoint_dir, fingerprint, config.spark_master)
         else:
             result = _train_in_run(config, run_id, train_source, val_source, test_source, checkpoint_dir,
