@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast test-mlflow-latest lint bench venv clean mlproject
+.PHONY: run test test-fast test-mlflow-latest lint bench bench-gpu venv clean mlproject
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ mlproject: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# ResNet-50, 224 px, mixed precision on the visible GPUs (< 8 min); needs `pip install ".[gpu]"` there.
+bench-gpu: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.bench_gpu
 
 clean:
 	rm -rf data mlruns mlflow.db .pytest_cache bench-results $(VENV_LATEST)

@@ -38,14 +38,17 @@ import numpy as np
 
 from carclf.tracking.runs import log_new_params
 from carclf.cli.cli_args import parse_bool, parse_int
+from carclf.training.distributed import (STRATEGIES, StrategyError, make_strategy, replica_batch_size,
+                                               synchronize_batchnorm)
 from carclf.data.hdf5_dataset import DatasetError, partial_path, remove_stale_partials
 from carclf.data.input_pipeline import HDF5Source, make_dataset, split_paths
+from carclf.training.online_augmentation import augment_in_train_step
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "plateau")
-PRECISIONS = ("float32", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")  # float16: GPUs, with dynamic loss scaling
 PLATEAU_PATIENCE = 2
 PLATEAU_FACTOR = 0.2
 PLATEAU_MIN_DELTA = 1e-4
@@ -88,6 +91,9 @@ class TrainConfig:
     resume: bool = False
     registered_model_name: str = "carclf"
     seed: int = 0
+    strategy: str = "auto"
+    workers: int = 1
+    spark_master: str = "local[*]"
 
     @property
     def effective_head_learning_rate(self) -> float:
@@ -123,6 +129,12 @@ def validate(config: TrainConfig) -> tuple[HDF5Source, HDF5Source, Optional[HDF5
     need(config.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
     need(config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
     need(config.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    need(config.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {config.strategy!r}")
+    need(config.workers >= 1, f"workers must be >= 1, got {config.workers}")
+    need(config.workers == 1 or config.lr_schedule == "cosine",
+         f"workers={config.workers} supports lr_schedule=cosine only, got {config.lr_schedule!r}")
+    need(config.workers == 1 or config.batch_size % config.workers == 0,
+         f"batch_size {config.batch_size} (the global batch) does not split over {config.workers} workers")
     need(0.0 <= config.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
     need(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
     need(config.width > 0, f"width must be > 0, got {config.width}")
@@ -198,7 +210,8 @@ def _data_identity(paths) -> list:
 
 def config_fingerprint(config: TrainConfig, sources) -> str:
     relevant = {k: v for k, v in dataclasses.asdict(config).items()
-                if k not in ("resume", "checkpoint_dir", "registered_model_name", "test_data")}
+                if k not in ("resume", "checkpoint_dir", "registered_model_name", "test_data", "strategy", "workers",
+                          "spark_master")}
     relevant["data"] = [_data_identity(s.paths) for s in sources]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -497,6 +510,9 @@ def train(
     resume: bool = False,
     registered_model_name: str = "carclf",
     seed: int = 0,
+    strategy: str = "auto",
+    workers: int = 1,
+    spark_master: str = "local[*]",
 ) -> dict:
     """Train, evaluate on ``test_data`` (if given), log and register the model; returns run id, metrics, URI."""
     config = TrainConfig(
@@ -510,6 +526,7 @@ def train(
         label_smoothing=float(label_smoothing), online_augment=bool(online_augment), precision=str(precision),
         dropout=float(dropout), bn_momentum=float(bn_momentum), checkpoint_dir=str(checkpoint_dir or DEFAULT_CHECKPOINT_DIR), resume=bool(resume),
         registered_model_name=str(registered_model_name or ""), seed=int(seed),
+        strategy=str(strategy).lower(), workers=int(workers), spark_master=str(spark_master or "local[*]"),
     )
     import mlflow
 
@@ -518,7 +535,11 @@ def train(
         checkpoint_dir = pathlib.Path(config.checkpoint_dir).resolve()
         fingerprint = config_fingerprint(config, [train_source, val_source])
         resume_from = _plan_resume(config, checkpoint_dir, fingerprint)
-    except (TrainConfigError, DatasetError) as exc:
+        strategy = None
+        if config.workers == 1:  # workers > 1: each worker process makes its MultiWorkerMirroredStrategy
+            strategy = make_strategy(config.strategy)
+            replica_batch_size(config.batch_size, strategy.num_replicas_in_sync)
+    except (TrainConfigError, DatasetError, StrategyError) as exc:
         # Under `mlflow run` the run exists already: record why it stops.
         run_id = os.environ.get("MLFLOW_RUN_ID") or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
         if run_id:
@@ -530,8 +551,17 @@ def train(
     run = _start_run(resume_from)
     run_id = run.info.run_id
     try:
-        result = _train_in_run(config, run_id, train_source, val_source, test_source, checkpoint_dir,
-                               fingerprint, resume_from)
+        if config.workers > 1:
+            from carclf.training.multi_worker import run_multi_worker
+
+            _prepare_run(config, run_id, train_source, val_source, test_source, checkpoint_dir, fingerprint,
+                         resume_from)
+            log_new_params({"num_replicas": config.workers,
+                            "per_replica_batch_size": config.batch_size // config.workers})
+            result = run_multi_worker(config, run_id, checkpoint_dir, fingerprint, config.spark_master)
+        else:
+            result = _train_in_run(config, run_id, train_source, val_source, test_source, checkpoint_dir,
+                                   fingerprint, resume_from, strategy)
     except KeyboardInterrupt:
         _end_run_with_error(run_id, "KILLED", "interrupted (KeyboardInterrupt)", traceback.format_exc())
         raise
@@ -542,10 +572,10 @@ def train(
     return result
 
 
-def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, val_source: HDF5Source,
-                  test_source: Optional[HDF5Source], checkpoint_dir: pathlib.Path, fingerprint: str,
-                  resume_from) -> dict:
-    import keras
+def _prepare_run(config: TrainConfig, run_id: str, train_source: HDF5Source, val_source: HDF5Source,
+                 test_source: Optional[HDF5Source], checkpoint_dir: pathlib.Path, fingerprint: str,
+                 resume_from) -> tuple[int, dict]:
+    """Parameters, lineage and stale-checkpoint cleanup of a fresh run, or the resume tags; (completed, schedule)."""
     import mlflow
 
     completed = 0
@@ -572,11 +602,29 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
         resumes = int(client.get_run(run_id).data.tags.get("carclf.resume_count", "0")) + 1
         mlflow.set_tags({"carclf.resume_count": str(resumes), "carclf.resumed_from_epoch": str(completed)})
         log.info("resuming run %s after epoch %d from %s", run_id, completed, folder)
+    return completed, schedule_state
 
+
+def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, val_source: HDF5Source,
+                  test_source: Optional[HDF5Source], checkpoint_dir: pathlib.Path, fingerprint: str,
+                  resume_from, strategy) -> dict:
+    import keras
+    import mlflow
+
+    completed, schedule_state = _prepare_run(config, run_id, train_source, val_source, test_source,
+                                             checkpoint_dir, fingerprint, resume_from)
     previous_policy = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy(config.precision)
+    replicas = strategy.num_replicas_in_sync
+    per_replica = replica_batch_size(config.batch_size, replicas)
+    log.info("strategy %s: %d replica(s), global batch %d = %d per replica", type(strategy).__name__, replicas,
+             config.batch_size, per_replica)
+    log_new_params({"num_replicas": replicas, "per_replica_batch_size": per_replica})
+    scope = strategy.scope()
+    scope.__enter__()  # model, optimizers and fit under the strategy (a `with` would re-indent the whole loop)
     try:
         model = build_model(config, train_source.num_classes, train_source.image_size)
+        synchronize_batchnorm(model, replicas > 1)
         steps = train_source.steps(config.batch_size)
         momentum = batchnorm_momentum(config, steps)
         _set_batchnorm_momentum(model, momentum)
@@ -587,6 +635,9 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
             if completed >= phase.stop:
                 continue
             _compile(model, config, phase.name, phase.base_lr)
+            if config.online_augment:
+                # In the training step (on the accelerator), not in tf.data on the CPU; never in the saved model.
+                augment_in_train_step(model, seed=config.seed, salt=0 if phase.name == "head" else 1)
             if resume_from is not None:
                 restore_checkpoint(resume_from[0], model, resume_from[1], phase)
                 resume_from = None
@@ -594,8 +645,7 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
             log.info("phase %s: epochs %d..%d (%s backbone)", phase.name, start + 1, phase.stop,
                      "frozen" if phase.name == "head" else "trainable")
             train_ds = make_dataset(train_source, config.batch_size, shuffle=True, seed=config.seed,
-                                    start_epoch=start, epochs=phase.stop - start,
-                                    augment=config.online_augment).map(one_hot)
+                                    start_epoch=start, epochs=phase.stop - start).map(one_hot)
             val_ds = make_dataset(val_source, config.batch_size, shuffle=False, epochs=1).map(one_hot)
             tracker = _make_tracker(config, phase, run_id, checkpoint_dir, fingerprint, schedule_state)
             model.fit(train_ds, validation_data=val_ds, epochs=phase.stop, initial_epoch=start,
@@ -603,7 +653,9 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
             completed = phase.stop
         if resume_from is not None:  # every epoch was done before the kill: only the weights are needed
             model.load_weights(str(resume_from[0] / "model.weights.h5"))
+        synchronize_batchnorm(model, False)
     finally:
+        scope.__exit__(None, None, None)
         keras.mixed_precision.set_global_policy(previous_policy)
 
     result = {"run_id": run_id, "metrics": {}, "model_uri": None, "registered_version": None}
@@ -693,19 +745,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=parse_bool, default=False)
     p.add_argument("--registered-model-name", default="carclf", help="empty: do not register")
     p.add_argument("--seed", type=parse_int, default=0)
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="auto: every local GPU when several, else one device")
+    p.add_argument("--workers", type=parse_int, default=1, help="training processes (Spark barrier stage)")
+    p.add_argument("--spark-master", default="local[*]", help="Spark master that runs the workers (workers > 1)")
     return p
 
 
 def main(argv=None) -> int:
     from carclf_flavor.resnet import WeightsError
+    from carclf.training.multi_worker import WorkerFailed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
         result = train(**{k: v for k, v in vars(args).items()})
-    except (TrainConfigError, DatasetError, WeightsError) as exc:
+    except (TrainConfigError, DatasetError, StrategyError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the run ended KILLED; rerun with the same checkpoint_dir to resume", file=sys.stderr)
         return 130

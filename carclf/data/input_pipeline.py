@@ -7,15 +7,14 @@ their rows are shuffled together and cut into batches. Each row is read exactly 
 between epochs, and the same (seed, epoch) always gives the same order. Memory held: one window
 (``block_size * window_blocks`` images) plus the prefetched batches, whatever the size of the files.
 
-Images stay uint8 all the way to the model (which casts and normalises inside). Optional online
-augmentation (flip, crop-zoom, small rotation, colour jitter) runs as Keras preprocessing layers in the
-pipeline on float32 and is rounded back to uint8, so the model's uint8 input contract holds.
+Images stay uint8 all the way to the model (which casts and normalises inside). ``train`` augments inside
+the training step (``carclf.training.online_augmentation``), so this stream stays a cheap uint8 reader that can
+feed an accelerator; ``augment=True`` runs the same ops here instead, for callers that want them on the CPU.
 
 Public API:
 - ``HDF5Source(paths)``: validated files (``read_dataset_info`` + ``check_compatible``), row counts, classes.
 - ``epoch_order(num_rows_per_file, epoch, seed, block_size, window_blocks)``: the row order of one epoch.
 - ``make_dataset(source, batch_size, shuffle=True, seed=0, start_epoch=0, epochs=1, augment=False, ...)``.
-- ``build_augmenter(image_size, seed)``: the Keras augmentation block used by ``make_dataset``.
 """
 from __future__ import annotations
 
@@ -207,26 +206,6 @@ class _BatchReader:
         return images, labels
 
 
-def build_augmenter(image_size: int, seed: int = 0, strength: float = 1.0):
-    """Random flip, crop-zoom, small rotation and colour jitter as one Keras block (float32 0..255 in/out)."""
-    import keras
-
-    s = float(strength)
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            # Zooming in by up to 20% = a random crop resized back to the input size.
-            keras.layers.RandomZoom(height_factor=(-0.2 * s, 0.0), fill_mode="reflect", seed=seed + 1),
-            keras.layers.RandomRotation(factor=0.03 * s, fill_mode="reflect", seed=seed + 2),  # ~ +-10 degrees
-            keras.layers.RandomColorJitter(
-                value_range=(0, 255), brightness_factor=0.2 * s, contrast_factor=0.2 * s,
-                saturation_factor=(0.5 - 0.2 * s, 0.5 + 0.2 * s), seed=seed + 3,
-            ),
-        ],
-        name="online_augmentation",
-    )
-
-
 def make_dataset(
     source: HDF5Source | str | Sequence[str],
     batch_size: int,
@@ -270,14 +249,13 @@ def make_dataset(
         # A known length: Keras shows progress against it and never probes past the end.
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(source.steps(batch_size) * int(epochs)))
     if augment:
-        augmenter = build_augmenter(size, seed=seed)
+        from carclf.training.online_augmentation import augment_images, step_seed
 
-        def augment_batch(images, labels, *rest):
-            pixels = augmenter(tf.cast(images, tf.float32), training=True)
-            images = tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
-            return (images, labels, *rest)
+        def augment_batch(batch_number, batch):
+            images, *rest = batch
+            return (augment_images(images, step_seed(seed, batch_number + start_epoch * 2**20, replica=0)), *rest)
 
-        dataset = dataset.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        dataset = dataset.enumerate().map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.experimental_deterministic = True
     return dataset.with_options(options).prefetch(prefetch)
