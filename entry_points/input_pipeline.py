@@ -236,6 +236,7 @@ def make_dataset(
     start_epoch: int = 0,
     epochs: Optional[int] = 1,
     augment: bool = False,
+    augment_strength: float = 1.0,
     block_size: int = DEFAULT_BLOCK_SIZE,
     window_blocks: int = DEFAULT_WINDOW_BLOCKS,
     prefetch: int = 2,
@@ -270,7 +271,7 @@ def make_dataset(
         # A known length: Keras shows progress against it and never probes past the end.
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(source.steps(batch_size) * int(epochs)))
     if augment:
-        augmenter = build_augmenter(size, seed=seed)
+        augmenter = build_augmenter(size, seed=seed, strength=augment_strength)
 
         def augment_batch(images, labels, *rest):
             pixels = augmenter(tf.cast(images, tf.float32), training=True)

@@ -1,10 +1,11 @@
-"""`main`: preprocess -> augment -> train -> evaluate (-> deploy) as child runs of one parent run.
+"""`main`: preprocess -> augment -> train (or tune) -> evaluate (-> deploy) as child runs of one parent run.
 
 Follows MLflow's examples/multistep_workflow: each step runs through ``mlflow.projects.run(...,
 env_manager="local")`` and hands its outputs to the next by path or model URI. A step whose last
 FINISHED run had the same parameters, the same code version and the same inputs (fingerprints of the
 files it read) and whose outputs are still on disk unchanged is reused instead of recomputed;
-``--force true`` recomputes everything.
+``--force true`` recomputes everything. ``tune_trials > 0`` replaces `train` by a `tune` study of that many
+trials (``tune_parallel`` at once, the default or ``tune_space`` search space); its champion is evaluated.
 """
 from __future__ import annotations
 
@@ -151,6 +152,9 @@ def pipeline(
     deploy_name: str = "carclf-sample",
     force: bool = False,
     seed: int = 0,
+    tune_trials: int = 0,
+    tune_parallel: int = 2,
+    tune_space: str = "",
 ) -> dict:
     """Run the whole pipeline inside the active (parent) run; returns the child run ids and the model URI."""
     active = mlflow.active_run()
@@ -178,18 +182,29 @@ def pipeline(
         )
         # The augmented file keeps the originals (keep_original=true), so it replaces train.h5.
         train_files = [augmented]
-    runs["train"] = run_step(
-        "train",
-        {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
-         "depth": depth, "width": width, "weights": weights, "epochs": epochs, "head_epochs": head_epochs,
-         "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
-         "registered_model_name": registered_model_name, "seed": seed,
-         "checkpoint_dir": out / "checkpoints" / "train"},
-        [*train_files, val_h5, test_h5], [], force=force, code=code, experiment_id=experiment_id,
-    )
-    version = registered_version_of(runs["train"])
-    model_uri = (f"models:/{registered_model_name}/{version}" if version
-                 else f"runs:/{runs['train'].info.run_id}/model")
+    if tune_trials > 0:
+        runs["tune"] = run_step(
+            "tune",
+            {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
+             "trials": tune_trials, "parallel": tune_parallel, "space": tune_space, "spark_master": spark_master,
+             "registered_model_name": registered_model_name},
+            [*train_files, val_h5, test_h5, *([tune_space] if tune_space else [])], [], force=force, code=code,
+            experiment_id=experiment_id,
+        )
+        model_uri = runs["tune"].data.tags["carclf.model_uri"]
+    else:
+        runs["train"] = run_step(
+            "train",
+            {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
+             "depth": depth, "width": width, "weights": weights, "epochs": epochs, "head_epochs": head_epochs,
+             "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
+             "registered_model_name": registered_model_name, "seed": seed,
+             "checkpoint_dir": out / "checkpoints" / "train"},
+            [*train_files, val_h5, test_h5], [], force=force, code=code, experiment_id=experiment_id,
+        )
+        version = registered_version_of(runs["train"])
+        model_uri = (f"models:/{registered_model_name}/{version}" if version
+                     else f"runs:/{runs['train'].info.run_id}/model")
     runs["evaluate"] = run_step(
         "evaluate", {"model_uri": model_uri, "test_data": test_h5},
         [test_h5], [], force=force, code=code, experiment_id=experiment_id,
@@ -240,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deploy-name", default="carclf-sample")
     p.add_argument("--force", type=parse_bool, default=False)
     p.add_argument("--seed", type=parse_int, default=0)
+    p.add_argument("--tune-trials", type=parse_int, default=0, help="> 0: a tune study instead of one train run")
+    p.add_argument("--tune-parallel", type=parse_int, default=2)
+    p.add_argument("--tune-space", default="", help="YAML search space for tune; empty = tune's default")
     return p
 
 
