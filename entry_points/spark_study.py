@@ -264,6 +264,7 @@ class TrialProgress:
         self.out = out or sys.stdout
         self.seen: set = set()
         self.best = None
+        self._storage = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="carclf-tune-progress")
 
@@ -284,7 +285,9 @@ class TrialProgress:
     def poll(self) -> None:
         from mlflow.optuna.storage import MlflowStorage
 
-        trials = MlflowStorage(experiment_id=self.experiment_id).get_all_trials(self.study_run_id)
+        if self._storage is None:
+            self._storage = MlflowStorage(experiment_id=self.experiment_id)
+        trials = self._storage.get_all_trials(self.study_run_id)
         # A complete trial's run is closed a moment before its value is written: wait for the value.
         done = [t for t in trials if t.state.is_finished() and t._trial_id not in self.seen
                 and not (t.state.name == "COMPLETE" and t.value is None)]
@@ -361,7 +364,7 @@ def log_study_plots(client, run_id: str, trials, out_dir: str = "plots") -> list
     finished = [t for t in trials if t.state in (TrialState.PRUNED, TrialState.FAIL)
                 or (t.state == TrialState.COMPLETE and t.value is not None)]
     study = optuna.create_study(direction="maximize")
-    study.add_trials(finished)
+    study.add_trials(sorted(finished, key=lambda t: t.number))  # numbered as added: keep the study's order
     logged = []
     from optuna.visualization import matplotlib as oplt
 
@@ -376,6 +379,8 @@ def log_study_plots(client, run_id: str, trials, out_dir: str = "plots") -> list
             log.info("plot %s skipped: %s", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             continue
         axes = axes.flat[0] if hasattr(axes, "flat") else axes
+        if name == "optimization_history":
+            axes.set_ylabel("val top-1")
         figure = axes.figure
         figure.set_size_inches(max(8, figure.get_size_inches()[0]), max(5, figure.get_size_inches()[1]))
         figure.tight_layout()
