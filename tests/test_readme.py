@@ -364,20 +364,24 @@ def test_my_cars_step_by_step(world):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tune_step(world):
-    """The README's tune command on the step-by-step files: 2 tiny trials, best registered under another name."""
+    """The README's tune command on tiny splits of the sample data: 2 trials, best registered under another name."""
+    from entry_points.preprocess import preprocess
+
     (command,) = commands_for("test_tune_step")
-    processed = world.root / "my_data" / "processed"
+    splits = preprocess(world.sample, world.root / "tune_data", image_size=32, crop="bbox", workers=1)
+    folder = str(pathlib.Path(splits["train"]).parent)
     space = world.root / "tiny_space.yaml"
     space.write_text("depth: 18\nwidth: 0.125\nepochs: 1\nhead_epochs: 0\nbatch_size: 8\nonline_augment: false\n"
                      "learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
-    world.run(adapt(command, text={"data/processed": str(processed)},
+    versions = world.versions()
+    world.run(adapt(command, text={"data/processed/train_aug.h5": str(splits["train"]), "data/processed": folder},
                     params={"trials": "2", "parallel": "2", "space": str(space)},
                     add={"spark_master": "local[2]", "registered_model_name": "carclf-tuned"}),
               cwd=REPO_ROOT, timeout=900)
     champion = world.client().get_model_version_by_alias("carclf-tuned", "champion")
     trial = world.client().get_run(champion.run_id)
     assert trial.info.status == "FINISHED" and trial.data.params["width"] == "0.125"
-    assert world.versions() == [1, 2]  # the pipeline's own model is untouched
+    assert world.versions() == versions  # the pipeline's own model is untouched
 
 
 @pytest.mark.slow
