@@ -51,7 +51,9 @@ def child(workdir: str, parallel: int) -> dict:
 
     root = pathlib.Path(workdir)
     mlflow.set_tracking_uri(f"sqlite:///{root / f'p{parallel}.db'}")
-    mlflow.set_experiment(f"bench-p{parallel}")
+    experiment_id = mlflow.MlflowClient().create_experiment(f"bench-p{parallel}",
+                                                            artifact_location=str(root / f"artifacts-p{parallel}"))
+    mlflow.set_experiment(experiment_id=experiment_id)
     space = root / "space.yaml"
     started = time.perf_counter()
     result = run_study(load_space(space), str(root / "train.h5"), str(root / "val.h5"), trials=TRIALS,

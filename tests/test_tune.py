@@ -1,6 +1,5 @@
 """`tune`: trials as Spark tasks and MLflow child runs, a failing trial, resume, registration, bad spaces;
 and `train`'s from-scratch defaults."""
-import json
 import os
 import subprocess
 import sys
