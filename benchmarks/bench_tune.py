@@ -5,6 +5,8 @@ two runs do the same work; only how many trials share the cores differs, and wit
 count per trial (printed). Each configuration runs in its own process with a fresh Spark session and SQLite
 store (TensorFlow's thread pools are fixed per process, and Spark reuses its Python workers). The time is the
 study's own (``tune_seconds``: from the first Spark task to the last trial), plus the whole call beside it.
+The host's load average is printed before and after: on cores shared with other work the kernel shares CPU
+time per thread, so 2 trials of 1 thread get no more than 1 trial of 2 threads, and the speed-up cannot show.
 
 Sizes (environment variables): CARCLF_BENCH_TUNE_TRIALS (4), CARCLF_BENCH_TUNE_SIZE (48 px),
 CARCLF_BENCH_TUNE_IMAGES (96 training images), CARCLF_BENCH_TUNE_EPOCHS (2).
@@ -79,6 +81,7 @@ def main() -> int:
         (root / "space.yaml").write_text(
             f"depth: 18\nwidth: 0.25\nepochs: {EPOCHS}\nhead_epochs: 0\nbatch_size: 16\noptimizer: adam\n"
             "learning_rate: 0.003\nonline_augment: false\n")
+        print("load average (1/5/15 min) before: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
         print(f"{TRIALS} identical trials (ResNet-18 width 0.25, {SIZE} px, {IMAGES} images, {EPOCHS} epochs) "
               f"on local[2], {os.cpu_count()} cores on this host")
         results = {}
@@ -98,6 +101,7 @@ def main() -> int:
         whole = results[1]["total_seconds"] / results[2]["total_seconds"]
         print(f"   speed-up parallel=2 vs parallel=1: {speedup:.2f}x study, {whole:.2f}x whole call "
               f"(target >= 1.5x) {'OK' if speedup >= 1.5 else 'BELOW TARGET'}")
+        print("   load average (1/5/15 min) after: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     return 0
 
 
