@@ -1,14 +1,15 @@
-"""`main`: preprocess -> augment -> train -> evaluate (-> deploy) as child runs of one parent run.
+"""`main`: preprocess -> augment -> train (or tune) -> evaluate (-> deploy) as child runs of one parent run.
 
 Follows MLflow's examples/multistep_workflow: each step runs through ``mlflow.projects.run(...,
 env_manager="local")`` and hands its outputs to the next by path or model URI. A step whose last
 FINISHED run had the same parameters, the same code version and the same inputs (fingerprints of the
 files it read) and whose outputs are still on disk unchanged is reused instead of recomputed;
-``--force true`` recomputes everything.
+``--force true`` recomputes everything. ``tune_trials > 0`` replaces `train` by a `tune` study of that many
+trials (``tune_parallel`` at once, the default or ``tune_space`` search space); its champion is evaluated.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,10 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
-from carclf.cli.cli_args import parse_bool, parse_int
+from carclf.cli.step_config import build_parser as build_parser_for
+from carclf.cli.step_config import config_from_args, param, resolve_config
+from carclf_flavor.images import CROP_MODES
+from entry_points.train import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 PROJECT_DIR = pathlib.Path(__file__).resolve().parents[1]
@@ -130,29 +134,44 @@ def registered_version_of(run) -> Optional[str]:
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
-def pipeline(
-    data_dir: str = "",
-    output_dir: str = "data",
-    image_size: int = 64,
-    crop: str = "bbox",
-    copies: int = 1,
-    ops: str = "crop,pad,flip",
-    spark_master: str = "local[*]",
-    depth: int = 18,
-    width: float = 0.25,
-    weights: str = "none",
-    epochs: int = 20,
-    head_epochs: int = 0,
-    batch_size: int = 16,
-    learning_rate: float = 0.003,
-    optimizer: str = "adam",
-    registered_model_name: str = "carclf",
-    deploy_target: str = "",
-    deploy_name: str = "carclf-sample",
-    force: bool = False,
-    seed: int = 0,
-) -> dict:
+@dataclasses.dataclass(frozen=True)
+class MainConfig:
+    """The whole pipeline's parameters (entry_points.step_config: each default written once, here).
+
+    Its training defaults are a small network from scratch, sized for the bundled sample data.
+    """
+
+    data_dir: str = param("", "Stanford Cars or folder-per-class root; empty = sample data")
+    output_dir: str = param("data", "where processed/, augmented data and checkpoints go")
+    image_size: int = param(64, "pixels per side of the HDF5 images and the network input")
+    crop: str = param("bbox", "crop to the bounding box, or keep the whole photo", choices=CROP_MODES)
+    copies: int = param(1, "augmented copies per image; 0 skips augmentation")
+    ops: str = param("crop,pad,flip", "augment's operations, comma-separated")
+    spark_master: str = param("local[*]", "Spark master of augment (and tune)")
+    depth: int = param(18, "ResNet depth")
+    width: float = param(0.25, "channel width multiplier")
+    weights: str = param("none", "imagenet | none | path to a weights file")
+    epochs: int = param(20, "training epochs")
+    head_epochs: int = param(0, "head-phase epochs")
+    batch_size: int = param(16, "global batch")
+    learning_rate: float = param(0.003, "learning rate")
+    optimizer: str = param("adam", "optimizer", choices=OPTIMIZERS)
+    registered_model_name: str = param("carclf", "registered model name; empty: do not register")
+    deploy_target: str = param("", "deploy the model there at the end (e.g. carclf-local); empty: no deploy")
+    deploy_name: str = param("carclf-sample", "deployment name")
+    force: bool = param(False, "recompute every step, even when a finished run could be reused")
+    seed: int = param(0, "seed of every step")
+    tune_trials: int = param(0, "> 0: a tune study instead of one train run")
+    tune_parallel: int = param(2, "tune trials at once")
+    tune_space: str = param("", "YAML search space for tune; empty = tune's default")
+
+
+def pipeline(config: MainConfig | None = None, **overrides) -> dict:
     """Run the whole pipeline inside the active (parent) run; returns the child run ids and the model URI."""
+    c = resolve_config(MainConfig, config, **overrides)
+    (data_dir, output_dir, image_size, crop, copies, ops, spark_master, depth, width, weights, epochs, head_epochs,
+     batch_size, learning_rate, optimizer, registered_model_name, deploy_target, deploy_name, force, seed,
+     tune_trials, tune_parallel, tune_space) = (getattr(c, f.name) for f in dataclasses.fields(MainConfig))
     active = mlflow.active_run()
     experiment_id = active.info.experiment_id
     code = code_fingerprint()
@@ -178,18 +197,29 @@ def pipeline(
         )
         # The augmented file keeps the originals (keep_original=true), so it replaces train.h5.
         train_files = [augmented]
-    runs["train"] = run_step(
-        "train",
-        {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
-         "depth": depth, "width": width, "weights": weights, "epochs": epochs, "head_epochs": head_epochs,
-         "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
-         "registered_model_name": registered_model_name, "seed": seed,
-         "checkpoint_dir": out / "checkpoints" / "train"},
-        [*train_files, val_h5, test_h5], [], force=force, code=code, experiment_id=experiment_id,
-    )
-    version = registered_version_of(runs["train"])
-    model_uri = (f"models:/{registered_model_name}/{version}" if version
-                 else f"runs:/{runs['train'].info.run_id}/model")
+    if tune_trials > 0:
+        runs["tune"] = run_step(
+            "tune",
+            {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
+             "trials": tune_trials, "parallel": tune_parallel, "space": tune_space, "spark_master": spark_master,
+             "registered_model_name": registered_model_name},
+            [*train_files, val_h5, test_h5, *([tune_space] if tune_space else [])], [], force=force, code=code,
+            experiment_id=experiment_id,
+        )
+        model_uri = runs["tune"].data.tags["carclf.model_uri"]
+    else:
+        runs["train"] = run_step(
+            "train",
+            {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
+             "depth": depth, "width": width, "weights": weights, "epochs": epochs, "head_epochs": head_epochs,
+             "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
+             "registered_model_name": registered_model_name, "seed": seed,
+             "checkpoint_dir": out / "checkpoints" / "train"},
+            [*train_files, val_h5, test_h5], [], force=force, code=code, experiment_id=experiment_id,
+        )
+        version = registered_version_of(runs["train"])
+        model_uri = (f"models:/{registered_model_name}/{version}" if version
+                     else f"runs:/{runs['train'].info.run_id}/model")
     runs["evaluate"] = run_step(
         "evaluate", {"model_uri": model_uri, "test_data": test_h5},
         [test_h5], [], force=force, code=code, experiment_id=experiment_id,
@@ -218,40 +248,19 @@ def next_commands(model_uri: str, sample_photo: Optional[str]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m entry_points.main", description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default="", help="Stanford Cars or folder-per-class root; empty = sample data")
-    p.add_argument("--output-dir", default="data")
-    p.add_argument("--image-size", type=parse_int, default=64)
-    p.add_argument("--crop", default="bbox", choices=["bbox", "none"])
-    p.add_argument("--copies", type=parse_int, default=1, help="augmented copies per image; 0 skips augmentation")
-    p.add_argument("--ops", default="crop,pad,flip")
-    p.add_argument("--spark-master", default="local[*]")
-    p.add_argument("--depth", type=parse_int, default=18)
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--weights", default="none")
-    p.add_argument("--epochs", type=parse_int, default=20)
-    p.add_argument("--head-epochs", type=parse_int, default=0)
-    p.add_argument("--batch-size", type=parse_int, default=16)
-    p.add_argument("--learning-rate", type=float, default=0.003)
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    p.add_argument("--registered-model-name", default="carclf")
-    p.add_argument("--deploy-target", default="")
-    p.add_argument("--deploy-name", default="carclf-sample")
-    p.add_argument("--force", type=parse_bool, default=False)
-    p.add_argument("--seed", type=parse_int, default=0)
-    return p
+def build_parser():
+    return build_parser_for(MainConfig, "python -m entry_points.main", __doc__.splitlines()[0])
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     launched_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))  # start_run() consumes the variable
     with mlflow.start_run() as parent:
         if not launched_by_mlflow_run:  # under `mlflow run` the parameters are logged already
             mlflow.log_params(vars(args))
         try:
-            result = pipeline(**vars(args))
+            result = pipeline(config_from_args(MainConfig, args))
         except StepFailed as exc:
             mlflow.set_tag("carclf.failed_step", str(exc))
             print(f"error: {exc}", file=sys.stderr)

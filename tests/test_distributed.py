@@ -30,7 +30,7 @@ MIRRORED_CHILD = textwrap.dedent("""
     results = {}
     for name, strategy, batch in (("one", "one", 16), ("mirrored", "mirrored", 16), ("half_batch", "one", 8)):
         ckpt = pathlib.Path(args["tmp"]) / name
-        out = train(args["train"], args["val"], depth=18, width=0.125, weights="none", epochs=2, head_epochs=1,
+        out = train(train_data=args["train"], val_data=args["val"], depth=18, width=0.125, weights="none", epochs=2, head_epochs=1,
                     batch_size=batch, optimizer="sgd", learning_rate=0.0002, momentum=0.9, online_augment=False,
                     label_smoothing=0.0, checkpoint_dir=str(ckpt), registered_model_name="", strategy=strategy)
         import mlflow
@@ -181,7 +181,7 @@ def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
     for a, b in zip(chief, other):  # the same all-reduced updates on both workers
         np.testing.assert_array_equal(a, b)
 
-    single = train_module.train(mw_splits["train"], mw_splits["val"], checkpoint_dir=str(tmp_path / "one"), strategy="one",
+    single = train_module.train(train_data=mw_splits["train"], val_data=mw_splits["val"], checkpoint_dir=str(tmp_path / "one"), strategy="one",
                    **MW_ARGS)
     config = train_module.TrainConfig(train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0,
                                       **{k: v for k, v in MW_ARGS.items()})
@@ -247,7 +247,7 @@ def test_mixed_float16_trains_with_loss_scaling(tmp_path, monkeypatch):
         seen["optimizer"] = type(model.optimizer).__name__
 
     monkeypatch.setattr(train_module, "_compile", compile_and_look)
-    result = train_module.train(str(_colour_set(tmp_path / "train.h5", 12, 0)), str(_colour_set(tmp_path / "val.h5", 4, 1)),
+    result = train_module.train(train_data=str(_colour_set(tmp_path / "train.h5", 12, 0)), val_data=str(_colour_set(tmp_path / "val.h5", 4, 1)),
                                 depth=18, width=0.125, weights="none", epochs=1, head_epochs=0, batch_size=16,
                                 optimizer="adam", learning_rate=0.003, precision="mixed_float16",
                                 checkpoint_dir=str(tmp_path / "ckpt"), registered_model_name="")

@@ -69,6 +69,7 @@ COVERAGE = [
     (r"mlflow ui --backend-store-uri sqlite:///mlflow\.db", "test_mlflow_ui"),
     (r"mlflow run \. --env-manager local -P data_dir=/data/stanford_cars .*", "test_real_configuration_reuses_steps"),
     (r"mlflow run \. --env-manager local -e (preprocess|augment|train|evaluate) .*", "test_my_cars_step_by_step"),
+    (r"mlflow run \. --env-manager local -e tune .*", "test_tune_step"),
     (r"mlflow models serve -m models:/carclf/1 --env-manager local -p 5000", "test_serving"),
     (r"python -m entry_points\.score --url http://127\.0\.0\.1:5000 car\.jpg .*", "test_serving"),
     (r"\{ printf .*; base64 -w0 car\.jpg; printf .* > req\.json", "test_serving"),
@@ -363,6 +364,29 @@ def test_my_cars_step_by_step(world):
                                               order_by=["attributes.start_time DESC"], max_results=1)[0]
     assert evaluate_run.data.params["model_uri"] == "models:/carclf/2"
     assert {"test_top1", "test_top5", "test_macro_f1"} <= set(evaluate_run.data.metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tune_step(world):
+    """The README's tune command on tiny splits of the sample data: 2 trials, best registered under another name."""
+    from entry_points.preprocess import preprocess
+
+    (command,) = commands_for("test_tune_step")
+    splits = preprocess(world.sample, world.root / "tune_data", image_size=32, crop="bbox", workers=1)
+    folder = str(pathlib.Path(splits["train"]).parent)
+    space = world.root / "tiny_space.yaml"
+    space.write_text("depth: 18\nwidth: 0.125\nepochs: 1\nhead_epochs: 0\nbatch_size: 8\nonline_augment: false\n"
+                     "learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    versions = world.versions()
+    world.run(adapt(command, text={"data/processed/train_aug.h5": str(splits["train"]), "data/processed": folder},
+                    params={"trials": "2", "parallel": "2", "space": str(space)},
+                    add={"spark_master": "local[2]", "registered_model_name": "carclf-tuned"}),
+              cwd=REPO_ROOT, timeout=900)
+    champion = world.client().get_model_version_by_alias("carclf-tuned", "champion")
+    trial = world.client().get_run(champion.run_id)
+    assert trial.info.status == "FINISHED" and trial.data.params["width"] == "0.125"
+    assert world.versions() == versions  # the pipeline's own model is untouched
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def _client():
 
 def test_two_phase_training_tracks_everything_and_registers(splits, tmp_path):
     checkpoints = tmp_path / "ckpt"
-    result = train(splits["train"], splits["val"], splits["test"], epochs=2, head_epochs=1,
+    result = train(train_data=splits["train"], val_data=splits["val"], test_data=splits["test"], epochs=2, head_epochs=1,
                    checkpoint_dir=str(checkpoints), registered_model_name="carclf-test", **TINY)
     client = _client()
     run = client.get_run(result["run_id"])
@@ -64,7 +64,7 @@ def test_two_phase_training_tracks_everything_and_registers(splits, tmp_path):
 
     # Phase 1 really freezes: after the head epoch every backbone weight (BN statistics included) is still
     # the initial one, and the head moved. Phase 2 then changes the backbone.
-    config = TrainConfig(splits["train"], splits["val"], epochs=2, head_epochs=1, **TINY)
+    config = TrainConfig(train_data=splits["train"], val_data=splits["val"], epochs=2, head_epochs=1, **TINY)
     initial = _weights_by_path(build_model(config, len(CLASSES), SIZE))
     after = {}
     for epoch in (1, 2):
@@ -162,7 +162,7 @@ def test_failure_ends_run_failed_and_interrupt_killed(splits, tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "build_model", broken)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(splits["train"], splits["val"], epochs=1, head_epochs=0, checkpoint_dir=str(tmp_path / "a"), **TINY)
+        train(train_data=splits["train"], val_data=splits["val"], epochs=1, head_epochs=0, checkpoint_dir=str(tmp_path / "a"), **TINY)
     failed = client.search_runs([client.get_experiment_by_name("Default").experiment_id])[0]
     assert failed.info.status == "FAILED"
     assert "simulated crash" in failed.data.tags["carclf.error"]
@@ -175,7 +175,7 @@ def test_failure_ends_run_failed_and_interrupt_killed(splits, tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "build_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(splits["train"], splits["val"], epochs=1, head_epochs=0, checkpoint_dir=str(tmp_path / "b"), **TINY)
+        train(train_data=splits["train"], val_data=splits["val"], epochs=1, head_epochs=0, checkpoint_dir=str(tmp_path / "b"), **TINY)
     runs = client.search_runs([failed.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "KILLED"
 
@@ -240,7 +240,7 @@ def test_learnability_on_sample_data_cut_down(tmp_path):
                                    min_width=160, max_width=240)
     # workers=1: a few dozen photos are decoded faster in-process than by a worker pool.
     splits = preprocess(data_dir=root, output_dir=tmp_path / "processed", image_size=48, crop="bbox", workers=1)
-    result = train(splits["train"], splits["val"], splits["test"], depth=18, width=0.25, weights="none",
+    result = train(train_data=splits["train"], val_data=splits["val"], test_data=splits["test"], depth=18, width=0.25, weights="none",
                    epochs=12, head_epochs=0, batch_size=16, learning_rate=0.003, optimizer="adam",
                    online_augment=True, label_smoothing=0.1, checkpoint_dir=str(tmp_path / "ckpt"),
                    registered_model_name="")

@@ -215,6 +215,7 @@ def make_dataset(
     start_epoch: int = 0,
     epochs: Optional[int] = 1,
     augment: bool = False,
+    augment_strength: float = 1.0,
     block_size: int = DEFAULT_BLOCK_SIZE,
     window_blocks: int = DEFAULT_WINDOW_BLOCKS,
     prefetch: int = 2,
@@ -249,11 +250,13 @@ def make_dataset(
         # A known length: Keras shows progress against it and never probes past the end.
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(source.steps(batch_size) * int(epochs)))
     if augment:
-        from carclf.training.online_augmentation import augment_images, step_seed
+        from carclf.training.online_augmentation import AugmentationRanges, augment_images, step_seed
+
+        ranges = AugmentationRanges.for_strength(augment_strength)
 
         def augment_batch(batch_number, batch):
             images, *rest = batch
-            return (augment_images(images, step_seed(seed, batch_number + start_epoch * 2**20, replica=0)), *rest)
+            return (augment_images(images, step_seed(seed, batch_number + start_epoch * 2**20, replica=0), ranges), *rest)
 
         dataset = dataset.enumerate().map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()

@@ -170,15 +170,16 @@ def _make_train_step(strategy, model, optimizer, config, num_classes: int, salt:
     import keras
     import tensorflow as tf
 
-    from carclf.training.online_augmentation import augment_images, step_seed
+    from carclf.training.online_augmentation import AugmentationRanges, augment_images, step_seed
 
+    ranges = AugmentationRanges.for_strength(config.augment_strength)
     loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing, reduction=None)
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(images, labels, global_rows):
         if config.online_augment:
             # Seeded by (step, worker): the same sequence after a resume, different images per worker.
-            images = augment_images(images, step_seed(config.seed, optimizer.iterations, salt=salt))
+            images = augment_images(images, step_seed(config.seed, optimizer.iterations, salt=salt), ranges)
         with tf.GradientTape() as tape:
             probabilities = tf.cast(model(images, training=True), tf.float32)
             per_example = loss_fn(tf.one_hot(labels, num_classes), probabilities)
