@@ -16,6 +16,8 @@ Saved layout::
     data/model.keras             the fused float32 inference network (Keras 3 format, loads with safe_mode=True)
     data/classes.json            class index -> name, as a JSON list
     data/preprocessing.json      PreprocessSettings (as the HDF5 data was built) + inference_precision
+    data/int8.json               only with calibration data: the int8 validation report (carclf_flavor.int8)
+    data/model_int8.xml, .bin    only when int8 passed validation: the int8 network (OpenVINO IR)
     code/carclf_flavor/          this package: the model loads with only requirements.txt installed
     requirements.txt, conda.yaml, python_env.yaml, serving_input_example.json, input_example.json
 
@@ -127,11 +129,15 @@ def _invalid(message: str):
 # --------------------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------------------
-def get_default_pip_requirements() -> list[str]:
-    """Pinned requirements (versions of this environment) a served carclf model needs; no repo install."""
+def get_default_pip_requirements(int8_network: bool = False) -> list[str]:
+    """Pinned requirements (versions of this environment) a served carclf model needs; no repo install.
+
+    ``int8_network``: the model ships an int8 network, which needs the OpenVINO runtime (NNCF is save-time only).
+    """
     from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-    return [_get_pinned_requirement(package) for package in _SERVING_PACKAGES]
+    packages = _SERVING_PACKAGES + (("openvino",) if int8_network else ())
+    return [_get_pinned_requirement(package) for package in packages]
 
 
 def get_default_conda_env() -> dict:
@@ -272,14 +278,21 @@ def save_model(
     metadata=None,
     fuse: bool = True,
     inference_precision: str = "auto",
+    calibration_data=None,
+    validation_data=None,
 ):
     """Save a Keras classifier (uint8 (S, S, 3) RGB in, class probabilities out) as a carclf MLflow model.
 
     ``class_names``: list of names (index = class id) or a path to a ``cars_meta.mat``.
     ``preprocessing``: the ``PreprocessSettings`` (or its dict) the training HDF5 was built with.
     ``fuse``: save ``carclf_flavor.resnet.fuse_for_inference(model)`` (BN and Scale folded into the convs).
-    ``inference_precision``: "auto" (bfloat16 where the serving hardware computes it natively), "float32" or
-    "bfloat16"; the environment variable CARCLF_INFERENCE_PRECISION overrides it at serve time.
+    ``inference_precision``: "auto" (int8 where the CPU has VNNI and the model an int8 network, else bfloat16
+    where the serving hardware computes it natively, else float32), "float32", "bfloat16" or "int8"; the
+    environment variable CARCLF_INFERENCE_PRECISION overrides it at serve time.
+    ``calibration_data`` (uint8 (N, S, S, 3) images or an HDF5 split): also quantize the network to int8
+    (OpenVINO + NNCF). ``validation_data`` ((images, labels) or an HDF5 split): int8 ships only if its top-1
+    agrees with float32 on >= 99% of it and drops <= 0.5 points; without it int8 ships unvalidated, with a
+    warning. The outcome is in ``data/int8.json`` and the MLmodel metadata (``carclf_int8``).
     ``signature`` defaults to ``default_signature()`` (pass False for none); ``input_example`` defaults to a
     small JPEG (bytes, an image path or a DataFrame with an ``image`` column are accepted).
     """
@@ -303,6 +316,8 @@ def save_model(
 
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     inference_precision = validate_precision(inference_precision)
+    if inference_precision == "int8" and calibration_data is None:
+        raise ValueError("inference_precision='int8' needs calibration_data (images to quantize the network with)")
     names = read_class_names(class_names)
     image_size, num_outputs = _model_io_shape(model)
     if num_outputs != len(names):
@@ -329,6 +344,11 @@ def save_model(
     preprocessing_record = dict(settings.to_dict(), inference_precision=inference_precision)
     with open(os.path.join(data_dir, PREPROCESSING_FILE), "w", encoding="utf-8") as handle:
         json.dump(preprocessing_record, handle, indent=2, sort_keys=True)
+    int8_report = None
+    if calibration_data is not None:
+        from carclf_flavor.int8 import build_int8_network
+
+        int8_report = build_int8_network(model, data_dir, calibration_data, validation_data)
 
     # The package ships inside the model (no repo install needed to serve); __pycache__ stays behind.
     with tempfile.TemporaryDirectory() as staging:
@@ -347,6 +367,8 @@ def save_model(
         mlflow_model.signature = signature
     if metadata is not None:
         mlflow_model.metadata = metadata
+    if int8_report is not None:
+        mlflow_model.metadata = dict(mlflow_model.metadata or {}, carclf_int8=int8_report)
 
     pyfunc.add_to_model(
         mlflow_model,
@@ -380,7 +402,8 @@ def save_model(
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
     if conda_env is None:
-        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
+        int8_shipped = bool(int8_report and int8_report["shipped"])
+        default_reqs = get_default_pip_requirements(int8_shipped) if pip_requirements is None else None
         conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )
@@ -410,6 +433,8 @@ def log_model(
     metadata=None,
     fuse: bool = True,
     inference_precision: str = "auto",
+    calibration_data=None,
+    validation_data=None,
     registered_model_name=None,
     await_registration_for=None,
     params=None,
@@ -419,13 +444,16 @@ def log_model(
     model_id=None,
     **kwargs,
 ):
-    """Log a carclf model to the active run (see ``save_model``); returns MLflow's ``ModelInfo``."""
+    """Log a carclf model to the active run (see ``save_model``); returns MLflow's ``ModelInfo``.
+
+    With calibration data, the int8 outcome (agreement, drop, shipped and why) is also logged to the run.
+    """
     import sys
 
     from mlflow.models import Model
     from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
-    return Model.log(
+    info = Model.log(
         name=name,
         artifact_path=None,
         flavor=sys.modules[__name__],
@@ -441,6 +469,8 @@ def log_model(
         metadata=metadata,
         fuse=fuse,
         inference_precision=inference_precision,
+        calibration_data=calibration_data,
+        validation_data=validation_data,
         registered_model_name=registered_model_name,
         await_registration_for=DEFAULT_AWAIT_MAX_SLEEP_SECONDS if await_registration_for is None else await_registration_for,
         params=params,
@@ -450,6 +480,11 @@ def log_model(
         model_id=model_id,
         **kwargs,
     )
+    if calibration_data is not None:
+        from carclf_flavor.int8 import log_report_to_active_run
+
+        log_report_to_active_run((info.metadata or {}).get("carclf_int8"))
+    return info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,7 +507,7 @@ class CarClassifier:
     """A Keras network + class names + the preprocessing it was trained with. Thread-safe."""
 
     def __init__(self, model, class_names: Sequence[str], settings: PreprocessSettings,
-                 precision: str = "float32", precision_reason: str = ""):
+                 precision: str = "float32", precision_reason: str = "", int8_network=None):
         import tensorflow as tf
 
         self.model = model
@@ -482,6 +517,9 @@ class CarClassifier:
         self.precision_reason = precision_reason
         size = int(settings.image_size)
         self._num_classes = len(self.class_names)
+        if int8_network is not None:  # carclf_flavor.int8.OpenVINONetwork: pixels -> probabilities
+            self._forward = int8_network
+            return
         # One traced graph with a fixed signature: concurrent calls never retrace (Keras' predict() is not
         # safe to call from several threads at once), and a batch is a single call.
         self._forward = tf.function(
@@ -541,7 +579,8 @@ class CarClassifier:
         """(N, S, S, 3) uint8 -> (N, num_classes) float32 probabilities, in one network call."""
         if len(pixels) == 0:
             return np.zeros((0, self._num_classes), np.float32)
-        return self._forward(np.ascontiguousarray(pixels, dtype=np.uint8)).numpy()
+        probs = self._forward(np.ascontiguousarray(pixels, dtype=np.uint8))
+        return probs if isinstance(probs, np.ndarray) else probs.numpy()
 
     def _rank(self, probs: np.ndarray, top_k: int) -> list[dict]:
         k = min(int(top_k), self._num_classes)
@@ -615,11 +654,20 @@ def _load_from_data_dir(data_dir: str, model_config: Optional[dict] = None) -> C
     _register_custom_layers()
     model = keras.saving.load_model(str(data_dir / MODEL_FILE), compile=False, safe_mode=True)
     requested = model_config.get("inference_precision", saved_precision)
-    precision, reason = choose_inference_precision(requested)
+    from carclf_flavor import int8
+
+    int8_available, int8_missing = int8.int8_network_available(data_dir, int8.read_int8_report(data_dir))
+    precision, reason = choose_inference_precision(requested, int8_available=int8_available,
+                                                   int8_missing_reason=int8_missing)
+    int8_network = None
     if precision == "bfloat16":
         model = _to_bfloat16(model)
+    elif precision == "int8":
+        int8_network = int8.load_int8_network(data_dir)
+        reason += f" (OpenVINO, {int8_network.threads} threads)"
     _logger.info("carclf model serving in %s: %s", precision, reason)
-    return CarClassifier(model, names, settings, precision=precision, precision_reason=reason)
+    return CarClassifier(model, names, settings, precision=precision, precision_reason=reason,
+                         int8_network=int8_network)
 
 
 def load_model(model_uri, dst_path=None) -> CarClassifier:
