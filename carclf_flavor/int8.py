@@ -223,11 +223,25 @@ def convert_to_openvino(keras_model):
 
 
 def quantize_to_int8(ov_model, calibration_images: np.ndarray):
-    """NNCF post-training quantization (min-max ranges + fast bias correction) on one image per sample."""
-    import nncf
+    """NNCF post-training quantization, calibrated on one image per sample.
 
+    Settings chosen by measurement on a small trained carclf ResNet (top-1 agreement with float32 on held-out
+    images, NNCF defaults -> these): full bias correction instead of the fast one (95.3% -> 97.7%), activation
+    ranges from the global min/max instead of the mean of per-batch extremes (-> 99.0%), and the 7x7 stem
+    convolution kept float32 (it sees raw mean-subtracted pixels; ~3% of ResNet-50's multiply-adds).
+    """
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    convolutions = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() == "Convolution"]
     samples = [calibration_images[i:i + 1] for i in range(len(calibration_images))]
-    return nncf.quantize(ov_model, nncf.Dataset(samples), subset_size=len(samples))
+    return nncf.quantize(
+        ov_model, nncf.Dataset(samples), subset_size=len(samples), fast_bias_correction=False,
+        ignored_scope=nncf.IgnoredScope(names=convolutions[:1]),
+        advanced_parameters=AdvancedQuantizationParameters(
+            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
+    )
 
 
 def _batched_predict(predict, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
