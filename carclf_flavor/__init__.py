@@ -328,6 +328,12 @@ def save_model(
             f"preprocessing.image_size={settings.image_size} but the model takes {image_size}x{image_size} images"
         )
 
+    int8_inputs = None
+    if calibration_data is not None or validation_data is not None:  # read (and checked) before writing anything
+        from carclf_flavor.int8 import read_int8_inputs
+
+        int8_inputs = read_int8_inputs(calibration_data, validation_data, int(settings.image_size))
+
     path = os.path.abspath(os.fspath(path))
     _validate_and_prepare_target_save_path(path)
 
@@ -345,10 +351,10 @@ def save_model(
     with open(os.path.join(data_dir, PREPROCESSING_FILE), "w", encoding="utf-8") as handle:
         json.dump(preprocessing_record, handle, indent=2, sort_keys=True)
     int8_report = None
-    if calibration_data is not None:
+    if int8_inputs is not None:
         from carclf_flavor.int8 import build_int8_network
 
-        int8_report = build_int8_network(model, data_dir, calibration_data, validation_data)
+        int8_report = build_int8_network(model, data_dir, *int8_inputs)
 
     # The package ships inside the model (no repo install needed to serve); __pycache__ stays behind.
     with tempfile.TemporaryDirectory() as staging:
@@ -656,7 +662,8 @@ def _load_from_data_dir(data_dir: str, model_config: Optional[dict] = None) -> C
     requested = model_config.get("inference_precision", saved_precision)
     from carclf_flavor import int8
 
-    int8_available, int8_missing = int8.int8_network_available(data_dir, int8.read_int8_report(data_dir))
+    int8_report = int8.read_int8_report(data_dir)
+    int8_available, int8_missing = int8.int8_network_available(data_dir, int8_report)
     precision, reason = choose_inference_precision(requested, int8_available=int8_available,
                                                    int8_missing_reason=int8_missing)
     int8_network = None
@@ -664,7 +671,8 @@ def _load_from_data_dir(data_dir: str, model_config: Optional[dict] = None) -> C
         model = _to_bfloat16(model)
     elif precision == "int8":
         int8_network = int8.load_int8_network(data_dir)
-        reason += f" (OpenVINO, {int8_network.threads} threads)"
+        validated = "validated" if int8_report.get("validated") else "NOT validated"
+        reason += f" (OpenVINO, {int8_network.threads} threads; int8 {validated} when saved)"
     _logger.info("carclf model serving in %s: %s", precision, reason)
     return CarClassifier(model, names, settings, precision=precision, precision_reason=reason,
                          int8_network=int8_network)

@@ -7,8 +7,10 @@ Public API:
 - ``MIN_TOP1_AGREEMENT`` (0.99), ``MAX_TOP1_DROP_POINTS`` (0.5): the bar an int8 network must clear to ship.
 - ``read_image_set(source, what, need_labels)``: uint8 (N, S, S, 3) images [+ labels] from an array, an
   ``(images, labels)`` pair or a carclf HDF5 split.
-- ``build_int8_network(keras_model, data_dir, calibration_data, validation_data)``: convert, quantize,
-  validate, write the IR only when it passes; returns the report (also written to ``int8.json``).
+- ``read_int8_inputs(calibration_data, validation_data, image_size)``: both sets read and checked, before the
+  model folder is written.
+- ``build_int8_network(keras_model, data_dir, calibration, validation)``: convert, quantize, validate, write
+  the IR only when it passes; returns the report (also written to ``int8.json``).
 - ``read_int8_report(data_dir)``: that report, or None for a model saved without calibration data.
 - ``load_int8_network(data_dir)``: an ``OpenVINONetwork`` (callable: uint8 pixels -> float32 probabilities).
 - ``cpu_threads_for_inference(env=None)``: CPUs this process may use, divided among the server's workers.
@@ -281,24 +283,32 @@ def _write_json_atomic(path: pathlib.Path, record: dict) -> None:
     os.replace(partial, path)
 
 
-def build_int8_network(keras_model, data_dir, calibration_data, validation_data=None) -> dict:
+def read_int8_inputs(calibration_data, validation_data, image_size: int):
+    """(calibration images, (validation images, labels) or None), checked; a one-line error otherwise."""
+    if calibration_data is None:
+        raise Int8DataError("validation_data validates the int8 network: pass calibration_data too")
+    calibration, _ = read_image_set(calibration_data, "calibration_data", image_size, need_labels=False)
+    if len(calibration) > MAX_CALIBRATION_IMAGES:
+        # Evenly spaced, not the first N: an HDF5 split may be sorted by class.
+        calibration = calibration[np.linspace(0, len(calibration) - 1, MAX_CALIBRATION_IMAGES).astype(int)]
+    validation = None
+    if validation_data is not None:
+        validation = read_image_set(validation_data, "validation_data", image_size, need_labels=True)
+    return calibration, validation
+
+
+def build_int8_network(keras_model, data_dir, calibration: np.ndarray, validation=None) -> dict:
     """Quantize ``keras_model`` (the fused float32 network) into ``data_dir``; returns the report.
 
     The IR is written only when the int8 network passes validation (or when there is nothing to validate
-    on, with a warning). ``int8.json`` is written in every case, with the reason.
+    on, with a warning). ``int8.json`` is written in every case, with the reason. ``calibration`` and
+    ``validation`` as ``read_int8_inputs`` returns them.
     """
     import nncf
     import openvino as ov
 
     data_dir = pathlib.Path(data_dir)
-    image_size = int(keras_model.inputs[0].shape[1])
-    calibration, _ = read_image_set(calibration_data, "calibration_data", image_size, need_labels=False)
-    if len(calibration) > MAX_CALIBRATION_IMAGES:
-        # Evenly spaced, not the first N: an HDF5 split may be sorted by class.
-        calibration = calibration[np.linspace(0, len(calibration) - 1, MAX_CALIBRATION_IMAGES).astype(int)]
-    validation = labels = None
-    if validation_data is not None:
-        validation, labels = read_image_set(validation_data, "validation_data", image_size, need_labels=True)
+    validation, labels = validation if validation is not None else (None, None)
 
     started = time.perf_counter()
     float_model = convert_to_openvino(keras_model)
@@ -316,7 +326,8 @@ def build_int8_network(keras_model, data_dir, calibration_data, validation_data=
         # The float32 reference is the Keras network itself, the path float32 serving runs.
         forward = tf.function(lambda x: keras_model(x, training=False))
         float_probs = _batched_predict(lambda x: forward(x).numpy(), validation)
-        int8_probs = _batched_predict(OpenVINONetwork(_compile(int8_model), cpu_threads_for_inference()), validation)
+        threads = cpu_threads_for_inference()
+        int8_probs = _batched_predict(OpenVINONetwork(_compile(int8_model, threads), threads), validation)
         report.update(measure_agreement(float_probs, int8_probs, labels))
         shipped, reason = verdict(report)
         report["validated"] = True

@@ -11,7 +11,7 @@ Public API:
 
 int8 pays where the CPU has VNNI dot products (AVX512-VNNI: Intel Cascade Lake and later, AMD Zen 4 and later;
 AVX-VNNI: Intel Alder Lake and later; AMX-INT8: Sapphire Rapids and later): 4x the multiply-accumulates of
-float32 per instruction. ``auto`` picks it there when the saved model has a validated int8 network, then bf16.
+float32 per instruction. ``auto`` picks it there when the saved model ships an int8 network, then bf16.
 bfloat16 pays only where the hardware computes it natively: AMX-BF16 (Intel Xeon 4th gen and later) or
 AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later) on CPU, or an Ampere-or-newer GPU. Elsewhere TensorFlow
 emulates it through float32 conversions, which is several times SLOWER than float32, so ``auto`` never picks
@@ -78,8 +78,8 @@ def choose_inference_precision(
 
     ``requested`` is what the model was saved with; ``env[ENV_VAR]`` (default: ``os.environ``) overrides it.
     ``cpu_flags`` defaults to this machine's flags; ``gpu`` is the name of a bf16-capable GPU, None for none, or
-    "detect" (default: ask TensorFlow, only when bf16 is considered). ``int8_available``: the saved model has
-    a validated int8 network (``int8_missing_reason`` says why not, for the reason line).
+    "detect" (default: ask TensorFlow, only when bf16 is considered). ``int8_available``: the saved model
+    ships an int8 network (``int8_missing_reason`` says why not, for the reason line).
     Returns ("float32" | "bfloat16" | "int8", a one-line reason).
     """
     env = os.environ if env is None else env
@@ -100,7 +100,7 @@ def choose_inference_precision(
     flags = frozenset(read_cpu_flags() if cpu_flags is None else cpu_flags)
     vnni = [flag for flag in NATIVE_INT8_CPU_FLAGS if flag in flags]
     if int8_available and vnni:
-        return "int8", f"{source}: CPU has native int8 ({', '.join(vnni)}) and the model has a validated int8 network"
+        return "int8", f"{source}: CPU has native int8 ({', '.join(vnni)}) and the model has an int8 network"
     if int8_available:
         skipped = f"no int8 (CPU lacks {', '.join(NATIVE_INT8_CPU_FLAGS)}); "
     else:

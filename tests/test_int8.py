@@ -236,11 +236,14 @@ def test_log_model_without_calibration_data_behaves_as_today(trained_network, mo
      "validation_data: labels are needed to measure the top-1 drop"),
     (dict(calibration_data="/nonexistent/train.h5"), "calibration_data: /nonexistent/train.h5 is not a file"),
     (dict(inference_precision="int8"), "inference_precision='int8' needs calibration_data"),
+    (dict(validation_data=(np.zeros((4, SIZE, SIZE, 3), np.uint8), np.zeros(4, int))),
+     "validation_data validates the int8 network: pass calibration_data too"),
 ])
 def test_bad_int8_arguments_are_one_line_errors(trained_network, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message) as caught:
         carclf_flavor.save_model(trained_network, tmp_path / "model", ["a", "b", "c", "d"], fuse=False, **kwargs)
     assert "\n" not in str(caught.value)
+    assert not (tmp_path / "model").exists()  # refused before anything was written
 
 
 @pytest.mark.slow
