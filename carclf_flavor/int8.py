@@ -154,7 +154,10 @@ def cpu_threads_for_inference(env: Optional[Mapping[str, str]] = None, cpus: Opt
 
 
 def runtime_config(threads: int) -> dict:
-    return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads)}
+    # No CPU pinning: each server worker would pin its threads to the same first cores of the machine
+    # (OpenVINO does not know about the other workers); unpinned, the OS spreads the workers over the CPUs.
+    return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
+            "ENABLE_CPU_PINNING": False}
 
 
 def _compile(model_or_path, threads: Optional[int] = None):

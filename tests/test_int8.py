@@ -145,6 +145,7 @@ def test_runtime_settings_say_what_they_mean(trained):
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
     assert str(compiled.get_property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
     assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False  # workers must not all pin to the same cores
     # Thread-safe: concurrent callers get the answers a lone caller gets.
     from concurrent.futures import ThreadPoolExecutor
 
