@@ -5,6 +5,9 @@
 (3) mixed_bfloat16 training and inference, as a ratio to the same model in float32
 (4) issue 9: batch 1 / 8 / 32: stock float32, our unfused float32, fused float32, fused bfloat16
     (img/s, ratio to stock, achieved TFLOP/s); target fused bf16 >= 4x stock at batch 32.
+(6) issue 18: batch 1 / 8 / 32: stock float32, fused float32, fused bf16 (Keras) and the int8 network
+    (OpenVINO + NNCF, as save_model builds it), img/s, ratios to stock and p50 latency at batch 1;
+    targets: int8 >= 4x stock at batch 32 and >= 3x at batch 1 (p50 latency).
 (5) issue 9's hardware ceiling: a raw 3x3 convolution (ResNet stage shapes, batch 32) in float32 and bfloat16.
     The fused bf16 network cannot beat the CPU's raw bf16 convolution rate, so the 4x target is reachable
     only where bf16 convolutions run >= ~4x faster than float32 ones (matrix units: AMX-BF16, GPUs), not
@@ -12,7 +15,9 @@
 
 Sizes by environment variable: BENCH_IMAGE_SIZE (224), BENCH_TRAIN_BATCH (16), BENCH_INFER_BATCH (32),
 BENCH_BATCHES ("1,8,32"), BENCH_ITERS (3 round-robin rounds, best kept, after BENCH_WARMUP=1 warm-up step),
-BENCH_SECTIONS ("train,infer,mixed,latency,ceiling"). The CPU is shared: absolute figures vary from run to run,
+BENCH_SECTIONS ("train,infer,mixed,latency,int8,ceiling"), BENCH_INT8_CALIBRATION (64 images; the weights are
+random, so the int8 network's accuracy is not measured here: tests/test_int8.py does that on a trained one),
+BENCH_LATENCY_N (30 timed batch-1 calls per variant). The CPU is shared: absolute figures vary from run to run,
 the ratios (measured back to back in this process) are what to read.
 """
 from __future__ import annotations
@@ -31,7 +36,9 @@ INFER_BATCH = int(os.environ.get("BENCH_INFER_BATCH", 32))
 BATCHES = [int(b) for b in os.environ.get("BENCH_BATCHES", "1,8,32").split(",") if b.strip()]
 ITERS = int(os.environ.get("BENCH_ITERS", 3))
 WARMUP = int(os.environ.get("BENCH_WARMUP", 1))
-SECTIONS = set(os.environ.get("BENCH_SECTIONS", "train,infer,mixed,latency,ceiling").split(","))
+SECTIONS = set(os.environ.get("BENCH_SECTIONS", "train,infer,mixed,latency,int8,ceiling").split(","))
+INT8_CALIBRATION = int(os.environ.get("BENCH_INT8_CALIBRATION", 64))
+LATENCY_N = int(os.environ.get("BENCH_LATENCY_N", 30))
 NUM_CLASSES = 1000
 # ResNet-50 forward pass at 224 px: ~4.1 GMAC = ~8.2 GFLOP per image; scales with the pixel count.
 FORWARD_GFLOP = 8.2 * (IMAGE_SIZE / 224) ** 2
@@ -50,8 +57,9 @@ def cpu_summary() -> str:
                     model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx512f/avx512_bf16/amx'}"
+    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "amx_int8")
+              if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx512f/bf16/vnni/amx'}"
 
 
 def load() -> str:
@@ -93,6 +101,35 @@ def inference_rates(variants: dict, batch: int) -> dict:
     """``variants``: name -> (model, inputs). Small batches repeat calls so a sample covers >= 16 images."""
     steps = {name: inference_step(model, inputs, batch) for name, (model, inputs) in variants.items()}
     return compare(steps, batch, calls_per_sample=max(1, math.ceil(16 / batch)))
+
+
+def p50_latencies_ms(steps: dict, n: int) -> dict:
+    """Median wall time of one call of each step (batch 1), the variants taking turns call by call."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def int8_network(fused_model, images):
+    """The int8 network exactly as save_model builds and load_model runs it (carclf_flavor.int8)."""
+    from carclf_flavor import int8
+
+    start = time.perf_counter()
+    quantized = int8.quantize_to_int8(int8.convert_to_openvino(fused_model), images[:INT8_CALIBRATION])
+    seconds = time.perf_counter() - start
+    threads = int8.cpu_threads_for_inference()
+    network = int8.OpenVINONetwork(int8._compile(quantized, threads), threads)
+    compiled = network.compiled
+    settings = ", ".join(f"{key}={compiled.get_property(key)}" for key in
+                         ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS"))
+    return network, seconds, settings
 
 
 def training_step(model, inputs, labels):
@@ -211,6 +248,40 @@ def main() -> None:
             if batch == 32:
                 ratio = rates["ours fused bf16"] / stock_rate
                 print(f"  fused bf16 / stock f32 at batch 32: {ratio:.2f}  ({verdict(ratio, 4.0)})")
+    if "int8" in SECTIONS:
+        import openvino
+
+        stock_model = stock_model or stock()
+        fused32 = fused32 or fuse_for_inference(ours(), "float32")
+        fused16 = fused16 or fuse_for_inference(fused32, "bfloat16")
+        network, seconds, settings = int8_network(fused32, images)
+        print(f"\n(6) issue 18: int8 (OpenVINO {openvino.get_version()}, NNCF post-training on {INT8_CALIBRATION} "
+              f"images: {seconds:.0f} s; {settings}) vs Keras float32/bf16")
+        keras_variants = {"stock keras.applications f32": (stock_model, caffe), "ours fused f32": (fused32, images),
+                          "ours fused bf16": (fused16, images)}
+        names = list(keras_variants) + ["ours int8 (OpenVINO)"]
+        int8_rates = {}
+        for batch in BATCHES:
+            steps = {name: inference_step(model, inputs, batch) for name, (model, inputs) in keras_variants.items()}
+            batch_images = np.ascontiguousarray(images[:batch])
+            steps["ours int8 (OpenVINO)"] = lambda batch_images=batch_images: network(batch_images)
+            int8_rates[batch] = rates = compare(steps, batch, calls_per_sample=max(1, math.ceil(16 / batch)))
+            for name in names:
+                print(f"  batch {batch:3d}  {name:30s} {rates[name]:7.2f} img/s  "
+                      f"x{rates[name] / rates['stock keras.applications f32']:5.2f}")
+        if 32 in int8_rates:
+            ratio = int8_rates[32]["ours int8 (OpenVINO)"] / int8_rates[32]["stock keras.applications f32"]
+            print(f"  int8 / stock f32 at batch 32: {ratio:.2f}  ({verdict(ratio, 4.0)})")
+        steps = {name: inference_step(model, inputs, 1) for name, (model, inputs) in keras_variants.items()}
+        one = np.ascontiguousarray(images[:1])
+        steps["ours int8 (OpenVINO)"] = lambda: network(one)
+        p50 = p50_latencies_ms(steps, LATENCY_N)
+        for name in names:
+            print(f"  batch   1  {name:30s} p50 {p50[name]:7.2f} ms  "
+                  f"speed-up x{p50['stock keras.applications f32'] / p50[name]:5.2f}")
+        ratio = p50["stock keras.applications f32"] / p50["ours int8 (OpenVINO)"]
+        print(f"  int8 vs stock f32, batch-1 p50 latency: {ratio:.2f}x faster  ({verdict(ratio, 3.0)})")
+
     if "ceiling" in SECTIONS:
         print("\n(5) hardware ceiling: raw 3x3 convolution + ReLU, batch 32, best of ResNet stage shapes")
         raw = {dtype: raw_conv_tflops(dtype) for dtype in ("float32", "bfloat16")}

@@ -46,7 +46,7 @@ class CarClassifier:
     """A Keras network + class names + the preprocessing it was trained with. Thread-safe."""
 
     def __init__(self, model, class_names: Sequence[str], settings: PreprocessSettings,
-                 precision: str = "float32", precision_reason: str = ""):
+                 precision: str = "float32", precision_reason: str = "", int8_network=None):
         import tensorflow as tf
 
         self.model = model
@@ -56,6 +56,9 @@ class CarClassifier:
         self.precision_reason = precision_reason
         size = int(settings.image_size)
         self._num_classes = len(self.class_names)
+        if int8_network is not None:  # carclf_flavor.int8.OpenVINONetwork: pixels -> probabilities
+            self._forward = int8_network
+            return
         # One traced graph with a fixed signature: concurrent calls never retrace (Keras' predict() is not
         # safe to call from several threads at once), and a batch is a single call.
         self._forward = tf.function(
@@ -116,8 +119,8 @@ class CarClassifier:
         if len(pixels) == 0:
             return np.zeros((0, self._num_classes), np.float32)
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-        return np.concatenate([self._forward(pixels[start:start + INFERENCE_CHUNK]).numpy()
-                               for start in range(0, len(pixels), INFERENCE_CHUNK)])
+        chunks = [self._forward(pixels[start:start + INFERENCE_CHUNK]) for start in range(0, len(pixels), INFERENCE_CHUNK)]
+        return np.concatenate([c if isinstance(c, np.ndarray) else c.numpy() for c in chunks])
 
     def classify_pixels(self, pixels: np.ndarray, top_k: int) -> list[dict]:
         """(N, S, S, 3) uint8 -> one dict per image: ``label``, ``class_id``, ``prob``, ``top_k`` (list of

@@ -12,12 +12,16 @@ _SERVING_PACKAGES = ("mlflow", "keras", "opencv-python-headless", "pillow", "num
 _SERVING_TENSORFLOW = "tensorflow-cpu"
 
 
-def get_default_pip_requirements() -> list[str]:
-    """Pinned requirements (versions of this environment) a served carclf model needs; no repo install."""
+def get_default_pip_requirements(int8_network: bool = False) -> list[str]:
+    """Pinned requirements (versions of this environment) a served carclf model needs; no repo install.
+
+    ``int8_network``: the model ships an int8 network, which needs the OpenVINO runtime (NNCF is save-time only).
+    """
     import tensorflow as tf
     from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-    requirements = [_get_pinned_requirement(package) for package in _SERVING_PACKAGES]
+    packages = _SERVING_PACKAGES + (("openvino",) if int8_network else ())
+    requirements = [_get_pinned_requirement(package) for package in packages]
     requirements.insert(1, f"{_SERVING_TENSORFLOW}=={tf.__version__}")
     return requirements
 

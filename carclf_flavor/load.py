@@ -57,11 +57,22 @@ def _load_from_data_dir(data_dir: str, model_config: dict | None = None) -> CarC
     _register_custom_layers()
     model = keras.saving.load_model(str(data_dir / MODEL_FILE), compile=False, safe_mode=True)
     requested = model_config.get("inference_precision", saved_precision)
-    precision, reason = choose_inference_precision(requested)
+    from carclf_flavor import int8
+
+    int8_report = int8.read_int8_report(data_dir)
+    int8_available, int8_missing = int8.int8_network_available(data_dir, int8_report)
+    precision, reason = choose_inference_precision(requested, int8_available=int8_available,
+                                                   int8_missing_reason=int8_missing)
+    int8_network = None
     if precision == "bfloat16":
         model = _to_bfloat16(model)
+    elif precision == "int8":
+        int8_network = int8.load_int8_network(data_dir)
+        validated = "validated" if int8_report.get("validated") else "NOT validated"
+        reason += f" (OpenVINO, {int8_network.threads} threads; int8 {validated} when saved)"
     _logger.info("carclf model serving in %s: %s", precision, reason)
-    return CarClassifier(model, names, settings, precision=precision, precision_reason=reason)
+    return CarClassifier(model, names, settings, precision=precision, precision_reason=reason,
+                         int8_network=int8_network)
 
 
 def load_model(model_uri, dst_path=None) -> CarClassifier:

@@ -86,14 +86,21 @@ def save_model(
     metadata=None,
     fuse: bool = True,
     inference_precision: str = "auto",
+    calibration_data=None,
+    validation_data=None,
 ):
     """Save a Keras classifier (uint8 (S, S, 3) RGB in, class probabilities out) as a carclf MLflow model.
 
     ``class_names``: list of names (index = class id) or a path to a ``cars_meta.mat``.
     ``preprocessing``: the ``PreprocessSettings`` (or its dict) the training HDF5 was built with.
     ``fuse``: save ``carclf_flavor.resnet.fuse_for_inference(model)`` (BN and Scale folded into the convs).
-    ``inference_precision``: "auto" (bfloat16 where the serving hardware computes it natively), "float32" or
-    "bfloat16"; the environment variable CARCLF_INFERENCE_PRECISION overrides it at serve time.
+    ``inference_precision``: "auto" (int8 where the CPU has VNNI and the model an int8 network, else bfloat16
+    where the serving hardware computes it natively, else float32), "float32", "bfloat16" or "int8"; the
+    environment variable CARCLF_INFERENCE_PRECISION overrides it at serve time.
+    ``calibration_data`` (uint8 (N, S, S, 3) images or an HDF5 split): also quantize the network to int8
+    (OpenVINO + NNCF). ``validation_data`` ((images, labels) or an HDF5 split): int8 ships only if its top-1
+    agrees with float32 on >= 99% of it and drops <= 0.5 points; without it int8 ships unvalidated, with a
+    warning. The outcome is in ``data/int8.json`` and the MLmodel metadata (``carclf_int8``).
     ``signature`` defaults to ``default_signature()`` (pass False for none); ``input_example`` defaults to a
     small JPEG (bytes, an image path or a DataFrame with an ``image`` column are accepted).
     """
@@ -117,6 +124,8 @@ def save_model(
 
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     inference_precision = validate_precision(inference_precision)
+    if inference_precision == "int8" and calibration_data is None:
+        raise ValueError("inference_precision='int8' needs calibration_data (images to quantize the network with)")
     names = read_class_names(class_names)
     image_size, num_outputs = _model_io_shape(model)
     if num_outputs != len(names):
@@ -128,6 +137,12 @@ def save_model(
         )
 
     path = os.path.abspath(os.fspath(path))
+    int8_inputs = None
+    if calibration_data is not None or validation_data is not None:  # read (and checked) before writing anything
+        from carclf_flavor.int8 import read_int8_inputs
+
+        int8_inputs = read_int8_inputs(calibration_data, validation_data, int(settings.image_size))
+
     _validate_and_prepare_target_save_path(path)
 
     if fuse:
@@ -143,6 +158,11 @@ def save_model(
     preprocessing_record = dict(settings.to_dict(), inference_precision=inference_precision)
     with open(os.path.join(data_dir, PREPROCESSING_FILE), "w", encoding="utf-8") as handle:
         json.dump(preprocessing_record, handle, indent=2, sort_keys=True)
+    int8_report = None
+    if int8_inputs is not None:
+        from carclf_flavor.int8 import build_int8_network
+
+        int8_report = build_int8_network(model, data_dir, *int8_inputs)
 
     # The package ships inside the model (no repo install needed to serve); __pycache__ stays behind.
     with tempfile.TemporaryDirectory() as staging:
@@ -161,6 +181,8 @@ def save_model(
         mlflow_model.signature = signature
     if metadata is not None:
         mlflow_model.metadata = metadata
+    if int8_report is not None:
+        mlflow_model.metadata = dict(mlflow_model.metadata or {}, carclf_int8=int8_report)
 
     pyfunc.add_to_model(
         mlflow_model,
@@ -197,7 +219,8 @@ def save_model(
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
     if conda_env is None:
-        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
+        int8_shipped = bool(int8_report and int8_report["shipped"])
+        default_reqs = get_default_pip_requirements(int8_shipped) if pip_requirements is None else None
         conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )
@@ -227,6 +250,8 @@ def log_model(
     metadata=None,
     fuse: bool = True,
     inference_precision: str = "auto",
+    calibration_data=None,
+    validation_data=None,
     registered_model_name=None,
     await_registration_for=None,
     params=None,
@@ -236,13 +261,16 @@ def log_model(
     model_id=None,
     **kwargs,
 ):
-    """Log a carclf model to the active run (see ``save_model``); returns MLflow's ``ModelInfo``."""
+    """Log a carclf model to the active run (see ``save_model``); returns MLflow's ``ModelInfo``.
+
+    With calibration data, the int8 outcome (agreement, drop, shipped and why) is also logged to the run.
+    """
     from mlflow.models import Model
     from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
     import carclf_flavor  # the flavor MLflow calls back (its save_model) and names the logged model after
 
-    return Model.log(
+    info = Model.log(
         name=name,
         artifact_path=None,
         flavor=carclf_flavor,
@@ -258,6 +286,8 @@ def log_model(
         metadata=metadata,
         fuse=fuse,
         inference_precision=inference_precision,
+        calibration_data=calibration_data,
+        validation_data=validation_data,
         registered_model_name=registered_model_name,
         await_registration_for=DEFAULT_AWAIT_MAX_SLEEP_SECONDS if await_registration_for is None else await_registration_for,
         params=params,
@@ -267,3 +297,8 @@ def log_model(
         model_id=model_id,
         **kwargs,
     )
+    if calibration_data is not None:
+        from carclf_flavor.int8 import log_report_to_active_run
+
+        log_report_to_active_run((info.metadata or {}).get("carclf_int8"))
+    return info

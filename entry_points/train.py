@@ -18,7 +18,8 @@ Tracking: all parameters; per epoch ``loss``, ``accuracy``, ``top5``, ``val_*`` 
 callback, no autolog); dataset lineage via ``mlflow.log_input`` (path + sha256 of each file); artifacts
 ``plots/training_curves.png``, ``evaluation/confusion_matrix.png``, ``evaluation/per_class_accuracy.csv``,
 ``evaluation/misclassified_gallery.png``; test metrics ``test_top1``, ``test_top5``, ``test_macro_f1``.
-The model is logged as ``model`` with ``carclf_flavor.log_model`` and registered as ``registered_model_name``.
+The model is logged as ``model`` with ``carclf_flavor.log_model`` and registered as ``registered_model_name``,
+with an int8 network calibrated on 256 stratified training images and validated on the validation split.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ KILL_AFTER_EPOCH_ENV = "CARCLF_TEST_KILL_AFTER_EPOCH"
 CHECKPOINT_POINTER = "latest.json"
 KEEP_CHECKPOINTS = 2
 DEFAULT_CHECKPOINT_DIR = "checkpoints/train"
+CALIBRATION_IMAGES = 256  # training images the int8 network is calibrated on (stratified by class)
 TAG_ERROR = "carclf.error"
 TAG_CONFIG = "carclf.train_config_fingerprint"
 
@@ -674,7 +676,7 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
     _log_training_curves(run_id)
     if test_source is not None:
         result["metrics"] = _evaluate_on_test(model, test_source, config.batch_size)
-    result.update(_log_final_model(model, config, train_source))
+    result.update(_log_final_model(model, config, train_source, val_source))
     state = {"completed_epochs": config.epochs, "run_id": run_id, "config_fingerprint": fingerprint,
              "finished": True, "checkpoint": ""}
     if checkpoint_dir.exists():
@@ -709,14 +711,32 @@ def _evaluate_on_test(model, test_source: HDF5Source, batch_size: int) -> dict:
     return scalars
 
 
-def _log_final_model(model, config: TrainConfig, train_source: HDF5Source) -> dict:
+def stratified_sample(source: HDF5Source, count: int, seed: int = 0) -> np.ndarray:
+    """About ``count`` images of ``source``, the same number from every class (int8 calibration)."""
+    import h5py
+
+    labels = []
+    for path in source.paths:
+        with h5py.File(path, "r") as handle:
+            labels.append(handle["labels"][:])
+    labels = np.concatenate(labels)
+    rng = np.random.default_rng(seed)
+    per_class = max(1, count // source.num_classes)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(source.num_classes)]
+    return source.read_rows(np.sort(np.concatenate(picked)))[0]
+
+
+def _log_final_model(model, config: TrainConfig, train_source: HDF5Source, val_source: HDF5Source) -> dict:
     import mlflow
 
     import carclf_flavor
 
+    # int8 (issue 18): quantized on a few hundred training images, shipped only if it holds up on validation.
     info = carclf_flavor.log_model(
         model, "model", list(train_source.class_names), preprocessing=train_source.settings,
         registered_model_name=config.registered_model_name or None,
+        calibration_data=stratified_sample(train_source, CALIBRATION_IMAGES),
+        validation_data=val_source.read_rows(np.arange(val_source.num_images)),
     )
     version = getattr(info, "registered_model_version", None)
     mlflow.set_tag("carclf.model_uri", info.model_uri)

@@ -102,3 +102,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path):
+    """A new virtualenv with only ``requirements`` installed (as test_serving's fresh-venv test builds one).
+
+    Returns (its python, an environment without this checkout on PYTHONPATH).
+    """
+    import os
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    base_python = getattr(sys, "_base_executable", None) or sys.executable
+    subprocess.run([base_python, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(requirements)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    return python, env

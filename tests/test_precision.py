@@ -1,4 +1,5 @@
-"""Serving precision: the decision function on synthetic machines, the env override, bf16 vs float32 answers."""
+"""Serving precision: the decision function on synthetic machines (VNNI / bf16 / neither), the env override,
+bf16 vs float32 answers."""
 import logging
 
 import numpy as np
@@ -14,6 +15,9 @@ ICE_LAKE = {"fpu", "sse4_2", "avx2", "avx512f", "avx512bw", "avx512_vnni"}  # AV
 SAPPHIRE_RAPIDS = ICE_LAKE | {"avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
 ZEN4 = ICE_LAKE | {"avx512_bf16"}
 GRAVITON2 = {"fp", "asimd", "aes", "sha2"}
+SKYLAKE_X = {"fpu", "sse4_2", "avx2", "avx512f", "avx512bw"}  # AVX-512, neither VNNI nor bf16
+ALDER_LAKE = {"fpu", "sse4_2", "avx2", "avx_vnni"}  # VNNI without AVX-512
+BF16_NO_VNNI = SKYLAKE_X | {"avx512_bf16"}  # synthetic: bf16 alone
 
 
 @pytest.mark.parametrize("flags, gpu, expected, why", [
@@ -41,8 +45,49 @@ def test_environment_variable_overrides_the_saved_choice():
     assert precision == "float32" and f"{ENV_VAR}=float32" in reason
     precision, reason = choose_inference_precision("float32", cpu_flags=ICE_LAKE, gpu=None, env={ENV_VAR: "auto"})
     assert precision == "float32" and "lacks" in reason
-    with pytest.raises(ValueError, match=f"{ENV_VAR} must be one of auto, float32, bfloat16, got 'fp16'"):
+    with pytest.raises(ValueError, match=f"{ENV_VAR} must be one of auto, float32, bfloat16, int8, got 'fp16'"):
         choose_inference_precision("auto", cpu_flags=ICE_LAKE, gpu=None, env={ENV_VAR: "fp16"})
+
+
+@pytest.mark.parametrize("flags, expected, why", [
+    (ICE_LAKE, "int8", "native int8 (avx512_vnni)"),
+    (SAPPHIRE_RAPIDS, "int8", "native int8 (amx_int8, avx512_vnni)"),
+    (ZEN4, "int8", "native int8 (avx512_vnni)"),
+    (ALDER_LAKE, "int8", "native int8 (avx_vnni)"),
+    (BF16_NO_VNNI, "bfloat16", "no int8 (CPU lacks amx_int8, avx512_vnni, avx_vnni); CPU has native bf16"),
+    (SKYLAKE_X, "float32", "no int8 (CPU lacks amx_int8, avx512_vnni, avx_vnni); CPU lacks amx_bf16"),
+    (GRAVITON2, "float32", "no int8"),
+    (set(), "float32", "CPU flags unknown"),
+])
+def test_auto_picks_int8_where_the_cpu_has_vnni_then_bf16_then_float32(flags, expected, why):
+    precision, reason = choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={}, int8_available=True)
+    assert precision == expected
+    assert why in reason
+
+
+@pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, "bfloat16"), (ZEN4, "bfloat16"),
+                                             (ICE_LAKE, "float32")])
+def test_auto_without_an_int8_network_behaves_as_before(flags, expected):
+    precision, reason = choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={},
+                                                   int8_missing_reason="int8 was not shipped: failed validation")
+    assert precision == expected and "no int8 (int8 was not shipped: failed validation)" in reason
+    assert choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={})[0] == expected
+
+
+def test_int8_override():
+    # Forced int8 means int8, VNNI or not; a model without an int8 network says so and serves float32.
+    for flags in (ZEN4, SKYLAKE_X):
+        precision, reason = choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={ENV_VAR: "int8"},
+                                                       int8_available=True)
+        assert (precision, reason) == ("int8", f"{ENV_VAR}=int8 forces it")
+    precision, reason = choose_inference_precision("auto", cpu_flags=ZEN4, gpu=None, env={ENV_VAR: "int8"},
+                                                   int8_missing_reason="the model has no int8 network")
+    assert precision == "float32" and reason == f"{ENV_VAR}=int8, but the model has no int8 network, so float32"
+    # ... and the other overrides win over an int8 network on a VNNI CPU.
+    for forced in ("float32", "bfloat16"):
+        assert choose_inference_precision("auto", cpu_flags=ZEN4, gpu=None, env={ENV_VAR: forced},
+                                          int8_available=True)[0] == forced
+    assert choose_inference_precision("int8", cpu_flags=SKYLAKE_X, gpu=None, env={}, int8_available=True)[0] == "int8"
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
