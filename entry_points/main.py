@@ -136,7 +136,7 @@ def registered_version_of(run) -> Optional[str]:
 
 @dataclasses.dataclass(frozen=True)
 class MainConfig:
-    """The whole pipeline's parameters (entry_points.step_config: each default written once, here).
+    """The whole pipeline's parameters (carclf.cli.step_config: each default written once, here).
 
     Its training defaults are a small network from scratch, sized for the bundled sample data.
     """

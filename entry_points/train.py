@@ -79,7 +79,7 @@ class TrainConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The `train` step's parameters (entry_points.step_config: each default written once, here).
+    """The `train` step's parameters (carclf.cli.step_config: each default written once, here).
 
     ``optimizer=auto`` and ``learning_rate=0`` are resolved by ``train`` (``optimizer_defaults``) before the
     config reaches the training code, which always sees the values used.

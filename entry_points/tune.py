@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
-    """The `tune` step's parameters (entry_points.step_config: each default written once, here)."""
+    """The `tune` step's parameters (carclf.cli.step_config: each default written once, here)."""
 
     train_data: str = param(help="HDF5 file(s), comma-separated")
     val_data: str = param(help="HDF5 file(s), comma-separated")

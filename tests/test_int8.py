@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     import mlflow
 
     from entry_points.preprocess import preprocess
-    from entry_points.sample_data import generate_sample_dataset
+    from carclf.data.sample_data import generate_sample_dataset
     from entry_points.train import train
 
     base = tmp_path_factory.mktemp("int8")
@@ -40,10 +40,10 @@ def trained(tmp_path_factory):
         mlflow.set_tracking_uri(uri)
         root = generate_sample_dataset(base / "sample", num_classes=4, train_per_class=100, test_per_class=75,
                                        min_width=96, max_width=160, seed=11)
-        splits = preprocess(root, base / "processed", image_size=SIZE, crop="bbox", workers=1, val_fraction=0.3)
+        splits = preprocess(data_dir=str(root), output_dir=str(base / "processed"), image_size=SIZE, crop="bbox", workers=1, val_fraction=0.3)
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        result = train(str(splits["train"]), str(splits["val"]), None, epochs=15, head_epochs=1, depth=18,
+        result = train(train_data=str(splits["train"]), val_data=str(splits["val"]), epochs=15, head_epochs=1, depth=18,
                        width=0.25, weights="none", batch_size=16, optimizer="adam", learning_rate=0.003,
                        online_augment=True, label_smoothing=0.0, checkpoint_dir=str(base / "ckpt"))
         client = mlflow.tracking.MlflowClient()
@@ -173,7 +173,9 @@ def test_thread_count_follows_the_cpus_the_process_may_use():
 def trained_network(trained):
     import keras
 
-    carclf_flavor._register_custom_layers()
+    from carclf_flavor.load import _register_custom_layers
+
+    _register_custom_layers()
     return keras.saving.load_model(str(trained["model_dir"] / "data" / "model.keras"), compile=False,
                                    safe_mode=True)
 
