@@ -3,6 +3,7 @@
 Each benchmark runs in a fresh interpreter so that TensorFlow/Spark state and peak memory of one
 does not colour the next. Usage: ``python -m benchmarks [preprocess network ...]``.
 """
+
 import os
 import pathlib
 import subprocess
@@ -14,7 +15,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def main(argv=None) -> int:
     names = list(argv if argv is not None else sys.argv[1:])
-    available = sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+    available = sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     unknown = [n for n in names if n not in available]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available)}", file=sys.stderr)
@@ -25,8 +26,10 @@ def main(argv=None) -> int:
         print(f"\n=== benchmark: {name} ===", flush=True)
         start = time.perf_counter()
         rc = subprocess.call([sys.executable, "-m", f"benchmarks.bench_{name}"], cwd=HERE.parent, env=env)
-        print(f"=== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - start:.0f} s ===",
-              flush=True)
+        print(
+            f"=== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - start:.0f} s ===",
+            flush=True,
+        )
         if rc != 0:
             failed.append(name)
     if failed:

@@ -15,6 +15,7 @@ warm-up), CARCLF_BENCH_GPU_PRECISION (mixed_float16; mixed_bfloat16 also works),
 (1024 images in the HDF5 file, read again each epoch), CARCLF_BENCH_GPU_SIZE (224), CARCLF_BENCH_GPU_WARMUP
 (10), CARCLF_BENCH_GPU_DRY_RUN_ON_CPU=1 (run the code path without a GPU, tiny sizes, figures meaningless).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,7 +49,7 @@ def _timed_fit(model, dataset) -> float:
             times.append(time.perf_counter())
 
     model.fit(dataset, steps_per_epoch=WARMUP + STEPS, epochs=1, verbose=0, callbacks=[Timer()], shuffle=False)
-    timed = times[WARMUP - 1:]
+    timed = times[WARMUP - 1 :]
     return GLOBAL_BATCH * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
@@ -57,16 +58,18 @@ def main() -> int:
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus and not DRY_RUN_ON_CPU:
-        print("no GPU visible: bench_gpu needs one (install with `pip install \"carclf[gpu]\"` on a GPU machine); "
-              "nothing measured")
+        print(
+            'no GPU visible: bench_gpu needs one (install with `pip install "carclf[gpu]"` on a GPU machine); '
+            "nothing measured"
+        )
         return 0
     import keras
 
     from benchmarks.bench_train import write_dataset
-    from carclf_flavor.resnet import build_resnet
-    from carclf.training.distributed import make_strategy
     from carclf.data.input_pipeline import HDF5Source, make_dataset
+    from carclf.training.distributed import make_strategy
     from carclf.training.online_augmentation import augment_in_train_step
+    from carclf_flavor.resnet import build_resnet
 
     started = time.monotonic()
     strategy = make_strategy("auto")
@@ -74,8 +77,10 @@ def main() -> int:
     global GLOBAL_BATCH
     GLOBAL_BATCH = BATCH_PER_GPU * replicas
     names = ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus)
-    print(f"GPUs: {len(gpus)} ({names}); {type(strategy).__name__}, {replicas} replica(s); {PRECISION}; {SIZE} px; "
-          f"global batch {GLOBAL_BATCH}; {STEPS} timed steps after {WARMUP}")
+    print(
+        f"GPUs: {len(gpus)} ({names}); {type(strategy).__name__}, {replicas} replica(s); {PRECISION}; {SIZE} px; "
+        f"global batch {GLOBAL_BATCH}; {STEPS} timed steps after {WARMUP}"
+    )
     keras.mixed_precision.set_global_policy(PRECISION)
     with tempfile.TemporaryDirectory(prefix="carclf-bench-gpu-") as tmp:
         h5 = write_dataset(pathlib.Path(tmp) / "train.h5", max(IMAGES, GLOBAL_BATCH * 2), SIZE)
@@ -94,26 +99,37 @@ def main() -> int:
                     model = keras.applications.ResNet50(weights=None, input_shape=(SIZE, SIZE, 3), classes=NUM_CLASSES)
                 else:
                     model = build_resnet(50, NUM_CLASSES, SIZE)
-                model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                              loss="sparse_categorical_crossentropy")
+                model.compile(
+                    optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy"
+                )
             if name == "reference":
-                dataset = in_memory.map(lambda x, y: (keras.applications.resnet.preprocess_input(
-                    tf.cast(x, tf.float32)), y)).cache().prefetch(2)
+                dataset = (
+                    in_memory.map(lambda x, y: (keras.applications.resnet.preprocess_input(tf.cast(x, tf.float32)), y))
+                    .cache()
+                    .prefetch(2)
+                )
             else:
                 augment_in_train_step(model, seed=0)
-                dataset = (make_dataset(source, GLOBAL_BATCH, seed=0, epochs=None, prefetch=4)
-                           if name == "ours_hdf5" else in_memory)
+                dataset = (
+                    make_dataset(source, GLOBAL_BATCH, seed=0, epochs=None, prefetch=4)
+                    if name == "ours_hdf5"
+                    else in_memory
+                )
             rates[name] = _timed_fit(model, dataset)
             print(f"   {name:<12} {rates[name]:8.0f} img/s   ({time.monotonic() - started:.0f} s so far)", flush=True)
             del model
             keras.backend.clear_session()
     if len(rates) == 3:
         wait = max(0.0, 1.0 - rates["ours_hdf5"] / rates["ours_memory"])
-        print(f"ours (HDF5 stream, augmentation in the step) {rates['ours_hdf5']:.0f} img/s | "
-              f"keras.applications.ResNet50 (in memory) {rates['reference']:.0f} img/s | "
-              f"ratio {rates['ours_hdf5'] / rates['reference']:.2f}")
-        print(f"share of step time waiting for input: {100 * wait:.1f}% "
-              f"(ours from memory {rates['ours_memory']:.0f} img/s)")
+        print(
+            f"ours (HDF5 stream, augmentation in the step) {rates['ours_hdf5']:.0f} img/s | "
+            f"keras.applications.ResNet50 (in memory) {rates['reference']:.0f} img/s | "
+            f"ratio {rates['ours_hdf5'] / rates['reference']:.2f}"
+        )
+        print(
+            f"share of step time waiting for input: {100 * wait:.1f}% "
+            f"(ours from memory {rates['ours_memory']:.0f} img/s)"
+        )
     print(f"total {time.monotonic() - started:.0f} s (budget 8 min)")
     return 0
 

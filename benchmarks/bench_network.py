@@ -20,6 +20,7 @@ random, so the int8 network's accuracy is not measured here: tests/test_int8.py 
 BENCH_LATENCY_N (30 timed batch-1 calls per variant). The CPU is shared: absolute figures vary from run to run,
 the ratios (measured back to back in this process) are what to read.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,11 @@ def cpu_summary() -> str:
                     model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "amx_int8")
-              if f in flags]
+    wanted = [
+        f
+        for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "amx_int8")
+        if f in flags
+    ]
     return f"{model}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx512f/bf16/vnni/amx'}"
 
 
@@ -127,8 +131,10 @@ def int8_network(fused_model, images):
     threads = int8.cpu_threads_for_inference()
     network = int8.OpenVINONetwork(int8._compile(quantized, threads), threads)
     compiled = network.compiled
-    settings = ", ".join(f"{key}={compiled.get_property(key)}" for key in
-                         ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS"))
+    settings = ", ".join(
+        f"{key}={compiled.get_property(key)}"
+        for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS")
+    )
     return network, seconds, settings
 
 
@@ -153,7 +159,7 @@ def raw_conv_tflops(dtype: str) -> float:
         x = tf.cast(tf.random.normal((batch, size, size, channels)), dtype)
         kernel = tf.cast(tf.random.normal((3, 3, channels, channels)), dtype)
         conv = tf.function(lambda a, k: tf.nn.relu(tf.nn.conv2d(a, k, 1, "SAME")))
-        rate = compare({"conv": lambda: conv(x, kernel).numpy()}, batch)["conv"]
+        rate = compare({"conv": lambda conv=conv, x=x, kernel=kernel: conv(x, kernel).numpy()}, batch)["conv"]
         best = max(best, rate / batch * flop / 1e12)
     return best
 
@@ -169,9 +175,11 @@ def main() -> None:
     from carclf_flavor.resnet import build_resnet, fuse_for_inference
 
     print(f"CPU: {cpu_summary()}; load average at start: {load()}")
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {IMAGE_SIZE} px, train batch {TRAIN_BATCH}, "
-          f"inference batch {INFER_BATCH}, {WARMUP} warm-up + {ITERS} timed steps; "
-          f"ResNet-50 forward ~{FORWARD_GFLOP:.2f} GFLOP/img")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {IMAGE_SIZE} px, train batch {TRAIN_BATCH}, "
+        f"inference batch {INFER_BATCH}, {WARMUP} warm-up + {ITERS} timed steps; "
+        f"ResNet-50 forward ~{FORWARD_GFLOP:.2f} GFLOP/img"
+    )
     rng = np.random.default_rng(0)
     biggest = max([INFER_BATCH, TRAIN_BATCH] + BATCHES)
     images = rng.integers(0, 256, (biggest, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -187,8 +195,13 @@ def main() -> None:
     results = {}
     if "train" in SECTIONS:
         print("\n(1) training step, float32")
-        rates = compare({"keras.applications": training_step(stock(), caffe[:TRAIN_BATCH], labels),
-                         "ours": training_step(ours(), images[:TRAIN_BATCH], labels)}, TRAIN_BATCH)
+        rates = compare(
+            {
+                "keras.applications": training_step(stock(), caffe[:TRAIN_BATCH], labels),
+                "ours": training_step(ours(), images[:TRAIN_BATCH], labels),
+            },
+            TRAIN_BATCH,
+        )
         for name, rate in rates.items():
             results[("train", "float32", name)] = rate
             print(f"  {name:20s} {rate:7.2f} img/s  {rate * TRAIN_GFLOP / 1000:.3f} TFLOP/s")
@@ -200,8 +213,12 @@ def main() -> None:
         stock_model, ours_model = stock(), ours()
         fused32 = fuse_for_inference(ours_model, "float32")
         fused16 = fuse_for_inference(ours_model, "bfloat16")
-    variants = {"stock keras.applications f32": (stock_model, caffe), "ours unfused f32": (ours_model, images),
-                "ours fused f32": (fused32, images), "ours fused bf16": (fused16, images)}
+    variants = {
+        "stock keras.applications f32": (stock_model, caffe),
+        "ours unfused f32": (ours_model, images),
+        "ours fused f32": (fused32, images),
+        "ours fused bf16": (fused16, images),
+    }
     by_batch = {}
     if "infer" in SECTIONS:
         print(f"\n(2) inference, float32, batch {INFER_BATCH}")
@@ -226,15 +243,25 @@ def main() -> None:
             finally:
                 keras.config.set_dtype_policy("float32")
             if "infer" in SECTIONS:
-                rates = inference_rates({"float32": (model32, inputs), "mixed_bfloat16": (model16, inputs)},
-                                        INFER_BATCH)
-                print(f"  inference {name:20s} f32 {rates['float32']:6.2f}  mixed_bf16 {rates['mixed_bfloat16']:6.2f}"
-                      f" img/s  x{rates['mixed_bfloat16'] / rates['float32']:.2f}")
+                rates = inference_rates(
+                    {"float32": (model32, inputs), "mixed_bfloat16": (model16, inputs)}, INFER_BATCH
+                )
+                print(
+                    f"  inference {name:20s} f32 {rates['float32']:6.2f}  mixed_bf16 {rates['mixed_bfloat16']:6.2f}"
+                    f" img/s  x{rates['mixed_bfloat16'] / rates['float32']:.2f}"
+                )
             if "train" in SECTIONS:
-                rates = compare({"float32": training_step(model32, inputs[:TRAIN_BATCH], labels),
-                                 "mixed_bfloat16": training_step(model16, inputs[:TRAIN_BATCH], labels)}, TRAIN_BATCH)
-                print(f"  training  {name:20s} f32 {rates['float32']:6.2f}  mixed_bf16 {rates['mixed_bfloat16']:6.2f}"
-                      f" img/s  x{rates['mixed_bfloat16'] / rates['float32']:.2f}")
+                rates = compare(
+                    {
+                        "float32": training_step(model32, inputs[:TRAIN_BATCH], labels),
+                        "mixed_bfloat16": training_step(model16, inputs[:TRAIN_BATCH], labels),
+                    },
+                    TRAIN_BATCH,
+                )
+                print(
+                    f"  training  {name:20s} f32 {rates['float32']:6.2f}  mixed_bf16 {rates['mixed_bfloat16']:6.2f}"
+                    f" img/s  x{rates['mixed_bfloat16'] / rates['float32']:.2f}"
+                )
 
     if "latency" in SECTIONS:
         print("\n(4) issue 9: inference by batch size (img/s, ratio to stock float32, achieved TFLOP/s)")
@@ -243,8 +270,10 @@ def main() -> None:
             by_batch[batch] = rates = by_batch.get(batch) or inference_rates(variants, batch)
             stock_rate = rates["stock keras.applications f32"]
             for name in variants:
-                print(f"  batch {batch:3d}  {name:30s} {rates[name]:7.2f} img/s  x{rates[name] / stock_rate:5.2f}  "
-                      f"{rates[name] * FORWARD_GFLOP / 1000:.3f} TFLOP/s")
+                print(
+                    f"  batch {batch:3d}  {name:30s} {rates[name]:7.2f} img/s  x{rates[name] / stock_rate:5.2f}  "
+                    f"{rates[name] * FORWARD_GFLOP / 1000:.3f} TFLOP/s"
+                )
             if batch == 32:
                 ratio = rates["ours fused bf16"] / stock_rate
                 print(f"  fused bf16 / stock f32 at batch 32: {ratio:.2f}  ({verdict(ratio, 4.0)})")
@@ -255,10 +284,15 @@ def main() -> None:
         fused32 = fused32 or fuse_for_inference(ours(), "float32")
         fused16 = fused16 or fuse_for_inference(fused32, "bfloat16")
         network, seconds, settings = int8_network(fused32, images)
-        print(f"\n(6) issue 18: int8 (OpenVINO {openvino.get_version()}, NNCF post-training on {INT8_CALIBRATION} "
-              f"images: {seconds:.0f} s; {settings}) vs Keras float32/bf16")
-        keras_variants = {"stock keras.applications f32": (stock_model, caffe), "ours fused f32": (fused32, images),
-                          "ours fused bf16": (fused16, images)}
+        print(
+            f"\n(6) issue 18: int8 (OpenVINO {openvino.get_version()}, NNCF post-training on {INT8_CALIBRATION} "
+            f"images: {seconds:.0f} s; {settings}) vs Keras float32/bf16"
+        )
+        keras_variants = {
+            "stock keras.applications f32": (stock_model, caffe),
+            "ours fused f32": (fused32, images),
+            "ours fused bf16": (fused16, images),
+        }
         names = list(keras_variants) + ["ours int8 (OpenVINO)"]
         int8_rates = {}
         for batch in BATCHES:
@@ -267,8 +301,10 @@ def main() -> None:
             steps["ours int8 (OpenVINO)"] = lambda batch_images=batch_images: network(batch_images)
             int8_rates[batch] = rates = compare(steps, batch, calls_per_sample=max(1, math.ceil(16 / batch)))
             for name in names:
-                print(f"  batch {batch:3d}  {name:30s} {rates[name]:7.2f} img/s  "
-                      f"x{rates[name] / rates['stock keras.applications f32']:5.2f}")
+                print(
+                    f"  batch {batch:3d}  {name:30s} {rates[name]:7.2f} img/s  "
+                    f"x{rates[name] / rates['stock keras.applications f32']:5.2f}"
+                )
         if 32 in int8_rates:
             ratio = int8_rates[32]["ours int8 (OpenVINO)"] / int8_rates[32]["stock keras.applications f32"]
             print(f"  int8 / stock f32 at batch 32: {ratio:.2f}  ({verdict(ratio, 4.0)})")
@@ -277,22 +313,28 @@ def main() -> None:
         steps["ours int8 (OpenVINO)"] = lambda: network(one)
         p50 = p50_latencies_ms(steps, LATENCY_N)
         for name in names:
-            print(f"  batch   1  {name:30s} p50 {p50[name]:7.2f} ms  "
-                  f"speed-up x{p50['stock keras.applications f32'] / p50[name]:5.2f}")
+            print(
+                f"  batch   1  {name:30s} p50 {p50[name]:7.2f} ms  "
+                f"speed-up x{p50['stock keras.applications f32'] / p50[name]:5.2f}"
+            )
         ratio = p50["stock keras.applications f32"] / p50["ours int8 (OpenVINO)"]
         print(f"  int8 vs stock f32, batch-1 p50 latency: {ratio:.2f}x faster  ({verdict(ratio, 3.0)})")
 
     if "ceiling" in SECTIONS:
         print("\n(5) hardware ceiling: raw 3x3 convolution + ReLU, batch 32, best of ResNet stage shapes")
         raw = {dtype: raw_conv_tflops(dtype) for dtype in ("float32", "bfloat16")}
-        print(f"  raw conv float32 {raw['float32']:.3f} TFLOP/s  bfloat16 {raw['bfloat16']:.3f} TFLOP/s  "
-              f"bf16 / f32 x{raw['bfloat16'] / raw['float32']:.2f}")
+        print(
+            f"  raw conv float32 {raw['float32']:.3f} TFLOP/s  bfloat16 {raw['bfloat16']:.3f} TFLOP/s  "
+            f"bf16 / f32 x{raw['bfloat16'] / raw['float32']:.2f}"
+        )
         rates = by_batch.get(32)
         if rates:
             stock_tflops = rates["stock keras.applications f32"] * FORWARD_GFLOP / 1000
             fused_tflops = rates["ours fused bf16"] * FORWARD_GFLOP / 1000
-            print(f"  fused bf16 network runs at {fused_tflops / raw['bfloat16']:.2f} of the raw bf16 conv rate; "
-                  f"ceiling for fused bf16 / stock f32 on this CPU: ~{raw['bfloat16'] / stock_tflops:.2f}x")
+            print(
+                f"  fused bf16 network runs at {fused_tflops / raw['bfloat16']:.2f} of the raw bf16 conv rate; "
+                f"ceiling for fused bf16 / stock f32 on this CPU: ~{raw['bfloat16'] / stock_tflops:.2f}x"
+            )
     print(f"\nload average at end: {load()} (other processes share these cores: absolute figures are depressed)")
 
 

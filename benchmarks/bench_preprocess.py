@@ -11,6 +11,7 @@ included), and its decode/write phase alone (the ``images_per_second`` it logs).
 Environment: BENCH_PREPROCESS_IMAGES (default 2000) photos of BENCH_PREPROCESS_WIDTH x BENCH_PREPROCESS_HEIGHT
 (700 x 500); BENCH_PREPROCESS_SIZE output size (224); BENCH_PREPROCESS_WORKERS (0 = all cores).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,14 +51,15 @@ def make_photos(root: pathlib.Path) -> list[pathlib.Path]:
     for i in range(min(DISTINCT, NUM_IMAGES)):
         rng = np.random.default_rng([7, i])
         image, _ = render_photo(i % NUM_CLASSES, rng, WIDTH, WIDTH)
-        scenes.append(cv2.cvtColor(cv2.resize(image, (WIDTH, HEIGHT), interpolation=cv2.INTER_AREA),
-                                   cv2.COLOR_RGB2BGR))
+        scenes.append(cv2.cvtColor(cv2.resize(image, (WIDTH, HEIGHT), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR))
     paths = []
     for i in range(NUM_IMAGES):
         folder = root / f"class_{i % NUM_CLASSES:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{i:05d}.jpg"
-        ok, data = cv2.imencode(".jpg", scenes[i % len(scenes)], [cv2.IMWRITE_JPEG_QUALITY, 85 + (i // len(scenes)) % 10])
+        ok, data = cv2.imencode(
+            ".jpg", scenes[i % len(scenes)], [cv2.IMWRITE_JPEG_QUALITY, 85 + (i // len(scenes)) % 10]
+        )
         path.write_bytes(data.tobytes())
         paths.append(path)
     return paths
@@ -87,7 +89,15 @@ def ours(root: pathlib.Path, out: pathlib.Path) -> tuple[float, float]:
 
     mlflow.search_experiments()  # create the throwaway store's tables outside the timed part
     start = time.perf_counter()
-    preprocess(data_dir=root, output_dir=out, image_size=SIZE, crop="none", workers=WORKERS, val_fraction=0.1, test_fraction=0.2)
+    preprocess(
+        data_dir=root,
+        output_dir=out,
+        image_size=SIZE,
+        crop="none",
+        workers=WORKERS,
+        val_fraction=0.1,
+        test_fraction=0.2,
+    )
     end_to_end = NUM_IMAGES / (time.perf_counter() - start)
     run = mlflow.search_runs(max_results=1, output_format="list")[0]
     return end_to_end, run.data.metrics["images_per_second"]
@@ -101,8 +111,11 @@ def main() -> int:
         os.chdir(tmp)  # MLflow artifacts of the throwaway store land in tmp/mlruns
         t = time.perf_counter()
         paths = make_photos(tmp / "photos")
-        print(f"generated {len(paths)} JPEGs of {WIDTH}x{HEIGHT} in {time.perf_counter() - t:.1f} s; "
-              f"output {SIZE}x{SIZE}; {n_cores} core(s)", flush=True)
+        print(
+            f"generated {len(paths)} JPEGs of {WIDTH}x{HEIGHT} in {time.perf_counter() - t:.1f} s; "
+            f"output {SIZE}x{SIZE}; {n_cores} core(s)",
+            flush=True,
+        )
         cv2_single_process(paths[: min(100, len(paths))])  # warm the page cache and the libraries
         # Ours first: the baselines below set OpenCV to one thread in this process.
         ours_total, ours_phase = ours(tmp / "photos", tmp / "out")

@@ -18,6 +18,7 @@ BENCH_SERVING_BATCHES (3 timed batches of 32), BENCH_SERVING_LATENCY_N (30 singl
    (target < 300 MB), beside the rise for one ordinary 700x500 JPEG (the baseline), and the RSS left afterwards.
 BENCH_SERVING_SECTIONS picks sections: "speed" (1-3), "bomb" (4); default both.
 """
+
 from __future__ import annotations
 
 import base64
@@ -76,9 +77,26 @@ class Server:
         child_env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
         child_env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), child_env.get("PATH", "")])
         self.process = subprocess.Popen(
-            [str(pathlib.Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", str(model_dir),
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
+            [
+                str(pathlib.Path(sys.executable).with_name("mlflow")),
+                "models",
+                "serve",
+                "-m",
+                str(model_dir),
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-w",
+                "1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         while True:
             if self.process.poll() is not None:
@@ -100,11 +118,13 @@ class Server:
         return "?"
 
     def predict(self, images: list[bytes], top_k: int = 5) -> list[dict]:
-        body = {"dataframe_split": {"columns": ["image"],
-                                    "data": [[base64.b64encode(i).decode("ascii")] for i in images]},
-                "params": {"top_k": top_k}}
-        response = self.session.post(self.url + "/invocations", data=json.dumps(body),
-                                     headers={"Content-Type": "application/json"}, timeout=600)
+        body = {
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(i).decode("ascii")] for i in images]},
+            "params": {"top_k": top_k},
+        }
+        response = self.session.post(
+            self.url + "/invocations", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=600
+        )
         response.raise_for_status()
         return response.json()["predictions"]
 
@@ -130,8 +150,9 @@ def bomb_section(model_dir: pathlib.Path) -> None:
     def send(image_b64: str):
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image_b64]]}})
         start = time.perf_counter()
-        response = requests.post(server.url + "/invocations", data=body,
-                                 headers={"Content-Type": "application/json"}, timeout=600)
+        response = requests.post(
+            server.url + "/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=600
+        )
         return response.status_code, response.text, time.perf_counter() - start
 
     server = Server(model_dir)
@@ -151,15 +172,20 @@ def bomb_section(model_dir: pathlib.Path) -> None:
     finally:
         server.close()
     message = json.loads(text).get("message", text) if text.startswith("{") else text
-    print(f"bomb: 20000x20000 PNG ({len(bomb) * 3 // 4 / 1e6:.1f} MB) -> HTTP {status} in {seconds:.2f} s: "
-          f"{message[:120]}")
+    print(
+        f"bomb: 20000x20000 PNG ({len(bomb) * 3 // 4 / 1e6:.1f} MB) -> HTTP {status} in {seconds:.2f} s: "
+        f"{message[:120]}"
+    )
     print(f"bomb: worker RSS before {one.start_mb:7.1f} MB")
     print(f"bomb: ordinary 700x500 JPEG (HTTP {status_photo}), peak RSS rise: {normal.rise_mb:7.1f} MB  (baseline)")
     print(f"bomb: one 20000x20000 PNG, peak RSS rise:        {one.rise_mb:7.1f} MB  (target < 100 MB)")
-    print(f"bomb: three at once (HTTP {sorted(set(statuses))}), peak RSS rise: {three.rise_mb:7.1f} MB  "
-          f"(target < 300 MB)")
-    print(f"bomb: worker RSS 1 s after, vs before:            {after - one.start_mb:+7.1f} MB  "
-          "(target: back within 50 MB)")
+    print(
+        f"bomb: three at once (HTTP {sorted(set(statuses))}), peak RSS rise: {three.rise_mb:7.1f} MB  (target < 300 MB)"
+    )
+    print(
+        f"bomb: worker RSS 1 s after, vs before:            {after - one.start_mb:+7.1f} MB  "
+        "(target: back within 50 MB)"
+    )
 
 
 def interleaved_throughput(calls: dict, batch: list[bytes], repeats: int) -> dict:
@@ -210,19 +236,24 @@ def main() -> int:
     from carclf_flavor.precision import ENV_VAR
     from carclf_flavor.resnet import build_resnet
 
-    print(f"bench_serving: ResNet-{DEPTH} at {IMAGE_SIZE} px, {NUM_CLASSES} classes, batch {BATCH} of 700x500 JPEGs, "
-          f"{BATCHES} timed batches, {LATENCY_N} latency calls; CPUs: {os.cpu_count()}")
+    print(
+        f"bench_serving: ResNet-{DEPTH} at {IMAGE_SIZE} px, {NUM_CLASSES} classes, batch {BATCH} of 700x500 JPEGs, "
+        f"{BATCHES} timed batches, {LATENCY_N} latency calls; CPUs: {os.cpu_count()}"
+    )
     keras.utils.set_random_seed(0)
     network = build_resnet(depth=DEPTH, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_"))
     model_dir = work / "model"
-    carclf_flavor.save_model(network, model_dir, [f"car model {i}" for i in range(NUM_CLASSES)],
-                             preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="none"),
-                             inference_precision="auto",
-                             # issue 18: an int8 network (random weights: nothing to validate against, so it
-                             # ships with the "not validated" warning; tests/test_int8.py validates a trained one)
-                             calibration_data=np.random.default_rng(1).integers(
-                                 0, 256, (32, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+    carclf_flavor.save_model(
+        network,
+        model_dir,
+        [f"car model {i}" for i in range(NUM_CLASSES)],
+        preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="none"),
+        inference_precision="auto",
+        # issue 18: an int8 network (random weights: nothing to validate against, so it
+        # ships with the "not validated" warning; tests/test_int8.py validates a trained one)
+        calibration_data=np.random.default_rng(1).integers(0, 256, (32, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+    )
     del network
     sections = set(os.environ.get("BENCH_SERVING_SECTIONS", "speed,bomb").split(","))
     if "bomb" in sections:
@@ -240,9 +271,11 @@ def main() -> int:
     try:
         auto_precision, fp32_precision = auto.precision_line(), fp32.precision_line()
         rates = interleaved_throughput(
-            {"local": lambda b: local.predict(b), "auto": auto.predict, "fp32": fp32.predict}, images, BATCHES)
-        lat = interleaved_latencies_ms({"local": lambda b: local.predict(b), "rest": auto.predict}, images[0],
-                                       LATENCY_N)
+            {"local": lambda b: local.predict(b), "auto": auto.predict, "fp32": fp32.predict}, images, BATCHES
+        )
+        lat = interleaved_latencies_ms(
+            {"local": lambda b: local.predict(b), "rest": auto.predict}, images[0], LATENCY_N
+        )
         decode_ms, network_ms = decode_and_network_ms(local, images, BATCHES)
     finally:
         auto.close()
@@ -255,6 +288,7 @@ def main() -> int:
     local_lat, rest_lat = lat["local"], lat["rest"]
 
     gflop = GFLOP_PER_IMAGE.get(DEPTH) if IMAGE_SIZE == 224 else None
+
     def tflops(rate):
         return f", {rate * gflop / 1000:.2f} TFLOP/s" if gflop else ""
 
@@ -264,16 +298,22 @@ def main() -> int:
     print(f"batch {BATCH} REST, auto precision:              {rest_batch:8.1f} img/s{tflops(rest_batch)}")
     print(f"batch {BATCH} REST, float32 forced:              {rest_fp32:8.1f} img/s{tflops(rest_fp32)}")
     print(f"ratio REST / in-process (batch {BATCH}):          {rest_batch / local_batch:8.2f}  (target >= 0.85)")
-    print(f"ratio REST auto / REST float32 (batch {BATCH}):   {rest_batch / rest_fp32:8.2f}  "
-          f"(target >= 3; this CPU's ceiling: raw bf16 / f32 conv x{ceiling:.2f}, for bf16)")
-    print(f"batch {BATCH} in-process ({local.precision}): decoding {decode_ms:6.1f} ms, network {network_ms:6.1f} ms: "
-          f"decoding is {decode_ms / (decode_ms + network_ms):.0%} of the work")
+    print(
+        f"ratio REST auto / REST float32 (batch {BATCH}):   {rest_batch / rest_fp32:8.2f}  "
+        f"(target >= 3; this CPU's ceiling: raw bf16 / f32 conv x{ceiling:.2f}, for bf16)"
+    )
+    print(
+        f"batch {BATCH} in-process ({local.precision}): decoding {decode_ms:6.1f} ms, network {network_ms:6.1f} ms: "
+        f"decoding is {decode_ms / (decode_ms + network_ms):.0%} of the work"
+    )
     p50_local, p99_local = np.percentile(local_lat, [50, 99])
     p50_rest, p99_rest = np.percentile(rest_lat, [50, 99])
     print(f"single image in-process: p50 {p50_local:7.1f} ms  p99 {p99_local:7.1f} ms")
     print(f"single image REST:       p50 {p50_rest:7.1f} ms  p99 {p99_rest:7.1f} ms")
-    print(f"REST overhead:           p50 {p50_rest - p50_local:7.1f} ms  p99 {p99_rest - p99_local:7.1f} ms  "
-          f"(target <= 15 ms at p50)")
+    print(
+        f"REST overhead:           p50 {p50_rest - p50_local:7.1f} ms  p99 {p99_rest - p99_local:7.1f} ms  "
+        f"(target <= 15 ms at p50)"
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ time per thread, so 2 trials of 1 thread get no more than 1 trial of 2 threads, 
 Sizes (environment variables): CARCLF_BENCH_TUNE_TRIALS (4), CARCLF_BENCH_TUNE_SIZE (48 px),
 CARCLF_BENCH_TUNE_IMAGES (96 training images), CARCLF_BENCH_TUNE_EPOCHS (2).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,8 @@ CLASSES = ["red", "green", "blue", "white"]
 
 
 def write_split(path: pathlib.Path, count: int, seed: int) -> str:
-    from carclf_flavor.images import PreprocessSettings
     from carclf.data.hdf5_dataset import write_hdf5_split
+    from carclf_flavor.images import PreprocessSettings
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(CLASSES), count)
@@ -47,27 +48,47 @@ def child(workdir: str, parallel: int) -> dict:
     """One study in this process: its own store, fixed trials, `parallel` at once on local[2]."""
     import mlflow
 
+    from carclf.compute.spark_session import get_spark
     from carclf.tuning.search_space import load_space
     from carclf.tuning.spark_study import run_study, thread_budget, trials_per_host
-    from carclf.compute.spark_session import get_spark
 
     root = pathlib.Path(workdir)
     mlflow.set_tracking_uri(f"sqlite:///{root / f'p{parallel}.db'}")
-    experiment_id = mlflow.MlflowClient().create_experiment(f"bench-p{parallel}",
-                                                            artifact_location=str(root / f"artifacts-p{parallel}"))
+    experiment_id = mlflow.MlflowClient().create_experiment(
+        f"bench-p{parallel}", artifact_location=str(root / f"artifacts-p{parallel}")
+    )
     mlflow.set_experiment(experiment_id=experiment_id)
     space = root / "space.yaml"
     started = time.perf_counter()
-    result = run_study(load_space(space), str(root / "train.h5"), str(root / "val.h5"), trials=TRIALS,
-                       parallel=parallel, spark_master="local[2]", registered_model_name="", pruner="none")
+    result = run_study(
+        load_space(space),
+        str(root / "train.h5"),
+        str(root / "val.h5"),
+        trials=TRIALS,
+        parallel=parallel,
+        spark_master="local[2]",
+        registered_model_name="",
+        pruner="none",
+    )
     total = time.perf_counter() - started
     study = mlflow.MlflowClient().get_run(result["study_run_id"])
-    trial_threads = sorted({r.data.params.get("tf_intra_op_threads") for r in mlflow.MlflowClient().search_runs(
-        [study.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{study.info.run_id}'")})
+    trial_threads = sorted(
+        {
+            r.data.params.get("tf_intra_op_threads")
+            for r in mlflow.MlflowClient().search_runs(
+                [study.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{study.info.run_id}'"
+            )
+        }
+    )
     intra, inter = thread_budget(trials_per_host(get_spark("local[2]"), parallel))
-    return {"study_seconds": study.data.metrics["tune_seconds"], "total_seconds": total,
-            "complete": result["counts"]["complete"], "intra": intra, "inter": inter,
-            "logged_intra": trial_threads}
+    return {
+        "study_seconds": study.data.metrics["tune_seconds"],
+        "total_seconds": total,
+        "complete": result["counts"]["complete"],
+        "intra": intra,
+        "inter": inter,
+        "logged_intra": trial_threads,
+    }
 
 
 def main() -> int:
@@ -80,27 +101,38 @@ def main() -> int:
         write_split(root / "val.h5", max(16, IMAGES // 4), 1)
         (root / "space.yaml").write_text(
             f"depth: 18\nwidth: 0.25\nepochs: {EPOCHS}\nhead_epochs: 0\nbatch_size: 16\noptimizer: adam\n"
-            "learning_rate: 0.003\nonline_augment: false\n")
+            "learning_rate: 0.003\nonline_augment: false\n"
+        )
         print("load average (1/5/15 min) before: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
-        print(f"{TRIALS} identical trials (ResNet-18 width 0.25, {SIZE} px, {IMAGES} images, {EPOCHS} epochs) "
-              f"on local[2], {os.cpu_count()} cores on this host")
+        print(
+            f"{TRIALS} identical trials (ResNet-18 width 0.25, {SIZE} px, {IMAGES} images, {EPOCHS} epochs) "
+            f"on local[2], {os.cpu_count()} cores on this host"
+        )
         results = {}
         for parallel in (1, 2):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_tune", "--child", tmp, str(parallel)],
-                                 capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1],
-                                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.bench_tune", "--child", tmp, str(parallel)],
+                capture_output=True,
+                text=True,
+                cwd=pathlib.Path(__file__).parents[1],
+                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+            )
             if out.returncode != 0:
                 print(out.stdout[-2000:] + out.stderr[-4000:], file=sys.stderr)
                 return 1
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[parallel] = r
-            print(f"   parallel={parallel}: study {r['study_seconds']:6.1f} s (whole call {r['total_seconds']:6.1f} s), "
-                  f"{r['complete']} complete; TensorFlow threads per trial: {r['intra']} intra-op, {r['inter']} "
-                  f"inter-op (logged on the trials: {', '.join(map(str, r['logged_intra']))})")
+            print(
+                f"   parallel={parallel}: study {r['study_seconds']:6.1f} s (whole call {r['total_seconds']:6.1f} s), "
+                f"{r['complete']} complete; TensorFlow threads per trial: {r['intra']} intra-op, {r['inter']} "
+                f"inter-op (logged on the trials: {', '.join(map(str, r['logged_intra']))})"
+            )
         speedup = results[1]["study_seconds"] / results[2]["study_seconds"]
         whole = results[1]["total_seconds"] / results[2]["total_seconds"]
-        print(f"   speed-up parallel=2 vs parallel=1: {speedup:.2f}x study, {whole:.2f}x whole call "
-              f"(target >= 1.5x) {'OK' if speedup >= 1.5 else 'BELOW TARGET'}")
+        print(
+            f"   speed-up parallel=2 vs parallel=1: {speedup:.2f}x study, {whole:.2f}x whole call "
+            f"(target >= 1.5x) {'OK' if speedup >= 1.5 else 'BELOW TARGET'}"
+        )
         print("   load average (1/5/15 min) after: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     return 0
 

@@ -38,15 +38,24 @@ def _decode_pool() -> ThreadPoolExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="carclf-decode")
+            _executor = ThreadPoolExecutor(
+                max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="carclf-decode"
+            )
         return _executor
 
 
 class CarClassifier:
     """A Keras network + class names + the preprocessing it was trained with. Thread-safe."""
 
-    def __init__(self, model, class_names: Sequence[str], settings: PreprocessSettings,
-                 precision: str = "float32", precision_reason: str = "", int8_network=None):
+    def __init__(
+        self,
+        model,
+        class_names: Sequence[str],
+        settings: PreprocessSettings,
+        precision: str = "float32",
+        precision_reason: str = "",
+        int8_network=None,
+    ):
         import tensorflow as tf
 
         self.model = model
@@ -90,8 +99,9 @@ class CarClassifier:
             clamp_bbox(bbox, width, height)
         return preprocess_image(image, bbox, self.settings)
 
-    def preprocess(self, images: Sequence[Any], bboxes: Sequence[Any] | None = None
-                   ) -> tuple[np.ndarray, list[str | None]]:
+    def preprocess(
+        self, images: Sequence[Any], bboxes: Sequence[Any] | None = None
+    ) -> tuple[np.ndarray, list[str | None]]:
         """Decode/crop/resize each image (in parallel); returns (pixels of the good ones, error per input)."""
         bboxes = list(bboxes) if bboxes is not None else [None] * len(images)
         if len(bboxes) != len(images):
@@ -119,7 +129,9 @@ class CarClassifier:
         if len(pixels) == 0:
             return np.zeros((0, self._num_classes), np.float32)
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-        chunks = [self._forward(pixels[start:start + INFERENCE_CHUNK]) for start in range(0, len(pixels), INFERENCE_CHUNK)]
+        chunks = [
+            self._forward(pixels[start : start + INFERENCE_CHUNK]) for start in range(0, len(pixels), INFERENCE_CHUNK)
+        ]
         return np.concatenate([c if isinstance(c, np.ndarray) else c.numpy() for c in chunks])
 
     def classify_pixels(self, pixels: np.ndarray, top_k: int) -> list[dict]:
@@ -133,12 +145,14 @@ class CarClassifier:
         results = []
         for row, ranked in zip(probs, order):
             best = int(ranked[0])
-            results.append({
-                "label": self.class_names[best],
-                "class_id": best,
-                "prob": float(row[best]),
-                "top_k": [{"label": self.class_names[int(c)], "prob": float(row[int(c)])} for c in ranked],
-            })
+            results.append(
+                {
+                    "label": self.class_names[best],
+                    "class_id": best,
+                    "prob": float(row[best]),
+                    "top_k": [{"label": self.class_names[int(c)], "prob": float(row[int(c)])} for c in ranked],
+                }
+            )
         return results
 
     def predict(self, images, top_k: int = DEFAULT_TOP_K, bboxes=None, errors: str = "raise") -> list[dict | None]:

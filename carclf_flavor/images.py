@@ -11,6 +11,7 @@ Public API:
 
 Only numpy, OpenCV and Pillow are imported: this module ships inside every saved model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,8 @@ import json
 import re
 import struct
 import warnings
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -75,7 +77,7 @@ class PreprocessSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "PreprocessSettings":
+    def from_dict(cls, values: Mapping[str, Any]) -> PreprocessSettings:
         known = {f.name: f.type for f in dataclasses.fields(cls)}
         kwargs = {}
         for name, value in values.items():
@@ -127,7 +129,7 @@ def _check_pixel_limit(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def _png_exif_chunk(data: bytes) -> Optional[bytes]:
+def _png_exif_chunk(data: bytes) -> bytes | None:
     """The payload of a PNG's eXIf chunk, found by walking the chunk headers (no pixel data is inflated).
 
     Needed because Pillow's PngImageFile.getexif() decodes the WHOLE image when the chunk does not come
@@ -136,16 +138,16 @@ def _png_exif_chunk(data: bytes) -> Optional[bytes]:
     pos = 8  # after the signature
     end = len(data)
     while pos + 8 <= end:
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         if kind == b"eXIf":
-            return data[pos + 8:pos + 8 + length]
+            return data[pos + 8 : pos + 8 + length]
         if kind == b"IEND":
             return None
         pos += 12 + length
     return None
 
 
-def _exif_orientation(header: Image.Image, data: Optional[bytes] = None) -> int:
+def _exif_orientation(header: Image.Image, data: bytes | None = None) -> int:
     """EXIF orientation (1-8) from the metadata alone; never decodes pixels."""
     try:
         if header.format == "PNG":
@@ -295,9 +297,9 @@ def crop_region(bbox, width: int, height: int, settings: PreprocessSettings) -> 
 
 def crop_and_resize(
     image: np.ndarray,
-    bbox: Optional[Sequence[int]],
+    bbox: Sequence[int] | None,
     settings: PreprocessSettings,
-    source_size: Optional[tuple[int, int]] = None,
+    source_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Crop ``image`` to ``bbox`` (+ margin, clamped) and resize to (S, S, 3).
 
@@ -344,9 +346,7 @@ def image_size_of(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
     return width, height
 
 
-def preprocess_image(
-    data: bytes, bbox: Optional[Sequence[int]], settings: PreprocessSettings
-) -> np.ndarray:
+def preprocess_image(data: bytes, bbox: Sequence[int] | None, settings: PreprocessSettings) -> np.ndarray:
     """Encoded bytes -> (S, S, 3) RGB uint8, exactly as the training data was built.
 
     Decodes JPEGs at reduced resolution when the crop region allows it (libjpeg DCT scaling).

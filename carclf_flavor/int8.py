@@ -22,6 +22,7 @@ using every thread); ``THROUGHPUT`` splits the cores into single-thread streams 
 (measured: 229 vs 113 img/s at batch 32 on 2 cores). OpenVINO and NNCF are imported only inside functions:
 a model without an int8 network never needs them.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ import pathlib
 import queue
 import time
 import warnings
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -79,8 +80,10 @@ def read_image_set(source, what: str, image_size: int, need_labels: bool):
         images = source
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
-        raise Int8DataError(f"{what}: expected uint8 images of shape (N, {image_size}, {image_size}, 3), "
-                            f"got {images.dtype} {images.shape}")
+        raise Int8DataError(
+            f"{what}: expected uint8 images of shape (N, {image_size}, {image_size}, 3), "
+            f"got {images.dtype} {images.shape}"
+        )
     if len(images) == 0:
         raise Int8DataError(f"{what}: no images")
     if labels is not None:
@@ -89,15 +92,16 @@ def read_image_set(source, what: str, image_size: int, need_labels: bool):
             raise Int8DataError(f"{what}: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
         labels = labels.astype(np.int64)
     elif need_labels:
-        raise Int8DataError(f"{what}: labels are needed to measure the top-1 drop: pass (images, labels) or an "
-                            "HDF5 split")
+        raise Int8DataError(
+            f"{what}: labels are needed to measure the top-1 drop: pass (images, labels) or an HDF5 split"
+        )
     return images, labels
 
 
 # --------------------------------------------------------------------------------------------------
 # Runtime
 # --------------------------------------------------------------------------------------------------
-def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> Optional[float]:
+def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
     """CPUs allowed by the cgroup v2 quota (``cpu.max``: "quota period" or "max period"), None if unlimited."""
     try:
         quota, period = pathlib.Path(root, "cpu.max").read_text().split()[:2]
@@ -111,7 +115,7 @@ def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> Optional[float]:
         return None
 
 
-def _workers_from_parent_command_line() -> Optional[int]:
+def _workers_from_parent_command_line() -> int | None:
     """`mlflow models serve -w N` runs `uvicorn --workers N`: each worker's parent is that process."""
     try:
         arguments = pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -128,7 +132,7 @@ def _workers_from_parent_command_line() -> Optional[int]:
     return None
 
 
-def server_workers(env: Optional[Mapping[str, str]] = None) -> int:
+def server_workers(env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     for name in WORKERS_ENV_VARS:
         value = str(env.get(name, "")).strip()
@@ -137,8 +141,12 @@ def server_workers(env: Optional[Mapping[str, str]] = None) -> int:
     return _workers_from_parent_command_line() or 1
 
 
-def cpu_threads_for_inference(env: Optional[Mapping[str, str]] = None, cpus: Optional[int] = None,
-                              cgroup_limit: Optional[float] = "detect", workers: Optional[int] = None) -> int:
+def cpu_threads_for_inference(
+    env: Mapping[str, str] | None = None,
+    cpus: int | None = None,
+    cgroup_limit: float | None = "detect",
+    workers: int | None = None,
+) -> int:
     """Threads for one process's network: the CPUs it may use (affinity, cgroup quota) shared among the workers."""
     if cpus is None:
         try:
@@ -156,11 +164,15 @@ def cpu_threads_for_inference(env: Optional[Mapping[str, str]] = None, cpus: Opt
 def runtime_config(threads: int) -> dict:
     # No CPU pinning: each server worker would pin its threads to the same first cores of the machine
     # (OpenVINO does not know about the other workers); unpinned, the OS spreads the workers over the CPUs.
-    return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
-            "ENABLE_CPU_PINNING": False}
+    return {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": int(threads),
+        "ENABLE_CPU_PINNING": False,
+    }
 
 
-def _compile(model_or_path, threads: Optional[int] = None):
+def _compile(model_or_path, threads: int | None = None):
     import openvino as ov
 
     threads = cpu_threads_for_inference() if threads is None else threads
@@ -191,19 +203,19 @@ class OpenVINONetwork:
             self._idle.put(request)
 
 
-def load_int8_network(data_dir, threads: Optional[int] = None) -> OpenVINONetwork:
+def load_int8_network(data_dir, threads: int | None = None) -> OpenVINONetwork:
     threads = cpu_threads_for_inference() if threads is None else threads
     return OpenVINONetwork(_compile(str(pathlib.Path(data_dir) / INT8_MODEL_FILE), threads), threads)
 
 
-def read_int8_report(data_dir) -> Optional[dict]:
+def read_int8_report(data_dir) -> dict | None:
     path = pathlib.Path(data_dir) / INT8_REPORT_FILE
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def int8_network_available(data_dir, report: Optional[dict]) -> tuple[bool, str]:
+def int8_network_available(data_dir, report: dict | None) -> tuple[bool, str]:
     """(whether the saved model has a usable int8 network, why not when it has none)."""
     if report is None:
         return False, "the model was saved without calibration data (no int8 network)"
@@ -242,24 +254,27 @@ def quantize_to_int8(ov_model, calibration_images: np.ndarray):
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     convolutions = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() == "Convolution"]
-    samples = [calibration_images[i:i + 1] for i in range(len(calibration_images))]
+    samples = [calibration_images[i : i + 1] for i in range(len(calibration_images))]
     return nncf.quantize(
-        ov_model, nncf.Dataset(samples), subset_size=len(samples), fast_bias_correction=False,
+        ov_model,
+        nncf.Dataset(samples),
+        subset_size=len(samples),
+        fast_bias_correction=False,
         ignored_scope=nncf.IgnoredScope(names=convolutions[:1]),
         advanced_parameters=AdvancedQuantizationParameters(
-            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
+            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX
+        ),
     )
 
 
 def _batched_predict(predict, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    return np.concatenate([np.asarray(predict(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    return np.concatenate([np.asarray(predict(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
 
 
-def measure_agreement(float_probs: np.ndarray, int8_probs: np.ndarray, labels: Optional[np.ndarray]) -> dict:
+def measure_agreement(float_probs: np.ndarray, int8_probs: np.ndarray, labels: np.ndarray | None) -> dict:
     float_top1 = float_probs.argmax(1)
     int8_top1 = int8_probs.argmax(1)
-    measured = {"validation_images": int(len(float_top1)),
-                "top1_agreement": float(np.mean(float_top1 == int8_top1))}
+    measured = {"validation_images": int(len(float_top1)), "top1_agreement": float(np.mean(float_top1 == int8_top1))}
     if labels is not None:
         measured["float32_top1"] = float(np.mean(float_top1 == labels))
         measured["int8_top1"] = float(np.mean(int8_top1 == labels))
@@ -278,8 +293,7 @@ def verdict(measured: dict) -> tuple[bool, str]:
     where = f"on {measured['validation_images']} validation images"
     if problems:
         return False, f"int8 failed validation {where}: {'; '.join(problems)}"
-    return True, (f"int8 validated {where}: top-1 agreement {100 * agreement:.2f}%, "
-                  f"top-1 drop {drop:.2f} points")
+    return True, (f"int8 validated {where}: top-1 agreement {100 * agreement:.2f}%, top-1 drop {drop:.2f} points")
 
 
 def _write_json_atomic(path: pathlib.Path, record: dict) -> None:
@@ -318,9 +332,15 @@ def build_int8_network(keras_model, data_dir, calibration: np.ndarray, validatio
     started = time.perf_counter()
     float_model = convert_to_openvino(keras_model)
     int8_model = quantize_to_int8(float_model, calibration)
-    report = {"runtime": RUNTIME, "openvino_version": ov.get_version(), "nncf_version": nncf.__version__,
-              "calibration_images": int(len(calibration)), "min_top1_agreement": MIN_TOP1_AGREEMENT,
-              "max_top1_drop_points": MAX_TOP1_DROP_POINTS, "model_file": INT8_MODEL_FILE}
+    report = {
+        "runtime": RUNTIME,
+        "openvino_version": ov.get_version(),
+        "nncf_version": nncf.__version__,
+        "calibration_images": int(len(calibration)),
+        "min_top1_agreement": MIN_TOP1_AGREEMENT,
+        "max_top1_drop_points": MAX_TOP1_DROP_POINTS,
+        "model_file": INT8_MODEL_FILE,
+    }
     if validation is None:
         shipped, reason = True, "int8 shipped NOT validated: no validation_data was given"
         warnings.warn(f"carclf: {reason}", stacklevel=3)
@@ -346,17 +366,30 @@ def build_int8_network(keras_model, data_dir, calibration: np.ndarray, validatio
     return report
 
 
-def log_report_to_active_run(report: Optional[dict]) -> None:
+def log_report_to_active_run(report: dict | None) -> None:
     """Record the int8 outcome in the active MLflow run (metrics for the measurements, tags for the verdict)."""
     import mlflow
 
     if report is None or mlflow.active_run() is None:
         return
-    metrics = {f"int8_{key}": float(report[key]) for key in
-               ("top1_agreement", "top1_drop_points", "float32_top1", "int8_top1", "calibration_images",
-                "validation_images") if key in report}
+    metrics = {
+        f"int8_{key}": float(report[key])
+        for key in (
+            "top1_agreement",
+            "top1_drop_points",
+            "float32_top1",
+            "int8_top1",
+            "calibration_images",
+            "validation_images",
+        )
+        if key in report
+    }
     if metrics:
         mlflow.log_metrics(metrics)
-    mlflow.set_tags({"carclf.int8_shipped": str(bool(report["shipped"])).lower(),
-                     "carclf.int8_validated": str(bool(report.get("validated"))).lower(),
-                     "carclf.int8_reason": report["reason"][:5000]})
+    mlflow.set_tags(
+        {
+            "carclf.int8_shipped": str(bool(report["shipped"])).lower(),
+            "carclf.int8_validated": str(bool(report.get("validated"))).lower(),
+            "carclf.int8_reason": report["reason"][:5000],
+        }
+    )

@@ -6,6 +6,7 @@ carclf network without ``custom_objects``, pickle or Lambda bytecode.
 
 Only Keras (and numpy) are imported: this module ships inside every saved model.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -58,12 +59,18 @@ class Scale(keras.layers.Layer):
         if channels is None:
             raise ValueError(f"Scale needs a known size on axis {self.axis}, got input shape {tuple(input_shape)}")
         self.gamma = self.add_weight(
-            name="gamma", shape=(channels,), initializer=self.gamma_initializer,
-            regularizer=self.gamma_regularizer, trainable=True,
+            name="gamma",
+            shape=(channels,),
+            initializer=self.gamma_initializer,
+            regularizer=self.gamma_regularizer,
+            trainable=True,
         )
         self.beta = self.add_weight(
-            name="beta", shape=(channels,), initializer=self.beta_initializer,
-            regularizer=self.beta_regularizer, trainable=True,
+            name="beta",
+            shape=(channels,),
+            initializer=self.beta_initializer,
+            regularizer=self.beta_regularizer,
+            trainable=True,
         )
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={axis: channels})
         # Channels-last needs no reshape: gamma/beta broadcast against the last axis as they are.

@@ -61,8 +61,9 @@ def _load_from_data_dir(data_dir: str, model_config: dict | None = None) -> CarC
 
     int8_report = int8.read_int8_report(data_dir)
     int8_available, int8_missing = int8.int8_network_available(data_dir, int8_report)
-    precision, reason = choose_inference_precision(requested, int8_available=int8_available,
-                                                   int8_missing_reason=int8_missing)
+    precision, reason = choose_inference_precision(
+        requested, int8_available=int8_available, int8_missing_reason=int8_missing
+    )
     int8_network = None
     if precision == "bfloat16":
         model = _to_bfloat16(model)
@@ -71,8 +72,9 @@ def _load_from_data_dir(data_dir: str, model_config: dict | None = None) -> CarC
         validated = "validated" if int8_report.get("validated") else "NOT validated"
         reason += f" (OpenVINO, {int8_network.threads} threads; int8 {validated} when saved)"
     _logger.info("carclf model serving in %s: %s", precision, reason)
-    return CarClassifier(model, names, settings, precision=precision, precision_reason=reason,
-                         int8_network=int8_network)
+    return CarClassifier(
+        model, names, settings, precision=precision, precision_reason=reason, int8_network=int8_network
+    )
 
 
 def load_model(model_uri, dst_path=None) -> CarClassifier:
@@ -91,4 +93,6 @@ def _load_pyfunc(path, model_config=None):
     path = pathlib.Path(path)
     if (path / "MLmodel").exists():
         path = path / DATA_SUBPATH
-    return _CarClassifierPyfunc(_load_from_data_dir(str(path), model_config), RequestLimits.from_environment(model_config))
+    return _CarClassifierPyfunc(
+        _load_from_data_dir(str(path), model_config), RequestLimits.from_environment(model_config)
+    )

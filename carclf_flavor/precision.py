@@ -17,10 +17,11 @@ AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later) on CPU, or an Ampere-or-new
 emulates it through float32 conversions, which is several times SLOWER than float32, so ``auto`` never picks
 it there. Only the standard library is imported here (this module ships inside every saved model).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 ENV_VAR = "CARCLF_INFERENCE_PRECISION"
@@ -51,7 +52,7 @@ def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
     return frozenset()
 
 
-def gpu_supports_bfloat16() -> Optional[str]:
+def gpu_supports_bfloat16() -> str | None:
     """Name of the first visible GPU that computes bf16 natively (compute capability >= 8.0), else None."""
     try:
         import tensorflow as tf
@@ -68,9 +69,9 @@ def gpu_supports_bfloat16() -> Optional[str]:
 
 def choose_inference_precision(
     requested: str,
-    cpu_flags: Optional[Iterable[str]] = None,
-    gpu: Optional[str] = "detect",
-    env: Optional[Mapping[str, str]] = None,
+    cpu_flags: Iterable[str] | None = None,
+    gpu: str | None = "detect",
+    env: Mapping[str, str] | None = None,
     int8_available: bool = False,
     int8_missing_reason: str = "the model has no int8 network",
 ) -> tuple[str, str]:

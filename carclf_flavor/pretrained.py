@@ -213,8 +213,9 @@ def load_imagenet_weights(model: keras.Model, source, head_name: str | None = No
     if arch.fused:
         raise ValueError("load weights into the trainable model, then fuse it (this model is already fused)")
     if arch.depth not in KERAS_APPLICATIONS:
-        raise WeightsError(f"pretrained weights exist only for depths {sorted(KERAS_APPLICATIONS)}, "
-                           f"not for this ResNet-{arch.depth}")
+        raise WeightsError(
+            f"pretrained weights exist only for depths {sorted(KERAS_APPLICATIONS)}, not for this ResNet-{arch.depth}"
+        )
     head = head_layer(model, head_name or arch.head_name)
     if isinstance(source, str) and source == "imagenet":
         weights, description = _imagenet_weights(arch.depth, include_top=arch.num_classes == 1000)
@@ -223,8 +224,9 @@ def load_imagenet_weights(model: keras.Model, source, head_name: str | None = No
     elif isinstance(source, (str, os.PathLike)):
         weights, description = read_resnet_weights(source)
     else:
-        raise WeightsError(f"weights must be None, 'imagenet', a file path or a keras.applications model, "
-                           f"got {source!r}")
+        raise WeightsError(
+            f"weights must be None, 'imagenet', a file path or a keras.applications model, got {source!r}"
+        )
 
     kind, stages = stage_depths_of(weights)  # the file's unit names, parsed as the model's own are
     if (kind, stages) != (arch.block_kind, arch.stage_depths):
@@ -270,22 +272,31 @@ def load_imagenet_weights(model: keras.Model, source, head_name: str | None = No
 
     unexpected = sorted(set(weights) - used - {IMAGENET_HEAD})
     if unexpected:
-        raise WeightsError(f"{description} holds layers this {describe_depth(arch.depth)} does not have: "
-                           f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise WeightsError(
+            f"{description} holds layers this {describe_depth(arch.depth)} does not have: "
+            f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
 
     head_carried = False
     top = weights.get(IMAGENET_HEAD)
     if top is not None and "kernel" in top and "bias" in top:
-        if tuple(top["kernel"].shape) == tuple(head.kernel.shape) and tuple(top["bias"].shape) == tuple(head.bias.shape):
+        if tuple(top["kernel"].shape) == tuple(head.kernel.shape) and tuple(top["bias"].shape) == tuple(
+            head.bias.shape
+        ):
             assignments.append((head, [top["kernel"].astype(np.float32), top["bias"].astype(np.float32)]))
             head_carried = True
         else:
-            _logger.info("ImageNet top %s not carried over to head %r %s (different number of classes)",
-                         tuple(top["kernel"].shape), head.name, tuple(head.kernel.shape))
+            _logger.info(
+                "ImageNet top %s not carried over to head %r %s (different number of classes)",
+                tuple(top["kernel"].shape),
+                head.name,
+                tuple(head.kernel.shape),
+            )
 
     for layer, arrays in assignments:
         layer.set_weights(arrays)
     summary = {"source": description, "layers": len(used), "head_carried": head_carried}
-    _logger.info("loaded %d layers from %s into %s (head carried over: %s)",
-                 len(used), description, model.name, head_carried)
+    _logger.info(
+        "loaded %d layers from %s into %s (head carried over: %s)", len(used), description, model.name, head_carried
+    )
     return summary

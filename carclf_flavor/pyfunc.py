@@ -59,10 +59,10 @@ _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")
 _NOT_BASE64_CHARACTER = re.compile(r"[^A-Za-z0-9+/=]")
 # What a request may look like, for the one-line answer to one that has no image column.
 ACCEPTED_SHAPES = (
-    "send an 'image' column of base64 text: {\"dataframe_split\": {\"columns\": [\"image\"], \"data\": "
-    "[[\"<base64>\"]]}}, {\"dataframe_records\": [{\"image\": \"<base64>\"}]}, {\"inputs\": {\"image\": "
-    "[\"<base64>\"]}} or {\"instances\": [{\"image\": \"<base64>\"}]} (Azure: {\"input_data\": {\"columns\": "
-    "[\"image\"], \"index\": [0], \"data\": [[\"<base64>\"]]}}), with optional bbox_x1, bbox_y1, bbox_x2, bbox_y2"
+    'send an \'image\' column of base64 text: {"dataframe_split": {"columns": ["image"], "data": '
+    '[["<base64>"]]}}, {"dataframe_records": [{"image": "<base64>"}]}, {"inputs": {"image": '
+    '["<base64>"]}} or {"instances": [{"image": "<base64>"}]} (Azure: {"input_data": {"columns": '
+    '["image"], "index": [0], "data": [["<base64>"]]}}), with optional bbox_x1, bbox_y1, bbox_x2, bbox_y2'
 )
 
 
@@ -135,10 +135,12 @@ class RequestLimits:
     def from_environment(cls, model_config: dict | None = None) -> RequestLimits:
         model_config = dict(model_config or {})
         return cls(
-            max_images=_limit_from(MAX_IMAGES_ENV_VAR, model_config, "max_images_per_request",
-                                   DEFAULT_MAX_IMAGES_PER_REQUEST),
-            max_bytes=_limit_from(MAX_REQUEST_BYTES_ENV_VAR, model_config, "max_request_bytes",
-                                  DEFAULT_MAX_REQUEST_BYTES),
+            max_images=_limit_from(
+                MAX_IMAGES_ENV_VAR, model_config, "max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST
+            ),
+            max_bytes=_limit_from(
+                MAX_REQUEST_BYTES_ENV_VAR, model_config, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES
+            ),
             default_errors=_error_mode_from(model_config),
         )
 
@@ -171,8 +173,10 @@ class _CarClassifierPyfunc:
         if errors == AUTO_ERROR_MODE:
             errors = self.limits.default_errors
         if errors not in ERROR_MODES:
-            raise invalid_input(f"params.errors must be one of {', '.join(ERROR_MODES + (AUTO_ERROR_MODE,))}, "
-                           f"got {params.get('errors')!r}")
+            raise invalid_input(
+                f"params.errors must be one of {', '.join(ERROR_MODES + (AUTO_ERROR_MODE,))}, "
+                f"got {params.get('errors')!r}"
+            )
         return int(top_k), errors
 
     def _rows(self, data):
@@ -195,8 +199,10 @@ class _CarClassifierPyfunc:
                 raise invalid_input(f"input columns have different lengths: {sorted(lengths)}")
             data = pd.DataFrame({column: list(values) for column, values in data.iloc[0].items()})
         if len(data) > self.limits.max_images:
-            raise invalid_input(f"request has {len(data)} images, above the limit of {self.limits.max_images} per request "
-                           f"({MAX_IMAGES_ENV_VAR}); send smaller batches")
+            raise invalid_input(
+                f"request has {len(data)} images, above the limit of {self.limits.max_images} per request "
+                f"({MAX_IMAGES_ENV_VAR}); send smaller batches"
+            )
         present = [c for c in BBOX_COLUMNS if c in data.columns]
         if present and len(present) != len(BBOX_COLUMNS):
             missing = [c for c in BBOX_COLUMNS if c not in data.columns]
@@ -212,8 +218,10 @@ class _CarClassifierPyfunc:
                 image = _image_bytes(value)
                 total_bytes += image.nbytes if isinstance(image, np.ndarray) else len(image)
                 if total_bytes > self.limits.max_bytes:
-                    raise invalid_input(f"request's images add up to more than {self.limits.max_bytes} bytes by row {row} "
-                                   f"({MAX_REQUEST_BYTES_ENV_VAR}); send smaller batches")
+                    raise invalid_input(
+                        f"request's images add up to more than {self.limits.max_bytes} bytes by row {row} "
+                        f"({MAX_REQUEST_BYTES_ENV_VAR}); send smaller batches"
+                    )
                 if bbox_values is not None:
                     values = bbox_values[row]
                     missing = [c for c, v in zip(BBOX_COLUMNS, values) if _is_missing(v)]

@@ -24,6 +24,7 @@ convolution with bias (+ ReLU), in float32 or pure bfloat16. Only standard Keras
 
 Only Keras and numpy are imported: this module ships inside every saved model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,11 +90,22 @@ class _TrainableUnit:
     def __call__(self, x, filters, kernel_size, strides, name, relu, padding="valid", dtype=None):
         dtype = dtype or self.dtype
         x = keras.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding=padding, use_bias=False,
-            kernel_initializer=self.kernel_initializer, name=f"{name}_conv", dtype=dtype,
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            use_bias=False,
+            kernel_initializer=self.kernel_initializer,
+            name=f"{name}_conv",
+            dtype=dtype,
         )(x)
         x = keras.layers.BatchNormalization(
-            axis=-1, center=False, scale=False, epsilon=BN_EPSILON, name=f"{name}_bn", dtype=dtype,
+            axis=-1,
+            center=False,
+            scale=False,
+            epsilon=BN_EPSILON,
+            name=f"{name}_bn",
+            dtype=dtype,
         )(x)
         x = Scale(axis=-1, name=f"{name}_scale", dtype=dtype)(x)
         if relu:
@@ -120,8 +132,14 @@ class _FusedUnit:
                 f"where the architecture needs {expected} strides {(strides, strides)}"
             )
         layer = keras.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding=padding, use_bias=True,
-            activation="relu" if relu else None, name=f"{name}_conv", dtype=dtype or self.dtype,
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            use_bias=True,
+            activation="relu" if relu else None,
+            name=f"{name}_conv",
+            dtype=dtype or self.dtype,
         )
         y = layer(x)
         self.pending.append((layer, kernel, bias))
@@ -239,8 +257,12 @@ def build_resnet(
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="image")
     x = CaffePreprocess(name="caffe_preprocess")(inputs)
     x = _resnet_body(
-        x, block_kind, stage_depths, _scaled(STEM_FILTERS, width),
-        tuple(_scaled(f, width) for f in STAGE_FILTERS), _TrainableUnit(),
+        x,
+        block_kind,
+        stage_depths,
+        _scaled(STEM_FILTERS, width),
+        tuple(_scaled(f, width) for f in STAGE_FILTERS),
+        _TrainableUnit(),
     )
     outputs = _head(x, int(num_classes), float(dropout), head_name, dtype=None)
     model = keras.Model(inputs, outputs, name=name or f"carclf_resnet{depth}")
@@ -314,16 +336,24 @@ def describe_resnet(model: keras.Model) -> ResNetArchitecture:
     head = head_layer(model)
     input_shape = model.inputs[0].shape
     return ResNetArchitecture(
-        depth=matching[0], block_kind=block_kind, stage_depths=stage_depths,
-        stem_filters=int(names["conv1_conv"].filters), stage_filters=stage_filters,
-        image_size=int(input_shape[1]), num_classes=int(head.units), head_name=head.name,
+        depth=matching[0],
+        block_kind=block_kind,
+        stage_depths=stage_depths,
+        stem_filters=int(names["conv1_conv"].filters),
+        stage_filters=stage_filters,
+        image_size=int(input_shape[1]),
+        num_classes=int(head.units),
+        head_name=head.name,
         fused=not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers),
     )
 
 
 def unit_prefixes(model: keras.Model) -> list[str]:
-    return [layer.name[: -len("_conv")] for layer in model.layers
-            if isinstance(layer, keras.layers.Conv2D) and layer.name.endswith("_conv")]
+    return [
+        layer.name[: -len("_conv")]
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D) and layer.name.endswith("_conv")
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,8 +364,7 @@ def _folded_unit(model: keras.Model, prefix: str) -> tuple[np.ndarray, np.ndarra
     conv = model.get_layer(f"{prefix}_conv")
     kernel = np.asarray(keras.ops.convert_to_numpy(conv.kernel), dtype=np.float64)
     channels = kernel.shape[-1]
-    bias = (np.asarray(keras.ops.convert_to_numpy(conv.bias), dtype=np.float64)
-            if conv.use_bias else np.zeros(channels))
+    bias = np.asarray(keras.ops.convert_to_numpy(conv.bias), dtype=np.float64) if conv.use_bias else np.zeros(channels)
     multiplier = np.ones(channels)
     layer_names = {layer.name for layer in model.layers}
     if f"{prefix}_bn" in layer_names:
@@ -380,12 +409,14 @@ def fuse_for_inference(model: keras.Model, dtype: str = "float32") -> keras.Mode
     # bf16-vs-f32 disagreement we measured. The stem's output is cast to bf16 once, by pool1_pad.
     x = CaffePreprocess(mean=preprocess.mean, name="caffe_preprocess", dtype="float32")(inputs)
     unit = _FusedUnit(folded, dtype)
-    x = _resnet_body(x, arch.block_kind, arch.stage_depths, arch.stem_filters, arch.stage_filters, unit,
-                     stem_dtype="float32")
+    x = _resnet_body(
+        x, arch.block_kind, arch.stage_depths, arch.stem_filters, arch.stage_filters, unit, stem_dtype="float32"
+    )
     unused = set(folded) - {layer.name[: -len("_conv")] for layer, _, _ in unit.pending}
     if unused:
-        raise ValueError(f"cannot fuse: layers {sorted(f'{p}_conv' for p in unused)} are not part of a "
-                         f"{describe_depth(arch.depth)}")
+        raise ValueError(
+            f"cannot fuse: layers {sorted(f'{p}_conv' for p in unused)} are not part of a {describe_depth(arch.depth)}"
+        )
     # Pool in float32: averaging 7x7 bf16 values in bf16 would cost accuracy for no measurable speed.
     activation = keras.activations.serialize(head.activation)
     outputs = _head(x, arch.num_classes, 0.0, arch.head_name, dtype="float32", activation=activation)
@@ -401,10 +432,18 @@ def fuse_for_inference(model: keras.Model, dtype: str = "float32") -> keras.Mode
 
 # Pretrained-weight names kept importable from here (``from carclf_flavor.resnet import WeightsError``) for
 # existing callers; their home is ``carclf_flavor.pretrained``, imported only when asked for (PEP 562).
-_PRETRAINED_NAMES = frozenset({
-    "IMAGENET_HEAD", "KERAS_APPLICATIONS", "KERAS_WEIGHTS_URL", "WeightsError", "check_weights_compatible",
-    "load_imagenet_weights", "read_resnet_weights", "weight_file_name",
-})
+_PRETRAINED_NAMES = frozenset(
+    {
+        "IMAGENET_HEAD",
+        "KERAS_APPLICATIONS",
+        "KERAS_WEIGHTS_URL",
+        "WeightsError",
+        "check_weights_compatible",
+        "load_imagenet_weights",
+        "read_resnet_weights",
+        "weight_file_name",
+    }
+)
 
 
 def __getattr__(name):

@@ -194,9 +194,13 @@ def save_model(
         # Declared so that `mlflow.pyfunc.load_model(uri, model_config={...})` may override them at load
         # time; the environment variables (CARCLF_INFERENCE_PRECISION, CARCLF_MAX_PIXELS,
         # CARCLF_MAX_IMAGES_PER_REQUEST, CARCLF_MAX_REQUEST_BYTES, CARCLF_ERRORS) still win.
-        model_config={"inference_precision": inference_precision, "max_pixels": int(settings.max_pixels),
-                      "max_images_per_request": DEFAULT_MAX_IMAGES_PER_REQUEST,
-                      "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES, "errors": "raise"},
+        model_config={
+            "inference_precision": inference_precision,
+            "max_pixels": int(settings.max_pixels),
+            "max_images_per_request": DEFAULT_MAX_IMAGES_PER_REQUEST,
+            "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
+            "errors": "raise",
+        },
     )
     import keras
 
@@ -289,7 +293,9 @@ def log_model(
         calibration_data=calibration_data,
         validation_data=validation_data,
         registered_model_name=registered_model_name,
-        await_registration_for=DEFAULT_AWAIT_MAX_SLEEP_SECONDS if await_registration_for is None else await_registration_for,
+        await_registration_for=DEFAULT_AWAIT_MAX_SLEEP_SECONDS
+        if await_registration_for is None
+        else await_registration_for,
         params=params,
         tags=tags,
         model_type=model_type,

@@ -34,8 +34,10 @@ def input_schema():
     # passes base64 as plain strings), and its lenient decoder turns text that is not base64 into an empty image.
     # The image: base64 text (line breaks allowed) or raw bytes in-process. The bbox columns hold integer pixel
     # coordinates, checked by predict (naming the row): as `long` MLflow would cast 1.5 to 1 silently.
-    return Schema([ColSpec(AnyType(), IMAGE_COLUMN, required=False)]
-                  + [ColSpec(AnyType(), name, required=False) for name in BBOX_COLUMNS])
+    return Schema(
+        [ColSpec(AnyType(), IMAGE_COLUMN, required=False)]
+        + [ColSpec(AnyType(), name, required=False) for name in BBOX_COLUMNS]
+    )
 
 
 def params_schema():

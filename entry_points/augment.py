@@ -24,6 +24,7 @@ Output rows, per source image in input order: the original (``keep_original``), 
 Randomness is keyed by (seed, source row, copy number) and nothing else, so the output is byte-identical
 whatever the number of partitions, the master, or the retries, and equal to ``augment_in_process``.
 """
+
 import argparse
 import dataclasses
 import json
@@ -36,15 +37,14 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import h5py
 import numpy as np
 
-from carclf_flavor.images import PAD_VALUE
-from carclf.tracking.runs import log_new_params, step_run
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
+from carclf.compute.spark_session import SparkSetupError
 from carclf.data.hdf5_dataset import (
     DatasetError,
     HDF5SplitWriter,
@@ -52,7 +52,8 @@ from carclf.data.hdf5_dataset import (
     read_dataset_info,
     remove_stale_partials,
 )
-from carclf.compute.spark_session import SparkSetupError
+from carclf.tracking.runs import log_new_params, step_run
+from carclf_flavor.images import PAD_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +82,27 @@ class AugmentParams:
     """Which ops run (in this order) and how strong they are; every op keeps the image size."""
 
     ops: tuple = ("crop", "pad", "flip")
-    crop_scale: float = 0.8        # crop: random square of side U(crop_scale, 1) * S, resized back to S
-    pad_fraction: float = 0.1      # pad: pad by pad_fraction * S (grey) and crop back at a random offset
-    flip_prob: float = 0.5         # flip: horizontal mirror with this probability
-    rotate_degrees: float = 15.0   # rotate: angle U(-d, d), reflected borders
-    brightness: float = 0.2        # brightness: add U(-b, b) * 255
-    contrast: float = 0.2          # contrast: scale around the mean by U(1 - c, 1 + c)
-    hue_degrees: float = 10.0      # hue: rotate the hue by U(-h, h) degrees
-    blur_sigma: float = 1.0        # blur: Gaussian, sigma U(0.1, blur_sigma)
+    crop_scale: float = 0.8  # crop: random square of side U(crop_scale, 1) * S, resized back to S
+    pad_fraction: float = 0.1  # pad: pad by pad_fraction * S (grey) and crop back at a random offset
+    flip_prob: float = 0.5  # flip: horizontal mirror with this probability
+    rotate_degrees: float = 15.0  # rotate: angle U(-d, d), reflected borders
+    brightness: float = 0.2  # brightness: add U(-b, b) * 255
+    contrast: float = 0.2  # contrast: scale around the mean by U(1 - c, 1 + c)
+    hue_degrees: float = 10.0  # hue: rotate the hue by U(-h, h) degrees
+    blur_sigma: float = 1.0  # blur: Gaussian, sigma U(0.1, blur_sigma)
     cutout_fraction: float = 0.25  # cutout: one grey square of side cutout_fraction * S
 
     def __post_init__(self):
         limits = {
-            "crop_scale": (0.05, 1.0), "pad_fraction": (0.0, 0.5), "flip_prob": (0.0, 1.0),
-            "rotate_degrees": (0.0, 180.0), "brightness": (0.0, 1.0), "contrast": (0.0, 1.0),
-            "hue_degrees": (0.0, 180.0), "blur_sigma": (0.1, 20.0), "cutout_fraction": (0.01, 1.0),
+            "crop_scale": (0.05, 1.0),
+            "pad_fraction": (0.0, 0.5),
+            "flip_prob": (0.0, 1.0),
+            "rotate_degrees": (0.0, 180.0),
+            "brightness": (0.0, 1.0),
+            "contrast": (0.0, 1.0),
+            "hue_degrees": (0.0, 180.0),
+            "blur_sigma": (0.1, 20.0),
+            "cutout_fraction": (0.01, 1.0),
         }
         for name, (lo, hi) in limits.items():
             value = getattr(self, name)
@@ -124,6 +131,7 @@ class AugmentParams:
 # The ops: (S, S, 3) uint8 RGB in, same shape out. Each draws its random numbers unconditionally so the
 # stream of one op never depends on the outcome of another.
 
+
 def _cv2():
     import cv2
 
@@ -137,7 +145,7 @@ def _crop(img, rng, p: AugmentParams):
     y = int(rng.integers(0, size - side + 1))
     if side == size:
         return img
-    return _cv2().resize(img[y:y + side, x:x + side], (size, size), interpolation=_cv2().INTER_LINEAR)
+    return _cv2().resize(img[y : y + side, x : x + side], (size, size), interpolation=_cv2().INTER_LINEAR)
 
 
 def _pad(img, rng, p: AugmentParams):
@@ -153,7 +161,7 @@ def _pad(img, rng, p: AugmentParams):
     src_x, dst_x = (dx, 0) if dx > 0 else (0, -dx)
     src_y, dst_y = (dy, 0) if dy > 0 else (0, -dy)
     w, h = size - abs(dx), size - abs(dy)
-    out[dst_y:dst_y + h, dst_x:dst_x + w] = img[src_y:src_y + h, src_x:src_x + w]
+    out[dst_y : dst_y + h, dst_x : dst_x + w] = img[src_y : src_y + h, src_x : src_x + w]
     return out
 
 
@@ -207,13 +215,20 @@ def _cutout(img, rng, p: AugmentParams):
     cx, cy = int(rng.integers(0, size)), int(rng.integers(0, size))
     x1, y1 = max(0, cx - side // 2), max(0, cy - side // 2)
     out = img.copy()
-    out[y1:min(size, y1 + side), x1:min(size, x1 + side)] = PAD_VALUE
+    out[y1 : min(size, y1 + side), x1 : min(size, x1 + side)] = PAD_VALUE
     return out
 
 
 _OP_FUNCS: dict[str, Callable] = {
-    "crop": _crop, "pad": _pad, "flip": _flip, "rotate": _rotate, "brightness": _brightness,
-    "contrast": _contrast, "hue": _hue, "blur": _blur, "cutout": _cutout,
+    "crop": _crop,
+    "pad": _pad,
+    "flip": _flip,
+    "rotate": _rotate,
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "hue": _hue,
+    "blur": _blur,
+    "cutout": _cutout,
 }
 
 
@@ -231,6 +246,7 @@ def augment_image(image: np.ndarray, params: AugmentParams, rng: np.random.Gener
 
 # ---------------------------------------------------------------------------------------------------
 # One index range: read -> augment -> write. Runs inside a Spark task or in the plain in-process loop.
+
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
@@ -279,15 +295,20 @@ def _read_strings(ds, start, stop):
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in ds[start:stop]]
 
 
-def write_range(spec: JobSpec, writer: HDF5SplitWriter, source, start: int, stop: int,
-                on_chunk: Optional[Callable[[int], None]] = None) -> int:
+def write_range(
+    spec: JobSpec, writer: HDF5SplitWriter, source, start: int, stop: int, on_chunk: Callable[[int], None] | None = None
+) -> int:
     """Augment input rows [start, stop) of the open file ``source`` into ``writer``; returns rows written."""
     written = 0
     for chunk_start in range(start, stop, CHUNK):
         chunk_stop = min(stop, chunk_start + CHUNK)
         rows = _augment_chunk(
-            spec, chunk_start, source["images"][chunk_start:chunk_stop], source["labels"][chunk_start:chunk_stop],
-            _read_strings(source["filenames"], chunk_start, chunk_stop), source["bboxes"][chunk_start:chunk_stop],
+            spec,
+            chunk_start,
+            source["images"][chunk_start:chunk_stop],
+            source["labels"][chunk_start:chunk_stop],
+            _read_strings(source["filenames"], chunk_start, chunk_stop),
+            source["bboxes"][chunk_start:chunk_stop],
         )
         writer.append(*rows)
         written += len(rows[0])
@@ -314,7 +335,9 @@ class RowsIntoBlock:
     def append(self, images, labels, filenames, bboxes, source_index) -> None:
         images = np.ascontiguousarray(images, dtype=np.uint8)
         if images.size != len(images) * self.row_bytes:
-            raise AugmentError(f"augmented images of shape {images.shape[1:]} do not fit rows of {self.row_bytes} bytes")
+            raise AugmentError(
+                f"augmented images of shape {images.shape[1:]} do not fit rows of {self.row_bytes} bytes"
+            )
         data = memoryview(images).cast("B")
         while data:  # pwrite may write less than asked
             written = os.pwrite(self.fd, data, self.position)
@@ -329,9 +352,13 @@ class RowsIntoBlock:
         partial = partial_path(target)
         try:
             with open(partial, "wb") as handle:
-                np.savez(handle, labels=np.asarray(self.labels, np.int32), filenames=np.asarray(self.filenames, str),
-                         bboxes=np.asarray(self.bboxes, np.int32).reshape(-1, 4),
-                         source_index=np.asarray(self.source_index, np.int64))
+                np.savez(
+                    handle,
+                    labels=np.asarray(self.labels, np.int32),
+                    filenames=np.asarray(self.filenames, str),
+                    bboxes=np.asarray(self.bboxes, np.int32).reshape(-1, 4),
+                    source_index=np.asarray(self.source_index, np.int64),
+                )
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
@@ -372,8 +399,13 @@ def run_range(spec: JobSpec, start: int, stop: int) -> dict:
             writer.save_metadata(shard_path(shard_dir, start, stop))
         finally:
             writer.close()
-    return {"start": start, "stop": stop, "rows": rows, "seconds": time.perf_counter() - began,
-            "cpu_seconds": time.process_time() - cpu_began}
+    return {
+        "start": start,
+        "stop": stop,
+        "rows": rows,
+        "seconds": time.perf_counter() - began,
+        "cpu_seconds": time.process_time() - cpu_began,
+    }
 
 
 def _injected_failure(mode: str, start: int, stop: int) -> bool:
@@ -382,7 +414,7 @@ def _injected_failure(mode: str, start: int, stop: int) -> bool:
     if mode == "always":
         raise RuntimeError(f"injected failure in task for rows {start}..{stop} ({FAIL_ENV}=always)")
     if mode.startswith("once:"):
-        marker = pathlib.Path(mode[len("once:"):]) / f"failed-{start}-{stop}"
+        marker = pathlib.Path(mode[len("once:") :]) / f"failed-{start}-{stop}"
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
@@ -397,6 +429,7 @@ def _single_threaded_opencv() -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Driver side
+
 
 def plan_ranges(num_images: int, partitions: int) -> list[tuple[int, int]]:
     """``partitions`` contiguous, near-equal input row ranges (empty ones dropped)."""
@@ -479,7 +512,7 @@ class _TaskProgress:
             done = 0
             for job_id in tracker.getJobIdsForGroup(self.group):
                 job = tracker.getJobInfo(job_id)
-                for stage_id in (job.stageIds if job else []):
+                for stage_id in job.stageIds if job else []:
                     stage = tracker.getStageInfo(stage_id)
                     done += stage.numCompletedTasks if stage else 0
             if done != last:
@@ -498,7 +531,7 @@ class _TaskProgress:
             active = 0
             for job_id in tracker.getJobIdsForGroup(self.group):
                 job = tracker.getJobInfo(job_id)
-                for stage_id in (job.stageIds if job else []):
+                for stage_id in job.stageIds if job else []:
                     stage = tracker.getStageInfo(stage_id)
                     active += stage.numActiveTasks if stage else 0
             if active == 0:
@@ -516,8 +549,7 @@ class _TaskProgress:
         return False
 
 
-def merge_metadata(results: list[dict], ranges: list[tuple[int, int]], spec: JobSpec,
-                   writer: HDF5SplitWriter) -> int:
+def merge_metadata(results: list[dict], ranges: list[tuple[int, int]], spec: JobSpec, writer: HDF5SplitWriter) -> int:
     """Check every range's shard and write its metadata into ``writer`` (whose image block the tasks have
     filled); returns the number of rows. Any missing or wrong shard fails the job."""
     by_range = {(int(r["start"]), int(r["stop"])): r for r in results}
@@ -605,8 +637,11 @@ class AugmentConfig:
     hue_degrees: float = param(_STRENGTHS.hue_degrees, "hue: rotate the hue by U(-h, h) degrees")
     blur_sigma: float = param(_STRENGTHS.blur_sigma, "blur: Gaussian, sigma U(0.1, blur_sigma)")
     cutout_fraction: float = param(_STRENGTHS.cutout_fraction, "cutout: one grey square of side fraction * S")
-    spark_master: str = param("local[*]", "Spark master URL (local[N], local[N,maxFailures], spark://host:7077, "
-                                          "...); an active session (Databricks) is used as is")
+    spark_master: str = param(
+        "local[*]",
+        "Spark master URL (local[N], local[N,maxFailures], spark://host:7077, "
+        "...); an active session (Databricks) is used as is",
+    )
     partitions: int = param(0, "Spark tasks; 0 = automatic")
     seed: int = param(0, "augmentation seed (per source row and copy)")
     log_to_mlflow: bool = param(True, "log parameters, counts and a sample grid", cli=False, mlproject=False)
@@ -620,7 +655,14 @@ def augment(config: AugmentConfig | None = None, **overrides) -> dict:
     """
     c = resolve_config(AugmentConfig, config, **overrides)
     input, output, copies, keep_original, seed, partitions, spark_master = (  # noqa: A001 - the MLproject name
-        c.input, c.output, c.copies, c.keep_original, c.seed, c.partitions, c.spark_master)
+        c.input,
+        c.output,
+        c.copies,
+        c.keep_original,
+        c.seed,
+        c.partitions,
+        c.spark_master,
+    )
     params = AugmentParams.parse(c.ops, **{name: getattr(c, name) for name in STRENGTHS})
     input_path, output_path = _validate(input, output, int(copies), keep_original, int(seed), int(partitions))
     info, split = _input_meta(str(input_path))  # DatasetError for a missing or malformed file, before Spark starts
@@ -641,19 +683,43 @@ def augment(config: AugmentConfig | None = None, **overrides) -> dict:
     remove_stale_partials(output_path.parent, log)
     # The pid in the name lets the next run tell a killed run's shards from a live one's.
     shard_dir = output_path.parent / f".{output_path.name}.shards-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    spec = JobSpec(input=str(input_path), copies=int(copies), keep_original=bool(keep_original), params=params,
-                   seed=int(seed), shard_dir=str(shard_dir), fail_mode=os.environ.get(FAIL_ENV, ""))
-    log.info("augment: %d images x %d rows each -> %s on Spark %s, %d tasks", info.num_images,
-             spec.rows_per_source, output_path, master, len(ranges))
+    spec = JobSpec(
+        input=str(input_path),
+        copies=int(copies),
+        keep_original=bool(keep_original),
+        params=params,
+        seed=int(seed),
+        shard_dir=str(shard_dir),
+        fail_mode=os.environ.get(FAIL_ENV, ""),
+    )
+    log.info(
+        "augment: %d images x %d rows each -> %s on Spark %s, %d tasks",
+        info.num_images,
+        spec.rows_per_source,
+        output_path,
+        master,
+        len(ranges),
+    )
     shard_dir.mkdir()
     try:
         # Leaving this block by an exception removes the temporary output; tasks still running then
         # fail to open it (or write into a deleted file): nothing stays behind.
-        with HDF5SplitWriter(output_path, info.class_names, info.settings, split=split, with_source_index=True,
-                             expected_rows=info.num_images * spec.rows_per_source, preallocate_images=True,
-                             attrs=_file_attrs(spec, input_path, f"spark {master}")) as writer:
-            spec = dataclasses.replace(spec, output_tmp=str(writer.tmp_path), images_offset=writer.images_offset or 0,
-                                       row_bytes=writer.row_bytes)
+        with HDF5SplitWriter(
+            output_path,
+            info.class_names,
+            info.settings,
+            split=split,
+            with_source_index=True,
+            expected_rows=info.num_images * spec.rows_per_source,
+            preallocate_images=True,
+            attrs=_file_attrs(spec, input_path, f"spark {master}"),
+        ) as writer:
+            spec = dataclasses.replace(
+                spec,
+                output_tmp=str(writer.tmp_path),
+                images_offset=writer.images_offset or 0,
+                row_bytes=writer.row_bytes,
+            )
             spark_began = time.perf_counter()
             try:
                 results = run_on_spark(spark, spec, ranges) if ranges else []
@@ -669,44 +735,76 @@ def augment(config: AugmentConfig | None = None, **overrides) -> dict:
         shutil.rmtree(shard_dir, ignore_errors=True)
     seconds = time.perf_counter() - began
     summary = {
-        "output": str(output_path), "num_source_images": info.num_images, "num_output_images": total,
-        "num_augmented": info.num_images * spec.copies, "num_originals": info.num_images if keep_original else 0,
-        "partitions": len(ranges), "spark_master": master, "seconds": seconds, "seconds_spark_job": spark_s,
-        "seconds_merge": merge_s, "seconds_spark_startup": startup_s,
+        "output": str(output_path),
+        "num_source_images": info.num_images,
+        "num_output_images": total,
+        "num_augmented": info.num_images * spec.copies,
+        "num_originals": info.num_images if keep_original else 0,
+        "partitions": len(ranges),
+        "spark_master": master,
+        "seconds": seconds,
+        "seconds_spark_job": spark_s,
+        "seconds_merge": merge_s,
+        "seconds_spark_startup": startup_s,
         "images_per_second": total / seconds if seconds > 0 else 0.0,
         "task_seconds": sum(float(r["seconds"]) for r in results),
         # CPU time of the Python tasks and of the merge: the work done, whatever else shares the cores.
-        "task_cpu_seconds": sum(float(r["cpu_seconds"]) for r in results), "merge_cpu_seconds": merge_cpu_s,
+        "task_cpu_seconds": sum(float(r["cpu_seconds"]) for r in results),
+        "merge_cpu_seconds": merge_cpu_s,
     }
-    log.info("augment: wrote %d images to %s in %.1f s (%.0f images/s)", total, output_path, seconds,
-             summary["images_per_second"])
+    log.info(
+        "augment: wrote %d images to %s in %.1f s (%.0f images/s)",
+        total,
+        output_path,
+        seconds,
+        summary["images_per_second"],
+    )
     if c.log_to_mlflow:
         _log_to_mlflow(summary, spec, input_path, output_path)
     return summary
 
 
-def augment_in_process(input, output, copies: int = AugmentConfig.copies,
-                       keep_original: bool = AugmentConfig.keep_original, ops: str = AugmentConfig.ops,
-                       seed: int = AugmentConfig.seed, **strengths) -> dict:
+def augment_in_process(
+    input,
+    output,
+    copies: int = AugmentConfig.copies,
+    keep_original: bool = AugmentConfig.keep_original,
+    ops: str = AugmentConfig.ops,
+    seed: int = AugmentConfig.seed,
+    **strengths,
+) -> dict:
     """The same augmentation as a plain single-process loop, no Spark: the benchmark's baseline and the
     reference the Spark output must equal byte for byte."""
     params = AugmentParams.parse(ops, **strengths)
     input_path, output_path = _validate(input, output, int(copies), keep_original, int(seed), 0)
     info, split = _input_meta(str(input_path))
-    spec = JobSpec(input=str(input_path), copies=int(copies), keep_original=bool(keep_original), params=params,
-                   seed=int(seed))
+    spec = JobSpec(
+        input=str(input_path), copies=int(copies), keep_original=bool(keep_original), params=params, seed=int(seed)
+    )
     _single_threaded_opencv()
     began, cpu_began = time.perf_counter(), time.process_time()
     total = info.num_images * spec.rows_per_source
-    with h5py.File(input_path, "r") as source, HDF5SplitWriter(
-        output_path, info.class_names, info.settings, split=split, with_source_index=True, expected_rows=total,
-        attrs=_file_attrs(spec, input_path, "in-process"),
-    ) as writer:
+    with (
+        h5py.File(input_path, "r") as source,
+        HDF5SplitWriter(
+            output_path,
+            info.class_names,
+            info.settings,
+            split=split,
+            with_source_index=True,
+            expected_rows=total,
+            attrs=_file_attrs(spec, input_path, "in-process"),
+        ) as writer,
+    ):
         write_range(spec, writer, source, 0, info.num_images)
     seconds = time.perf_counter() - began
-    return {"output": str(output_path), "num_output_images": total, "seconds": seconds,
-            "cpu_seconds": time.process_time() - cpu_began,
-            "images_per_second": total / seconds if seconds > 0 else 0.0}
+    return {
+        "output": str(output_path),
+        "num_output_images": total,
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_began,
+        "images_per_second": total / seconds if seconds > 0 else 0.0,
+    }
 
 
 def _default_parallelism(spark) -> int:
@@ -734,15 +832,37 @@ def _log_to_mlflow(summary: dict, spec: JobSpec, input_path: pathlib.Path, outpu
     import mlflow
 
     with step_run():
-        log_new_params({
-            "input": str(input_path), "output": str(output_path), "copies": spec.copies,
-            "keep_original": spec.keep_original, "seed": spec.seed, "spark_master": summary["spark_master"],
-            "partitions": summary["partitions"], **spec.params.to_dict(),
-        })
-        mlflow.log_metrics({k: float(summary[k]) for k in (
-            "num_source_images", "num_output_images", "num_augmented", "num_originals", "seconds",
-            "seconds_spark_job", "seconds_merge", "seconds_spark_startup", "images_per_second", "task_seconds",
-            "task_cpu_seconds", "merge_cpu_seconds")})
+        log_new_params(
+            {
+                "input": str(input_path),
+                "output": str(output_path),
+                "copies": spec.copies,
+                "keep_original": spec.keep_original,
+                "seed": spec.seed,
+                "spark_master": summary["spark_master"],
+                "partitions": summary["partitions"],
+                **spec.params.to_dict(),
+            }
+        )
+        mlflow.log_metrics(
+            {
+                k: float(summary[k])
+                for k in (
+                    "num_source_images",
+                    "num_output_images",
+                    "num_augmented",
+                    "num_originals",
+                    "seconds",
+                    "seconds_spark_job",
+                    "seconds_merge",
+                    "seconds_spark_startup",
+                    "images_per_second",
+                    "task_seconds",
+                    "task_cpu_seconds",
+                    "merge_cpu_seconds",
+                )
+            }
+        )
         grid = sample_grid(input_path, output_path, spec.copies)
         if grid is not None:
             from carclf.reporting.reports import log_png
@@ -750,7 +870,7 @@ def _log_to_mlflow(summary: dict, spec: JobSpec, input_path: pathlib.Path, outpu
             log_png(grid, "augment_samples.png")
 
 
-def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies: int = 5) -> Optional[np.ndarray]:
+def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies: int = 5) -> np.ndarray | None:
     """A picture: each row one source image (original) beside its first augmented variants."""
     if copies == 0:
         return None
@@ -782,14 +902,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(summary: dict, config: AugmentConfig) -> None:
-    print(json.dumps({k: summary[k] for k in ("output", "num_source_images", "num_output_images",
-                                              "images_per_second")}))
+    print(
+        json.dumps({k: summary[k] for k in ("output", "num_source_images", "num_output_images", "images_per_second")})
+    )
 
 
 def main(argv=None) -> int:
     logging.getLogger("py4j").setLevel(logging.WARNING)  # one INFO line per Py4J connection otherwise
-    return run_step(augment, AugmentConfig, _PROG, __doc__.splitlines()[0], argv,
-                    expected_errors=(AugmentError, DatasetError, SparkSetupError), print_result=_print_summary)
+    return run_step(
+        augment,
+        AugmentConfig,
+        _PROG,
+        __doc__.splitlines()[0],
+        argv,
+        expected_errors=(AugmentError, DatasetError, SparkSetupError),
+        print_result=_print_summary,
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import logging
 import socket
 import sys
 
-from carclf.demo.app import DEFAULT_MAX_FILES, DEFAULT_MAX_UPLOAD_BYTES
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
+from carclf.demo.app import DEFAULT_MAX_FILES, DEFAULT_MAX_UPLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,15 @@ def _error_line(exc: BaseException, config: DemoConfig) -> str | None:
 
 
 def main(argv=None) -> int:
-    return run_step(demo, DemoConfig, "python -m entry_points.demo", __doc__.splitlines()[0], argv,
-                    error_line=_error_line, print_result=lambda result, config: None)
+    return run_step(
+        demo,
+        DemoConfig,
+        "python -m entry_points.demo",
+        __doc__.splitlines()[0],
+        argv,
+        error_line=_error_line,
+        print_result=lambda result, config: None,
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ target URI and finds the credential source from environment variables and files 
 Azure is reachable (TCP only, short timeouts): a missing login fails in seconds with one line, instead of
 minutes later inside the plugin (whose credential chain ends in interactive/device-code logins).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Optional
 
+from carclf.cli.step_config import build_parser as build_parser_for
+from carclf.cli.step_config import param, resolve_config, run_step
 from carclf.deployment.azure_preflight import (
     AUTH_CHOICES,
     PreflightError,
@@ -39,8 +41,6 @@ from carclf.deployment.azure_preflight import (
     is_azureml_target,
     parse_target,
 )
-from carclf.cli.step_config import build_parser as build_parser_for
-from carclf.cli.step_config import param, resolve_config, run_step
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,22 @@ DEPLOYMENT_SLOTS = ("blue", "green")
 # answers any exception with HTTP 500 and a fixed text, so on Azure a bad photo gets a per-row `error`.
 AZURE_ENVIRONMENT = {"CARCLF_ERRORS": "coerce"}
 # Smallest instance types Azure's MLflow no-code deployments are sized for (4 vCPUs, 14+ GiB).
-_SMALL_INSTANCES = {"standard_ds1_v2", "standard_ds2_v2", "standard_f2s_v2", "standard_d2as_v4", "standard_e2s_v3",
-                    "standard_f1s", "standard_f2s", "standard_ds1", "standard_ds2", "standard_a1_v2",
-                    "standard_a2_v2", "standard_d2a_v4", "standard_d2s_v3", "standard_ds11_v2"}
+_SMALL_INSTANCES = {
+    "standard_ds1_v2",
+    "standard_ds2_v2",
+    "standard_f2s_v2",
+    "standard_d2as_v4",
+    "standard_e2s_v3",
+    "standard_f1s",
+    "standard_f2s",
+    "standard_ds1",
+    "standard_ds2",
+    "standard_a1_v2",
+    "standard_a2_v2",
+    "standard_d2a_v4",
+    "standard_d2s_v3",
+    "standard_ds11_v2",
+}
 LOCAL_TARGET = "carclf-local"
 PROJECT_DIR = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIG_DIR = PROJECT_DIR / "deploy"
@@ -70,7 +83,13 @@ _PROBE_LIVENESS = {"initial_delay": 120, "period": 10, "timeout": 10, "failure_t
 # restarts the container in the middle of that install, forever. Liveness waits 10 minutes, readiness 5,
 # and both tolerate 30 more failures 10 s apart.
 _MANAGED_LIVENESS = {"initial_delay": 600, "period": 10, "timeout": 10, "failure_threshold": 30, "success_threshold": 1}
-_MANAGED_READINESS = {"initial_delay": 300, "period": 10, "timeout": 10, "failure_threshold": 30, "success_threshold": 1}
+_MANAGED_READINESS = {
+    "initial_delay": 300,
+    "period": 10,
+    "timeout": 10,
+    "failure_threshold": 30,
+    "success_threshold": 1,
+}
 
 
 class DeployError(Exception):
@@ -124,14 +143,19 @@ def build_deploy_config(
             "computeTargetName": aks_compute.strip(),
             "containerResourceRequirements": resources,
             "autoScaler": {
-                "autoscaleEnabled": True, "minReplicas": min_replicas, "maxReplicas": max_replicas,
-                "targetUtilization": 70, "refreshPeriodInSeconds": 10,
+                "autoscaleEnabled": True,
+                "minReplicas": min_replicas,
+                "maxReplicas": max_replicas,
+                "targetUtilization": 70,
+                "refreshPeriodInSeconds": 10,
             },
             "scoringTimeoutMs": request_timeout_s * 1000,
             "maxConcurrentRequestsPerContainer": max_concurrent_requests,
             "livenessProbeRequirements": {
-                "initialDelaySeconds": _PROBE_LIVENESS["initial_delay"], "periodSeconds": _PROBE_LIVENESS["period"],
-                "timeoutSeconds": _PROBE_LIVENESS["timeout"], "failureThreshold": _PROBE_LIVENESS["failure_threshold"],
+                "initialDelaySeconds": _PROBE_LIVENESS["initial_delay"],
+                "periodSeconds": _PROBE_LIVENESS["period"],
+                "timeoutSeconds": _PROBE_LIVENESS["timeout"],
+                "failureThreshold": _PROBE_LIVENESS["failure_threshold"],
                 "successThreshold": _PROBE_LIVENESS["success_threshold"],
             },
             "authEnabled": bool(auth_enabled),
@@ -145,8 +169,10 @@ def build_deploy_config(
     if not instance_type or not instance_type.strip():
         raise DeployError("compute=managed needs instance_type, e.g. Standard_DS3_v2")
     if instance_type.strip().lower() in _SMALL_INSTANCES:
-        raise DeployError(f"instance_type {instance_type.strip()!r} is too small for a TensorFlow model served by "
-                          "Azure's no-code scorer: use Standard_DS3_v2 or larger")
+        raise DeployError(
+            f"instance_type {instance_type.strip()!r} is too small for a TensorFlow model served by "
+            "Azure's no-code scorer: use Standard_DS3_v2 or larger"
+        )
     if instance_count < 1:
         raise DeployError(f"instance_count must be >= 1, got {instance_count}")
     if request_timeout_s > 180:
@@ -247,8 +273,9 @@ def resolve_model_uri(model_uri: str) -> str:
             resolved = max(int(v.version) for v in versions)
     except MlflowException as exc:
         what = f"alias {alias!r}" if alias else "its latest version"
-        raise DeployError(f"model_uri {model_uri!r}: cannot resolve {what} of registered model {name!r} "
-                          f"({_one_line(exc.message)})") from None
+        raise DeployError(
+            f"model_uri {model_uri!r}: cannot resolve {what} of registered model {name!r} ({_one_line(exc.message)})"
+        ) from None
     resolved_uri = f"models:/{name}/{resolved}"
     log.info("%s is %s", model_uri, resolved_uri)
     return resolved_uri
@@ -330,7 +357,11 @@ def _exists(client, name: str) -> bool:
         _call_plugin(f"looking up deployment {name!r}", client.get_deployment, name)
     except MlflowException as exc:
         text = str(exc.message if hasattr(exc, "message") else exc)
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "No deployment with name" in text or "no deployment named" in text:
+        if (
+            exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+            or "No deployment with name" in text
+            or "no deployment named" in text
+        ):
             return False
         raise
     return True
@@ -338,8 +369,21 @@ def _exists(client, name: str) -> bool:
 
 def _summary(deployment: dict) -> dict:
     """What is worth keeping in the run: no keys or tokens, just where and what."""
-    keep = ("name", "flavor", "model_uri", "model_version", "url", "port", "pid", "status", "state",
-            "scoringUri", "scoring_uri", "computeType", "provisioning_state")
+    keep = (
+        "name",
+        "flavor",
+        "model_uri",
+        "model_version",
+        "url",
+        "port",
+        "pid",
+        "status",
+        "state",
+        "scoringUri",
+        "scoring_uri",
+        "computeType",
+        "provisioning_state",
+    )
     summary = {k: deployment[k] for k in keep if k in deployment}
     properties = deployment.get("properties")
     if isinstance(properties, dict):
@@ -371,8 +415,11 @@ class DeployConfig:
     model_uri: str = param(help="models:/<name>/<version>")
     target: str = param(LOCAL_TARGET, "azureml://<region>.api.azureml.ms/mlflow/v1.0/... or carclf-local")
     name: str = param("car-resnet", "deployment name")
-    compute: str = param("managed", "managed online endpoint (default); aci/aks are deprecated SDK v1 web services",
-                         choices=COMPUTE_CHOICES)
+    compute: str = param(
+        "managed",
+        "managed online endpoint (default); aci/aks are deprecated SDK v1 web services",
+        choices=COMPUTE_CHOICES,
+    )
     traffic: int = param(100, "managed: the new deployment's share, 1-100")
     delete_old: bool = param(False, "managed: delete deployments left at 0%")
     smoke_image: str | None = param(None, "managed: photo for the smoke test")
@@ -382,8 +429,9 @@ class DeployConfig:
     instance_type: str = param("Standard_DS3_v2", "managed: VM size")
     instance_count: int = param(1, "managed: instances")
     auth: str = param("auto", "how to sign in to Azure", choices=AUTH_CHOICES)
-    config_dir: str | None = param(None, "keep the generated deploy-config file here (default: temporary, logged "
-                                         "to the run)")
+    config_dir: str | None = param(
+        None, "keep the generated deploy-config file here (default: temporary, logged to the run)"
+    )
     aks_compute: str = param("aks-cluster", "AKS cluster attached to the workspace")
     min_replicas: int = param(1, "aks: fewest replicas")
     max_replicas: int = param(4, "aks: most replicas")
@@ -413,11 +461,22 @@ def deploy(config: DeployConfig | None = None, **overrides) -> dict:
     Takes a ``DeployConfig`` or its fields as keywords (``deploy(model_uri=..., target=..., name=...)``).
     """
     c = resolve_config(DeployConfig, config, **overrides)
-    model_uri, target, name, compute, auth, config_dir = (c.model_uri, c.target, c.name, c.compute, c.auth,
-                                                          c.config_dir)
+    model_uri, target, name, compute, auth, config_dir = (
+        c.model_uri,
+        c.target,
+        c.name,
+        c.compute,
+        c.auth,
+        c.config_dir,
+    )
     network_check, network_timeout_s, request_timeout_s = c.network_check, c.network_timeout_s, c.request_timeout
     cpu_cores, memory_gb, instance_type, instance_count = c.cpu_cores, c.memory_gb, c.instance_type, c.instance_count
-    aks_compute, min_replicas, max_replicas, auth_enabled = c.aks_compute, c.min_replicas, c.max_replicas, c.auth_enabled
+    aks_compute, min_replicas, max_replicas, auth_enabled = (
+        c.aks_compute,
+        c.min_replicas,
+        c.max_replicas,
+        c.auth_enabled,
+    )
     traffic, delete_old, smoke_image, endpoint_auth = c.traffic, c.delete_old, c.smoke_image, c.endpoint_auth
     port, workers, host, home = c.port, c.workers, c.host, c.home
     if not model_uri:
@@ -426,28 +485,45 @@ def deploy(config: DeployConfig | None = None, **overrides) -> dict:
         raise DeployError(f"target is empty: give an azureml://... workspace URI or {LOCAL_TARGET}")
     if is_azureml_target(target):
         return _deploy_azure(
-            model_uri, target, name, compute=compute, auth=auth, config_dir=config_dir,
-            network_check=network_check, network_timeout_s=network_timeout_s,
-            config_kwargs=dict(cpu_cores=cpu_cores, memory_gb=memory_gb, instance_type=instance_type,
-                               instance_count=instance_count, aks_compute=aks_compute, min_replicas=min_replicas,
-                               max_replicas=max_replicas, request_timeout_s=request_timeout_s,
-                               auth_enabled=auth_enabled),
-            rollout=dict(traffic=traffic, delete_old=delete_old, smoke_image=smoke_image,
-                         endpoint_auth=endpoint_auth),
+            model_uri,
+            target,
+            name,
+            compute=compute,
+            auth=auth,
+            config_dir=config_dir,
+            network_check=network_check,
+            network_timeout_s=network_timeout_s,
+            config_kwargs=dict(
+                cpu_cores=cpu_cores,
+                memory_gb=memory_gb,
+                instance_type=instance_type,
+                instance_count=instance_count,
+                aks_compute=aks_compute,
+                min_replicas=min_replicas,
+                max_replicas=max_replicas,
+                request_timeout_s=request_timeout_s,
+                auth_enabled=auth_enabled,
+            ),
+            rollout=dict(traffic=traffic, delete_old=delete_old, smoke_image=smoke_image, endpoint_auth=endpoint_auth),
         )
     if target.split(":", 1)[0] == LOCAL_TARGET:
-        local_config = {"port": port, "workers": workers, "host": host, "home": home,
-                        "timeout": request_timeout_s}
-        return _deploy_local(model_uri, target, name, {k: str(v) for k, v in local_config.items() if v not in (None, "")})
+        local_config = {"port": port, "workers": workers, "host": host, "home": home, "timeout": request_timeout_s}
+        return _deploy_local(
+            model_uri, target, name, {k: str(v) for k, v in local_config.items() if v not in (None, "")}
+        )
     raise DeployError(f"unsupported target {target!r}: use an azureml://... workspace URI or {LOCAL_TARGET}")
 
 
 def _check_rollout(traffic, delete_old, smoke_image, endpoint_auth) -> bytes:
     """Offline checks of the blue/green parameters; returns the smoke-test photo's bytes."""
     if isinstance(traffic, bool) or not isinstance(traffic, int) or not 1 <= traffic <= 100:
-        raise DeployError(f"traffic must be a whole percentage from 1 to 100 (the new deployment's share), got {traffic!r}")
+        raise DeployError(
+            f"traffic must be a whole percentage from 1 to 100 (the new deployment's share), got {traffic!r}"
+        )
     if delete_old and traffic != 100:
-        raise DeployError(f"delete_old needs traffic=100 (a {traffic}% canary still sends the rest to the old deployment)")
+        raise DeployError(
+            f"delete_old needs traffic=100 (a {traffic}% canary still sends the rest to the old deployment)"
+        )
     build_endpoint_config(endpoint_auth)
     if smoke_image:
         path = pathlib.Path(smoke_image)
@@ -484,8 +560,10 @@ def _check_azure_plugin_installed() -> None:
     except ModuleNotFoundError:
         found = False
     if not found:
-        raise DeployError("the azureml target needs the Azure ML plugin: pip install 'carclf[azure]' "
-                          "(azureml-mlflow 1.62, which pins MLflow 3.15.0)")
+        raise DeployError(
+            "the azureml target needs the Azure ML plugin: pip install 'carclf[azure]' "
+            "(azureml-mlflow 1.62, which pins MLflow 3.15.0)"
+        )
 
 
 def _check_azure_scorer_can_boot(model_uri: str) -> None:
@@ -498,8 +576,11 @@ def _check_azure_scorer_can_boot(model_uri: str) -> None:
     except Exception:  # an unreadable model is reported by the plugin itself, with its own reason
         return
     outputs = signature.outputs if signature is not None else None
-    nested = [column.name for column in (outputs.inputs if outputs is not None else [])
-              if not isinstance(column.type, DataType)]
+    nested = [
+        column.name
+        for column in (outputs.inputs if outputs is not None else [])
+        if not isinstance(column.type, DataType)
+    ]
     if nested:
         raise DeployError(
             f"model {model_uri}: its output schema has columns that are not plain types ({', '.join(map(str, nested))}), "
@@ -507,8 +588,9 @@ def _check_azure_scorer_can_boot(model_uri: str) -> None:
         )
 
 
-def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_check, network_timeout_s,
-                  config_kwargs, rollout) -> dict:
+def _deploy_azure(
+    model_uri, target, name, compute, auth, config_dir, network_check, network_timeout_s, config_kwargs, rollout
+) -> dict:
     # 1. Everything that can be checked offline, before anything is written or sent.
     _check_azure_plugin_installed()
     if not _AZURE_NAME.match(name or ""):
@@ -524,8 +606,11 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
     if managed:
         smoke_photo = _check_rollout(**rollout)
     else:
-        log.warning("compute=%s is deprecated: Azure ML SDK v1 web services (ACI/AKS) lost support on 2026-06-30; "
-                    "use compute=managed (the default) for a managed online endpoint", compute)
+        log.warning(
+            "compute=%s is deprecated: Azure ML SDK v1 web services (ACI/AKS) lost support on 2026-06-30; "
+            "use compute=managed (the default) for a managed online endpoint",
+            compute,
+        )
     credential = find_credential(auth, azure_target)
     log.info("credential source: %s", credential.detail)
     if network_check:
@@ -540,7 +625,9 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
     if not registry.startswith("azureml"):
         log.warning(
             "the azureml plugin deploys %s from the WORKSPACE's model registry (current registry: %s): "
-            "register the model there first (MLFLOW_TRACKING_URI=<workspace URI>)", model_uri, registry,
+            "register the model there first (MLFLOW_TRACKING_URI=<workspace URI>)",
+            model_uri,
+            registry,
         )
     # 2. Write the config files (kept in config_dir, or a temporary folder removed at the end).
     scratch = None
@@ -554,29 +641,58 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
         from carclf.tracking.runs import log_new_params, step_run
 
         with step_run():
-            log_new_params({"target": target, "name": name, "model_uri": model_uri, "compute": compute,
-                            "auth": credential.kind, **({"traffic": rollout["traffic"]} if managed else {})})
+            log_new_params(
+                {
+                    "target": target,
+                    "name": name,
+                    "model_uri": model_uri,
+                    "compute": compute,
+                    "auth": credential.kind,
+                    **({"traffic": rollout["traffic"]} if managed else {}),
+                }
+            )
             mlflow.log_artifact(str(config_path), artifact_path="deploy")
-            with _env_defaults({"AZUREML_CURRENT_CLOUD": azure_target.cloud,
-                                **_narrowed_credential_env(credential.token_credentials)}):
+            with _env_defaults(
+                {"AZUREML_CURRENT_CLOUD": azure_target.cloud, **_narrowed_credential_env(credential.token_credentials)}
+            ):
                 client = _call_plugin("building the azureml deployment client", get_deploy_client, target)
                 if managed:
-                    result = _blue_green(client, name, model_uri, config_path, folder, smoke_photo, **{
-                        k: rollout[k] for k in ("traffic", "delete_old", "endpoint_auth")})
+                    result = _blue_green(
+                        client,
+                        name,
+                        model_uri,
+                        config_path,
+                        folder,
+                        smoke_photo,
+                        **{k: rollout[k] for k in ("traffic", "delete_old", "endpoint_auth")},
+                    )
                     mlflow.log_dict(result, "deploy/rollout.json")
-                    mlflow.set_tags({"carclf.deploy.action": result["action"], "carclf.deploy.target": target,
-                                     "carclf.deploy.deployment": result["deployment"]})
-                    return {"name": name, "flavor": "python_function", "target": target, "model_uri": model_uri,
-                            "config_file": str(config_path) if scratch is None else None, **result}
+                    mlflow.set_tags(
+                        {
+                            "carclf.deploy.action": result["action"],
+                            "carclf.deploy.target": target,
+                            "carclf.deploy.deployment": result["deployment"],
+                        }
+                    )
+                    return {
+                        "name": name,
+                        "flavor": "python_function",
+                        "target": target,
+                        "model_uri": model_uri,
+                        "config_file": str(config_path) if scratch is None else None,
+                        **result,
+                    }
                 deploy_config = {"deploy-config-file": str(config_path)}
                 if _exists(client, name):
-                    _call_plugin(f"updating {name!r}", client.update_deployment, name, model_uri=model_uri,
-                                 config=deploy_config)
+                    _call_plugin(
+                        f"updating {name!r}", client.update_deployment, name, model_uri=model_uri, config=deploy_config
+                    )
                     action = "updated"
                     deployment = _call_plugin(f"reading back {name!r}", client.get_deployment, name)
                 else:
-                    deployment = _call_plugin(f"creating {name!r}", client.create_deployment, name, model_uri,
-                                              config=deploy_config)
+                    deployment = _call_plugin(
+                        f"creating {name!r}", client.create_deployment, name, model_uri, config=deploy_config
+                    )
                     action = "created"
             summary = _summary(deployment)
             mlflow.set_tags({"carclf.deploy.action": action, "carclf.deploy.target": target})
@@ -584,9 +700,15 @@ def _deploy_azure(model_uri, target, name, compute, auth, config_dir, network_ch
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    return {"name": name, "flavor": deployment.get("flavor", "python_function"), "target": target,
-            "model_uri": model_uri, "action": action,
-            "config_file": str(config_path) if scratch is None else None, "deployment": summary}
+    return {
+        "name": name,
+        "flavor": deployment.get("flavor", "python_function"),
+        "target": target,
+        "model_uri": model_uri,
+        "action": action,
+        "config_file": str(config_path) if scratch is None else None,
+        "deployment": summary,
+    }
 
 
 # ------------------------------------------------------------------------------- managed: blue/green
@@ -660,8 +782,9 @@ def smoke_test(client, endpoint: str, deployment: str, photo: bytes) -> dict:
         text = _one_line(getattr(azure, "message", None) or azure) or type(azure).__name__
         # Azure's scoring script hides the model's exception behind a fixed text: say where the cause is.
         logs = f"az ml online-deployment get-logs -e {endpoint} -n {deployment}"
-        raise DeployError(f"{what} failed: {'HTTP ' + str(status) + ': ' if status else ''}{text} "
-                          f"(deployment log: {logs})") from None
+        raise DeployError(
+            f"{what} failed: {'HTTP ' + str(status) + ': ' if status else ''}{text} (deployment log: {logs})"
+        ) from None
     rows = answer.to_dict(orient="records") if hasattr(answer, "to_dict") else list(answer)
     if len(rows) != 1:
         raise DeployError(f"{what} failed: expected 1 answer for 1 photo, got {len(rows)}")
@@ -680,21 +803,38 @@ def _blue_green(client, name, model_uri, config_path, folder, photo, traffic, de
     if created_endpoint:
         endpoint_file = write_config(build_endpoint_config(endpoint_auth), folder, "endpoint")
         log.info("creating managed online endpoint %r (%s auth)", name, endpoint_auth)
-        endpoint = _call_plugin(f"creating endpoint {name!r}", client.create_endpoint, name,
-                                config={"endpoint-config-file": str(endpoint_file)})
+        endpoint = _call_plugin(
+            f"creating endpoint {name!r}",
+            client.create_endpoint,
+            name,
+            config={"endpoint-config-file": str(endpoint_file)},
+        )
     before = _traffic_of(endpoint)
-    existing = [d["name"] for d in _call_plugin(f"listing the deployments of {name!r}", client.list_deployments,
-                                                endpoint=name)]
+    existing = [
+        d["name"] for d in _call_plugin(f"listing the deployments of {name!r}", client.list_deployments, endpoint=name)
+    ]
     slot = choose_slot(before, existing)
     deploy_config = {"deploy-config-file": str(config_path)}
     if slot in existing:
         log.info("updating idle deployment %r of %r with %s (0%% traffic)", slot, name, model_uri)
-        _call_plugin(f"updating deployment {slot!r}", client.update_deployment, slot, model_uri=model_uri,
-                     config=deploy_config, endpoint=name)
+        _call_plugin(
+            f"updating deployment {slot!r}",
+            client.update_deployment,
+            slot,
+            model_uri=model_uri,
+            config=deploy_config,
+            endpoint=name,
+        )
     else:
         log.info("creating deployment %r of %r with %s (0%% traffic)", slot, name, model_uri)
-        _call_plugin(f"creating deployment {slot!r}", client.create_deployment, slot, model_uri,
-                     config=deploy_config, endpoint=name)
+        _call_plugin(
+            f"creating deployment {slot!r}",
+            client.create_deployment,
+            slot,
+            model_uri,
+            config=deploy_config,
+            endpoint=name,
+        )
     try:
         answer = smoke_test(client, name, slot, photo)
     except DeployError as exc:
@@ -702,8 +842,12 @@ def _blue_green(client, name, model_uri, config_path, folder, photo, traffic, de
     log.info("smoke test of %r passed: %s", slot, answer.get("label"))
     after = split_traffic({**{d: 0 for d in existing}, **before}, slot, traffic)
     traffic_file = write_config(build_endpoint_config(traffic=after), folder, "traffic")
-    endpoint = _call_plugin(f"moving traffic of {name!r} to {slot!r}", client.update_endpoint, name,
-                            config={"endpoint-config-file": str(traffic_file)})
+    endpoint = _call_plugin(
+        f"moving traffic of {name!r} to {slot!r}",
+        client.update_endpoint,
+        name,
+        config={"endpoint-config-file": str(traffic_file)},
+    )
     deleted = []
     if delete_old:
         for old in existing:
@@ -711,16 +855,21 @@ def _blue_green(client, name, model_uri, config_path, folder, photo, traffic, de
                 _call_plugin(f"deleting old deployment {old!r}", client.delete_deployment, old, endpoint=name)
                 deleted.append(old)
     properties = endpoint.get("properties") or {} if isinstance(endpoint, dict) else {}
-    return {"action": "created endpoint" if created_endpoint else ("canary" if traffic < 100 else "switched"),
-            "endpoint": name, "deployment": slot, "traffic_before": before, "traffic": _traffic_of(endpoint) or after,
-            "deleted": deleted, "scoring_uri": properties.get("scoringUri"),
-            "smoke_test": {k: answer[k] for k in ("label", "prob") if k in answer}}
+    return {
+        "action": "created endpoint" if created_endpoint else ("canary" if traffic < 100 else "switched"),
+        "endpoint": name,
+        "deployment": slot,
+        "traffic_before": before,
+        "traffic": _traffic_of(endpoint) or after,
+        "deleted": deleted,
+        "scoring_uri": properties.get("scoringUri"),
+        "smoke_test": {k: answer[k] for k in ("label", "prob") if k in answer},
+    }
 
 
 def _deploy_local(model_uri, target, name, config) -> dict:
     import mlflow
     from mlflow.deployments import get_deploy_client
-
     from mlflow.exceptions import MlflowException
 
     from carclf.deployment.local_target import parse_config, validate_name
@@ -746,11 +895,23 @@ def _deploy_local(model_uri, target, name, config) -> dict:
             deployment = client.create_deployment(name, model_uri, config=config)
             action = "created"
         summary = _summary(deployment)
-        mlflow.set_tags({"carclf.deploy.action": action, "carclf.deploy.target": target,
-                         "carclf.deploy.url": deployment.get("url", "")})
+        mlflow.set_tags(
+            {
+                "carclf.deploy.action": action,
+                "carclf.deploy.target": target,
+                "carclf.deploy.url": deployment.get("url", ""),
+            }
+        )
         mlflow.log_dict(summary, "deploy/deployment.json")
-    return {"name": name, "flavor": deployment.get("flavor", "python_function"), "target": target,
-            "model_uri": model_uri, "action": action, "config_file": None, "deployment": summary}
+    return {
+        "name": name,
+        "flavor": deployment.get("flavor", "python_function"),
+        "target": target,
+        "model_uri": model_uri,
+        "action": action,
+        "config_file": None,
+        "deployment": summary,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -776,7 +937,7 @@ def _is_known_failure(exc: BaseException) -> bool:
     return isinstance(exc, known)
 
 
-def _error_line(exc: BaseException, config: DeployConfig) -> Optional[str]:
+def _error_line(exc: BaseException, config: DeployConfig) -> str | None:
     if isinstance(exc, (DeployError, PreflightError)):
         return str(exc)
     if not _is_known_failure(exc):  # MlflowException and the Azure SDK's errors: one line, cause included
@@ -797,8 +958,16 @@ def main(argv=None) -> int:
     # The Azure SDK logs every HTTP request and the plugin every URI parse at INFO: keep the output readable.
     for noisy in ("azure", "azureml", "msal", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return run_step(deploy, DeployConfig, _PROG, __doc__.split("\n")[0], argv, error_line=_error_line,
-                    print_result=_print_result, log_format="%(levelname)s %(name)s: %(message)s")
+    return run_step(
+        deploy,
+        DeployConfig,
+        _PROG,
+        __doc__.split("\n")[0],
+        argv,
+        error_line=_error_line,
+        print_result=_print_result,
+        log_format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 if __name__ == "__main__":

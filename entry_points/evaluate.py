@@ -12,6 +12,7 @@ Metrics ``test_top1``, ``test_top5``, ``test_macro_f1``, ``test_num_images``; ar
 ``evaluation/misclassified_gallery.png`` (each mistake beside its Grad-CAM heatmap for the wrong guess); tags
 link the model URI and the run that produced the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,16 +20,15 @@ import dataclasses
 import logging
 import pathlib
 import sys
-from typing import Optional
 
 import numpy as np
 
-from carclf.tracking.runs import log_new_params
-from carclf.data.hdf5_dataset import DatasetError
-from carclf.data.input_pipeline import HDF5Source
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
+from carclf.data.hdf5_dataset import DatasetError
+from carclf.data.input_pipeline import HDF5Source
 from carclf.reporting.reports import TOP_K, Predictions, collect_predictions, format_table, log_test_report
+from carclf.tracking.runs import log_new_params
 
 log = logging.getLogger(__name__)
 INPUTS = ("hdf5", "jpeg")
@@ -40,7 +40,7 @@ class EvaluateError(ValueError):
     """A model/test set mismatch or an unusable input; the message names it."""
 
 
-def model_source_run(model_uri: str) -> Optional[str]:
+def model_source_run(model_uri: str) -> str | None:
     """The run that logged the model behind ``model_uri`` (runs:/, models:/name/version, models:/m-id, path)."""
     import mlflow
 
@@ -64,7 +64,7 @@ def _check_model_matches(classifier, source: HDF5Source) -> None:
         )
 
 
-def _resolve_image(name: str, image_root: Optional[pathlib.Path], h5_path: pathlib.Path) -> pathlib.Path:
+def _resolve_image(name: str, image_root: pathlib.Path | None, h5_path: pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(name)
     if path.is_absolute():
         return path
@@ -96,8 +96,9 @@ def predict_jpeg_files(pyfunc_model, source: HDF5Source, image_root=None, batch_
                 for name in names:
                     path = _resolve_image(name, image_root, info.path)
                     if not path.is_file():
-                        raise EvaluateError(f"{info.path}: source image {name} not found (looked in {path.parent}; "
-                                            f"set image_root)")
+                        raise EvaluateError(
+                            f"{info.path}: source image {name} not found (looked in {path.parent}; set image_root)"
+                        )
                     photos.append(path.read_bytes())
                 frame = pd.DataFrame({IMAGE_COLUMN: photos})
                 if info.settings.crop == "bbox":
@@ -112,8 +113,7 @@ def predict_jpeg_files(pyfunc_model, source: HDF5Source, image_root=None, batch_
         offset += info.num_images
     if not labels:
         raise EvaluateError("the test set has no images")
-    return Predictions(np.concatenate(labels), np.concatenate(classes), np.concatenate(probs),
-                       np.concatenate(indices))
+    return Predictions(np.concatenate(labels), np.concatenate(classes), np.concatenate(probs), np.concatenate(indices))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +123,9 @@ class EvaluateConfig:
     model_uri: str = param(help="models:/carclf/1, runs:/<run>/model, a path, ...")
     test_data: str = param(help="HDF5 file(s), comma-separated")
     batch_size: int = param(64, "images per prediction batch")
-    input: str = param("hdf5", "hdf5: preprocessed pixels; jpeg: the original photos through the served pyfunc path",
-                       choices=INPUTS)
+    input: str = param(
+        "hdf5", "hdf5: preprocessed pixels; jpeg: the original photos through the served pyfunc path", choices=INPUTS
+    )
     image_root: str = param("", "folder that relative `filenames` are under (input=jpeg)")
     gallery_size: int = param(16, "misclassified photos shown in the gallery")
 
@@ -136,7 +137,13 @@ def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
     """
     c = resolve_config(EvaluateConfig, config, **overrides)
     model_uri, test_data, batch_size, input, image_root, gallery_size = (  # noqa: A001 - the MLproject name
-        c.model_uri, c.test_data, c.batch_size, c.input, c.image_root, c.gallery_size)
+        c.model_uri,
+        c.test_data,
+        c.batch_size,
+        c.input,
+        c.image_root,
+        c.gallery_size,
+    )
     import mlflow
 
     import carclf_flavor
@@ -153,8 +160,14 @@ def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
     active = mlflow.active_run()
     run = active or mlflow.start_run()
     try:
-        log_new_params({"model_uri": model_uri, "test_data": ",".join(map(str, source.paths)),
-                           "batch_size": int(batch_size), "input": input})
+        log_new_params(
+            {
+                "model_uri": model_uri,
+                "test_data": ",".join(map(str, source.paths)),
+                "batch_size": int(batch_size),
+                "input": input,
+            }
+        )
         tags = {TAG_MODEL_URI: model_uri, "carclf.inference_precision": classifier.precision}
         if source_run:
             tags[TAG_SOURCE_RUN] = source_run
@@ -169,8 +182,13 @@ def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
             predictions = predict_jpeg_files(pyfunc_model, source, image_root or None, int(batch_size))
         from carclf.reporting.gradcam import GradCAM
 
-        metrics = log_test_report(predictions, source, list(source.class_names), gallery_size=int(gallery_size),
-                                  heatmap_fn=GradCAM(classifier.model))
+        metrics = log_test_report(
+            predictions,
+            source,
+            list(source.class_names),
+            gallery_size=int(gallery_size),
+            heatmap_fn=GradCAM(classifier.model),
+        )
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
@@ -181,8 +199,12 @@ def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
     if active is None:
         mlflow.end_run("FINISHED")
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    return {"run_id": run.info.run_id, "metrics": scalars, "predictions": predictions,
-            "per_class_accuracy": metrics["per_class_accuracy"]}
+    return {
+        "run_id": run.info.run_id,
+        "metrics": scalars,
+        "predictions": predictions,
+        "per_class_accuracy": metrics["per_class_accuracy"],
+    }
 
 
 _PROG = "python -m entry_points.evaluate"
@@ -192,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     return build_parser_for(EvaluateConfig, _PROG, __doc__.splitlines()[0])
 
 
-def _error_line(exc: BaseException, config: EvaluateConfig) -> Optional[str]:
+def _error_line(exc: BaseException, config: EvaluateConfig) -> str | None:
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, (EvaluateError, DatasetError)):
@@ -208,8 +230,15 @@ def _print_result(result: dict, config: EvaluateConfig) -> None:
 
 
 def main(argv=None) -> int:
-    return run_step(evaluate, EvaluateConfig, _PROG, __doc__.splitlines()[0], argv, error_line=_error_line,
-                    print_result=_print_result)
+    return run_step(
+        evaluate,
+        EvaluateConfig,
+        _PROG,
+        __doc__.splitlines()[0],
+        argv,
+        error_line=_error_line,
+        print_result=_print_result,
+    )
 
 
 if __name__ == "__main__":

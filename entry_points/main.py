@@ -7,6 +7,7 @@ files it read) and whose outputs are still on disk unchanged is reused instead o
 ``--force true`` recomputes everything. ``tune_trials > 0`` replaces `train` by a `tune` study of that many
 trials (``tune_parallel`` at once, the default or ``tune_space`` search space); its champion is evaluated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,6 @@ import os
 import pathlib
 import shlex
 import sys
-from typing import Optional
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -76,19 +76,20 @@ def _outputs_unchanged(run) -> bool:
     return all(file_fingerprint(path) == fingerprint for path, fingerprint in json.loads(recorded).items())
 
 
-def _same_param(logged: Optional[str], value: str) -> bool:
+def _same_param(logged: str | None, value: str) -> bool:
     # `mlflow run` logs parameters as they were quoted for the shell ('' for an empty string).
     return logged is not None and (logged == value or logged == shlex.quote(value))
 
 
-def find_reusable_run(client: MlflowClient, experiment_id: str, entry_point: str, parameters: dict,
-                      inputs_fingerprint: str, code: str):
+def find_reusable_run(
+    client: MlflowClient, experiment_id: str, entry_point: str, parameters: dict, inputs_fingerprint: str, code: str
+):
     """The newest FINISHED run of ``entry_point`` with equal parameters, inputs and code, outputs intact."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}' "
-                      f"and tags.`{TAG_INPUTS}` = '{inputs_fingerprint}' and tags.`{TAG_CODE}` = '{code}' "
-                      f"and attributes.status = 'FINISHED'",
+        f"and tags.`{TAG_INPUTS}` = '{inputs_fingerprint}' and tags.`{TAG_CODE}` = '{code}' "
+        f"and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=50,
     )
@@ -98,8 +99,9 @@ def find_reusable_run(client: MlflowClient, experiment_id: str, entry_point: str
     return None
 
 
-def run_step(entry_point: str, parameters: dict, inputs: list, outputs: list, *, force: bool, code: str,
-             experiment_id: str):
+def run_step(
+    entry_point: str, parameters: dict, inputs: list, outputs: list, *, force: bool, code: str, experiment_id: str
+):
     """Run one step as a child run (or reuse a finished identical one); returns the MLflow run."""
     client = MlflowClient()
     parameters = {k: str(v) for k, v in parameters.items()}
@@ -109,14 +111,19 @@ def run_step(entry_point: str, parameters: dict, inputs: list, outputs: list, *,
     if not force:
         reusable = find_reusable_run(client, experiment_id, entry_point, parameters, fingerprint, code)
         if reusable is not None:
-            log.info("step %s: reusing finished run %s (same parameters, inputs and code)",
-                     entry_point, reusable.info.run_id)
+            log.info(
+                "step %s: reusing finished run %s (same parameters, inputs and code)", entry_point, reusable.info.run_id
+            )
             mlflow.set_tag(TAG_REUSED + entry_point, reusable.info.run_id)
             return reusable
     log.info("step %s: running with %s", entry_point, parameters)
     submitted = mlflow.projects.run(
-        str(PROJECT_DIR), entry_point=entry_point, parameters=parameters, env_manager="local",
-        experiment_id=experiment_id, synchronous=False,
+        str(PROJECT_DIR),
+        entry_point=entry_point,
+        parameters=parameters,
+        env_manager="local",
+        experiment_id=experiment_id,
+        synchronous=False,
     )
     succeeded = submitted.wait()
     run = client.get_run(submitted.run_id)
@@ -128,7 +135,7 @@ def run_step(entry_point: str, parameters: dict, inputs: list, outputs: list, *,
     return client.get_run(run.info.run_id)
 
 
-def registered_version_of(run) -> Optional[str]:
+def registered_version_of(run) -> str | None:
     """The model version that a train run registered, if any."""
     versions = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")
     return str(max(int(v.version) for v in versions)) if versions else None
@@ -169,9 +176,31 @@ class MainConfig:
 def pipeline(config: MainConfig | None = None, **overrides) -> dict:
     """Run the whole pipeline inside the active (parent) run; returns the child run ids and the model URI."""
     c = resolve_config(MainConfig, config, **overrides)
-    (data_dir, output_dir, image_size, crop, copies, ops, spark_master, depth, width, weights, epochs, head_epochs,
-     batch_size, learning_rate, optimizer, registered_model_name, deploy_target, deploy_name, force, seed,
-     tune_trials, tune_parallel, tune_space) = (getattr(c, f.name) for f in dataclasses.fields(MainConfig))
+    (
+        data_dir,
+        output_dir,
+        image_size,
+        crop,
+        copies,
+        ops,
+        spark_master,
+        depth,
+        width,
+        weights,
+        epochs,
+        head_epochs,
+        batch_size,
+        learning_rate,
+        optimizer,
+        registered_model_name,
+        deploy_target,
+        deploy_name,
+        force,
+        seed,
+        tune_trials,
+        tune_parallel,
+        tune_space,
+    ) = (getattr(c, f.name) for f in dataclasses.fields(MainConfig))
     active = mlflow.active_run()
     experiment_id = active.info.experiment_id
     code = code_fingerprint()
@@ -184,60 +213,114 @@ def pipeline(config: MainConfig | None = None, **overrides) -> dict:
     runs["preprocess"] = run_step(
         "preprocess",
         {"data_dir": data_dir, "output_dir": processed, "image_size": image_size, "crop": crop, "seed": seed},
-        data_inputs, [train_h5, val_h5, test_h5], force=force, code=code, experiment_id=experiment_id,
+        data_inputs,
+        [train_h5, val_h5, test_h5],
+        force=force,
+        code=code,
+        experiment_id=experiment_id,
     )
     train_files = [train_h5]
     if copies > 0:
         augmented = processed / "train_aug.h5"
         runs["augment"] = run_step(
             "augment",
-            {"input": train_h5, "output": augmented, "copies": copies, "ops": ops,
-             "spark_master": spark_master, "seed": seed},
-            [train_h5], [augmented], force=force, code=code, experiment_id=experiment_id,
+            {
+                "input": train_h5,
+                "output": augmented,
+                "copies": copies,
+                "ops": ops,
+                "spark_master": spark_master,
+                "seed": seed,
+            },
+            [train_h5],
+            [augmented],
+            force=force,
+            code=code,
+            experiment_id=experiment_id,
         )
         # The augmented file keeps the originals (keep_original=true), so it replaces train.h5.
         train_files = [augmented]
     if tune_trials > 0:
         runs["tune"] = run_step(
             "tune",
-            {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
-             "trials": tune_trials, "parallel": tune_parallel, "space": tune_space, "spark_master": spark_master,
-             "registered_model_name": registered_model_name},
-            [*train_files, val_h5, test_h5, *([tune_space] if tune_space else [])], [], force=force, code=code,
+            {
+                "train_data": ",".join(map(str, train_files)),
+                "val_data": val_h5,
+                "test_data": test_h5,
+                "trials": tune_trials,
+                "parallel": tune_parallel,
+                "space": tune_space,
+                "spark_master": spark_master,
+                "registered_model_name": registered_model_name,
+            },
+            [*train_files, val_h5, test_h5, *([tune_space] if tune_space else [])],
+            [],
+            force=force,
+            code=code,
             experiment_id=experiment_id,
         )
         model_uri = runs["tune"].data.tags["carclf.model_uri"]
     else:
         runs["train"] = run_step(
             "train",
-            {"train_data": ",".join(map(str, train_files)), "val_data": val_h5, "test_data": test_h5,
-             "depth": depth, "width": width, "weights": weights, "epochs": epochs, "head_epochs": head_epochs,
-             "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
-             "registered_model_name": registered_model_name, "seed": seed,
-             "checkpoint_dir": out / "checkpoints" / "train"},
-            [*train_files, val_h5, test_h5], [], force=force, code=code, experiment_id=experiment_id,
+            {
+                "train_data": ",".join(map(str, train_files)),
+                "val_data": val_h5,
+                "test_data": test_h5,
+                "depth": depth,
+                "width": width,
+                "weights": weights,
+                "epochs": epochs,
+                "head_epochs": head_epochs,
+                "batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "optimizer": optimizer,
+                "registered_model_name": registered_model_name,
+                "seed": seed,
+                "checkpoint_dir": out / "checkpoints" / "train",
+            },
+            [*train_files, val_h5, test_h5],
+            [],
+            force=force,
+            code=code,
+            experiment_id=experiment_id,
         )
         version = registered_version_of(runs["train"])
-        model_uri = (f"models:/{registered_model_name}/{version}" if version
-                     else f"runs:/{runs['train'].info.run_id}/model")
+        model_uri = (
+            f"models:/{registered_model_name}/{version}" if version else f"runs:/{runs['train'].info.run_id}/model"
+        )
     runs["evaluate"] = run_step(
-        "evaluate", {"model_uri": model_uri, "test_data": test_h5},
-        [test_h5], [], force=force, code=code, experiment_id=experiment_id,
+        "evaluate",
+        {"model_uri": model_uri, "test_data": test_h5},
+        [test_h5],
+        [],
+        force=force,
+        code=code,
+        experiment_id=experiment_id,
     )
     if deploy_target:
         runs["deploy"] = run_step(
-            "deploy", {"model_uri": model_uri, "target": deploy_target, "name": deploy_name},
-            [], [], force=True, code=code, experiment_id=experiment_id,
+            "deploy",
+            {"model_uri": model_uri, "target": deploy_target, "name": deploy_name},
+            [],
+            [],
+            force=True,
+            code=code,
+            experiment_id=experiment_id,
         )
     test_metrics = {k: v for k, v in runs["evaluate"].data.metrics.items() if k.startswith("test_")}
     mlflow.log_metrics({f"evaluate_{k}": v for k, v in test_metrics.items()})
     mlflow.set_tags({f"carclf.child_run.{name}": run.info.run_id for name, run in runs.items()})
     mlflow.set_tag("carclf.model_uri", model_uri)
-    return {"runs": {name: run.info.run_id for name, run in runs.items()}, "model_uri": model_uri,
-            "metrics": test_metrics, "test_images": str(test_h5)}
+    return {
+        "runs": {name: run.info.run_id for name, run in runs.items()},
+        "model_uri": model_uri,
+        "metrics": test_metrics,
+        "test_images": str(test_h5),
+    }
 
 
-def next_commands(model_uri: str, sample_photo: Optional[str]) -> str:
+def next_commands(model_uri: str, sample_photo: str | None) -> str:
     lines = [
         "Next steps:",
         f"  mlflow models serve -m {model_uri} --env-manager local -p 5000",
@@ -276,7 +359,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def sample_photo_for(data_dir: str) -> Optional[str]:
+def sample_photo_for(data_dir: str) -> str | None:
     """A photo a newcomer can score right away: the first test image of the data used."""
     root = pathlib.Path(data_dir) if data_dir else None
     if root is None:

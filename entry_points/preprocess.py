@@ -21,6 +21,7 @@ Workers start through a fork server (a plain fork of a process whose OpenCV thre
 deadlock inside OpenCV), so a script calling ``preprocess()`` with workers != 1 needs the usual
 ``if __name__ == "__main__":`` guard, as with any spawn/forkserver multiprocessing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,34 +33,41 @@ import pathlib
 import sys
 import threading
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from carclf_flavor.images import (CROP_MODES, RESIZE_MODES, ImageDecodeError, PreprocessSettings, clamp_bbox,
-                                  image_size_of, preprocess_image)
-from carclf.data.hdf5_dataset import DatasetError, HDF5SplitWriter, remove_stale_partials
-from carclf.data.readers import DataLayoutError, ImageRecord, SourceDataset, read_dataset, stratified_split
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
+from carclf.data.hdf5_dataset import DatasetError, HDF5SplitWriter, remove_stale_partials
+from carclf.data.readers import DataLayoutError, ImageRecord, SourceDataset, read_dataset, stratified_split
+from carclf_flavor.images import (
+    CROP_MODES,
+    RESIZE_MODES,
+    ImageDecodeError,
+    PreprocessSettings,
+    clamp_bbox,
+    image_size_of,
+    preprocess_image,
+)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-WRITE_BATCH = 64          # images buffered per split before one HDF5 write
-CHUNKS_IN_FLIGHT = 4      # per worker: enough to keep workers busy, few enough to bound memory
+WRITE_BATCH = 64  # images buffered per split before one HDF5 write
+CHUNKS_IN_FLIGHT = 4  # per worker: enough to keep workers busy, few enough to bound memory
 MAX_LOGGED_SKIPS = 20
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Worker side
 # ----------------------------------------------------------------------------------------------------------
-_worker_settings: Optional[PreprocessSettings] = None
-_worker_memory = None      # the parent's shared memory, attached once per worker
-_worker_slots: Optional[np.ndarray] = None
+_worker_settings: PreprocessSettings | None = None
+_worker_memory = None  # the parent's shared memory, attached once per worker
+_worker_slots: np.ndarray | None = None
 
 
-def _init_worker(settings_dict: dict, memory_name: Optional[str] = None, num_slots: int = 0) -> None:
+def _init_worker(settings_dict: dict, memory_name: str | None = None, num_slots: int = 0) -> None:
     global _worker_settings, _worker_memory, _worker_slots
     _worker_settings = PreprocessSettings.from_dict(settings_dict)
     if memory_name:
@@ -79,7 +87,7 @@ def _init_worker(settings_dict: dict, memory_name: Optional[str] = None, num_slo
         pass
 
 
-def process_photo(task: Tuple[str, Optional[Sequence[int]]], settings: Optional[PreprocessSettings] = None):
+def process_photo(task: tuple[str, Sequence[int] | None], settings: PreprocessSettings | None = None):
     """One photo -> ("ok", image, bbox used, clamped?) or ("skip", reason). Runs in a worker process."""
     path, bbox = task
     settings = settings or _worker_settings
@@ -148,7 +156,7 @@ def _pool_context():
 
 
 def iter_processed(
-    tasks: Sequence[Tuple[str, Optional[Sequence[int]]]], settings: PreprocessSettings, workers: int
+    tasks: Sequence[tuple[str, Sequence[int] | None]], settings: PreprocessSettings, workers: int
 ) -> Iterator[tuple]:
     """``process_photo`` over ``tasks`` in input order, in ``workers`` processes (1 = in this process)."""
     if workers <= 1 or len(tasks) < 2:
@@ -169,8 +177,9 @@ def iter_processed(
     slots = np.ndarray((num_slots, size, size, 3), dtype=np.uint8, buffer=memory.buf)
     pool = None
     try:
-        pool = _pool_context().Pool(workers, initializer=_init_worker,
-                                    initargs=(settings.to_dict(), memory.name, num_slots))
+        pool = _pool_context().Pool(
+            workers, initializer=_init_worker, initargs=(settings.to_dict(), memory.name, num_slots)
+        )
         numbered = ((i % num_slots, task) for i, task in enumerate(tasks))
         for i, result in enumerate(pool.imap(_process_in_worker, _bounded(numbered, window, stop), chunksize)):
             if result[0] == "ok" and result[1] is None:
@@ -216,7 +225,7 @@ def _relative_name(path: pathlib.Path, root: pathlib.Path) -> str:
         return str(path)
 
 
-def plan_splits(dataset: SourceDataset, val_fraction: float, seed: int) -> Dict[str, List[ImageRecord]]:
+def plan_splits(dataset: SourceDataset, val_fraction: float, seed: int) -> dict[str, list[ImageRecord]]:
     """train / val / test record lists: val is carved from train per class unless the layout has one.
 
     The train order is shuffled (seeded) so that a sequential reader sees mixed classes.
@@ -241,29 +250,34 @@ def _validate(image_size, crop, crop_margin, resize_mode, val_fraction, test_fra
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if int(workers) < 0:
         raise ValueError(f"workers must be >= 0 (0 = all cores), got {workers}")
-    return PreprocessSettings(image_size=int(image_size), crop=crop, crop_margin=int(crop_margin),
-                              resize_mode=resize_mode)
+    return PreprocessSettings(
+        image_size=int(image_size), crop=crop, crop_margin=int(crop_margin), resize_mode=resize_mode
+    )
 
 
 def _write_splits(
-    plan: Dict[str, List[ImageRecord]], dataset: SourceDataset, output_dir: pathlib.Path,
-    settings: PreprocessSettings, workers: int,
-) -> Tuple[Dict[str, pathlib.Path], Dict[str, np.ndarray], List[Tuple[str, str]], List[str], float]:
+    plan: dict[str, list[ImageRecord]],
+    dataset: SourceDataset,
+    output_dir: pathlib.Path,
+    settings: PreprocessSettings,
+    workers: int,
+) -> tuple[dict[str, pathlib.Path], dict[str, np.ndarray], list[tuple[str, str]], list[str], float]:
     """Decode every record and write the three files; returns paths, label arrays, skips, clamps, seconds."""
     tasks, owners = [], []
     for split in SPLITS:
         for record in plan[split]:
             tasks.append((str(record.path), record.bbox))
             owners.append((split, record))
-    writers: Dict[str, HDF5SplitWriter] = {}
-    skipped: List[Tuple[str, str]] = []
-    clamped: List[str] = []
-    labels: Dict[str, List[int]] = {split: [] for split in SPLITS}
+    writers: dict[str, HDF5SplitWriter] = {}
+    skipped: list[tuple[str, str]] = []
+    clamped: list[str] = []
+    labels: dict[str, list[int]] = {split: [] for split in SPLITS}
     remove_stale_partials(output_dir, log)
     try:
         for split in SPLITS:
-            writers[split] = HDF5SplitWriter(output_dir / f"{split}.h5", dataset.class_names, settings, split=split,
-                                             expected_rows=len(plan[split]))
+            writers[split] = HDF5SplitWriter(
+                output_dir / f"{split}.h5", dataset.class_names, settings, split=split, expected_rows=len(plan[split])
+            )
         buffers = {split: _SplitBuffer(writers[split]) for split in SPLITS}
         progress = _progress(len(tasks))
         start = time.perf_counter()
@@ -307,8 +321,14 @@ def _progress(total: int):
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc="preprocess", unit="img", file=sys.stderr, mininterval=0.5 if interactive else 15.0,
-                dynamic_ncols=interactive)
+    return tqdm(
+        total=total,
+        desc="preprocess",
+        unit="img",
+        file=sys.stderr,
+        mininterval=0.5 if interactive else 15.0,
+        dynamic_ncols=interactive,
+    )
 
 
 def _log_params(params: dict) -> None:
@@ -317,7 +337,7 @@ def _log_params(params: dict) -> None:
     log_new_params(params)
 
 
-def class_count_chart(class_names: Sequence[str], labels: Dict[str, np.ndarray]) -> str:
+def class_count_chart(class_names: Sequence[str], labels: dict[str, np.ndarray]) -> str:
     """Images per class and split, as an SVG stacked bar chart."""
     from carclf.reporting.reports import stacked_bar_svg
 
@@ -357,14 +377,16 @@ def _log_results(dataset, settings, paths, labels, skipped, clamped, seconds, pr
     import mlflow
 
     counts = {split: int(len(labels[split])) for split in SPLITS}
-    mlflow.log_metrics({
-        **{f"{split}_images": counts[split] for split in SPLITS},
-        "num_classes": len(dataset.class_names),
-        "skipped_images": len(skipped),
-        "clamped_bboxes": len(clamped),
-        "preprocess_seconds": seconds,
-        "images_per_second": processed / seconds if seconds > 0 else 0.0,
-    })
+    mlflow.log_metrics(
+        {
+            **{f"{split}_images": counts[split] for split in SPLITS},
+            "num_classes": len(dataset.class_names),
+            "skipped_images": len(skipped),
+            "clamped_bboxes": len(clamped),
+            "preprocess_seconds": seconds,
+            "images_per_second": processed / seconds if seconds > 0 else 0.0,
+        }
+    )
     mlflow.set_tags({f"carclf.output.{split}": str(path) for split, path in paths.items()})
     mlflow.log_text("".join(f"{name}\t{reason}\n" for name, reason in skipped), "skipped.txt")
     mlflow.log_text("".join(f"{i}\t{name}\n" for i, name in enumerate(dataset.class_names)), "class_names.txt")
@@ -393,7 +415,7 @@ class PreprocessConfig:
     seed: int = param(0, "split and shuffle seed")
 
 
-def preprocess(config: PreprocessConfig | None = None, **overrides) -> Dict[str, pathlib.Path]:
+def preprocess(config: PreprocessConfig | None = None, **overrides) -> dict[str, pathlib.Path]:
     """Build ``train.h5``, ``val.h5`` and ``test.h5`` in ``output_dir``; returns their paths by split.
 
     ``data_dir`` empty (or None) = the generated sample data in the cache folder. ``workers`` 0 = all cores.
@@ -401,8 +423,13 @@ def preprocess(config: PreprocessConfig | None = None, **overrides) -> Dict[str,
     """
     c = resolve_config(PreprocessConfig, config, **overrides)
     data_dir, output_dir, image_size, crop, crop_margin = c.data_dir, c.output_dir, c.image_size, c.crop, c.crop_margin
-    resize_mode, val_fraction, test_fraction, workers, seed = (c.resize_mode, c.val_fraction, c.test_fraction,
-                                                              c.workers, c.seed)
+    resize_mode, val_fraction, test_fraction, workers, seed = (
+        c.resize_mode,
+        c.val_fraction,
+        c.test_fraction,
+        c.workers,
+        c.seed,
+    )
     settings = _validate(image_size, crop, crop_margin, resize_mode, val_fraction, test_fraction, workers)
     workers = int(workers) or _cpu_count()
     if data_dir in (None, ""):
@@ -417,21 +444,39 @@ def preprocess(config: PreprocessConfig | None = None, **overrides) -> Dict[str,
     dataset = read_dataset(root, test_fraction=float(test_fraction), seed=int(seed))
     plan = plan_splits(dataset, float(val_fraction), int(seed))
     total = sum(len(plan[s]) for s in SPLITS)
-    log.info("%s (%s layout): %d classes; %s; %d worker(s)", root, dataset.layout, len(dataset.class_names),
-             ", ".join(f"{s} {len(plan[s])}" for s in SPLITS), workers)
+    log.info(
+        "%s (%s layout): %d classes; %s; %d worker(s)",
+        root,
+        dataset.layout,
+        len(dataset.class_names),
+        ", ".join(f"{s} {len(plan[s])}" for s in SPLITS),
+        workers,
+    )
     from carclf.tracking.runs import step_run
 
     with step_run():
-        _log_params({
-            "data_dir": "" if data_dir is None else str(data_dir), "output_dir": str(output_dir),
-            **settings.to_dict(), "val_fraction": float(val_fraction), "test_fraction": float(test_fraction),
-            "workers": workers, "seed": int(seed),
-            "resolved_data_dir": str(root), "data_source": source, "layout": dataset.layout,
-        })
+        _log_params(
+            {
+                "data_dir": "" if data_dir is None else str(data_dir),
+                "output_dir": str(output_dir),
+                **settings.to_dict(),
+                "val_fraction": float(val_fraction),
+                "test_fraction": float(test_fraction),
+                "workers": workers,
+                "seed": int(seed),
+                "resolved_data_dir": str(root),
+                "data_source": source,
+                "layout": dataset.layout,
+            }
+        )
         paths, labels, skipped, clamped, seconds = _write_splits(plan, dataset, output_dir, settings, workers)
-        log.info("wrote %s; %d skipped, %d boxes clamped; %.0f img/s",
-                 ", ".join(f"{p} ({len(labels[s])})" for s, p in paths.items()), len(skipped), len(clamped),
-                 total / seconds if seconds else 0.0)
+        log.info(
+            "wrote %s; %d skipped, %d boxes clamped; %.0f img/s",
+            ", ".join(f"{p} ({len(labels[s])})" for s, p in paths.items()),
+            len(skipped),
+            len(clamped),
+            total / seconds if seconds else 0.0,
+        )
         _log_results(dataset, settings, paths, labels, skipped, clamped, seconds, total)
     return paths
 
@@ -439,20 +484,29 @@ def preprocess(config: PreprocessConfig | None = None, **overrides) -> Dict[str,
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
-def _print_paths(paths: Dict[str, pathlib.Path], config: PreprocessConfig) -> None:
+def _print_paths(paths: dict[str, pathlib.Path], config: PreprocessConfig) -> None:
     for split, path in paths.items():
         print(f"{split}: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return build_parser_for(PreprocessConfig, "python -m entry_points.preprocess",
-                            "Photos (Stanford Cars or folder per class) -> train/val/test HDF5.")
+    return build_parser_for(
+        PreprocessConfig,
+        "python -m entry_points.preprocess",
+        "Photos (Stanford Cars or folder per class) -> train/val/test HDF5.",
+    )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_step(preprocess, PreprocessConfig, "python -m entry_points.preprocess",
-                    "Photos (Stanford Cars or folder per class) -> train/val/test HDF5.", argv,
-                    expected_errors=(DataLayoutError, DatasetError, ValueError, OSError), print_result=_print_paths)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_step(
+        preprocess,
+        PreprocessConfig,
+        "python -m entry_points.preprocess",
+        "Photos (Stanford Cars or folder per class) -> train/val/test HDF5.",
+        argv,
+        expected_errors=(DataLayoutError, DatasetError, ValueError, OSError),
+        print_result=_print_paths,
+    )
 
 
 if __name__ == "__main__":

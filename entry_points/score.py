@@ -25,6 +25,7 @@ Spark (``mlflow.pyfunc.spark_udf`` on a local Spark)::
 
 Bad images do not stop a Spark job: they get a null prediction and an ``error`` text (``errors=coerce``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import pathlib
 import re
 import shutil
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from carclf.cli.cli_args import parse_int
 from carclf.cli.step_config import OneLineErrorParser, add_arguments, config_from_args, param
@@ -66,8 +67,7 @@ def parse_bbox(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(f"bbox must be four integers x1,y1,x2,y2, got {text!r}") from None
 
 
-def build_request(images: Sequence[bytes], bboxes: Optional[Sequence] = None, top_k: int = 5,
-                  azure: bool = False) -> dict:
+def build_request(images: Sequence[bytes], bboxes: Sequence | None = None, top_k: int = 5, azure: bool = False) -> dict:
     """The JSON body: base64 images (+ bbox columns) and the top_k parameter, as a pandas split frame under
     `dataframe_split` (mlflow models serve) or `input_data` with its index (Azure ML's scoring script)."""
     columns = ["image"]
@@ -98,8 +98,9 @@ def post_invocations(url: str, body: dict, timeout: float = 120.0) -> list[dict]
     if not endpoint.endswith("/invocations"):
         endpoint += "/invocations"
     try:
-        response = requests.post(endpoint, data=json.dumps(body), timeout=timeout,
-                                  headers={"Content-Type": "application/json"})
+        response = requests.post(
+            endpoint, data=json.dumps(body), timeout=timeout, headers={"Content-Type": "application/json"}
+        )
     except requests.exceptions.ConnectionError:
         raise ScoringError(f"cannot connect to {endpoint} (is `mlflow models serve` running there?)") from None
     except requests.exceptions.Timeout:
@@ -109,8 +110,9 @@ def post_invocations(url: str, body: dict, timeout: float = 120.0) -> list[dict]
     return response.json()["predictions"]
 
 
-def post_azure(endpoint: str, body: dict, key: str, deployment: Optional[str] = None,
-               timeout: float = 120.0) -> list[dict]:
+def post_azure(
+    endpoint: str, body: dict, key: str, deployment: str | None = None, timeout: float = 120.0
+) -> list[dict]:
     """POST one request to an Azure ML online endpoint's scoring URI; returns one dict per row."""
     import requests
 
@@ -125,19 +127,25 @@ def post_azure(endpoint: str, body: dict, key: str, deployment: Optional[str] = 
     except requests.exceptions.Timeout:
         raise ScoringError(f"{target} did not answer within {timeout:.0f} s") from None
     if response.status_code in (401, 403):
-        raise ScoringError(f"{target} refused the key (HTTP {response.status_code}): check --key or "
-                           "AZUREML_ENDPOINT_KEY (az ml online-endpoint get-credentials -n <endpoint>)")
+        raise ScoringError(
+            f"{target} refused the key (HTTP {response.status_code}): check --key or "
+            "AZUREML_ENDPOINT_KEY (az ml online-endpoint get-credentials -n <endpoint>)"
+        )
     if response.status_code != 200:
         hint = ""
         if response.status_code >= 500:
             # Azure's scoring script answers any exception with a fixed text; the cause is in the log.
-            hint = " (the cause is in the deployment log: az ml online-deployment get-logs -e <endpoint> -n <deployment>)"
+            hint = (
+                " (the cause is in the deployment log: az ml online-deployment get-logs -e <endpoint> -n <deployment>)"
+            )
         message = " ".join(_server_message(response).split())[:500]
         raise ScoringError(f"the endpoint refused the request (HTTP {response.status_code}): {message}{hint}")
     try:
         answer = response.json()
     except ValueError:
-        raise ScoringError(f"{target} answered HTTP 200 with a body that is not JSON: {response.text[:200]!r}") from None
+        raise ScoringError(
+            f"{target} answered HTTP 200 with a body that is not JSON: {response.text[:200]!r}"
+        ) from None
     if isinstance(answer, str):  # some inference servers JSON-encode the scoring script's JSON once more
         answer = json.loads(answer)
     if isinstance(answer, dict) and "predictions" in answer:
@@ -150,9 +158,16 @@ def post_azure(endpoint: str, body: dict, key: str, deployment: Optional[str] = 
     return answer
 
 
-def score_files(url: str, paths: Sequence[os.PathLike | str], top_k: int = 5, bbox=None,
-                batch_size: int = 16, timeout: float = 120.0, azure_key: Optional[str] = None,
-                deployment: Optional[str] = None) -> list[dict]:
+def score_files(
+    url: str,
+    paths: Sequence[os.PathLike | str],
+    top_k: int = 5,
+    bbox=None,
+    batch_size: int = 16,
+    timeout: float = 120.0,
+    azure_key: str | None = None,
+    deployment: str | None = None,
+) -> list[dict]:
     """Score image files through the REST endpoint, ``batch_size`` per request; one dict per file.
     With ``azure_key``, ``url`` is an Azure ML online endpoint's scoring URI."""
     if batch_size < 1:
@@ -160,7 +175,7 @@ def score_files(url: str, paths: Sequence[os.PathLike | str], top_k: int = 5, bb
     paths = [pathlib.Path(p) for p in paths]
     results = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
+        chunk = paths[start : start + batch_size]
         images = []
         for path in chunk:
             try:
@@ -175,8 +190,11 @@ def score_files(url: str, paths: Sequence[os.PathLike | str], top_k: int = 5, bb
                 predictions = post_invocations(url, body, timeout=timeout)
         except ScoringError as exc:
             # The server names rows of this request: name the file instead.
-            message = re.sub(r"\brow (\d+):", lambda m: f"{chunk[int(m.group(1))]}:" if int(m.group(1)) < len(chunk)
-                             else m.group(0), str(exc))
+            message = re.sub(
+                r"\brow (\d+):",
+                lambda m, chunk=chunk: f"{chunk[int(m.group(1))]}:" if int(m.group(1)) < len(chunk) else m.group(0),
+                str(exc),
+            )
             raise ScoringError(message) from None
         if len(predictions) != len(chunk):
             raise ScoringError(f"{url} answered {len(predictions)} predictions for {len(chunk)} photos")
@@ -218,8 +236,9 @@ def _local_spark():
     )
 
 
-def score_folder_spark(model_uri: str, input_dir: os.PathLike | str, output: os.PathLike | str, top_k: int = 5,
-                       spark=None) -> int:
+def score_folder_spark(
+    model_uri: str, input_dir: os.PathLike | str, output: os.PathLike | str, top_k: int = 5, spark=None
+) -> int:
     """Score every image under ``input_dir`` with ``spark_udf``; writes Parquet (path, label, class_id, prob,
     top_k, error) to ``output`` (written under a temporary name, renamed when complete). Returns the row count."""
     import mlflow.pyfunc
@@ -233,11 +252,18 @@ def score_folder_spark(model_uri: str, input_dir: os.PathLike | str, output: os.
         raise ScoringError(f"--input-dir {input_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     spark = spark or _local_spark()
     files = (
-        spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(input_dir))
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .load(str(input_dir))
         .where(F.lower(F.col("path")).rlike("(" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$"))
     )
-    predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=SPARK_RESULT_TYPE, env_manager="local",
-                                      params={"top_k": int(top_k), "errors": "coerce"})
+    predict = mlflow.pyfunc.spark_udf(
+        spark,
+        model_uri,
+        result_type=SPARK_RESULT_TYPE,
+        env_manager="local",
+        params={"top_k": int(top_k), "errors": "coerce"},
+    )
     scored = files.select("path", predict(F.col("content")).alias("p"))
     # A bad image comes back with an empty top_k (a good one has at least one entry). spark_udf's struct
     # conversion turns its null label/error into the text "None" and its null class_id/prob into NaN, so
@@ -286,11 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m entry_points.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help="image files to score through --url")
     parser.add_argument("--url", default=None, help="base URL of `mlflow models serve` (http://127.0.0.1:5000)")
-    parser.add_argument("--azure-endpoint", default=None,
-                        help="scoring URI of an Azure ML managed online endpoint (https://...inference.ml.azure.com/score)")
-    parser.add_argument("--key", default=None, help="endpoint key for --azure-endpoint (default: $AZUREML_ENDPOINT_KEY)")
-    parser.add_argument("--deployment", default=None,
-                        help="--azure-endpoint: score this deployment alone (azureml-model-deployment header)")
+    parser.add_argument(
+        "--azure-endpoint",
+        default=None,
+        help="scoring URI of an Azure ML managed online endpoint (https://...inference.ml.azure.com/score)",
+    )
+    parser.add_argument(
+        "--key", default=None, help="endpoint key for --azure-endpoint (default: $AZUREML_ENDPOINT_KEY)"
+    )
+    parser.add_argument(
+        "--deployment",
+        default=None,
+        help="--azure-endpoint: score this deployment alone (azureml-model-deployment header)",
+    )
     parser.add_argument("--bbox", type=parse_bbox, default=None, help="x1,y1,x2,y2 crop applied to every file")
     parser.add_argument("--batch-size", type=parse_int, default=16, help="images per request")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one request")
@@ -300,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rest_target(args) -> tuple[str, Optional[str], Optional[str]]:
+def _rest_target(args) -> tuple[str, str | None, str | None]:
     """(url, Azure key or None, deployment or None) from --url / --azure-endpoint / --key / --deployment."""
     import urllib.parse
 
@@ -313,27 +347,40 @@ def _rest_target(args) -> tuple[str, Optional[str], Optional[str]]:
         raise ScoringError("give --url (mlflow models serve) or --azure-endpoint (Azure ML), not both")
     parsed = urllib.parse.urlparse(args.azure_endpoint)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ScoringError(f"--azure-endpoint {args.azure_endpoint!r} is not a URL: give the endpoint's scoring URI "
-                           "(az ml online-endpoint show -n <endpoint> --query scoring_uri -o tsv)")
+        raise ScoringError(
+            f"--azure-endpoint {args.azure_endpoint!r} is not a URL: give the endpoint's scoring URI "
+            "(az ml online-endpoint show -n <endpoint> --query scoring_uri -o tsv)"
+        )
     key = args.key if args.key is not None else os.environ.get("AZUREML_ENDPOINT_KEY")
     if not key or not key.strip():
-        raise ScoringError("--azure-endpoint needs the endpoint key: pass --key or set AZUREML_ENDPOINT_KEY "
-                           "(az ml online-endpoint get-credentials -n <endpoint> --query primaryKey -o tsv)")
+        raise ScoringError(
+            "--azure-endpoint needs the endpoint key: pass --key or set AZUREML_ENDPOINT_KEY "
+            "(az ml online-endpoint get-credentials -n <endpoint> --query primaryKey -o tsv)"
+        )
     deployment = args.deployment.strip() if args.deployment is not None else None
     if deployment is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{1,31}", deployment):
-        raise ScoringError(f"--deployment {args.deployment!r} is not an Azure deployment name "
-                           "(3-32 letters, digits or dashes, starting with a letter)")
+        raise ScoringError(
+            f"--deployment {args.deployment!r} is not an Azure deployment name "
+            "(3-32 letters, digits or dashes, starting with a letter)"
+        )
     return args.azure_endpoint, key.strip(), deployment
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.top_k < 1:
             raise ScoringError(f"--top-k must be >= 1, got {args.top_k}")
         if args.spark:
-            missing = [flag for flag, value in (("--model-uri", args.model_uri), ("--input-dir", args.input_dir),
-                                                ("--output", args.output)) if not value]
+            missing = [
+                flag
+                for flag, value in (
+                    ("--model-uri", args.model_uri),
+                    ("--input-dir", args.input_dir),
+                    ("--output", args.output),
+                )
+                if not value
+            ]
             if missing:
                 raise ScoringError(f"--spark needs {', '.join(missing)}")
             config = config_from_args(ScoreSparkConfig, args)
@@ -343,8 +390,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.files:
             raise ScoringError("no image files given (or use --spark --input-dir)")
         url, key, deployment = _rest_target(args)
-        results = score_files(url, args.files, top_k=args.top_k, bbox=args.bbox, batch_size=args.batch_size,
-                              timeout=args.timeout, azure_key=key, deployment=deployment)
+        results = score_files(
+            url,
+            args.files,
+            top_k=args.top_k,
+            bbox=args.bbox,
+            batch_size=args.batch_size,
+            timeout=args.timeout,
+            azure_key=key,
+            deployment=deployment,
+        )
     except ScoringError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,9 +21,9 @@ callback, no autolog); dataset lineage via ``mlflow.log_input`` (path + sha256 o
 The model is logged as ``model`` with ``carclf_flavor.log_model`` and registered as ``registered_model_name``,
 with an int8 network calibrated on 256 stratified training images and validated on the validation split.
 """
+
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -36,17 +36,21 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Optional
 
 import numpy as np
 
-from carclf.tracking.runs import log_new_params
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import config_from_args, param, resolve_config
-from carclf.training.distributed import (STRATEGIES, StrategyError, make_strategy, replica_batch_size,
-                                               synchronize_batchnorm)
 from carclf.data.hdf5_dataset import DatasetError, partial_path, remove_stale_partials
 from carclf.data.input_pipeline import HDF5Source, make_dataset, split_paths
+from carclf.tracking.runs import log_new_params
+from carclf.training.distributed import (
+    STRATEGIES,
+    StrategyError,
+    make_strategy,
+    replica_batch_size,
+    synchronize_batchnorm,
+)
 from carclf.training.online_augmentation import AugmentationRanges, augment_in_train_step
 
 log = logging.getLogger(__name__)
@@ -96,16 +100,20 @@ class TrainConfig:
     batch_size: int = param(32, "global batch (all replicas together)")
     learning_rate: float = param(0.0, "whole-network phase; 0 = 0.001 with pretrained weights, 0.003 from scratch")
     head_learning_rate: float = param(0.0, "head phase; 0 = 10 x learning rate")
-    optimizer: str = param(AUTO_OPTIMIZER, "auto = sgd with pretrained weights, adam from scratch (weights=none)",
-                           choices=(AUTO_OPTIMIZER, *OPTIMIZERS))
+    optimizer: str = param(
+        AUTO_OPTIMIZER,
+        "auto = sgd with pretrained weights, adam from scratch (weights=none)",
+        choices=(AUTO_OPTIMIZER, *OPTIMIZERS),
+    )
     momentum: float = param(0.9, "SGD momentum")
     weight_decay: float = param(0.0, "L2 weight decay")
     lr_schedule: str = param("cosine", "learning-rate schedule within each phase", choices=LR_SCHEDULES)
     label_smoothing: float = param(0.1, "label smoothing of the loss")
     online_augment: bool = param(True, "flip, crop-zoom, rotation and colour inside the training step")
     augment_strength: float = param(1.0, "scales the online augmentation (0..2)")
-    precision: str = param("float32", "training precision (mixed_float16 with loss scaling, for GPUs)",
-                           choices=PRECISIONS)
+    precision: str = param(
+        "float32", "training precision (mixed_float16 with loss scaling, for GPUs)", choices=PRECISIONS
+    )
     dropout: float = param(0.0, "dropout before the head")
     bn_momentum: float = param(0.0, "BatchNorm moving-average momentum; 0 = auto (about one epoch, 0.9..0.99)")
     checkpoint_dir: str = param(DEFAULT_CHECKPOINT_DIR, "per-epoch checkpoints (resume from here)")
@@ -138,22 +146,27 @@ def optimizer_defaults(weights, optimizer: str = AUTO_OPTIMIZER, learning_rate: 
     pretrained = str(weights).strip().lower() not in ("", "none", "null", "random")
     default_optimizer, default_lr = FINE_TUNING_DEFAULTS if pretrained else FROM_SCRATCH_DEFAULTS
     optimizer = str(optimizer or AUTO_OPTIMIZER).lower()
-    return (default_optimizer if optimizer == AUTO_OPTIMIZER else optimizer,
-            float(learning_rate) if float(learning_rate or 0) > 0 else default_lr)
+    return (
+        default_optimizer if optimizer == AUTO_OPTIMIZER else optimizer,
+        float(learning_rate) if float(learning_rate or 0) > 0 else default_lr,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Validation (no run, no model, no training yet)
 # --------------------------------------------------------------------------------------------------
-def validate(config: TrainConfig) -> tuple[HDF5Source, HDF5Source, Optional[HDF5Source]]:
+def validate(config: TrainConfig) -> tuple[HDF5Source, HDF5Source, HDF5Source | None]:
     """Check every parameter and input file; raise TrainConfigError / DatasetError with one clear line."""
+
     def need(condition, message):
         if not condition:
             raise TrainConfigError(message)
 
     need(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
-    need(0 <= config.head_epochs <= config.epochs,
-         f"head_epochs must be between 0 and epochs ({config.epochs}), got {config.head_epochs}")
+    need(
+        0 <= config.head_epochs <= config.epochs,
+        f"head_epochs must be between 0 and epochs ({config.epochs}), got {config.head_epochs}",
+    )
     need(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
     need(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
     need(config.head_learning_rate >= 0, f"head_learning_rate must be >= 0, got {config.head_learning_rate}")
@@ -162,10 +175,14 @@ def validate(config: TrainConfig) -> tuple[HDF5Source, HDF5Source, Optional[HDF5
     need(config.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     need(config.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {config.strategy!r}")
     need(config.workers >= 1, f"workers must be >= 1, got {config.workers}")
-    need(config.workers == 1 or config.lr_schedule == "cosine",
-         f"workers={config.workers} supports lr_schedule=cosine only, got {config.lr_schedule!r}")
-    need(config.workers == 1 or config.batch_size % config.workers == 0,
-         f"batch_size {config.batch_size} (the global batch) does not split over {config.workers} workers")
+    need(
+        config.workers == 1 or config.lr_schedule == "cosine",
+        f"workers={config.workers} supports lr_schedule=cosine only, got {config.lr_schedule!r}",
+    )
+    need(
+        config.workers == 1 or config.batch_size % config.workers == 0,
+        f"batch_size {config.batch_size} (the global batch) does not split over {config.workers} workers",
+    )
     need(0.0 <= config.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
     need(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
     need(0.0 <= config.augment_strength <= 2.0, f"augment_strength must be in [0, 2], got {config.augment_strength}")
@@ -177,11 +194,16 @@ def validate(config: TrainConfig) -> tuple[HDF5Source, HDF5Source, Optional[HDF5
     need(config.depth in RESNET_STAGES, f"depth must be one of {sorted(RESNET_STAGES)}, got {config.depth}")
     weights = config.weights_argument
     if weights == "imagenet":
-        need(config.depth in KERAS_APPLICATIONS,
-             f"weights=imagenet exists only for depth {sorted(KERAS_APPLICATIONS)}, not {config.depth}; use weights=none")
+        need(
+            config.depth in KERAS_APPLICATIONS,
+            f"weights=imagenet exists only for depth {sorted(KERAS_APPLICATIONS)}, not {config.depth}; use weights=none",
+        )
         need(config.width == 1.0, f"weights=imagenet needs width=1.0, got {config.width}")
     elif weights is not None:
-        need(pathlib.Path(weights).is_file(), f"weights: {weights} does not exist (expected imagenet, none or a weights file)")
+        need(
+            pathlib.Path(weights).is_file(),
+            f"weights: {weights} does not exist (expected imagenet, none or a weights file)",
+        )
 
     need(split_paths(config.train_data), "train_data is empty")
     need(split_paths(config.val_data), "val_data is empty")
@@ -195,8 +217,10 @@ def validate(config: TrainConfig) -> tuple[HDF5Source, HDF5Source, Optional[HDF5
     need(val.num_images > 0, f"{val.paths[0]}: validation set has no images")
     from carclf_flavor.resnet import MIN_IMAGE_SIZE
 
-    need(train.image_size >= MIN_IMAGE_SIZE,
-         f"{train.paths[0]}: images are {train.image_size} px; the ResNet needs >= {MIN_IMAGE_SIZE} px")
+    need(
+        train.image_size >= MIN_IMAGE_SIZE,
+        f"{train.paths[0]}: images are {train.image_size} px; the ResNet needs >= {MIN_IMAGE_SIZE} px",
+    )
     return train, val, test
 
 
@@ -224,11 +248,15 @@ def log_dataset_inputs(source: HDF5Source, context: str) -> None:
             warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local files
             dataset_source = resolve_dataset_source(path.as_uri())
         dataset = MetaDataset(source=dataset_source, name=path.name, digest=digest[:20])
-        mlflow.log_input(dataset, context=context, tags={"sha256": digest, "num_images": str(info.num_images),
-                                                        "image_size": str(info.image_size)})
+        mlflow.log_input(
+            dataset,
+            context=context,
+            tags={"sha256": digest, "num_images": str(info.num_images), "image_size": str(info.image_size)},
+        )
         suffix = f".{index}" if len(source.infos) > 1 else ""
-        mlflow.set_tags({f"carclf.data.{context}{suffix}.path": str(path),
-                         f"carclf.data.{context}{suffix}.sha256": digest})
+        mlflow.set_tags(
+            {f"carclf.data.{context}{suffix}.path": str(path), f"carclf.data.{context}{suffix}.sha256": digest}
+        )
 
 
 def _data_identity(paths) -> list:
@@ -241,9 +269,12 @@ def _data_identity(paths) -> list:
 
 
 def config_fingerprint(config: TrainConfig, sources) -> str:
-    relevant = {k: v for k, v in dataclasses.asdict(config).items()
-                if k not in ("resume", "checkpoint_dir", "registered_model_name", "test_data", "strategy", "workers",
-                          "spark_master")}
+    relevant = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k
+        not in ("resume", "checkpoint_dir", "registered_model_name", "test_data", "strategy", "workers", "spark_master")
+    }
     relevant["data"] = [_data_identity(s.paths) for s in sources]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -258,8 +289,14 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int):
     from carclf_flavor.resnet import build_resnet
 
     keras.utils.set_random_seed(int(config.seed))
-    return build_resnet(depth=config.depth, num_classes=num_classes, image_size=image_size,
-                        weights=config.weights_argument, dropout=config.dropout, width=config.width)
+    return build_resnet(
+        depth=config.depth,
+        num_classes=num_classes,
+        image_size=image_size,
+        weights=config.weights_argument,
+        dropout=config.dropout,
+        width=config.width,
+    )
 
 
 def batchnorm_momentum(config: TrainConfig, steps_per_epoch: int) -> float:
@@ -297,17 +334,19 @@ def _compile(model, config: TrainConfig, phase: str, learning_rate: float):
     model.compile(
         optimizer=_make_optimizer(config, learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
-                 keras.metrics.TopKCategoricalAccuracy(k=5, name="top5")],
+        metrics=[
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"),
+        ],
     )
     model.optimizer.build(model.trainable_variables)
 
 
 @dataclasses.dataclass
 class Phase:
-    name: str          # "head" or "full"
-    start: int         # first epoch (0-based, global)
-    stop: int          # one past the last epoch
+    name: str  # "head" or "full"
+    start: int  # first epoch (0-based, global)
+    stop: int  # one past the last epoch
     base_lr: float
 
 
@@ -359,7 +398,7 @@ def save_checkpoint(directory: pathlib.Path, model, state: dict) -> pathlib.Path
     return final
 
 
-def read_latest_checkpoint(directory: pathlib.Path) -> Optional[tuple[pathlib.Path, dict]]:
+def read_latest_checkpoint(directory: pathlib.Path) -> tuple[pathlib.Path, dict] | None:
     """The last complete checkpoint (folder, state), or None."""
     pointer = directory / CHECKPOINT_POINTER
     if not pointer.is_file():
@@ -385,8 +424,9 @@ def restore_checkpoint(folder: pathlib.Path, model, state: dict, phase: Phase) -
 # --------------------------------------------------------------------------------------------------
 # The one tracking callback
 # --------------------------------------------------------------------------------------------------
-def _make_tracker(config: TrainConfig, phase: Phase, run_id: str, checkpoint_dir: pathlib.Path,
-                  fingerprint: str, schedule_state: dict):
+def _make_tracker(
+    config: TrainConfig, phase: Phase, run_id: str, checkpoint_dir: pathlib.Path, fingerprint: str, schedule_state: dict
+):
     import keras
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -421,8 +461,12 @@ def _make_tracker(config: TrainConfig, phase: Phase, run_id: str, checkpoint_dir
             if config.lr_schedule == "plateau":
                 self._plateau(values.get("val_loss", values.get("loss")))
             state = {
-                "completed_epochs": epoch + 1, "phase": phase.name, "run_id": run_id,
-                "config_fingerprint": fingerprint, "schedule": dict(schedule_state), "finished": False,
+                "completed_epochs": epoch + 1,
+                "phase": phase.name,
+                "run_id": run_id,
+                "config_fingerprint": fingerprint,
+                "schedule": dict(schedule_state),
+                "finished": False,
             }
             save_checkpoint(checkpoint_dir, self.model, state)
             kill_after = os.environ.get(KILL_AFTER_EPOCH_ENV)
@@ -530,11 +574,18 @@ def train(config: TrainConfig | None = None, *, callbacks=(), **overrides) -> di
         train_data=",".join(str(p) for p in split_paths(given.train_data)),
         val_data=",".join(str(p) for p in split_paths(given.val_data)),
         test_data=",".join(str(p) for p in split_paths(given.test_data or "")),
-        depth=int(given.depth), width=float(given.width), epochs=int(given.epochs),
-        head_epochs=int(given.head_epochs), batch_size=int(given.batch_size), learning_rate=float(learning_rate),
-        head_learning_rate=float(given.head_learning_rate), optimizer=str(optimizer).lower(),
-        lr_schedule=str(given.lr_schedule).lower(), checkpoint_dir=str(given.checkpoint_dir or DEFAULT_CHECKPOINT_DIR),
-        registered_model_name=str(given.registered_model_name or ""), strategy=str(given.strategy).lower(),
+        depth=int(given.depth),
+        width=float(given.width),
+        epochs=int(given.epochs),
+        head_epochs=int(given.head_epochs),
+        batch_size=int(given.batch_size),
+        learning_rate=float(learning_rate),
+        head_learning_rate=float(given.head_learning_rate),
+        optimizer=str(optimizer).lower(),
+        lr_schedule=str(given.lr_schedule).lower(),
+        checkpoint_dir=str(given.checkpoint_dir or DEFAULT_CHECKPOINT_DIR),
+        registered_model_name=str(given.registered_model_name or ""),
+        strategy=str(given.strategy).lower(),
         spark_master=str(given.spark_master or "local[*]"),
     )
     import mlflow
@@ -563,14 +614,26 @@ def train(config: TrainConfig | None = None, *, callbacks=(), **overrides) -> di
         if config.workers > 1:
             from carclf.training.multi_worker import run_multi_worker
 
-            _prepare_run(config, run_id, train_source, val_source, test_source, checkpoint_dir, fingerprint,
-                         resume_from)
-            log_new_params({"num_replicas": config.workers,
-                            "per_replica_batch_size": config.batch_size // config.workers})
+            _prepare_run(
+                config, run_id, train_source, val_source, test_source, checkpoint_dir, fingerprint, resume_from
+            )
+            log_new_params(
+                {"num_replicas": config.workers, "per_replica_batch_size": config.batch_size // config.workers}
+            )
             result = run_multi_worker(config, run_id, checkpoint_dir, fingerprint, config.spark_master)
         else:
-            result = _train_in_run(config, run_id, train_source, val_source, test_source, checkpoint_dir,
-                                   fingerprint, resume_from, strategy, callbacks)
+            result = _train_in_run(
+                config,
+                run_id,
+                train_source,
+                val_source,
+                test_source,
+                checkpoint_dir,
+                fingerprint,
+                resume_from,
+                strategy,
+                callbacks,
+            )
     except KeyboardInterrupt:
         _end_run_with_error(run_id, "KILLED", "interrupted (KeyboardInterrupt)", traceback.format_exc())
         raise
@@ -581,9 +644,16 @@ def train(config: TrainConfig | None = None, *, callbacks=(), **overrides) -> di
     return result
 
 
-def _prepare_run(config: TrainConfig, run_id: str, train_source: HDF5Source, val_source: HDF5Source,
-                 test_source: Optional[HDF5Source], checkpoint_dir: pathlib.Path, fingerprint: str,
-                 resume_from) -> tuple[int, dict]:
+def _prepare_run(
+    config: TrainConfig,
+    run_id: str,
+    train_source: HDF5Source,
+    val_source: HDF5Source,
+    test_source: HDF5Source | None,
+    checkpoint_dir: pathlib.Path,
+    fingerprint: str,
+    resume_from,
+) -> tuple[int, dict]:
     """Parameters, lineage and stale-checkpoint cleanup of a fresh run, or the resume tags; (completed, schedule)."""
     import mlflow
 
@@ -593,11 +663,21 @@ def _prepare_run(config: TrainConfig, run_id: str, train_source: HDF5Source, val
         log_new_params(config.tracked_params())
         # Under `mlflow run` optimizer/learning_rate may be logged as given (auto, 0): record what is used.
         log_new_params({"optimizer_used": config.optimizer, "learning_rate_used": config.learning_rate})
-        log.info("optimizer %s, learning rate %g (%s weights)", config.optimizer, config.learning_rate,
-                 "pretrained" if config.weights_argument else "no pretrained")
-        log_new_params({"num_classes": train_source.num_classes, "image_size": train_source.image_size,
-                           "train_images": train_source.num_images, "val_images": val_source.num_images,
-                           "test_images": test_source.num_images if test_source else 0})
+        log.info(
+            "optimizer %s, learning rate %g (%s weights)",
+            config.optimizer,
+            config.learning_rate,
+            "pretrained" if config.weights_argument else "no pretrained",
+        )
+        log_new_params(
+            {
+                "num_classes": train_source.num_classes,
+                "image_size": train_source.image_size,
+                "train_images": train_source.num_images,
+                "val_images": val_source.num_images,
+                "test_images": test_source.num_images if test_source else 0,
+            }
+        )
         mlflow.set_tags({TAG_CONFIG: fingerprint, "carclf.checkpoint_dir": str(checkpoint_dir)})
         log_dataset_inputs(train_source, "training")
         log_dataset_inputs(val_source, "validation")
@@ -618,20 +698,35 @@ def _prepare_run(config: TrainConfig, run_id: str, train_source: HDF5Source, val
     return completed, schedule_state
 
 
-def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, val_source: HDF5Source,
-                  test_source: Optional[HDF5Source], checkpoint_dir: pathlib.Path, fingerprint: str,
-                  resume_from, strategy, callbacks=()) -> dict:
+def _train_in_run(
+    config: TrainConfig,
+    run_id: str,
+    train_source: HDF5Source,
+    val_source: HDF5Source,
+    test_source: HDF5Source | None,
+    checkpoint_dir: pathlib.Path,
+    fingerprint: str,
+    resume_from,
+    strategy,
+    callbacks=(),
+) -> dict:
     import keras
     import mlflow
 
-    completed, schedule_state = _prepare_run(config, run_id, train_source, val_source, test_source,
-                                             checkpoint_dir, fingerprint, resume_from)
+    completed, schedule_state = _prepare_run(
+        config, run_id, train_source, val_source, test_source, checkpoint_dir, fingerprint, resume_from
+    )
     previous_policy = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy(config.precision)
     replicas = strategy.num_replicas_in_sync
     per_replica = replica_batch_size(config.batch_size, replicas)
-    log.info("strategy %s: %d replica(s), global batch %d = %d per replica", type(strategy).__name__, replicas,
-             config.batch_size, per_replica)
+    log.info(
+        "strategy %s: %d replica(s), global batch %d = %d per replica",
+        type(strategy).__name__,
+        replicas,
+        config.batch_size,
+        per_replica,
+    )
     log_new_params({"num_replicas": replicas, "per_replica_batch_size": per_replica})
     scope = strategy.scope()
     scope.__enter__()  # model, optimizers and fit under the strategy (a `with` would re-indent the whole loop)
@@ -650,20 +745,43 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
             _compile(model, config, phase.name, phase.base_lr)
             if config.online_augment:
                 # In the training step (on the accelerator), not in tf.data on the CPU; never in the saved model.
-                augment_in_train_step(model, seed=config.seed, salt=0 if phase.name == "head" else 1,
-                                      ranges=AugmentationRanges.for_strength(config.augment_strength))
+                augment_in_train_step(
+                    model,
+                    seed=config.seed,
+                    salt=0 if phase.name == "head" else 1,
+                    ranges=AugmentationRanges.for_strength(config.augment_strength),
+                )
             if resume_from is not None:
                 restore_checkpoint(resume_from[0], model, resume_from[1], phase)
                 resume_from = None
             start = max(completed, phase.start)
-            log.info("phase %s: epochs %d..%d (%s backbone)", phase.name, start + 1, phase.stop,
-                     "frozen" if phase.name == "head" else "trainable")
-            train_ds = make_dataset(train_source, config.batch_size, shuffle=True, seed=config.seed,
-                                    start_epoch=start, epochs=phase.stop - start).map(one_hot)
+            log.info(
+                "phase %s: epochs %d..%d (%s backbone)",
+                phase.name,
+                start + 1,
+                phase.stop,
+                "frozen" if phase.name == "head" else "trainable",
+            )
+            train_ds = make_dataset(
+                train_source,
+                config.batch_size,
+                shuffle=True,
+                seed=config.seed,
+                start_epoch=start,
+                epochs=phase.stop - start,
+            ).map(one_hot)
             val_ds = make_dataset(val_source, config.batch_size, shuffle=False, epochs=1).map(one_hot)
             tracker = _make_tracker(config, phase, run_id, checkpoint_dir, fingerprint, schedule_state)
-            model.fit(train_ds, validation_data=val_ds, epochs=phase.stop, initial_epoch=start,
-                      steps_per_epoch=steps, callbacks=[tracker, *callbacks], verbose=verbose, shuffle=False)
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=phase.stop,
+                initial_epoch=start,
+                steps_per_epoch=steps,
+                callbacks=[tracker, *callbacks],
+                verbose=verbose,
+                shuffle=False,
+            )
             completed = phase.stop
         if resume_from is not None:  # every epoch was done before the kill: only the weights are needed
             model.load_weights(str(resume_from[0] / "model.weights.h5"))
@@ -677,8 +795,13 @@ def _train_in_run(config: TrainConfig, run_id: str, train_source: HDF5Source, va
     if test_source is not None:
         result["metrics"] = _evaluate_on_test(model, test_source, config.batch_size)
     result.update(_log_final_model(model, config, train_source, val_source))
-    state = {"completed_epochs": config.epochs, "run_id": run_id, "config_fingerprint": fingerprint,
-             "finished": True, "checkpoint": ""}
+    state = {
+        "completed_epochs": config.epochs,
+        "run_id": run_id,
+        "config_fingerprint": fingerprint,
+        "finished": True,
+        "checkpoint": "",
+    }
     if checkpoint_dir.exists():
         _write_json_atomic(checkpoint_dir / CHECKPOINT_POINTER, state)
     return result
@@ -733,7 +856,10 @@ def _log_final_model(model, config: TrainConfig, train_source: HDF5Source, val_s
 
     # int8 (issue 18): quantized on a few hundred training images, shipped only if it holds up on validation.
     info = carclf_flavor.log_model(
-        model, "model", list(train_source.class_names), preprocessing=train_source.settings,
+        model,
+        "model",
+        list(train_source.class_names),
+        preprocessing=train_source.settings,
         registered_model_name=config.registered_model_name or None,
         calibration_data=stratified_sample(train_source, CALIBRATION_IMAGES),
         validation_data=val_source.read_rows(np.arange(val_source.num_images)),
@@ -755,8 +881,8 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from carclf_flavor.resnet import WeightsError
     from carclf.training.multi_worker import WorkerFailed
+    from carclf_flavor.resnet import WeightsError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -771,8 +897,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the run ended KILLED; rerun with the same checkpoint_dir to resume", file=sys.stderr)
         return 130
-    print(f"run {result['run_id']}  model {result['model_uri']}"
-          + (f"  registered version {result['registered_version']}" if result["registered_version"] else ""))
+    print(
+        f"run {result['run_id']}  model {result['model_uri']}"
+        + (f"  registered version {result['registered_version']}" if result["registered_version"] else "")
+    )
     return 0
 
 

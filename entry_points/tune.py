@@ -9,6 +9,7 @@ session (Databricks, notebooks) or one on ``spark_master``; the tune run is the 
 trial's model is registered as ``registered_model_name`` with the alias ``champion``, and its validation and
 test metrics and the study's plots (``plots/*.png``) are logged on the tune run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,9 +60,19 @@ def tune(config: TuneConfig | None = None, **overrides) -> dict:
         from carclf.data.input_pipeline import HDF5Source
 
         check_compatible(HDF5Source.open(train_data).infos + HDF5Source.open(test_data).infos)
-    return run_study(dimensions, train_data, val_data, test_data, trials=int(trials), parallel=int(parallel),
-                     spark_master=spark_master, study_name=study_name,
-                     registered_model_name=registered_model_name, pruner=pruner, alias=CHAMPION_ALIAS)
+    return run_study(
+        dimensions,
+        train_data,
+        val_data,
+        test_data,
+        trials=int(trials),
+        parallel=int(parallel),
+        spark_master=spark_master,
+        study_name=study_name,
+        registered_model_name=registered_model_name,
+        pruner=pruner,
+        alias=CHAMPION_ALIAS,
+    )
 
 
 def build_parser():
@@ -80,9 +91,9 @@ def _record_failure(message: str) -> None:
 
 
 def main(argv=None) -> int:
-    from carclf_flavor.resnet import WeightsError
-    from carclf.data.hdf5_dataset import DatasetError
     from carclf.compute.spark_session import SparkSetupError
+    from carclf.data.hdf5_dataset import DatasetError
+    from carclf_flavor.resnet import WeightsError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -95,13 +106,14 @@ def main(argv=None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     counts = result["counts"]
-    print(f"\nstudy {result['study_name']} (run {result['study_run_id']}): {counts['complete']} complete, "
-          f"{counts['pruned']} pruned, {counts['fail']} failed")
+    print(
+        f"\nstudy {result['study_name']} (run {result['study_run_id']}): {counts['complete']} complete, "
+        f"{counts['pruned']} pruned, {counts['fail']} failed"
+    )
     print(f"best: trial {result['best_trial']} val top-1 {result['best_value']:.4f} {result['best_params']}")
     for name, value in sorted(result["test_metrics"].items()):
         print(f"  {name:<16} {value:.4f}")
-    print(f"model: {result['model_uri']}"
-          + (f" (alias {CHAMPION_ALIAS})" if result["registered_version"] else ""))
+    print(f"model: {result['model_uri']}" + (f" (alias {CHAMPION_ALIAS})" if result["registered_version"] else ""))
     return 0
 
 

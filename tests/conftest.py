@@ -1,4 +1,5 @@
 """Suite-wide guards: no telemetry, no traffic past loopback, a private MLflow store per test."""
+
 import os
 
 # Set before anything imports mlflow: MLflow 3 sends usage telemetry otherwise.

@@ -1,4 +1,5 @@
 """Shared pieces of the deploy tests: tiny registered pyfunc models, network-free subprocesses, server cleanup."""
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,14 @@ MODEL_CODE = textwrap.dedent(
 )
 
 
-def register_version_model(tmp_path: pathlib.Path, name: str, version: str, broken: bool | str = False,
-                           labelled: bool = False, nested_output: bool = False) -> str:
+def register_version_model(
+    tmp_path: pathlib.Path,
+    name: str,
+    version: str,
+    broken: bool | str = False,
+    labelled: bool = False,
+    nested_output: bool = False,
+) -> str:
     """Log + register a model (from code) that answers its version; returns models:/name/<registry version>.
     broken=True: fails to load; "answers": fails on every request; "coerce": answers every row with an `error`.
     labelled: adds a `label` column."""
@@ -64,15 +71,22 @@ def register_version_model(tmp_path: pathlib.Path, name: str, version: str, brok
     if nested_output:  # the output schema carclf < 0.2 logged: top_k as a list of objects
         from mlflow.types.schema import Array, Object, Property
 
-        outputs = Schema([ColSpec("string", "label"),
-                          ColSpec(Array(Object([Property("label", "string"), Property("prob", "double")])), "top_k")])
+        outputs = Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec(Array(Object([Property("label", "string"), Property("prob", "double")])), "top_k"),
+            ]
+        )
     signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=outputs)
     # The throwaway model has no input example and no type hints on purpose; MLflow warns about both.
     with mlflow.start_run(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(code), signature=signature,
-            pip_requirements=["mlflow"], registered_model_name=name,
+            name="model",
+            python_model=str(code),
+            signature=signature,
+            pip_requirements=["mlflow"],
+            registered_model_name=name,
         )
     return f"models:/{name}/{info.registered_model_version}"
 
@@ -117,18 +131,20 @@ def offline_run(args, env=None, timeout=90, cwd=None) -> subprocess.CompletedPro
     """Run a command with NO network at all (its own network namespace), so a regression that reaches for
     Azure (or the 169.254.169.254 metadata address) fails instead of sending traffic."""
     require_unshare()
-    return subprocess.run(
-        ["unshare", "-n", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(["unshare", "-n", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def clean_azure_env(home: pathlib.Path) -> dict:
     """This environment without any Azure credential source: no SP variables, no `az`, an empty HOME."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AZURE_", "AZUREML_", "MSI_", "IDENTITY_")) and k not in ("HTTPS_PROXY", "https_proxy")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AZURE_", "AZUREML_", "MSI_", "IDENTITY_")) and k not in ("HTTPS_PROXY", "https_proxy")
+    }
     env["HOME"] = str(home)
-    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), "/usr/bin", "/bin")
-                                  if p and not (pathlib.Path(p) / "az").exists())
+    env["PATH"] = os.pathsep.join(
+        p for p in (os.path.dirname(sys.executable), "/usr/bin", "/bin") if p and not (pathlib.Path(p) / "az").exists()
+    )
     return env
 
 
@@ -174,10 +190,19 @@ class FakeAzureML:
 
     SCORING_ERROR = "An unexpected error occurred in scoring script. Check the logs for more info."
 
-    def __init__(self, subscription: str, resource_group: str, workspace: str, location: str = "westeurope",
-                 endpoints: dict | None = None, deployments: dict | None = None):
-        self.prefix = (f"/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/"
-                       f"Microsoft.MachineLearningServices/workspaces/{workspace}")
+    def __init__(
+        self,
+        subscription: str,
+        resource_group: str,
+        workspace: str,
+        location: str = "westeurope",
+        endpoints: dict | None = None,
+        deployments: dict | None = None,
+    ):
+        self.prefix = (
+            f"/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/"
+            f"Microsoft.MachineLearningServices/workspaces/{workspace}"
+        )
         self.location = location
         # name -> endpoint resource; (endpoint, deployment) -> deployment resource
         self.endpoints: dict = {}
@@ -186,28 +211,51 @@ class FakeAzureML:
         self.scores: list[dict] = []
         self.key = "fake-primary-key"
         for name, traffic in (endpoints or {}).items():
-            self.endpoints[name] = self._endpoint_resource(name, {"properties": {"authMode": "Key", "traffic": traffic}})
+            self.endpoints[name] = self._endpoint_resource(
+                name, {"properties": {"authMode": "Key", "traffic": traffic}}
+            )
         for (endpoint, name), model in (deployments or {}).items():
-            self.deployments[(endpoint, name)] = self._deployment_resource(endpoint, name, {"properties": {
-                "model": f"{self.prefix}/models/{model[0]}/versions/{model[1]}", "instanceType": "Standard_DS3_v2"}})
+            self.deployments[(endpoint, name)] = self._deployment_resource(
+                endpoint,
+                name,
+                {
+                    "properties": {
+                        "model": f"{self.prefix}/models/{model[0]}/versions/{model[1]}",
+                        "instanceType": "Standard_DS3_v2",
+                    }
+                },
+            )
 
     # -- resources
     def _endpoint_resource(self, name, body):
         props = dict(body.get("properties") or {})
-        props.update(provisioningState="Succeeded",
-                     scoringUri=f"https://{name}.{self.location}.inference.ml.azure.com/score",
-                     swaggerUri=f"https://{name}.{self.location}.inference.ml.azure.com/swagger.json")
+        props.update(
+            provisioningState="Succeeded",
+            scoringUri=f"https://{name}.{self.location}.inference.ml.azure.com/score",
+            swaggerUri=f"https://{name}.{self.location}.inference.ml.azure.com/swagger.json",
+        )
         props.setdefault("traffic", {})
-        return {"id": f"{self.prefix}/onlineEndpoints/{name}", "name": name, "type": "onlineEndpoints",
-                "location": body.get("location") or self.location, "tags": body.get("tags") or {},
-                "identity": body.get("identity"), "properties": props}
+        return {
+            "id": f"{self.prefix}/onlineEndpoints/{name}",
+            "name": name,
+            "type": "onlineEndpoints",
+            "location": body.get("location") or self.location,
+            "tags": body.get("tags") or {},
+            "identity": body.get("identity"),
+            "properties": props,
+        }
 
     def _deployment_resource(self, endpoint, name, body):
         props = dict(body.get("properties") or {})
         props.update(provisioningState="Succeeded", endpointComputeType="Managed")
-        return {"id": f"{self.prefix}/onlineEndpoints/{endpoint}/deployments/{name}", "name": name,
-                "type": "deployments", "location": body.get("location") or self.location,
-                "sku": body.get("sku") or {"name": "Default", "capacity": 1}, "properties": props}
+        return {
+            "id": f"{self.prefix}/onlineEndpoints/{endpoint}/deployments/{name}",
+            "name": name,
+            "type": "deployments",
+            "location": body.get("location") or self.location,
+            "sku": body.get("sku") or {"name": "Default", "capacity": 1},
+            "properties": props,
+        }
 
     # -- transport
     def install(self):
@@ -234,9 +282,17 @@ class FakeAzureML:
         if isinstance(body, bytes):
             body = body.decode()
         parsed = _json.loads(body) if body else None
-        call = {"method": request.method, "host": url.hostname, "path": url.path, "body": parsed,
-                "headers": {k: v for k, v in request.headers.items()
-                            if k.lower() in ("authorization", "azureml-model-deployment", "content-type")}}
+        call = {
+            "method": request.method,
+            "host": url.hostname,
+            "path": url.path,
+            "body": parsed,
+            "headers": {
+                k: v
+                for k, v in request.headers.items()
+                if k.lower() in ("authorization", "azureml-model-deployment", "content-type")
+            },
+        }
         self.calls.append(call)
         if url.hostname.endswith(".inference.ml.azure.com"):
             status, answer = self._score(url, request, parsed)
@@ -252,14 +308,19 @@ class FakeAzureML:
         import requests
         import urllib3
 
-        content = b"" if answer is None else (answer.encode() if isinstance(answer, str) else _json.dumps(answer).encode())
-        headers = {"Content-Type": "application/json" if not isinstance(answer, str) else "text/plain",
-                   "Content-Length": str(len(content))}
+        content = (
+            b"" if answer is None else (answer.encode() if isinstance(answer, str) else _json.dumps(answer).encode())
+        )
+        headers = {
+            "Content-Type": "application/json" if not isinstance(answer, str) else "text/plain",
+            "Content-Length": str(len(content)),
+        }
         response = requests.Response()
         response.status_code = status
         response.headers = requests.structures.CaseInsensitiveDict(headers)
-        response.raw = urllib3.HTTPResponse(body=io.BytesIO(content), headers=headers, status=status,
-                                            preload_content=False)
+        response.raw = urllib3.HTTPResponse(
+            body=io.BytesIO(content), headers=headers, status=status, preload_content=False
+        )
         response.url = request.url
         response.request = request
         response.encoding = "utf-8"
@@ -272,10 +333,14 @@ class FakeAzureML:
     def _arm(self, method, path, body):
         if not path.startswith(self.prefix):
             return self._not_found(path)
-        rest = path[len(self.prefix):].strip("/").split("/")
+        rest = path[len(self.prefix) :].strip("/").split("/")
         if rest == [""]:
-            return 200, {"id": self.prefix, "name": self.prefix.rsplit("/", 1)[-1], "location": self.location,
-                         "properties": {}}
+            return 200, {
+                "id": self.prefix,
+                "name": self.prefix.rsplit("/", 1)[-1],
+                "location": self.location,
+                "properties": {},
+            }
         if rest[0] != "onlineEndpoints":
             return self._not_found(path)
         if len(rest) == 1:
@@ -329,8 +394,13 @@ class FakeAzureML:
         traffic = self.endpoints[endpoint]["properties"]["traffic"]
         name = request.headers.get("azureml-model-deployment") or max(traffic, key=traffic.get)
         model = self.deployments[(endpoint, name)]["properties"]["model"].split("/")
-        self.scores.append({"deployment": name, "model": f"{model[-3]}/{model[-1]}",
-                            "columns": (body.get("input_data") or {}).get("columns")})
+        self.scores.append(
+            {
+                "deployment": name,
+                "model": f"{model[-3]}/{model[-1]}",
+                "columns": (body.get("input_data") or {}).get("columns"),
+            }
+        )
         try:
             import mlflow.pyfunc
             import pandas as pd

@@ -1,4 +1,5 @@
 """Shared pieces of the flavor/serving/precision tests: a tiny real ResNet and real encoded images."""
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,12 @@ def build_tiny_resnet(seed: int = 0, num_classes: int = len(CLASS_NAMES)):
 
     for layer in model.layers:
         if isinstance(layer, Scale):
-            layer.set_weights([rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32"),
-                               rng.normal(0.0, 0.1, layer.beta.shape).astype("float32")])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32"),
+                    rng.normal(0.0, 0.1, layer.beta.shape).astype("float32"),
+                ]
+            )
         elif isinstance(layer, keras.layers.BatchNormalization):
             weights = layer.get_weights()
             # BN here may carry only moving mean/variance (Caffe style) or also gamma/beta.
@@ -49,11 +54,12 @@ def jpeg_bytes(width: int = 80, height: int = 60, seed: int = 0, quality: int = 
     """A real JPEG with structure (gradients + random blocks), so crops and resizes change the pixels."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    image = np.stack([(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)),
-                      ((x + y) * 3) % 256], axis=-1).astype(np.uint8)
+    image = np.stack(
+        [(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)), ((x + y) * 3) % 256], axis=-1
+    ).astype(np.uint8)
     for _ in range(6):
         x0, y0 = int(rng.integers(0, width - 4)), int(rng.integers(0, height - 4))
-        image[y0:y0 + height // 4, x0:x0 + width // 4] = rng.integers(0, 255, 3)
+        image[y0 : y0 + height // 4, x0 : x0 + width // 4] = rng.integers(0, 255, 3)
     ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
     return encoded.tobytes()
@@ -121,7 +127,11 @@ def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path):
     env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(requirements)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     return python, env

@@ -1,4 +1,5 @@
 """Hostile inputs shared by the image, preprocess, serving-fuzz tests and the serving benchmark."""
+
 from __future__ import annotations
 
 import pathlib
@@ -45,7 +46,7 @@ def _small(fmt: str, mode: str = "RGB", **kwargs) -> bytes:
 
 def _patch(data: bytes, offset: int, fmt: str, *values: int) -> bytes:
     packed = struct.pack(fmt, *values)
-    return data[:offset] + packed + data[offset + len(packed):]
+    return data[:offset] + packed + data[offset + len(packed) :]
 
 
 def header_bombs(width: int = 16000, height: int = 16000) -> dict[str, bytes]:
@@ -72,7 +73,7 @@ def header_bombs(width: int = 16000, height: int = 16000) -> dict[str, bytes]:
     out["tiff"] = _patch_tiff_size(tiff, width, height)
     webp = _small("WEBP", lossless=True)
     vp8l = webp.index(b"VP8L") + 8 + 1  # after chunk size and the 0x2f signature: 14 bits w-1, 14 bits h-1
-    bits = struct.unpack("<I", webp[vp8l:vp8l + 4])[0]
+    bits = struct.unpack("<I", webp[vp8l : vp8l + 4])[0]
     bits = (bits & ~0x0FFFFFFF) | (width - 1) | ((height - 1) << 14)
     out["webp"] = _patch(webp, vp8l, "<I", bits)
     avif = _small("AVIF")
@@ -89,10 +90,10 @@ def header_bombs(width: int = 16000, height: int = 16000) -> dict[str, bytes]:
 def _patch_tiff_size(data: bytes, width: int, height: int) -> bytes:
     assert data[:2] == b"II"
     ifd = struct.unpack("<I", data[4:8])[0]
-    count = struct.unpack("<H", data[ifd:ifd + 2])[0]
+    count = struct.unpack("<H", data[ifd : ifd + 2])[0]
     for i in range(count):
         entry = ifd + 2 + 12 * i
-        tag, kind = struct.unpack("<HH", data[entry:entry + 4])
+        tag, kind = struct.unpack("<HH", data[entry : entry + 4])
         if tag in (256, 257):
             value = width if tag == 256 else height
             data = _patch(data, entry + 8, "<H" if kind == 3 else "<I", value)

@@ -1,4 +1,5 @@
 """Shared pieces of the network tests: varied uint8 images, realistic random BN statistics, legacy .h5 writing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,10 +28,10 @@ def varied_images(count: int, size: int, seed: int = 0) -> np.ndarray:
             for _ in range(int(rng.integers(1, 6))):
                 x0, y0 = rng.integers(0, size - 4, 2)
                 w, h = rng.integers(4, size // 2 + 4, 2)
-                image[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, 3)
+                image[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 255, 3)
         else:  # linear gradient
             c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-            t = (x * rng.uniform(-1, 1) + y * rng.uniform(-1, 1))
+            t = x * rng.uniform(-1, 1) + y * rng.uniform(-1, 1)
             t = (t - t.min()) / max(1e-6, t.max() - t.min())
             image = t[..., None] * c0 + (1 - t[..., None]) * c1
         image = image + rng.normal(0, rng.uniform(0, 25), image.shape)
@@ -38,8 +39,9 @@ def varied_images(count: int, size: int, seed: int = 0) -> np.ndarray:
     return images
 
 
-def randomize_batchnorm_and_biases(model, calibration_inputs, seed: int = 0, conv_bias_std: float = 0.1,
-                                   residual_gamma=(0.1, 0.3)):
+def randomize_batchnorm_and_biases(
+    model, calibration_inputs, seed: int = 0, conv_bias_std: float = 0.1, residual_gamma=(0.1, 0.3)
+):
     """Non-trivial weights everywhere fusion or import could go wrong, with activations kept O(1).
 
     Random gamma/beta (in BN or in Scale), random conv biases (keras.applications' convs carry them), then the

@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
+from carclf.compute.spark_session import SparkSetupError, check_java, get_spark, session_master
+from carclf.data.hdf5_dataset import read_dataset_info, write_hdf5_split
 from carclf_flavor.images import PreprocessSettings
 from entry_points import augment as aug
-from carclf.data.hdf5_dataset import read_dataset_info, write_hdf5_split
-from carclf.compute.spark_session import SparkSetupError, check_java, get_spark, session_master
 from helpers_flavor import free_port
 
 # Two cores, and up to 4 attempts per task: local[N] alone never retries a failed task.
@@ -42,19 +42,27 @@ def source(tmp_path_factory):
     rng = np.random.default_rng(7)
     labels = rng.integers(0, len(CLASS_NAMES), NUM_IMAGES)
     path = write_hdf5_split(
-        folder / "train.h5", _asymmetric_images(NUM_IMAGES, SIZE, 1), labels, CLASS_NAMES,
-        PreprocessSettings(image_size=SIZE, crop="bbox", crop_margin=8), split="train",
+        folder / "train.h5",
+        _asymmetric_images(NUM_IMAGES, SIZE, 1),
+        labels,
+        CLASS_NAMES,
+        PreprocessSettings(image_size=SIZE, crop="bbox", crop_margin=8),
+        split="train",
         filenames=[f"{i:05d}.jpg" for i in range(NUM_IMAGES)],
-        bboxes=np.column_stack([np.arange(NUM_IMAGES), np.zeros(NUM_IMAGES), np.full(NUM_IMAGES, 90),
-                                np.full(NUM_IMAGES, 60)]),
+        bboxes=np.column_stack(
+            [np.arange(NUM_IMAGES), np.zeros(NUM_IMAGES), np.full(NUM_IMAGES, 90), np.full(NUM_IMAGES, 60)]
+        ),
     )
     return path
 
 
 def _read(path):
     with h5py.File(path, "r") as f:
-        return {name: f[name][()] for name in ("images", "labels", "source_index", "bboxes", "filenames",
-                                               "class_names") if name in f} | {"attrs": dict(f.attrs)}
+        return {
+            name: f[name][()]
+            for name in ("images", "labels", "source_index", "bboxes", "filenames", "class_names")
+            if name in f
+        } | {"attrs": dict(f.attrs)}
 
 
 def _hidden_leftovers(folder):
@@ -111,8 +119,17 @@ def test_train_input_pipeline_reads_the_output(spark, source, tmp_path):
 
 def test_flip_really_mirrors(spark, source, tmp_path):
     out = tmp_path / "flipped.h5"
-    aug.augment(input=source, output=out, copies=1, keep_original=False, ops="flip", flip_prob=1.0,
-                spark_master=MASTER, partitions=3, log_to_mlflow=False)
+    aug.augment(
+        input=source,
+        output=out,
+        copies=1,
+        keep_original=False,
+        ops="flip",
+        flip_prob=1.0,
+        spark_master=MASTER,
+        partitions=3,
+        log_to_mlflow=False,
+    )
     src, got = _read(source), _read(out)
     np.testing.assert_array_equal(got["source_index"], np.arange(NUM_IMAGES))
     np.testing.assert_array_equal(got["images"], src["images"][:, :, ::-1, :])
@@ -172,15 +189,29 @@ def test_tasks_write_their_rows_into_the_preallocated_output_in_any_order(source
     from carclf.data.hdf5_dataset import HDF5SplitWriter
 
     info, split = aug._input_meta(str(source))
-    spec = aug.JobSpec(input=str(source), copies=2, keep_original=True, params=aug.AugmentParams.parse("crop,flip"),
-                       seed=5, shard_dir=str(tmp_path / "shards"))
+    spec = aug.JobSpec(
+        input=str(source),
+        copies=2,
+        keep_original=True,
+        params=aug.AugmentParams.parse("crop,flip"),
+        seed=5,
+        shard_dir=str(tmp_path / "shards"),
+    )
     (tmp_path / "shards").mkdir()
     ranges = aug.plan_ranges(NUM_IMAGES, 3)
     out = tmp_path / "direct.h5"
-    with HDF5SplitWriter(out, info.class_names, info.settings, split=split, with_source_index=True,
-                         expected_rows=NUM_IMAGES * 3, preallocate_images=True) as writer:
-        spec = dataclasses.replace(spec, output_tmp=str(writer.tmp_path), images_offset=writer.images_offset,
-                                   row_bytes=writer.row_bytes)
+    with HDF5SplitWriter(
+        out,
+        info.class_names,
+        info.settings,
+        split=split,
+        with_source_index=True,
+        expected_rows=NUM_IMAGES * 3,
+        preallocate_images=True,
+    ) as writer:
+        spec = dataclasses.replace(
+            spec, output_tmp=str(writer.tmp_path), images_offset=writer.images_offset, row_bytes=writer.row_bytes
+        )
         results = [aug.run_range(spec, a, b) for a, b in reversed(ranges)]
         assert aug.merge_metadata(results, ranges, spec, writer) == NUM_IMAGES * 3
     reference = aug.augment_in_process(source, tmp_path / "loop.h5", copies=2, ops="crop,flip", seed=5)
@@ -194,8 +225,15 @@ def test_tasks_write_their_rows_into_the_preallocated_output_in_any_order(source
     aug.shard_path(spec.shard_dir, *ranges[1]).unlink()
     out2 = tmp_path / "incomplete.h5"
     with pytest.raises(aug.AugmentError, match=r"shard-.*\.npz: missing or unreadable metadata shard"):
-        with HDF5SplitWriter(out2, info.class_names, info.settings, split=split, with_source_index=True,
-                             expected_rows=NUM_IMAGES * 3, preallocate_images=True) as writer:
+        with HDF5SplitWriter(
+            out2,
+            info.class_names,
+            info.settings,
+            split=split,
+            with_source_index=True,
+            expected_rows=NUM_IMAGES * 3,
+            preallocate_images=True,
+        ) as writer:
             aug.merge_metadata(results, ranges, spec, writer)
     assert list(tmp_path.glob("incomplete*")) == [] and _hidden_leftovers(tmp_path) == []
 
@@ -209,15 +247,20 @@ def test_failed_job_leaves_no_output_and_no_shards(spark, source, tmp_path, monk
     assert list(out.parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("make_args, expected", [
-    (lambda src, tmp: ["--input", str(tmp / "nope.h5")], "nope.h5: no such file"),
-    (lambda src, tmp: ["--input", str(_text_file(tmp))], "not a readable HDF5 file"),
-    (lambda src, tmp: ["--input", str(src), "--ops", "crop,twirl"], "unknown op(s) 'twirl'"),
-    (lambda src, tmp: ["--input", str(src), "--copies", "-1"], "copies must be >= 0"),
-    (lambda src, tmp: ["--input", str(src), "--crop-scale", "1.5"], "crop_scale must be between"),
-    (lambda src, tmp: ["--input", str(src), "--spark-master", f"spark://127.0.0.1:{free_port()}"],
-     "cannot reach Spark master spark://127.0.0.1:"),
-])
+@pytest.mark.parametrize(
+    "make_args, expected",
+    [
+        (lambda src, tmp: ["--input", str(tmp / "nope.h5")], "nope.h5: no such file"),
+        (lambda src, tmp: ["--input", str(_text_file(tmp))], "not a readable HDF5 file"),
+        (lambda src, tmp: ["--input", str(src), "--ops", "crop,twirl"], "unknown op(s) 'twirl'"),
+        (lambda src, tmp: ["--input", str(src), "--copies", "-1"], "copies must be >= 0"),
+        (lambda src, tmp: ["--input", str(src), "--crop-scale", "1.5"], "crop_scale must be between"),
+        (
+            lambda src, tmp: ["--input", str(src), "--spark-master", f"spark://127.0.0.1:{free_port()}"],
+            "cannot reach Spark master spark://127.0.0.1:",
+        ),
+    ],
+)
 def test_bad_inputs_give_one_clear_line(source, tmp_path, capsys, make_args, expected):
     out = tmp_path / "out.h5"
     rc = aug.main(make_args(source, tmp_path) + ["--output", str(out)])
@@ -235,8 +278,24 @@ def _text_file(folder):
 
 def test_cli_accepts_mlflow_style_numbers(spark, source, tmp_path, capsys):
     out = tmp_path / "cli.h5"
-    rc = aug.main(["--input", str(source), "--output", str(out), "--copies", "1.0", "--partitions", "2.0",
-                   "--keep-original", "false", "--ops", "rotate,brightness", "--spark-master", MASTER])
+    rc = aug.main(
+        [
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--copies",
+            "1.0",
+            "--partitions",
+            "2.0",
+            "--keep-original",
+            "false",
+            "--ops",
+            "rotate,brightness",
+            "--spark-master",
+            MASTER,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert read_dataset_info(out).num_images == NUM_IMAGES
 

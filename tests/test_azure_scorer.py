@@ -6,10 +6,10 @@ Azure's inference server, the script builds its samples from the model's signatu
 and requests arrive as `{"input_data": {"columns", "index", "data"}, "params": {...}}`. `azmlinfsrv` binds
 0.0.0.0 and has no host option: the launcher below sets its module constant to 127.0.0.1 before it starts.
 """
+
 import base64
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -52,9 +52,13 @@ def input_data(*images, columns=("image",)):
 def azure_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("azureml-models")
     path = root / "carclf-model"
-    carclf_flavor.save_model(build_tiny_resnet(seed=11), path, CLASS_NAMES,
-                             preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4),
-                             inference_precision="float32")
+    carclf_flavor.save_model(
+        build_tiny_resnet(seed=11),
+        path,
+        CLASS_NAMES,
+        preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4),
+        inference_precision="float32",
+    )
     return path
 
 
@@ -67,9 +71,21 @@ def azure_venv(azure_model, tmp_path_factory):
     subprocess.run([base_python, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "-r", str(azure_model / "requirements.txt"), *AZURE_SERVER_PACKAGES],
-        capture_output=True, text=True, env=_clean_env(), timeout=900,
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            str(azure_model / "requirements.txt"),
+            *AZURE_SERVER_PACKAGES,
+        ],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=900,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     return python
@@ -90,12 +106,20 @@ def azure_server(azure_model, azure_venv, tmp_path_factory):
     port = free_port()
     log_path = app_root / "server.log"
     # CARCLF_ERRORS=coerce is what `deploy` sets on a managed deployment (entry_points/deploy.py).
-    env = _clean_env(AZUREML_MODEL_DIR=str(azure_model.parent), MLFLOW_MODEL_FOLDER=azure_model.name,
-                     AZUREML_ENTRY_SCRIPT="mlflow_score_script.py", CARCLF_ERRORS="coerce")
+    env = _clean_env(
+        AZUREML_MODEL_DIR=str(azure_model.parent),
+        MLFLOW_MODEL_FOLDER=azure_model.name,
+        AZUREML_ENTRY_SCRIPT="mlflow_score_script.py",
+        CARCLF_ERRORS="coerce",
+    )
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [str(azure_venv), "launch_azmlinfsrv.py", "--entry_script", "mlflow_score_script.py", "--port", str(port)],
-            cwd=app_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=app_root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -105,7 +129,10 @@ def azure_server(azure_model, azure_venv, tmp_path_factory):
                 pytest.fail(f"azmlinfsrv exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
                 # The readiness route answers only once the entry script has loaded the model.
-                if requests.get(f"{url}/", timeout=2).status_code == 200 and "ready for serving" in log_path.read_text():
+                if (
+                    requests.get(f"{url}/", timeout=2).status_code == 200
+                    and "ready for serving" in log_path.read_text()
+                ):
                     break
             except requests.exceptions.RequestException:  # refused, or accepted while the worker still loads
                 pass
@@ -128,8 +155,9 @@ def reference(azure_model):
 
 
 def score(server, body):
-    return requests.post(f"{server['url']}/score", data=json.dumps(body),
-                         headers={"Content-Type": "application/json"}, timeout=120)
+    return requests.post(
+        f"{server['url']}/score", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=120
+    )
 
 
 def test_boots_with_samples_built_from_the_signature(azure_server):
@@ -154,7 +182,12 @@ def test_one_photo_scores_like_the_flavor(azure_server, reference):
 
 def test_batch_with_top_k_and_mime_base64(azure_server, reference):
     # MIME base64 (a line break every 76 characters) is what MLflow and many clients write.
-    images = [b64(IMAGES[0]), base64.encodebytes(IMAGES[1]).decode("ascii"), "  " + b64(IMAGES[2]) + "\n", b64(IMAGES[3])]
+    images = [
+        b64(IMAGES[0]),
+        base64.encodebytes(IMAGES[1]).decode("ascii"),
+        "  " + b64(IMAGES[2]) + "\n",
+        b64(IMAGES[3]),
+    ]
     response = score(azure_server, {"input_data": input_data(*images), "params": {"top_k": 3}})
     assert response.status_code == 200, response.text
     answers = response.json()
@@ -164,8 +197,13 @@ def test_batch_with_top_k_and_mime_base64(azure_server, reference):
 
 def test_own_input_example_scores_as_it_is(azure_server):
     example = json.loads((azure_server["model"] / "input_example.json").read_text())
-    body = {"input_data": {"columns": example["columns"], "index": list(range(len(example["data"]))),
-                           "data": example["data"]}}
+    body = {
+        "input_data": {
+            "columns": example["columns"],
+            "index": list(range(len(example["data"]))),
+            "data": example["data"],
+        }
+    }
     response = score(azure_server, body)
     assert response.status_code == 200, response.text
     assert response.json()[0]["label"] in CLASS_NAMES

@@ -4,6 +4,7 @@ Everything that could touch the azureml plugin's network code runs in a subproce
 namespace (`unshare -n`: no routes, loopback down), so a regression fails here instead of sending traffic;
 the in-process tests only call pure functions (and pytest-socket guards the rest of the suite).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,18 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT
-from helpers_deploy import FakeAzureML, clean_azure_env, offline_run
-
 from carclf.deployment import azure_preflight as pf
-from entry_points.deploy import (COMPUTE_CHOICES, DeployError, build_deploy_config, build_endpoint_config, deploy,
-                                 render_config, write_config)
+from conftest import REPO_ROOT
+from entry_points.deploy import (
+    COMPUTE_CHOICES,
+    DeployError,
+    build_deploy_config,
+    build_endpoint_config,
+    deploy,
+    render_config,
+    write_config,
+)
+from helpers_deploy import FakeAzureML, clean_azure_env, offline_run
 
 SUB = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 TARGET = (
@@ -56,9 +63,14 @@ def test_defaults_follow_the_article_container():
     assert managed["environment_variables"] == {"CARCLF_ERRORS": "coerce"}
     assert "scale_settings" not in managed and "endpoint_name" not in managed
     assert build_deploy_config()["instance_type"] == "Standard_DS3_v2"  # managed is the default
-    for bad in (dict(compute="gpu"), dict(cpu_cores=0), dict(compute="aks", min_replicas=3, max_replicas=2),
-                dict(compute="managed", request_timeout_s=600), dict(compute="managed", instance_count=0),
-                dict(compute="managed", instance_type="Standard_DS1_v2")):
+    for bad in (
+        dict(compute="gpu"),
+        dict(cpu_cores=0),
+        dict(compute="aks", min_replicas=3, max_replicas=2),
+        dict(compute="managed", request_timeout_s=600),
+        dict(compute="managed", instance_count=0),
+        dict(compute="managed", instance_type="Standard_DS1_v2"),
+    ):
         with pytest.raises(DeployError):
             build_deploy_config(**bad)
 
@@ -131,7 +143,7 @@ def _plugin_parse(tmp_path, files: dict[str, dict]) -> dict:
     result = offline_run([sys.executable, str(script), TARGET, *paths], env=clean_azure_env(tmp_path), timeout=120)
     line = next((ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert result.returncode == 0 and line, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-3000:]}"
-    parsed = json.loads(line[len("RESULT "):])
+    parsed = json.loads(line[len("RESULT ") :])
     return {pathlib.Path(p).stem: v for p, v in parsed.items()}
 
 
@@ -146,13 +158,18 @@ def test_generated_configs_accepted_by_the_azureml_plugins_own_parsers(tmp_path)
     files["bad_aks_replicas"] = {**build_deploy_config("aks"), "numReplicas": 2}  # autoscale + fixed replicas
     # The plugin's scale_settings bug: neither spelling gets through, which is why the generated file has none.
     files["bad_managed_scale_type"] = {**build_deploy_config("managed"), "scale_settings": {"type": "Default"}}
-    files["bad_managed_scale_scale_type"] = {**build_deploy_config("managed"), "scale_settings": {"scale_type": "Default"}}
+    files["bad_managed_scale_scale_type"] = {
+        **build_deploy_config("managed"),
+        "scale_settings": {"scale_type": "Default"},
+    }
     files["endpoint"] = build_endpoint_config()
     files["endpoint_token"] = build_endpoint_config("aml_token")
     files["traffic"] = build_endpoint_config(traffic={"blue": 90, "green": 10})
     results = _plugin_parse(tmp_path, files)
 
-    assert all(results[c]["ok"] for c in (*COMPUTE_CHOICES, "aci_small", "endpoint", "endpoint_token", "traffic")), results
+    assert all(results[c]["ok"] for c in (*COMPUTE_CHOICES, "aci_small", "endpoint", "endpoint_token", "traffic")), (
+        results
+    )
     aci = results["aci"]["body"]
     assert aci["computeType"] == "ACI" and aci["containerResourceRequirements"] == {"cpu": 3.0, "memoryInGB": 12.0}
     assert aci["authEnabled"] is True
@@ -177,7 +194,10 @@ def test_generated_configs_accepted_by_the_azureml_plugins_own_parsers(tmp_path)
     # by Azure); `scale_type` makes the plugin's converter fail.
     assert results["bad_managed_scale_type"]["body"]["properties"]["scaleSettings"] == {}
     assert "scaleSettings" not in props
-    assert not results["bad_managed_scale_scale_type"]["ok"] and "KeyError" in results["bad_managed_scale_scale_type"]["error"]
+    assert (
+        not results["bad_managed_scale_scale_type"]["ok"]
+        and "KeyError" in results["bad_managed_scale_scale_type"]["error"]
+    )
 
     assert not results["bad_aci_cpu"]["ok"] and "cpu_cores must be positive" in results["bad_aci_cpu"]["error"]
     assert not results["bad_managed_timeout"]["ok"] and "duration" in results["bad_managed_timeout"]["error"]
@@ -210,7 +230,11 @@ def test_malformed_target_uri_is_named(uri, problem):
 def test_target_uri_parts():
     target = pf.parse_target(TARGET)
     assert (target.region, target.subscription_id, target.resource_group, target.workspace) == (
-        "westeurope", SUB, "rg-cars", "ws-cars")
+        "westeurope",
+        SUB,
+        "rg-cars",
+        "ws-cars",
+    )
     assert target.cloud == "AzureCloud" and target.arm_host == "management.azure.com"
     gov = pf.parse_target(TARGET.replace("westeurope.api.azureml.ms", "usgovvirginia.api.ml.azure.us"))
     assert gov.cloud == "AzureUSGovernment"
@@ -281,8 +305,20 @@ def test_missing_credentials_say_what_is_missing(auth, env_kind, expected, tmp_p
 def _deploy_cli(tmp_path, extra_env=None, args=(), timeout=60):
     env = clean_azure_env(tmp_path)
     env.update(extra_env or {})
-    command = [sys.executable, "-m", "entry_points.deploy", "--model-uri", "models:/carclf/1", "--target", TARGET,
-               "--name", "car-resnet", "--config-dir", str(tmp_path / "cfg"), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "entry_points.deploy",
+        "--model-uri",
+        "models:/carclf/1",
+        "--target",
+        TARGET,
+        "--name",
+        "car-resnet",
+        "--config-dir",
+        str(tmp_path / "cfg"),
+        *args,
+    ]
     start = time.monotonic()
     result = offline_run(command, env=env, timeout=timeout, cwd=tmp_path)
     return result, time.monotonic() - start
@@ -310,9 +346,24 @@ def test_cli_with_malformed_target_fails_fast(tmp_path, mlflow_store):
     env = clean_azure_env(tmp_path)
     env.update(SP)
     bad = TARGET.replace("resourceGroups", "resourcegroup")
-    result = offline_run([sys.executable, "-m", "entry_points.deploy", "--model-uri", "models:/carclf/1", "--target",
-                          bad, "--name", "car-resnet", "--config-dir", str(tmp_path / "cfg")],
-                         env=env, timeout=60, cwd=tmp_path)
+    result = offline_run(
+        [
+            sys.executable,
+            "-m",
+            "entry_points.deploy",
+            "--model-uri",
+            "models:/carclf/1",
+            "--target",
+            bad,
+            "--name",
+            "car-resnet",
+            "--config-dir",
+            str(tmp_path / "cfg"),
+        ],
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: target") and "expected 'resourceGroups'" in result.stderr
     _nothing_created(tmp_path, mlflow_store)
@@ -345,7 +396,11 @@ def test_plugin_call_without_network_ends_with_a_clear_line(tmp_path, mlflow_sto
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     params = runs[0].data.params
     assert (params["target"], params["name"], params["model_uri"], params["compute"]) == (
-        TARGET, "car-resnet", "models:/carclf/1", "managed")
+        TARGET,
+        "car-resnet",
+        "models:/carclf/1",
+        "managed",
+    )
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "deploy")]
     assert artifacts == ["deploy/managed.json"]
 
@@ -402,21 +457,37 @@ def _blue_green(tmp_path, args, endpoints=None, deployments=None):
     env = clean_azure_env(tmp_path)
     env.update(SP)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])
-    spec = {"sub": SUB, "endpoints": endpoints or {}, "deployments": deployments or {},
-            "argv": ["--target", TARGET, "--name", "car-resnet", "--network-check", "false",
-                     "--config-dir", str(tmp_path / "cfg"), *args]}
+    spec = {
+        "sub": SUB,
+        "endpoints": endpoints or {},
+        "deployments": deployments or {},
+        "argv": [
+            "--target",
+            TARGET,
+            "--name",
+            "car-resnet",
+            "--network-check",
+            "false",
+            "--config-dir",
+            str(tmp_path / "cfg"),
+            *args,
+        ],
+    }
     result = offline_run([sys.executable, str(script), json.dumps(spec)], env=env, timeout=180, cwd=tmp_path)
     line = next((ln for ln in result.stdout.splitlines() if ln.startswith("FAKE ")), None)
     assert line, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    state = json.loads(line[len("FAKE "):])
+    state = json.loads(line[len("FAKE ") :])
     state["stderr"] = result.stderr
-    state["result"] = json.loads(result.stdout[:result.stdout.index("FAKE ")]) if state["rc"] == 0 else None
+    state["result"] = json.loads(result.stdout[: result.stdout.index("FAKE ")]) if state["rc"] == 0 else None
     return state
 
 
 def _arm(state, method, suffix):
-    return [c for c in state["calls"] if c["method"] == method and c["host"] == "management.azure.com"
-            and c["path"].endswith(suffix)]
+    return [
+        c
+        for c in state["calls"]
+        if c["method"] == method and c["host"] == "management.azure.com" and c["path"].endswith(suffix)
+    ]
 
 
 def test_new_endpoint_is_created_with_key_auth_then_gets_all_traffic_after_the_smoke_test(tmp_path):
@@ -442,7 +513,9 @@ def test_new_endpoint_is_created_with_key_auth_then_gets_all_traffic_after_the_s
     call = state["calls"][score]
     assert call["headers"]["azureml-model-deployment"] == "blue"
     assert call["headers"]["Authorization"] == "Bearer fake-primary-key"
-    assert set(call["body"]["input_data"]) == {"columns", "index", "data"} and call["body"]["input_data"]["columns"] == ["image"]
+    assert set(call["body"]["input_data"]) == {"columns", "index", "data"} and call["body"]["input_data"][
+        "columns"
+    ] == ["image"]
     assert state["scores"] == [{"deployment": "blue", "model": "carclf/1", "columns": ["image"]}]
     assert _arm(state, "PATCH", "/onlineEndpoints/car-resnet")[0]["body"]["properties"]["traffic"] == {"blue": 100}
     assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"blue": 100}
@@ -470,8 +543,12 @@ def test_existing_endpoint_gets_a_green_deployment_at_zero_then_the_traffic(tmp_
 
     register_version_model(tmp_path, "carclf", "one", labelled=True)
     model = register_version_model(tmp_path, "carclf", "two", labelled=True)
-    state = _blue_green(tmp_path, ["--model-uri", model, "--delete-old", "true"],
-                        endpoints={"car-resnet": {"blue": 100}}, deployments={"car-resnet/blue": ["carclf", "1"]})
+    state = _blue_green(
+        tmp_path,
+        ["--model-uri", model, "--delete-old", "true"],
+        endpoints={"car-resnet": {"blue": 100}},
+        deployments={"car-resnet/blue": ["carclf", "1"]},
+    )
     assert state["rc"] == 0, state["stderr"][-3000:]
     assert not _arm(state, "PUT", "/onlineEndpoints/car-resnet"), "an existing endpoint must not be re-created"
     (green,) = _arm(state, "PUT", "/deployments/green")
@@ -496,8 +573,12 @@ def test_canary_share_and_alias_resolved_before_the_plugin_sees_it(tmp_path):
     register_version_model(tmp_path, "carclf", "one", labelled=True)
     register_version_model(tmp_path, "carclf", "two", labelled=True)
     mlflow.MlflowClient().set_registered_model_alias("carclf", "champion", "2")
-    state = _blue_green(tmp_path, ["--model-uri", "models:/carclf@champion", "--traffic", "10"],
-                        endpoints={"car-resnet": {"blue": 100}}, deployments={"car-resnet/blue": ["carclf", "1"]})
+    state = _blue_green(
+        tmp_path,
+        ["--model-uri", "models:/carclf@champion", "--traffic", "10"],
+        endpoints={"car-resnet": {"blue": 100}},
+        deployments={"car-resnet/blue": ["carclf", "1"]},
+    )
     assert state["rc"] == 0, state["stderr"][-3000:]
     (green,) = _arm(state, "PUT", "/deployments/green")
     assert green["body"]["properties"]["model"].endswith("/models/carclf/versions/2")
@@ -517,8 +598,12 @@ def test_failed_smoke_test_leaves_traffic_where_it_was(tmp_path, broken):
 
     register_version_model(tmp_path, "carclf", "one", labelled=True)
     model = register_version_model(tmp_path, "carclf", "two", broken=broken, labelled=True)
-    state = _blue_green(tmp_path, ["--model-uri", model, "--delete-old", "true"],
-                        endpoints={"car-resnet": {"blue": 100}}, deployments={"car-resnet/blue": ["carclf", "1"]})
+    state = _blue_green(
+        tmp_path,
+        ["--model-uri", model, "--delete-old", "true"],
+        endpoints={"car-resnet": {"blue": 100}},
+        deployments={"car-resnet/blue": ["carclf", "1"]},
+    )
     assert state["rc"] == 2
     errors = [ln for ln in state["stderr"].splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in state["stderr"], state["stderr"][-3000:]
@@ -547,11 +632,16 @@ def test_an_idle_deployment_left_by_a_failed_rollout_is_updated_not_duplicated(t
 
     register_version_model(tmp_path, "carclf", "one", labelled=True)
     model = register_version_model(tmp_path, "carclf", "two", labelled=True)
-    state = _blue_green(tmp_path, ["--model-uri", model],
-                        endpoints={"car-resnet": {"blue": 100, "green": 0}},
-                        deployments={"car-resnet/blue": ["carclf", "1"], "car-resnet/green": ["carclf", "1"]})
+    state = _blue_green(
+        tmp_path,
+        ["--model-uri", model],
+        endpoints={"car-resnet": {"blue": 100, "green": 0}},
+        deployments={"car-resnet/blue": ["carclf", "1"], "car-resnet/green": ["carclf", "1"]},
+    )
     assert state["rc"] == 0, state["stderr"][-3000:]
-    updates = [c for c in state["calls"] if c["method"] in ("PUT", "PATCH") and c["path"].endswith("/deployments/green")]
+    updates = [
+        c for c in state["calls"] if c["method"] in ("PUT", "PATCH") and c["path"].endswith("/deployments/green")
+    ]
     assert len(updates) == 1 and updates[0]["body"]["properties"]["model"].endswith("/models/carclf/versions/2")
     assert state["scores"][0]["model"] == "carclf/2"
     assert state["endpoints"]["car-resnet"]["properties"]["traffic"] == {"blue": 0, "green": 100}
@@ -562,9 +652,12 @@ def test_a_canary_in_progress_is_not_overwritten(tmp_path):
     from helpers_deploy import register_version_model
 
     model = register_version_model(tmp_path, "carclf", "one", labelled=True)
-    state = _blue_green(tmp_path, ["--model-uri", model],
-                        endpoints={"car-resnet": {"blue": 90, "green": 10}},
-                        deployments={"car-resnet/blue": ["carclf", "1"], "car-resnet/green": ["carclf", "1"]})
+    state = _blue_green(
+        tmp_path,
+        ["--model-uri", model],
+        endpoints={"car-resnet": {"blue": 90, "green": 10}},
+        deployments={"car-resnet/blue": ["carclf", "1"], "car-resnet/green": ["carclf", "1"]},
+    )
     assert state["rc"] == 2 and not _arm(state, "PUT", "/deployments/blue")
     assert "both blue and green carry traffic" in state["stderr"]
 
@@ -578,13 +671,16 @@ def test_legacy_compute_warns_in_one_line_naming_the_retirement(tmp_path, mlflow
     assert "deprecated" not in default.stderr
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("--traffic", "0"), "traffic must be a whole percentage from 1 to 100"),
-    (("--traffic", "50", "--delete-old", "true"), "delete_old needs traffic=100"),
-    (("--smoke-image", "/nonexistent.jpg"), "smoke_image '/nonexistent.jpg': cannot read"),
-    (("--endpoint-auth", "password"), "endpoint_auth must be key, aml_token or aad_token"),
-    (("--instance-type", "Standard_DS2_v2"), "instance_type 'Standard_DS2_v2' is too small"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--traffic", "0"), "traffic must be a whole percentage from 1 to 100"),
+        (("--traffic", "50", "--delete-old", "true"), "delete_old needs traffic=100"),
+        (("--smoke-image", "/nonexistent.jpg"), "smoke_image '/nonexistent.jpg': cannot read"),
+        (("--endpoint-auth", "password"), "endpoint_auth must be key, aml_token or aad_token"),
+        (("--instance-type", "Standard_DS2_v2"), "instance_type 'Standard_DS2_v2' is too small"),
+    ],
+)
 def test_bad_rollout_parameters_are_named_before_anything_else(tmp_path, mlflow_store, args, expected):
     result, _ = _deploy_cli(tmp_path, args=args)
     assert result.returncode == 2

@@ -1,4 +1,5 @@
 """Training on several devices and processes: MirroredStrategy over two logical CPUs matches one device."""
+
 import json
 import os
 import subprocess
@@ -52,9 +53,14 @@ def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
     train = str(_colour_set(tmp_path / "train.h5", 12, 0))
     val = str(_colour_set(tmp_path / "val.h5", 4, 1))
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run([sys.executable, "-c", MIRRORED_CHILD, json.dumps({"train": train, "val": val,
-                                                                           "tmp": str(tmp_path)})],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", MIRRORED_CHILD, json.dumps({"train": train, "val": val, "tmp": str(tmp_path)})],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     logged = json.loads(out.stdout.strip().splitlines()[-1])
     assert logged["one"] == {"replicas": "1", "per_replica": "16"}
@@ -62,9 +68,11 @@ def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
 
     one, mirrored, half = (_weights(tmp_path / n / "weights.npz") for n in ("one", "mirrored", "half_batch"))
     assert one.keys() == mirrored.keys()
+
     # Per variable, relative to its largest entry (BN moving variances of uint8-scaled input reach 1e5).
-    relative = lambda a, b: max(float(np.max(np.abs(a[k] - b[k])) / (np.max(np.abs(a[k])) + 1e-6))  # noqa: E731
-                                for k in a)
+    def relative(a, b):
+        return max(float(np.max(np.abs(a[k] - b[k])) / (np.max(np.abs(a[k])) + 1e-6)) for k in a)
+
     diff, control = relative(one, mirrored), relative(one, half)
     # Same global batch and order: the runs differ only in float32 arithmetic (gradients summed per replica
     # then across; synchronized BN moments as E[x^2] - E[x]^2 instead of tf.nn.moments). Measured here: median
@@ -93,11 +101,11 @@ def test_every_row_exactly_once_per_epoch_across_workers(workers):
         single = epoch_order(rows_per_file, epoch, 5)
         for step in range(len(shards[0])):
             together = np.concatenate([shards[w][step][0] for w in range(workers)])
-            np.testing.assert_array_equal(together, single[step * batch:(step + 1) * batch])
+            np.testing.assert_array_equal(together, single[step * batch : (step + 1) * batch])
             assert all(shards[w][step][1] == len(together) for w in range(workers))
     first = np.concatenate([r for r, _ in worker_steps(rows_per_file, 0, 5, batch, 0, workers)])
     second = np.concatenate([r for r, _ in worker_steps(rows_per_file, 1, 5, batch, 0, workers)])
-    assert np.mean(first[:len(second)] != second[:len(first)]) > 0.9  # seeded per epoch: orders differ
+    assert np.mean(first[: len(second)] != second[: len(first)]) > 0.9  # seeded per epoch: orders differ
 
 
 def test_worker_reads_only_its_rows(tmp_path):
@@ -107,7 +115,7 @@ def test_worker_reads_only_its_rows(tmp_path):
 
     source = HDF5Source.open([_write_indexed(tmp_path / "a.h5", 0, 100), _write_indexed(tmp_path / "b.h5", 100, 37)])
     for worker in range(2):
-        for images, labels, rows, global_rows in worker_batches(source, 0, 1, 16, worker, 2):
+        for images, _labels, rows, global_rows in worker_batches(source, 0, 1, 16, worker, 2):
             np.testing.assert_array_equal(_decoded_index(images), rows)  # the pixels of exactly those rows
             assert len(rows) <= 8 and global_rows in (16, 137 % 16)
 
@@ -115,17 +123,57 @@ def test_worker_reads_only_its_rows(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Two worker processes under MultiWorkerMirroredStrategy, launched by a Spark barrier stage (local[2])
 # --------------------------------------------------------------------------------------------------
-MW_ARGS = dict(depth=18, width=0.125, weights="none", epochs=2, head_epochs=1, batch_size=16, optimizer="sgd",
-               learning_rate=0.0002, momentum=0.9, online_augment=False, label_smoothing=0.0,
-               registered_model_name="")
+MW_ARGS = dict(
+    depth=18,
+    width=0.125,
+    weights="none",
+    epochs=2,
+    head_epochs=1,
+    batch_size=16,
+    optimizer="sgd",
+    learning_rate=0.0002,
+    momentum=0.9,
+    online_augment=False,
+    label_smoothing=0.0,
+    registered_model_name="",
+)
 
 
 def _mw_cli(splits, checkpoints, workers=2):
-    return ["--train-data", splits["train"], "--val-data", splits["val"], "--depth", "18", "--width", "0.125",
-            "--weights", "none", "--epochs", "2", "--head-epochs", "1", "--batch-size", "16", "--optimizer", "sgd",
-            "--learning-rate", "0.0002", "--online-augment", "false", "--label-smoothing", "0",
-            "--checkpoint-dir", str(checkpoints), "--registered-model-name", "", "--workers", str(workers),
-            "--spark-master", f"local[{workers}]"]
+    return [
+        "--train-data",
+        splits["train"],
+        "--val-data",
+        splits["val"],
+        "--depth",
+        "18",
+        "--width",
+        "0.125",
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--head-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "0.0002",
+        "--online-augment",
+        "false",
+        "--label-smoothing",
+        "0",
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--registered-model-name",
+        "",
+        "--workers",
+        str(workers),
+        "--spark-master",
+        f"local[{workers}]",
+    ]
 
 
 @pytest.fixture
@@ -161,9 +209,14 @@ def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
 
     dump = tmp_path / "weights"
     dump.mkdir()
-    out = subprocess.run([sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
-                         env=_env(tmp_path, CARCLF_TEST_DUMP_WEIGHTS_DIR=str(dump)), cwd=tmp_path,
-                         capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
+        env=_env(tmp_path, CARCLF_TEST_DUMP_WEIGHTS_DIR=str(dump)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     client = mlflow.tracking.MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -181,10 +234,16 @@ def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
     for a, b in zip(chief, other):  # the same all-reduced updates on both workers
         np.testing.assert_array_equal(a, b)
 
-    single = train_module.train(train_data=mw_splits["train"], val_data=mw_splits["val"], checkpoint_dir=str(tmp_path / "one"), strategy="one",
-                   **MW_ARGS)
-    config = train_module.TrainConfig(train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0,
-                                      **{k: v for k, v in MW_ARGS.items()})
+    single = train_module.train(
+        train_data=mw_splits["train"],
+        val_data=mw_splits["val"],
+        checkpoint_dir=str(tmp_path / "one"),
+        strategy="one",
+        **MW_ARGS,
+    )
+    config = train_module.TrainConfig(
+        train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0, **{k: v for k, v in MW_ARGS.items()}
+    )
     model = train_module.build_model(config, 4, 32)
     model.load_weights(str(sorted((tmp_path / "one").glob("epoch-*"))[-1] / "model.weights.h5"))
     reference = model.get_weights()
@@ -198,14 +257,25 @@ def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
 def test_killed_job_resumes_from_chief_checkpoint_into_same_run(mw_splits, tmp_path):
     import mlflow
 
-    killed = subprocess.run([sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
-                            env=_env(tmp_path, CARCLF_TEST_KILL_AFTER_EPOCH="1"), cwd=tmp_path,
-                            capture_output=True, text=True, timeout=400)
+    killed = subprocess.run(
+        [sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
+        env=_env(tmp_path, CARCLF_TEST_KILL_AFTER_EPOCH="1"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert killed.returncode != 0
     state = json.loads((tmp_path / "mw" / "latest.json").read_text())
     assert state["completed_epochs"] == 1 and not state["finished"]
-    resumed = subprocess.run([sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
-                             env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     client = mlflow.tracking.MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -220,9 +290,14 @@ def test_dead_worker_fails_the_job_with_one_line_and_leaves_nothing(mw_splits, t
     import time
 
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
-                         env=_env(tmp_path, CARCLF_TEST_EXIT_WORKER="1"), cwd=tmp_path, capture_output=True,
-                         text=True, timeout=400)
+    out = subprocess.run(
+        [sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
+        env=_env(tmp_path, CARCLF_TEST_EXIT_WORKER="1"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 1, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "worker 1 of 2" in errors[0] and "signal 9" not in errors[0], out.stderr[-3000:]
@@ -247,10 +322,21 @@ def test_mixed_float16_trains_with_loss_scaling(tmp_path, monkeypatch):
         seen["optimizer"] = type(model.optimizer).__name__
 
     monkeypatch.setattr(train_module, "_compile", compile_and_look)
-    result = train_module.train(train_data=str(_colour_set(tmp_path / "train.h5", 12, 0)), val_data=str(_colour_set(tmp_path / "val.h5", 4, 1)),
-                                depth=18, width=0.125, weights="none", epochs=1, head_epochs=0, batch_size=16,
-                                optimizer="adam", learning_rate=0.003, precision="mixed_float16",
-                                checkpoint_dir=str(tmp_path / "ckpt"), registered_model_name="")
+    result = train_module.train(
+        train_data=str(_colour_set(tmp_path / "train.h5", 12, 0)),
+        val_data=str(_colour_set(tmp_path / "val.h5", 4, 1)),
+        depth=18,
+        width=0.125,
+        weights="none",
+        epochs=1,
+        head_epochs=0,
+        batch_size=16,
+        optimizer="adam",
+        learning_rate=0.003,
+        precision="mixed_float16",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        registered_model_name="",
+    )
     assert seen["optimizer"] == "LossScaleOptimizer"  # Keras wraps the optimizer for float16
     losses = mlflow.tracking.MlflowClient().get_metric_history(result["run_id"], "loss")
     assert len(losses) == 1 and math.isfinite(losses[0].value)

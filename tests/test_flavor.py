@@ -1,4 +1,5 @@
 """The carclf MLflow flavor in-process: save -> load -> predict, pyfunc contract, bad input, metadata."""
+
 import json
 import threading
 
@@ -93,11 +94,18 @@ def test_top_k_larger_than_class_count_is_capped(pyfunc_model):
 def test_bbox_at_serve_time_equals_the_training_crop(pyfunc_model, keras_model):
     image = jpeg_bytes(160, 120, seed=7)
     bboxes = [(10, 20, 90, 100), (60, 5, 150, 70)]
-    frame = pyfunc_model.predict(pd.DataFrame({
-        "image": [image, image],
-        "bbox_x1": [b[0] for b in bboxes], "bbox_y1": [b[1] for b in bboxes],
-        "bbox_x2": [b[2] for b in bboxes], "bbox_y2": [b[3] for b in bboxes],
-    }), params={"top_k": 4})
+    frame = pyfunc_model.predict(
+        pd.DataFrame(
+            {
+                "image": [image, image],
+                "bbox_x1": [b[0] for b in bboxes],
+                "bbox_y1": [b[1] for b in bboxes],
+                "bbox_x2": [b[2] for b in bboxes],
+                "bbox_y2": [b[3] for b in bboxes],
+            }
+        ),
+        params={"top_k": 4},
+    )
     expected = reference_probs(keras_model, [image, image], bboxes)
     whole = reference_probs(keras_model, [image])[0]
     for row, probs in zip(frame.itertuples(index=False), expected):
@@ -113,15 +121,23 @@ def test_varied_formats_are_valid_input(pyfunc_model):
     assert frame["label"].isin(CLASS_NAMES).all()
 
 
-@pytest.mark.parametrize("frame, params, expected", [
-    (pd.DataFrame({"image": [IMAGES[0], b"not an image at all"]}), None, "row 1: not a recognised image format"),
-    (pd.DataFrame({"image": [b""]}), None, "row 0: empty image"),
-    (pd.DataFrame({"image": [IMAGES[0][: len(IMAGES[0]) // 2]]}), None, "truncated JPEG"),
-    (pd.DataFrame({"image": [IMAGES[0]], "bbox_x1": [500], "bbox_y1": [500], "bbox_x2": [600], "bbox_y2": [600]}),
-     None, "row 0: bbox (500, 500, 600, 600) lies outside the 80x60 image"),
-    (pd.DataFrame({"image": [IMAGES[0]]}), {"top_k": 0}, "params.top_k must be an integer >= 1"),
-    (pd.DataFrame({"image": [IMAGES[0]]}), {"errors": "ignore"}, "params.errors must be one of raise, coerce"),
-])
+@pytest.mark.parametrize(
+    "frame, params, expected",
+    [
+        (pd.DataFrame({"image": [IMAGES[0], b"not an image at all"]}), None, "row 1: not a recognised image format"),
+        (pd.DataFrame({"image": [b""]}), None, "row 0: empty image"),
+        (pd.DataFrame({"image": [IMAGES[0][: len(IMAGES[0]) // 2]]}), None, "truncated JPEG"),
+        (
+            pd.DataFrame(
+                {"image": [IMAGES[0]], "bbox_x1": [500], "bbox_y1": [500], "bbox_x2": [600], "bbox_y2": [600]}
+            ),
+            None,
+            "row 0: bbox (500, 500, 600, 600) lies outside the 80x60 image",
+        ),
+        (pd.DataFrame({"image": [IMAGES[0]]}), {"top_k": 0}, "params.top_k must be an integer >= 1"),
+        (pd.DataFrame({"image": [IMAGES[0]]}), {"errors": "ignore"}, "params.errors must be one of raise, coerce"),
+    ],
+)
 def test_bad_input_is_one_line_invalid_parameter_value(pyfunc_model, frame, params, expected):
     from mlflow.exceptions import MlflowException
 
@@ -145,8 +161,9 @@ def test_pixel_limit_is_configurable_at_load(saved_model, monkeypatch):
 
 
 def test_coerce_scores_good_rows_and_explains_bad_ones(pyfunc_model, classifier):
-    frame = pyfunc_model.predict(pd.DataFrame({"image": [IMAGES[0], b"\x00\x01", IMAGES[1], b""]}),
-                                 params={"errors": "coerce", "top_k": 2})
+    frame = pyfunc_model.predict(
+        pd.DataFrame({"image": [IMAGES[0], b"\x00\x01", IMAGES[1], b""]}), params={"errors": "coerce", "top_k": 2}
+    )
     assert list(frame.columns) == ["label", "class_id", "prob", "top_k", "error"]
     assert frame.error[0] is None and frame.error[2] is None
     assert "not a recognised image format" in frame.error[1] and "empty image" in frame.error[3]
@@ -182,9 +199,17 @@ def test_artifact_layout_flavors_and_safe_mode(saved_model):
     import keras
 
     files = {p.relative_to(saved_model).as_posix() for p in saved_model.rglob("*") if p.is_file()}
-    assert {"MLmodel", "data/model.keras", "data/classes.json", "data/preprocessing.json",
-            "requirements.txt", "code/carclf_flavor/__init__.py", "code/carclf_flavor/images.py",
-            "code/carclf_flavor/precision.py", "serving_input_example.json"} <= files
+    assert {
+        "MLmodel",
+        "data/model.keras",
+        "data/classes.json",
+        "data/preprocessing.json",
+        "requirements.txt",
+        "code/carclf_flavor/__init__.py",
+        "code/carclf_flavor/images.py",
+        "code/carclf_flavor/precision.py",
+        "serving_input_example.json",
+    } <= files
     assert not any(name.endswith((".pkl", ".pickle", ".cloudpickle")) for name in files)
     assert not any("__pycache__" in name for name in files)
     mlmodel = yaml.safe_load((saved_model / "MLmodel").read_text())
@@ -223,8 +248,14 @@ def test_log_model_registers_and_loads_by_models_uri(keras_model):
     import mlflow
 
     with mlflow.start_run():
-        info = carclf_flavor.log_model(keras_model, "model", CLASS_NAMES, preprocessing=SETTINGS,
-                                       inference_precision="float32", registered_model_name="carclf-test")
+        info = carclf_flavor.log_model(
+            keras_model,
+            "model",
+            CLASS_NAMES,
+            preprocessing=SETTINGS,
+            inference_precision="float32",
+            registered_model_name="carclf-test",
+        )
     assert info.signature.inputs.input_names()[0] == "image"
     loaded = carclf_flavor.load_model("models:/carclf-test/1")
     assert loaded.class_names == CLASS_NAMES

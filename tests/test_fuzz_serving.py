@@ -7,6 +7,7 @@ repeat the request; a 5xx is allowed only where MLflow's server answers before t
 cannot change it (documented in the README's troubleshooting: a body that is not UTF-8). The server must stay
 up and its worker's peak RSS must stay under a bound (see RSS_RISE_BOUND_MB).
 """
+
 from __future__ import annotations
 
 import base64
@@ -67,10 +68,21 @@ def split_body(values, columns=("image",), params=None) -> dict:
 
 # ------------------------------------------------------------------------------------------ the generator
 class Case:
-    def __init__(self, name: str, body: bytes, content_type: str = "application/json", expect: str = "any",
-                 mlflow_5xx: bool = False):
+    def __init__(
+        self,
+        name: str,
+        body: bytes,
+        content_type: str = "application/json",
+        expect: str = "any",
+        mlflow_5xx: bool = False,
+    ):
         self.name, self.body, self.content_type, self.expect, self.mlflow_5xx = (
-            name, body, content_type, expect, mlflow_5xx)
+            name,
+            body,
+            content_type,
+            expect,
+            mlflow_5xx,
+        )
 
 
 def _json(name, obj, expect="any") -> Case:
@@ -119,10 +131,26 @@ def fixed_cases() -> list[Case]:
         _json("not base64 text", split_body(["this is not base64 at all %%%"]), "4xx"),
         _json("base64 of text", split_body([b64(b"hello world, no photo here" * 10)]), "4xx"),
         _json("MIME base64 with line breaks", split_body([base64.encodebytes(GOOD).decode("ascii")]), "200"),
-        _json("bbox strings", {"dataframe_split": {"columns": ["image", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"],
-                                                   "data": [[good, "a", "b", "c", "d"]]}}, "4xx"),
-        _json("bbox inverted", {"dataframe_split": {"columns": ["image", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"],
-                                                    "data": [[good, 50, 50, 10, 10]]}}, "4xx"),
+        _json(
+            "bbox strings",
+            {
+                "dataframe_split": {
+                    "columns": ["image", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"],
+                    "data": [[good, "a", "b", "c", "d"]],
+                }
+            },
+            "4xx",
+        ),
+        _json(
+            "bbox inverted",
+            {
+                "dataframe_split": {
+                    "columns": ["image", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"],
+                    "data": [[good, 50, 50, 10, 10]],
+                }
+            },
+            "4xx",
+        ),
         _json("no rows", split_body([]), "any"),
         _json("empty object", {}, "4xx"),
         _json("JSON null", None, "4xx"),
@@ -131,8 +159,11 @@ def fixed_cases() -> list[Case]:
         _json("JSON list of lists", [[good]], "4xx"),
         _json("dataframe_split is a number", {"dataframe_split": 5}, "4xx"),
         _json("dataframe_split data is a string", {"dataframe_split": {"columns": ["image"], "data": "x"}}, "4xx"),
-        _json("two formats at once", {"dataframe_split": split_body([good])["dataframe_split"],
-                                      "instances": [{"image": good}]}, "4xx"),
+        _json(
+            "two formats at once",
+            {"dataframe_split": split_body([good])["dataframe_split"], "instances": [{"image": good}]},
+            "4xx",
+        ),
         Case("empty body", b"", expect="4xx"),
         Case("truncated JSON", json.dumps(split_body([good])).encode()[:50], expect="4xx"),
         # MLflow's json.loads hits Python's recursion limit before the model runs: its own 500 (README).
@@ -141,11 +172,14 @@ def fixed_cases() -> list[Case]:
         Case("latin-1 JSON", json.dumps({"inputs": {"image": ["caf\u00e9"]}}).encode("latin-1"), mlflow_5xx=True),
         Case("text/plain content type", json.dumps(split_body([good])).encode(), "text/plain", "4xx"),
         Case("CSV with a photo", f"image\n{good}\n".encode(), "text/csv", "any"),
-        Case("CSV garbage", b"a,b,c\n1,2\n\"unclosed", "text/csv", "4xx"),
+        Case("CSV garbage", b'a,b,c\n1,2\n"unclosed', "text/csv", "4xx"),
         _json("20000x20000 PNG bomb", split_body([b64(bomb_png(20000, 20000))]), "4xx"),
         _json("good photo beside a bomb", split_body([good, b64(bomb_png(20000, 20000))]), "4xx"),
-        _json("bomb with errors=coerce", split_body([good, b64(bomb_png(20000, 20000))],
-                                                    params={"errors": "coerce"}), "200"),
+        _json(
+            "bomb with errors=coerce",
+            split_body([good, b64(bomb_png(20000, 20000))], params={"errors": "coerce"}),
+            "200",
+        ),
         _json("huge batch of tiny photos", split_body([b64(jpeg_bytes(40, 30, seed=2))] * 1000), "any"),
     ]
     for name, data in header_bombs(16000, 16000).items():
@@ -165,8 +199,9 @@ def random_cases(rng: random.Random, count: int) -> list[Case]:
         photos.append(buffer.getvalue())
     out = []
     for i in range(count):
-        kind = rng.choice(["random_bytes", "random_text", "truncated", "corrupt", "random_b64", "shape",
-                           "params", "batch"])
+        kind = rng.choice(
+            ["random_bytes", "random_text", "truncated", "corrupt", "random_b64", "shape", "params", "batch"]
+        )
         if kind == "random_bytes":
             data = rng.randbytes(rng.randint(1, 4000))
             out.append(Case(f"{i} random bytes", data, mlflow_5xx=not _is_utf8(data)))
@@ -180,8 +215,23 @@ def random_cases(rng: random.Random, count: int) -> list[Case]:
         elif kind == "random_b64":
             out.append(_json(f"{i} base64 of random bytes", split_body([b64(rng.randbytes(rng.randint(0, 3000)))])))
         elif kind == "shape":
-            value = rng.choice([None, 0, -1, 1.5, True, "x", [], {}, [None], {"image": None}, [[b64(GOOD)]],
-                                {"columns": ["image"]}, {"data": [[b64(GOOD)]]}])
+            value = rng.choice(
+                [
+                    None,
+                    0,
+                    -1,
+                    1.5,
+                    True,
+                    "x",
+                    [],
+                    {},
+                    [None],
+                    {"image": None},
+                    [[b64(GOOD)]],
+                    {"columns": ["image"]},
+                    {"data": [[b64(GOOD)]]},
+                ]
+            )
             key = rng.choice(["dataframe_split", "dataframe_records", "inputs", "instances", "data", "image"])
             out.append(_json(f"{i} {key}={json.dumps(value)[:30]}", {key: value}))
         elif kind == "params":
@@ -190,8 +240,9 @@ def random_cases(rng: random.Random, count: int) -> list[Case]:
             out.append(_json(f"{i} params.{key}={value!r}", split_body([b64(GOOD)], params={key: value})))
         else:
             size = rng.choice([0, 1, 7, 64, 257])
-            values = [b64(rng.choice(photos)) if rng.random() < 0.8 else rng.choice(["", "!!", None, 3])
-                      for _ in range(size)]
+            values = [
+                b64(rng.choice(photos)) if rng.random() < 0.8 else rng.choice(["", "!!", None, 3]) for _ in range(size)
+            ]
             out.append(_json(f"{i} batch of {size}, some bad", split_body(values, params={"errors": "coerce"})))
     return out
 
@@ -201,18 +252,40 @@ def random_cases(rng: random.Random, count: int) -> list[Case]:
 def fuzz_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("fuzz")
     model_dir = work / "model"
-    carclf_flavor.save_model(build_tiny_resnet(seed=4), model_dir, CLASS_NAMES,
-                             preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4),
-                             inference_precision="float32")
+    carclf_flavor.save_model(
+        build_tiny_resnet(seed=4),
+        model_dir,
+        CLASS_NAMES,
+        preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4),
+        inference_precision="float32",
+    )
     port = free_port()
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env.get("PATH", "")])
     log_path = work / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(pathlib.Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", str(model_dir),
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(work), start_new_session=True)
+            [
+                str(pathlib.Path(sys.executable).with_name("mlflow")),
+                "models",
+                "serve",
+                "-m",
+                str(model_dir),
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(work),
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -279,8 +352,12 @@ def test_hostile_requests_get_200_or_one_line(fuzz_server):
     url = fuzz_server["url"] + "/invocations"
     worker = max(process_tree(fuzz_server["process"].pid), key=lambda pid: PeakRSS(pid).rss_mb())
     for _ in range(3):  # warm-up: first-call allocations of an ordinary request
-        assert requests.post(url, data=json.dumps(split_body([b64(GOOD)])),
-                            headers={"Content-Type": "application/json"}, timeout=60).status_code == 200
+        assert (
+            requests.post(
+                url, data=json.dumps(split_body([b64(GOOD)])), headers={"Content-Type": "application/json"}, timeout=60
+            ).status_code
+            == 200
+        )
     problems, began, previous = [], time.monotonic(), "(none)"
     with PeakRSS(worker) as peak:
         for case in cases:
@@ -289,8 +366,7 @@ def test_hostile_requests_get_200_or_one_line(fuzz_server):
             try:
                 # A new connection per request: a keep-alive connection the server has just closed would
                 # make an answer go missing for reasons that have nothing to do with the request.
-                response = requests.post(url, data=case.body, headers={"Content-Type": case.content_type},
-                                         timeout=60)
+                response = requests.post(url, data=case.body, headers={"Content-Type": case.content_type}, timeout=60)
             except requests.RequestException as exc:
                 problems.append(f"{case.name}: no answer ({exc}); the request before: {previous}")
                 if fuzz_server["process"].poll() is not None:
@@ -301,11 +377,16 @@ def test_hostile_requests_get_200_or_one_line(fuzz_server):
             problem = _problem(case, response)
             if problem:
                 problems.append(f"{case.name}: {problem}")
-    print(f"fuzz: {len(cases)} requests in {time.monotonic() - began:.1f} s, {len(problems)} wrong; worker peak "
-          f"RSS {peak.start_mb:.0f} MB + {peak.rise_mb:.0f} MB (bound + {RSS_RISE_BOUND_MB} MB)")
+    print(
+        f"fuzz: {len(cases)} requests in {time.monotonic() - began:.1f} s, {len(problems)} wrong; worker peak "
+        f"RSS {peak.start_mb:.0f} MB + {peak.rise_mb:.0f} MB (bound + {RSS_RISE_BOUND_MB} MB)"
+    )
     log_tail = fuzz_server["log"].read_text()[-3000:]
     assert fuzz_server["process"].poll() is None, f"the server died:\n{log_tail}"
     assert requests.get(fuzz_server["url"] + "/ping", timeout=5).status_code == 200
     assert peak.rise_mb < RSS_RISE_BOUND_MB, f"worker peak RSS rose by {peak.rise_mb:.0f} MB"
-    assert not problems, (f"{len(problems)} of {len(cases)} answers wrong:\n" + "\n".join(sorted(problems))
-                          + f"\nserver log (tail):\n{log_tail}")
+    assert not problems, (
+        f"{len(problems)} of {len(cases)} answers wrong:\n"
+        + "\n".join(sorted(problems))
+        + f"\nserver log (tail):\n{log_tail}"
+    )

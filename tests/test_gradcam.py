@@ -174,10 +174,10 @@ def test_evaluate_logs_the_gallery_with_the_heatmaps_of_the_wrong_guesses(tmp_pa
     import mlflow
 
     import carclf_flavor
-    from carclf_flavor.images import PreprocessSettings
-    from entry_points.evaluate import evaluate
     from carclf.data.hdf5_dataset import read_split, write_hdf5_split
     from carclf.reporting.reports import misclassified_grid, worst_mistakes
+    from carclf_flavor.images import PreprocessSettings
+    from entry_points.evaluate import evaluate
 
     classes = ["a", "b", "c"]
     settings = PreprocessSettings(image_size=64)

@@ -1,4 +1,5 @@
 """carclf_flavor.images: decoding of real encoded files of every kind, bbox crop geometry, bad input."""
+
 import io
 import os
 import pathlib
@@ -36,7 +37,7 @@ def halves(width=48, height=32, left=RED, right=BLUE) -> np.ndarray:
     """Left half one colour, right half another: orientation mistakes are visible."""
     array = np.zeros((height, width, 3), np.uint8)
     array[:, : width // 2] = left
-    array[:, width // 2:] = right
+    array[:, width // 2 :] = right
     return array
 
 
@@ -71,8 +72,8 @@ def test_cmyk_jpeg_is_converted_to_rgb():
 
 def test_rgba_png_is_composited_over_white():
     rgba = np.zeros((20, 20, 4), np.uint8)
-    rgba[:, :10] = (*RED, 255)        # opaque
-    rgba[:, 10:] = (*BLUE, 0)         # fully transparent
+    rgba[:, :10] = (*RED, 255)  # opaque
+    rgba[:, 10:] = (*BLUE, 0)  # fully transparent
     image = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
     assert image.shape == (20, 20, 3)
     assert tuple(image[5, 2]) == RED
@@ -85,7 +86,7 @@ def test_palette_png_with_transparency():
     data = encode(pal, "PNG", transparency=red_index)
     image = decode_image(data)
     assert image.shape == (10, 20, 3)
-    assert tuple(image[5, 1]) == (255, 255, 255)     # transparent entry -> white
+    assert tuple(image[5, 1]) == (255, 255, 255)  # transparent entry -> white
     assert close(image[5, 18], GREEN, tol=4)
 
 
@@ -159,7 +160,7 @@ def test_corrupt_jpeg_body_is_refused():
     data = bytearray(encode(Image.fromarray(halves(64, 64)), "JPEG"))
     # Keep the header (PIL can still read the size) but destroy the scan data.
     start = data.index(b"\xff\xda")
-    data[start + 2: len(data) - 2] = b"\x00" * (len(data) - start - 4)
+    data[start + 2 : len(data) - 2] = b"\x00" * (len(data) - start - 4)
     with pytest.raises(ImageDecodeError):
         preprocess_image(bytes(data), None, PreprocessSettings(image_size=32))
 
@@ -190,7 +191,7 @@ def test_bbox_crop_puts_the_pattern_where_expected():
 
 
 def test_bbox_crop_margin_adds_the_expected_border():
-    box, margin = (50, 40, 150, 120), 25   # region 150 x 130 around a 100 x 80 box
+    box, margin = (50, 40, 150, 120), 25  # region 150 x 130 around a 100 x 80 box
     out = crop_and_resize(box_scene(box=box), box, PreprocessSettings(image_size=60, crop_margin=margin))
     # Horizontally 25/150 of 60 px = 10 px of grey on each side; vertically 25/130 of 60 ~= 11.5 px.
     assert close(out[30, :9], GREY, tol=2) and close(out[30, 51:], GREY, tol=2)
@@ -213,7 +214,7 @@ def test_crop_none_uses_the_whole_photo():
 
 
 def test_pad_mode_letterboxes_a_wide_box():
-    box = (40, 60, 160, 100)   # 120 x 40: three times as wide as high
+    box = (40, 60, 160, 100)  # 120 x 40: three times as wide as high
     out = crop_and_resize(box_scene(box=box), box, PreprocessSettings(image_size=30, crop_margin=0, resize_mode="pad"))
     assert out.shape == (30, 30, 3)
     assert close(out[:9, :], PAD_VALUE, tol=2) and close(out[21:, :], PAD_VALUE, tol=2)
@@ -265,8 +266,10 @@ from helpers_hostile import bomb_png, header_bombs  # noqa: E402
 def test_every_format_is_refused_from_its_header(width, height):
     """Above Pillow's guard (256 MP) and between our limit and Pillow's (63 MP): one line naming the size."""
     for name, data in header_bombs(width, height).items():
-        for call in (lambda: decode_image(data),
-                     lambda: preprocess_image(data, None, PreprocessSettings(image_size=32))):
+        for call in (
+            lambda data=data: decode_image(data),
+            lambda data=data: preprocess_image(data, None, PreprocessSettings(image_size=32)),
+        ):
             with pytest.raises(ImageDecodeError) as info:
                 call()
             message = str(info.value)
@@ -304,7 +307,8 @@ def test_pillow_bomb_guard_stays_on():
 def test_a_20000px_png_costs_no_memory(tmp_path):
     """In a fresh interpreter: refusing a 20000x20000 PNG (1.2 GB decoded) raises peak RSS by < 100 MB."""
     script = tmp_path / "bomb.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import resource, sys
         sys.path.insert(0, sys.argv[1])
         from helpers_hostile import bomb_png
@@ -316,10 +320,19 @@ def test_a_20000px_png_costs_no_memory(tmp_path):
         except ImageDecodeError as exc:
             print(exc)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-    """))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, str(script), str(pathlib.Path(__file__).parent)], env=env,
-                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    """)
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    )
+    out = subprocess.run(
+        [sys.executable, str(script), str(pathlib.Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
     assert out[0] == "image is 400.0 megapixels, above the limit of 50.0 megapixels"
     assert float(out[1]) < 100

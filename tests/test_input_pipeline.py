@@ -1,10 +1,11 @@
 """The HDF5 -> tf.data stream: each row once per epoch, shuffled across files, seeded, uint8 end to end."""
+
 import numpy as np
 import pytest
 
-from carclf_flavor.images import PreprocessSettings
 from carclf.data.hdf5_dataset import DatasetError, write_hdf5_split
 from carclf.data.input_pipeline import HDF5Source, epoch_order, make_dataset
+from carclf_flavor.images import PreprocessSettings
 
 SIZE = 16  # the pipeline does not care about the network's minimum size
 CLASSES = ["a", "b", "c", "d", "e"]
@@ -16,8 +17,14 @@ def _write_indexed(path, start, count, with_source_index=False, size=SIZE, class
     images = np.zeros((count, size, size, 3), np.uint8)
     images[:, 0, 0, 0] = index % 256
     images[:, 0, 0, 1] = index // 256
-    return write_hdf5_split(path, images, index % len(classes), classes, PreprocessSettings(image_size=size),
-                            source_index=np.full(count, -1) if with_source_index else None)
+    return write_hdf5_split(
+        path,
+        images,
+        index % len(classes),
+        classes,
+        PreprocessSettings(image_size=size),
+        source_index=np.full(count, -1) if with_source_index else None,
+    )
 
 
 def _decoded_index(images):
@@ -72,7 +79,7 @@ def test_start_epoch_gives_that_epochs_order(two_files):
     """A resumed run that starts at epoch 3 sees exactly the order epoch 3 would have had."""
     resumed = np.concatenate([b[2] for b in _stream(two_files, epochs=1, seed=3, start_epoch=3)])
     full = np.concatenate([b[2] for b in _stream(two_files, epochs=4, seed=3)])
-    np.testing.assert_array_equal(resumed, full[3 * 457:])
+    np.testing.assert_array_equal(resumed, full[3 * 457 :])
 
 
 def test_unshuffled_is_file_order(two_files):

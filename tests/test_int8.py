@@ -4,11 +4,11 @@ One small ResNet is trained by `train` on generated sample photos (bbox crops, 6
 the subject of most tests. The agreement bar is the issue's: >= 99% top-1 agreement with float32 on a few
 hundred photos the network never saw, and a top-1 drop <= 0.5 points.
 """
+
 import json
 import logging
 import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -28,8 +28,8 @@ def trained(tmp_path_factory):
     """Sample photos -> HDF5 -> `train` (which logs the model with calibration + validation data)."""
     import mlflow
 
-    from entry_points.preprocess import preprocess
     from carclf.data.sample_data import generate_sample_dataset
+    from entry_points.preprocess import preprocess
     from entry_points.train import train
 
     base = tmp_path_factory.mktemp("int8")
@@ -38,17 +38,39 @@ def trained(tmp_path_factory):
         uri = f"sqlite:///{base / 'fixture.db'}"
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
-        root = generate_sample_dataset(base / "sample", num_classes=4, train_per_class=100, test_per_class=75,
-                                       min_width=96, max_width=160, seed=11)
-        splits = preprocess(data_dir=str(root), output_dir=str(base / "processed"), image_size=SIZE, crop="bbox", workers=1, val_fraction=0.3)
+        root = generate_sample_dataset(
+            base / "sample", num_classes=4, train_per_class=150, test_per_class=75, min_width=96, max_width=160, seed=11
+        )
+        splits = preprocess(
+            data_dir=str(root),
+            output_dir=str(base / "processed"),
+            image_size=SIZE,
+            crop="bbox",
+            workers=1,
+            val_fraction=0.4,
+        )
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        result = train(train_data=str(splits["train"]), val_data=str(splits["val"]), epochs=15, head_epochs=1, depth=18,
-                       width=0.25, weights="none", batch_size=16, optimizer="adam", learning_rate=0.003,
-                       online_augment=True, label_smoothing=0.0, checkpoint_dir=str(base / "ckpt"))
+        result = train(
+            train_data=str(splits["train"]),
+            val_data=str(splits["val"]),
+            epochs=15,
+            head_epochs=1,
+            depth=18,
+            width=0.25,
+            weights="none",
+            batch_size=16,
+            optimizer="adam",
+            learning_rate=0.003,
+            online_augment=False,
+            label_smoothing=0.0,
+            checkpoint_dir=str(base / "ckpt"),
+        )
         client = mlflow.tracking.MlflowClient()
         run = client.get_run(result["run_id"])
-        model_dir = pathlib.Path(mlflow.artifacts.download_artifacts(result["run_model_uri"], dst_path=str(base / "dl")))
+        model_dir = pathlib.Path(
+            mlflow.artifacts.download_artifacts(result["run_model_uri"], dst_path=str(base / "dl"))
+        )
     return {"run": run, "model_dir": model_dir, "root": root, **{k: str(v) for k, v in splits.items()}}
 
 
@@ -152,7 +174,7 @@ def test_runtime_settings_say_what_they_mean(trained):
     pixels, _ = _read_split(trained["test"])
     alone = network(pixels[:64])
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda i: network(pixels[i * 16:(i + 1) * 16]), range(4)))
+        results = list(pool.map(lambda i: network(pixels[i * 16 : (i + 1) * 16]), range(4)))
     np.testing.assert_allclose(np.concatenate(results), alone, atol=1e-5)
 
 
@@ -176,16 +198,16 @@ def trained_network(trained):
     from carclf_flavor.load import _register_custom_layers
 
     _register_custom_layers()
-    return keras.saving.load_model(str(trained["model_dir"] / "data" / "model.keras"), compile=False,
-                                   safe_mode=True)
+    return keras.saving.load_model(str(trained["model_dir"] / "data" / "model.keras"), compile=False, safe_mode=True)
 
 
 def test_calibration_that_breaks_int8_is_not_shipped_and_says_why(trained, trained_network, tmp_path, monkeypatch):
     # Calibrated on flat grey frames, the activation ranges miss what real photos produce: int8 saturates.
     grey = np.full((64, SIZE, SIZE, 3), 128, np.uint8)
     path = tmp_path / "model"
-    carclf_flavor.save_model(trained_network, path, ["a", "b", "c", "d"], fuse=False,
-                             calibration_data=grey, validation_data=trained["val"])
+    carclf_flavor.save_model(
+        trained_network, path, ["a", "b", "c", "d"], fuse=False, calibration_data=grey, validation_data=trained["val"]
+    )
     report = json.loads((path / "data" / int8.INT8_REPORT_FILE).read_text())
     assert report["shipped"] is False and report["validated"] is True
     assert report["reason"].startswith(f"int8 failed validation on {report['validation_images']} validation images")
@@ -193,9 +215,13 @@ def test_calibration_that_breaks_int8_is_not_shipped_and_says_why(trained, train
     assert not (path / "data" / int8.INT8_MODEL_FILE).exists()
     assert not any(r.startswith("openvino") for r in (path / "requirements.txt").read_text().split())
     classifier = _load(path, monkeypatch, "auto")
-    assert classifier.precision != "int8" and "int8 was not shipped: int8 failed validation" in classifier.precision_reason
+    assert (
+        classifier.precision != "int8" and "int8 was not shipped: int8 failed validation" in classifier.precision_reason
+    )
     forced = _load(path, monkeypatch, "int8")
-    assert forced.precision == "float32" and forced.precision_reason.startswith(f"{ENV_VAR}=int8, but int8 was not shipped")
+    assert forced.precision == "float32" and forced.precision_reason.startswith(
+        f"{ENV_VAR}=int8, but int8 was not shipped"
+    )
 
 
 def test_log_model_without_validation_ships_with_a_recorded_warning(trained, trained_network, monkeypatch):
@@ -204,8 +230,9 @@ def test_log_model_without_validation_ships_with_a_recorded_warning(trained, tra
     pixels, _ = _read_split(trained["train"])
     with mlflow.start_run() as run:
         with pytest.warns(UserWarning, match="int8 shipped NOT validated: no validation_data was given"):
-            info = carclf_flavor.log_model(trained_network, "model", ["a", "b", "c", "d"], fuse=False,
-                                           calibration_data=pixels[:32])
+            info = carclf_flavor.log_model(
+                trained_network, "model", ["a", "b", "c", "d"], fuse=False, calibration_data=pixels[:32]
+            )
     recorded = mlflow.tracking.MlflowClient().get_run(run.info.run_id)
     assert recorded.data.tags["carclf.int8_shipped"] == "true"
     assert recorded.data.tags["carclf.int8_validated"] == "false"
@@ -224,24 +251,39 @@ def test_log_model_without_calibration_data_behaves_as_today(trained_network, mo
     assert not any(p.name.startswith("model_int8") for p in (local / "data").iterdir())
     assert not any(r.startswith("openvino") for r in (local / "requirements.txt").read_text().split())
     assert "carclf_int8" not in (info.metadata or {})
-    assert not any(t.startswith("carclf.int8") for t in mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.tags)
+    assert not any(
+        t.startswith("carclf.int8") for t in mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.tags
+    )
     classifier = _load(local, monkeypatch, "auto")
-    assert classifier.precision != "int8" and "no int8 (the model was saved without calibration data" in \
-        classifier.precision_reason
+    assert (
+        classifier.precision != "int8"
+        and "no int8 (the model was saved without calibration data" in classifier.precision_reason
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(calibration_data=np.zeros((4, 16, 16, 3), np.uint8)),
-     rf"calibration_data: expected uint8 images of shape \(N, {SIZE}, {SIZE}, 3\), got uint8 \(4, 16, 16, 3\)"),
-    (dict(calibration_data=np.zeros((4, SIZE, SIZE, 3), np.float32)), "calibration_data: expected uint8 images"),
-    (dict(calibration_data=np.zeros((4, SIZE, SIZE, 3), np.uint8),
-          validation_data=np.zeros((4, SIZE, SIZE, 3), np.uint8)),
-     "validation_data: labels are needed to measure the top-1 drop"),
-    (dict(calibration_data="/nonexistent/train.h5"), "calibration_data: /nonexistent/train.h5 is not a file"),
-    (dict(inference_precision="int8"), "inference_precision='int8' needs calibration_data"),
-    (dict(validation_data=(np.zeros((4, SIZE, SIZE, 3), np.uint8), np.zeros(4, int))),
-     "validation_data validates the int8 network: pass calibration_data too"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(calibration_data=np.zeros((4, 16, 16, 3), np.uint8)),
+            rf"calibration_data: expected uint8 images of shape \(N, {SIZE}, {SIZE}, 3\), got uint8 \(4, 16, 16, 3\)",
+        ),
+        (dict(calibration_data=np.zeros((4, SIZE, SIZE, 3), np.float32)), "calibration_data: expected uint8 images"),
+        (
+            dict(
+                calibration_data=np.zeros((4, SIZE, SIZE, 3), np.uint8),
+                validation_data=np.zeros((4, SIZE, SIZE, 3), np.uint8),
+            ),
+            "validation_data: labels are needed to measure the top-1 drop",
+        ),
+        (dict(calibration_data="/nonexistent/train.h5"), "calibration_data: /nonexistent/train.h5 is not a file"),
+        (dict(inference_precision="int8"), "inference_precision='int8' needs calibration_data"),
+        (
+            dict(validation_data=(np.zeros((4, SIZE, SIZE, 3), np.uint8), np.zeros(4, int))),
+            "validation_data validates the int8 network: pass calibration_data too",
+        ),
+    ],
+)
 def test_bad_int8_arguments_are_one_line_errors(trained_network, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message) as caught:
         carclf_flavor.save_model(trained_network, tmp_path / "model", ["a", "b", "c", "d"], fuse=False, **kwargs)
@@ -266,8 +308,7 @@ def test_int8_model_loads_and_predicts_in_a_fresh_virtualenv(trained, tmp_path, 
         "print(json.dumps({'precision': raw.precision, 'class_id': int(frame.class_id[0]),"
         " 'prob': float(frame.prob[0])}))\n"
     )
-    run = subprocess.run([str(python), str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=300)
+    run = subprocess.run([str(python), str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     expected = _load(model_dir, monkeypatch, "int8").predict(photo.read_bytes())[0]

@@ -1,4 +1,5 @@
 """The Scale and CaffePreprocess layers: arithmetic, gradients, serialisation, mixed precision."""
+
 import keras
 import numpy as np
 import pytest
@@ -71,8 +72,14 @@ def test_scale_trains_inside_a_model():
 
 
 def test_scale_config_round_trip_keeps_every_argument():
-    layer = Scale(axis=1, gamma_initializer=keras.initializers.Constant(2.0), beta_initializer="ones",
-                  gamma_regularizer=keras.regularizers.L2(0.01), name="s", dtype="mixed_bfloat16")
+    layer = Scale(
+        axis=1,
+        gamma_initializer=keras.initializers.Constant(2.0),
+        beta_initializer="ones",
+        gamma_regularizer=keras.regularizers.L2(0.01),
+        name="s",
+        dtype="mixed_bfloat16",
+    )
     config = layer.get_config()
     clone = Scale.from_config(config)
     assert clone.get_config() == config

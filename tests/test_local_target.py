@@ -1,5 +1,6 @@
 """The `carclf-local` deployment target: real `mlflow models serve` processes on 127.0.0.1, driven through
 the `mlflow deployments` CLI and the Python client, and the deploy entry point against it."""
+
 from __future__ import annotations
 
 import base64
@@ -15,9 +16,8 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from helpers_deploy import kill_servers_of_store, register_version_model, tiny_jpeg
-
 from carclf.deployment import local_target
+from helpers_deploy import kill_servers_of_store, register_version_model, tiny_jpeg
 
 
 @pytest.fixture(autouse=True)
@@ -35,12 +35,17 @@ def deploy_home():
 def _cli(*args, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mlflow", "deployments", *args],
-        capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
     )
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-3000:]}"
+    )
     return result.stdout
 
 
@@ -137,8 +142,12 @@ def test_missing_model_and_wrong_flavor_fail_before_any_server_starts(deploy_hom
 @pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "-dash", "x" * 64, "sp ace", "a\x00b"])
 def test_names_are_validated(name, tmp_path, deploy_home):
     client = local_target.CarclfLocalDeploymentClient("carclf-local")
-    for call in (lambda: client.create_deployment(name, "models:/m/1"), lambda: client.get_deployment(name),
-                 lambda: client.delete_deployment(name), lambda: client.update_deployment(name, "models:/m/1")):
+    for call in (
+        lambda: client.create_deployment(name, "models:/m/1"),
+        lambda: client.get_deployment(name),
+        lambda: client.delete_deployment(name),
+        lambda: client.update_deployment(name, "models:/m/1"),
+    ):
         with pytest.raises(MlflowException, match="invalid deployment name"):
             call()
     assert not (tmp_path / "escape.json").exists() and not (tmp_path / "escape").exists()
@@ -146,7 +155,10 @@ def test_names_are_validated(name, tmp_path, deploy_home):
 
 def test_config_is_validated():
     assert local_target.parse_config({"port": "5001.0", "workers": "2", "host": "::1"}) == {
-        "port": 5001, "workers": 2, "host": "::1"}
+        "port": 5001,
+        "workers": 2,
+        "host": "::1",
+    }
     with pytest.raises(MlflowException, match="unknown config key"):
         local_target.parse_config({"prot": "5001"})
     with pytest.raises(MlflowException, match="port=70000 must be between 1 and 65535"):
@@ -159,8 +171,10 @@ def test_state_folder_from_target_uri_and_config(tmp_path):
     by_uri = local_target.CarclfLocalDeploymentClient(f"carclf-local:{tmp_path / 'a'}")
     assert by_uri._store().home == (tmp_path / "a").resolve()
     assert by_uri._store({"home": str(tmp_path / "b")}).home == (tmp_path / "b").resolve()
-    assert local_target.CarclfLocalDeploymentClient("carclf-local")._store().home == pathlib.Path(
-        os.environ["CARCLF_DEPLOY_HOME"]).resolve()
+    assert (
+        local_target.CarclfLocalDeploymentClient("carclf-local")._store().home
+        == pathlib.Path(os.environ["CARCLF_DEPLOY_HOME"]).resolve()
+    )
 
 
 def test_deploy_entry_point_against_carclf_local(tmp_path, deploy_home):
@@ -195,12 +209,15 @@ def test_deploy_entry_point_against_carclf_local(tmp_path, deploy_home):
     assert client.list_deployments() == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["get", "--name", "nope"], "Error: no deployment named 'nope' in "),
-    (["get", "--name", "../escape"], "Error: invalid deployment name '../escape'"),
-    (["predict", "--name", "nope", "--input-path", "{request}"], "Error: no deployment named 'nope'"),
-    (["create", "--name", "cars", "-m", "models:/nope/1"], "Error: cannot load model models:/nope/1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["get", "--name", "nope"], "Error: no deployment named 'nope' in "),
+        (["get", "--name", "../escape"], "Error: invalid deployment name '../escape'"),
+        (["predict", "--name", "nope", "--input-path", "{request}"], "Error: no deployment named 'nope'"),
+        (["create", "--name", "cars", "-m", "models:/nope/1"], "Error: cannot load model models:/nope/1"),
+    ],
+)
 def test_cli_errors_are_one_line(args, message, tmp_path, deploy_home):
     """Issue 14: MLflow's deployments CLI has no handler of its own and click shows only ClickExceptions as
     one line; the plugin's errors are both MlflowException and ClickException, so no traceback comes first."""

@@ -1,4 +1,5 @@
 """`mlflow run .` (entry point main) end to end: child runs, registration, reuse of finished steps, failures."""
+
 import os
 import subprocess
 import sys
@@ -23,8 +24,13 @@ def project_env(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     experiment_id = MlflowClient(uri).create_experiment("main", artifact_location=str(root / "artifacts"))
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, MLFLOW_EXPERIMENT_ID=experiment_id,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=uri,
+        MLFLOW_REGISTRY_URI=uri,
+        MLFLOW_EXPERIMENT_ID=experiment_id,
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    )
     env.pop("MLFLOW_RUN_ID", None)
     return {"root": root, "uri": uri, "experiment_id": experiment_id, "env": env}
 
@@ -34,8 +40,7 @@ def _mlflow_run(project_env, timeout=900, **overrides):
     cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "run", str(REPO_ROOT), "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=project_env["env"], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=project_env["env"], capture_output=True, text=True, timeout=timeout)
 
 
 def _runs(project_env):
@@ -44,8 +49,11 @@ def _runs(project_env):
 
 
 def _children(runs, parent_id):
-    return {r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT): r for r in runs
-            if r.data.tags.get(mlflow_tags.MLFLOW_PARENT_RUN_ID) == parent_id}
+    return {
+        r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT): r
+        for r in runs
+        if r.data.tags.get(mlflow_tags.MLFLOW_PARENT_RUN_ID) == parent_id
+    }
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +92,9 @@ def test_second_run_reuses_finished_steps(project_env, first_run):
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
     # Only the new parent run: every step was reused, none recomputed.
     assert [r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT) for r in new] == ["main"]
-    reused = {k[len("carclf.reused_run_"):]: v for k, v in new[0].data.tags.items()
-              if k.startswith("carclf.reused_run_")}
+    reused = {
+        k[len("carclf.reused_run_") :]: v for k, v in new[0].data.tags.items() if k.startswith("carclf.reused_run_")
+    }
     assert set(reused) == {"preprocess", "augment", "train", "evaluate"}
 
 
@@ -94,8 +103,11 @@ def test_changed_parameter_recomputes_from_that_step_on(project_env, first_run):
     result = _mlflow_run(project_env, epochs="2")
     assert result.returncode == 0, result.stderr[-5000:]
     _, after = _runs(project_env)
-    new = {r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT)
-           for r in after if r.info.run_id not in {b.info.run_id for b in before}}
+    new = {
+        r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT)
+        for r in after
+        if r.info.run_id not in {b.info.run_id for b in before}
+    }
     assert new == {"main", "train", "evaluate"}
 
 
@@ -104,8 +116,10 @@ def test_step_failure_marks_parent_failed_and_names_the_step(project_env, first_
     assert result.returncode != 0
     assert "step 'augment' failed" in result.stderr
     _, runs = _runs(project_env)
-    parent = max((r for r in runs if r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT) == "main"),
-                 key=lambda r: r.info.start_time)
+    parent = max(
+        (r for r in runs if r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT) == "main"),
+        key=lambda r: r.info.start_time,
+    )
     assert parent.info.status == "FAILED"
     assert "augment" in parent.data.tags["carclf.failed_step"]
     failed_child = _children(runs, parent.info.run_id)["augment"]

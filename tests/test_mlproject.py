@@ -8,9 +8,9 @@ import shlex
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
 from carclf.cli import mlproject
 from carclf.cli.step_config import field_specs, resolve_config
+from conftest import REPO_ROOT
 
 CONVERTED = [step for step in mlproject.STEPS if step.config is not None]
 

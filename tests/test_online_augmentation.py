@@ -1,13 +1,20 @@
 """Online augmentation: the same kinds and strengths of change as the Keras layers it replaces, measured on
 images (flip rate, zoom range, rotation range, brightness, contrast, saturation); inside the training step
 only; never in the saved inference model."""
+
 import numpy as np
 import pytest
 
 from benchmarks.bench_train import keras_layers_augmenter
-from carclf.training.online_augmentation import (AugmentationRanges, augment_images, augment_in_train_step,
-                                              geometry_transforms, resample_with_gathers, resample_with_op,
-                                              sample_augmentation)
+from carclf.training.online_augmentation import (
+    AugmentationRanges,
+    augment_images,
+    augment_in_train_step,
+    geometry_transforms,
+    resample_with_gathers,
+    resample_with_op,
+    sample_augmentation,
+)
 
 N = 400
 S = 48
@@ -36,9 +43,9 @@ def _luma(images):
 
 def measure_flip(augment):
     image = np.full((S, S, 3), 40)
-    image[:, S // 2:] = 200
+    image[:, S // 2 :] = 200
     out = _luma(augment(_batch(image)))
-    return out[:, :, : S // 2].mean(axis=(1, 2)) > out[:, :, S // 2:].mean(axis=(1, 2))
+    return out[:, :, : S // 2].mean(axis=(1, 2)) > out[:, :, S // 2 :].mean(axis=(1, 2))
 
 
 def _masks(out):
@@ -74,7 +81,7 @@ def measure_brightness(augment):
 
 def measure_contrast(augment):
     image = np.full((S, S, 3), 96)
-    image[S // 2:] = 160
+    image[S // 2 :] = 160
     return augment(_batch(image)).astype(np.float64).std(axis=(1, 2, 3)) / 32.0
 
 
@@ -87,9 +94,9 @@ def measure_saturation(augment):
 
 # (measure, expected low, expected high) with the ranges the Keras layers were configured with.
 MEASURES = {
-    "zoom": (measure_zoom, 1.0, 1.25),                 # RandomZoom(-0.2, 0): crop side 0.8..1.0
-    "rotation": (measure_rotation, -10.8, 10.8),       # RandomRotation(0.03) of a full turn
-    "brightness": (measure_brightness, -51.0, 51.0),   # 0.2 of the 0..255 range
+    "zoom": (measure_zoom, 1.0, 1.25),  # RandomZoom(-0.2, 0): crop side 0.8..1.0
+    "rotation": (measure_rotation, -10.8, 10.8),  # RandomRotation(0.03) of a full turn
+    "brightness": (measure_brightness, -51.0, 51.0),  # 0.2 of the 0..255 range
     "contrast": (measure_contrast, 0.8, 1.2),
     "saturation": (measure_saturation, 0.3 / 0.7, 0.7 / 0.3),
 }
@@ -177,5 +184,4 @@ def test_augmentation_runs_in_the_training_step_only_and_never_in_the_saved_mode
     loaded = carclf_flavor.load_model(str(tmp_path / "model"))
     saved_files = " ".join(p.read_text(errors="ignore") for p in (tmp_path / "model").rglob("*.json"))
     assert "augment" not in saved_files.lower() and "random" not in saved_files.lower()
-    assert not any("augment" in layer.name or "random" in type(layer).__name__.lower()
-                   for layer in loaded.model.layers)
+    assert not any("augment" in layer.name or "random" in type(layer).__name__.lower() for layer in loaded.model.layers)

@@ -1,5 +1,6 @@
 """Serving precision: the decision function on synthetic machines (VNNI / bf16 / neither), the env override,
 bf16 vs float32 answers."""
+
 import logging
 
 import numpy as np
@@ -20,14 +21,17 @@ ALDER_LAKE = {"fpu", "sse4_2", "avx2", "avx_vnni"}  # VNNI without AVX-512
 BF16_NO_VNNI = SKYLAKE_X | {"avx512_bf16"}  # synthetic: bf16 alone
 
 
-@pytest.mark.parametrize("flags, gpu, expected, why", [
-    (ICE_LAKE, None, "float32", "lacks amx_bf16 and avx512_bf16"),
-    (GRAVITON2, None, "float32", "lacks"),
-    (set(), None, "float32", "CPU flags unknown"),
-    (SAPPHIRE_RAPIDS, None, "bfloat16", "native bf16 (amx_bf16, avx512_bf16)"),
-    (ZEN4, None, "bfloat16", "native bf16 (avx512_bf16)"),
-    (ICE_LAKE, "NVIDIA A100-SXM4-40GB", "bfloat16", "GPU NVIDIA A100-SXM4-40GB computes bf16 natively"),
-])
+@pytest.mark.parametrize(
+    "flags, gpu, expected, why",
+    [
+        (ICE_LAKE, None, "float32", "lacks amx_bf16 and avx512_bf16"),
+        (GRAVITON2, None, "float32", "lacks"),
+        (set(), None, "float32", "CPU flags unknown"),
+        (SAPPHIRE_RAPIDS, None, "bfloat16", "native bf16 (amx_bf16, avx512_bf16)"),
+        (ZEN4, None, "bfloat16", "native bf16 (avx512_bf16)"),
+        (ICE_LAKE, "NVIDIA A100-SXM4-40GB", "bfloat16", "GPU NVIDIA A100-SXM4-40GB computes bf16 natively"),
+    ],
+)
 def test_auto_uses_bf16_only_where_the_hardware_computes_it(flags, gpu, expected, why):
     precision, reason = choose_inference_precision("auto", cpu_flags=flags, gpu=gpu, env={})
     assert precision == expected
@@ -40,8 +44,9 @@ def test_an_explicit_saved_choice_is_kept(saved):
 
 
 def test_environment_variable_overrides_the_saved_choice():
-    precision, reason = choose_inference_precision("auto", cpu_flags=SAPPHIRE_RAPIDS, gpu=None,
-                                                   env={ENV_VAR: "float32"})
+    precision, reason = choose_inference_precision(
+        "auto", cpu_flags=SAPPHIRE_RAPIDS, gpu=None, env={ENV_VAR: "float32"}
+    )
     assert precision == "float32" and f"{ENV_VAR}=float32" in reason
     precision, reason = choose_inference_precision("float32", cpu_flags=ICE_LAKE, gpu=None, env={ENV_VAR: "auto"})
     assert precision == "float32" and "lacks" in reason
@@ -49,27 +54,30 @@ def test_environment_variable_overrides_the_saved_choice():
         choose_inference_precision("auto", cpu_flags=ICE_LAKE, gpu=None, env={ENV_VAR: "fp16"})
 
 
-@pytest.mark.parametrize("flags, expected, why", [
-    (ICE_LAKE, "int8", "native int8 (avx512_vnni)"),
-    (SAPPHIRE_RAPIDS, "int8", "native int8 (amx_int8, avx512_vnni)"),
-    (ZEN4, "int8", "native int8 (avx512_vnni)"),
-    (ALDER_LAKE, "int8", "native int8 (avx_vnni)"),
-    (BF16_NO_VNNI, "bfloat16", "no int8 (CPU lacks amx_int8, avx512_vnni, avx_vnni); CPU has native bf16"),
-    (SKYLAKE_X, "float32", "no int8 (CPU lacks amx_int8, avx512_vnni, avx_vnni); CPU lacks amx_bf16"),
-    (GRAVITON2, "float32", "no int8"),
-    (set(), "float32", "CPU flags unknown"),
-])
+@pytest.mark.parametrize(
+    "flags, expected, why",
+    [
+        (ICE_LAKE, "int8", "native int8 (avx512_vnni)"),
+        (SAPPHIRE_RAPIDS, "int8", "native int8 (amx_int8, avx512_vnni)"),
+        (ZEN4, "int8", "native int8 (avx512_vnni)"),
+        (ALDER_LAKE, "int8", "native int8 (avx_vnni)"),
+        (BF16_NO_VNNI, "bfloat16", "no int8 (CPU lacks amx_int8, avx512_vnni, avx_vnni); CPU has native bf16"),
+        (SKYLAKE_X, "float32", "no int8 (CPU lacks amx_int8, avx512_vnni, avx_vnni); CPU lacks amx_bf16"),
+        (GRAVITON2, "float32", "no int8"),
+        (set(), "float32", "CPU flags unknown"),
+    ],
+)
 def test_auto_picks_int8_where_the_cpu_has_vnni_then_bf16_then_float32(flags, expected, why):
     precision, reason = choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={}, int8_available=True)
     assert precision == expected
     assert why in reason
 
 
-@pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, "bfloat16"), (ZEN4, "bfloat16"),
-                                             (ICE_LAKE, "float32")])
+@pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, "bfloat16"), (ZEN4, "bfloat16"), (ICE_LAKE, "float32")])
 def test_auto_without_an_int8_network_behaves_as_before(flags, expected):
-    precision, reason = choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={},
-                                                   int8_missing_reason="int8 was not shipped: failed validation")
+    precision, reason = choose_inference_precision(
+        "auto", cpu_flags=flags, gpu=None, env={}, int8_missing_reason="int8 was not shipped: failed validation"
+    )
     assert precision == expected and "no int8 (int8 was not shipped: failed validation)" in reason
     assert choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={})[0] == expected
 
@@ -77,23 +85,29 @@ def test_auto_without_an_int8_network_behaves_as_before(flags, expected):
 def test_int8_override():
     # Forced int8 means int8, VNNI or not; a model without an int8 network says so and serves float32.
     for flags in (ZEN4, SKYLAKE_X):
-        precision, reason = choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={ENV_VAR: "int8"},
-                                                       int8_available=True)
+        precision, reason = choose_inference_precision(
+            "auto", cpu_flags=flags, gpu=None, env={ENV_VAR: "int8"}, int8_available=True
+        )
         assert (precision, reason) == ("int8", f"{ENV_VAR}=int8 forces it")
-    precision, reason = choose_inference_precision("auto", cpu_flags=ZEN4, gpu=None, env={ENV_VAR: "int8"},
-                                                   int8_missing_reason="the model has no int8 network")
+    precision, reason = choose_inference_precision(
+        "auto", cpu_flags=ZEN4, gpu=None, env={ENV_VAR: "int8"}, int8_missing_reason="the model has no int8 network"
+    )
     assert precision == "float32" and reason == f"{ENV_VAR}=int8, but the model has no int8 network, so float32"
     # ... and the other overrides win over an int8 network on a VNNI CPU.
     for forced in ("float32", "bfloat16"):
-        assert choose_inference_precision("auto", cpu_flags=ZEN4, gpu=None, env={ENV_VAR: forced},
-                                          int8_available=True)[0] == forced
+        assert (
+            choose_inference_precision("auto", cpu_flags=ZEN4, gpu=None, env={ENV_VAR: forced}, int8_available=True)[0]
+            == forced
+        )
     assert choose_inference_precision("int8", cpu_flags=SKYLAKE_X, gpu=None, env={}, int8_available=True)[0] == "int8"
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 amx_bf16 avx512_bf16\n\n"
-                       "processor\t: 1\nflags\t\t: fpu\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 amx_bf16 avx512_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu\n"
+    )
     assert read_cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "amx_bf16", "avx512_bf16"}
     assert read_cpu_flags(str(tmp_path / "missing")) == frozenset()
 
@@ -105,8 +119,9 @@ IMAGES = [jpeg_bytes(40 + 3 * i, 36 + 2 * i, seed=100 + i) for i in range(48)]
 @pytest.fixture(scope="module")
 def auto_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("precision") / "model"
-    carclf_flavor.save_model(build_tiny_resnet(seed=5), path, CLASS_NAMES, preprocessing=SETTINGS,
-                             inference_precision="auto")
+    carclf_flavor.save_model(
+        build_tiny_resnet(seed=5), path, CLASS_NAMES, preprocessing=SETTINGS, inference_precision="auto"
+    )
     return path
 
 

@@ -1,4 +1,5 @@
 """preprocess: both layouts -> train/val/test HDF5; schema, split, determinism, atomicity, bad photos, MLflow."""
+
 import os
 import pathlib
 import shutil
@@ -12,11 +13,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import entry_points.preprocess as prep
-from carclf_flavor.version import __version__
 from carclf.data.hdf5_dataset import read_dataset_info
-from entry_points.preprocess import preprocess
 from carclf.data.readers import DataLayoutError, read_dataset, stratified_split
 from carclf.data.sample_data import generate_sample_dataset, write_annotations
+from carclf_flavor.version import __version__
+from entry_points.preprocess import preprocess
 
 SIZE = 32
 TINY = dict(num_classes=3, train_per_class=6, test_per_class=2, min_width=96, max_width=160)
@@ -95,12 +96,18 @@ def test_stratified_split_is_per_class_and_seeded(stanford):
     assert any(stratified_split(records, 0.34, seed=s)[1] != taken for s in range(1, 6))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda root: (root / "devkit" / "cars_train_annos.mat").unlink(), "cars_train_annos.mat: annotation file missing"),
-    (lambda root: (root / "cars_test_annos_withlabels.mat").unlink(), "cars_test_annos_withlabels.mat"),
-    (lambda root: shutil.rmtree(root / "cars_test"), "cars_test: image folder missing"),
-    (lambda root: (root / "devkit" / "cars_meta.mat").write_bytes(b"not a mat file"), "not a readable MATLAB file"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda root: (root / "devkit" / "cars_train_annos.mat").unlink(),
+            "cars_train_annos.mat: annotation file missing",
+        ),
+        (lambda root: (root / "cars_test_annos_withlabels.mat").unlink(), "cars_test_annos_withlabels.mat"),
+        (lambda root: shutil.rmtree(root / "cars_test"), "cars_test: image folder missing"),
+        (lambda root: (root / "devkit" / "cars_meta.mat").write_bytes(b"not a mat file"), "not a readable MATLAB file"),
+    ],
+)
 def test_stanford_layout_errors(stanford, damage, message):
     damage(stanford)
     with pytest.raises(DataLayoutError, match=message):
@@ -121,8 +128,10 @@ def test_folder_layout_errors(tmp_path):
 
 
 def test_class_id_out_of_range(stanford):
-    write_annotations(stanford / "devkit" / "cars_train_annos.mat", [
-        {"bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 20, "bbox_y2": 20, "class": 7, "fname": "00001.jpg"}])
+    write_annotations(
+        stanford / "devkit" / "cars_train_annos.mat",
+        [{"bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 20, "bbox_y2": 20, "class": 7, "fname": "00001.jpg"}],
+    )
     with pytest.raises(DataLayoutError, match=r"row 1: class 7 is outside 1..3"):
         read_dataset(stanford)
 
@@ -191,8 +200,9 @@ def test_crop_follows_the_box(stanford, tmp_path):
     b, w = h5(boxed["test"])[0], h5(whole["test"])[0]
     assert not np.array_equal(b["images"], w["images"])
     name = b["filenames"][0].decode()
-    expected = preprocess_image((stanford / name).read_bytes(), tuple(b["bboxes"][0]),
-                                PreprocessSettings(image_size=SIZE))
+    expected = preprocess_image(
+        (stanford / name).read_bytes(), tuple(b["bboxes"][0]), PreprocessSettings(image_size=SIZE)
+    )
     assert np.array_equal(b["images"][0], expected)
     assert h5(whole["test"])[1]["resize_mode"] == "pad"
 
@@ -269,8 +279,16 @@ def test_boxes_outside_the_photo_are_clamped_or_skipped(stanford, tmp_path):
             x2 += 5000  # partly outside: clamped with a warning
         if i == 1:
             x1, x2 = 6000, 6100  # wholly outside: skipped
-        rows.append({"bbox_x1": x1 + 1, "bbox_y1": y1 + 1, "bbox_x2": x2, "bbox_y2": y2,
-                     "class": record.label + 1, "fname": record.path.name})
+        rows.append(
+            {
+                "bbox_x1": x1 + 1,
+                "bbox_y1": y1 + 1,
+                "bbox_x2": x2,
+                "bbox_y2": y2,
+                "class": record.label + 1,
+                "fname": record.path.name,
+            }
+        )
     write_annotations(annos, rows)
     paths = run_preprocess(stanford, tmp_path / "out", val_fraction=0.0)
     run = the_run()
@@ -307,19 +325,38 @@ def test_empty_data_dir_uses_the_cached_sample(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_accepts_mlflow_style_numbers(stanford, tmp_path, capsys):
-    rc = prep.main(["--data-dir", str(stanford), "--output-dir", str(tmp_path / "out"), "--image-size", "32.0",
-                    "--crop-margin", "8.0", "--workers", "1.0", "--seed", "0.0", "--val-fraction", "0.2"])
+    rc = prep.main(
+        [
+            "--data-dir",
+            str(stanford),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--image-size",
+            "32.0",
+            "--crop-margin",
+            "8.0",
+            "--workers",
+            "1.0",
+            "--seed",
+            "0.0",
+            "--val-fraction",
+            "0.2",
+        ]
+    )
     assert rc == 0
     assert h5(tmp_path / "out" / "train.h5")[1]["image_size"] == 32
     assert "train.h5" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data-dir", "/nonexistent/cars"], "error: /nonexistent/cars: no such folder"),
-    (["--image-size", "22.5"], "error: argument --image-size: expected an integer, got '22.5'"),
-    (["--val-fraction", "1.5"], "error: val_fraction must be in [0, 1), got 1.5"),
-    (["--crop", "centre"], "error: argument --crop: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data-dir", "/nonexistent/cars"], "error: /nonexistent/cars: no such folder"),
+        (["--image-size", "22.5"], "error: argument --image-size: expected an integer, got '22.5'"),
+        (["--val-fraction", "1.5"], "error: val_fraction must be in [0, 1), got 1.5"),
+        (["--crop", "centre"], "error: argument --crop: invalid choice"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, message, capsys, stanford, tmp_path):
     argv = ["--data-dir", str(stanford), "--output-dir", str(tmp_path / "out"), *argv]
     try:
@@ -335,12 +372,33 @@ def test_cli_errors_are_one_line(argv, message, capsys, stanford, tmp_path):
 @pytest.mark.slow
 def test_mlflow_run_entry_point(stanford, tmp_path, repo_root, mlflow_store):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "mlflow", "run", ".", "-e", "preprocess", "--env-manager", "local",
-           "-P", f"data_dir={stanford}", "-P", f"output_dir={out}", "-P", "image_size=32", "-P", "workers=2",
-           "-P", "val_fraction=0.2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        ".",
+        "-e",
+        "preprocess",
+        "--env-manager",
+        "local",
+        "-P",
+        f"data_dir={stanford}",
+        "-P",
+        f"output_dir={out}",
+        "-P",
+        "image_size=32",
+        "-P",
+        "workers=2",
+        "-P",
+        "val_fraction=0.2",
+    ]
     # MLproject commands call `python`: the interpreter running the tests must come first on PATH.
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store,
-               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=mlflow_store,
+        PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+    )
     result = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {"train.h5", "val.h5", "test.h5"}
@@ -357,8 +415,13 @@ def _peak_rss_mb_of_cli(argv, env) -> tuple[int, float, str]:
     import tempfile
 
     with tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, "-m", "entry_points.preprocess", *argv], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=err, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "entry_points.preprocess", *argv],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+        )
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
@@ -371,8 +434,11 @@ def test_a_bomb_among_the_photos_costs_no_memory(stanford, tmp_path, mlflow_stor
     from helpers_hostile import bomb_png
 
     root = make_folders(stanford, tmp_path / "flat", False)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store,
-               PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=mlflow_store,
+        PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    )
     common = ["--data-dir", str(root), "--image-size", "32", "--workers", "2", "--val-fraction", "0.2"]
     rc, without, err = _peak_rss_mb_of_cli([*common, "--output-dir", str(tmp_path / "a")], env)
     assert rc == 0, err[-2000:]
@@ -380,8 +446,9 @@ def test_a_bomb_among_the_photos_costs_no_memory(stanford, tmp_path, mlflow_stor
     rc, with_bomb, err = _peak_rss_mb_of_cli([*common, "--output-dir", str(tmp_path / "b")], env)
     assert rc == 0, err[-2000:]
     assert with_bomb - without < 100, (without, with_bomb)
-    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
-                                      order_by=["attributes.start_time DESC"])
+    runs = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()], order_by=["attributes.start_time DESC"]
+    )
     assert runs[0].data.metrics["skipped_images"] == 1
     skipped = mlflow.artifacts.load_text(f"runs:/{runs[0].info.run_id}/skipped.txt")
     assert "bomb.png\timage is 400.0 megapixels, above the limit of 50.0 megapixels" in skipped
@@ -398,8 +465,7 @@ time.sleep(600)
 
 
 def _start_writer(target: pathlib.Path, env) -> tuple[subprocess.Popen, pathlib.Path]:
-    process = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], env=env, stdout=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], env=env, stdout=subprocess.PIPE, text=True)
     partial = pathlib.Path(process.stdout.readline().strip())
     assert partial.is_file() and partial.name == f".{target.name}.partial-{process.pid}"
     return process, partial
@@ -409,8 +475,10 @@ def test_next_run_removes_partials_of_killed_runs_only(stanford, tmp_path, caplo
     """Issue 14: a writer killed with SIGKILL leaves its partial file; the next preprocess into the folder
     removes it and says so in one line, while a partial file whose writer is alive stays."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    )
     killed, stale = _start_writer(out / "train.h5", env)
     alive, live = _start_writer(out / "val.h5", env)
     shards = out / f".train.h5.shards-{killed.pid}-0123456789ab"  # augment's shard folder of the killed run

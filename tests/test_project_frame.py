@@ -1,4 +1,5 @@
 """The project frame: pins agree between pyproject and conda.yaml, MLproject is well formed, CI runs make test."""
+
 import os
 import re
 import tomllib
@@ -54,7 +55,9 @@ def test_dependency_policy():
     assert "-e '.[test,azure]'" in makefile and "test-mlflow-latest" in (REPO_ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.skipif(not os.environ.get("CARCLF_EXPECT_MLFLOW"), reason="runs in the second venv (make test-mlflow-latest)")
+@pytest.mark.skipif(
+    not os.environ.get("CARCLF_EXPECT_MLFLOW"), reason="runs in the second venv (make test-mlflow-latest)"
+)
 def test_second_venv_has_the_newest_mlflow_and_no_azure_plugin():
     import importlib.util
 

@@ -6,6 +6,7 @@ no entry matches fails `test_every_readme_command_is_covered`, so a new command 
 Real-data sizes are turned into tiny ones by named parameter substitutions (`adapt`); everything is written
 under one temporary folder (own SQLite store, experiment artifact location, deployment home).
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,14 +33,23 @@ from helpers_flavor import free_port
 
 README = REPO_ROOT / "README.md"
 VENV_BIN = pathlib.Path(sys.executable).parent
-AZUREML_TARGET = ("azureml://westeurope.api.azureml.ms/mlflow/v1.0/subscriptions/00000000-0000-0000-0000-000000000000"
-                  "/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws")
+AZUREML_TARGET = (
+    "azureml://westeurope.api.azureml.ms/mlflow/v1.0/subscriptions/00000000-0000-0000-0000-000000000000"
+    "/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws"
+)
 SAMPLE_CLASSES = 4
 
 # The whole-pipeline sizes: `make run` gets them as MLFLOW_RUN_ARGS, and the README's real Stanford
 # configuration is cut down to exactly the same values, so its run must reuse every finished step.
-TINY_MAIN = {"image_size": "32", "depth": "18", "width": "0.125", "weights": "none", "epochs": "1",
-             "head_epochs": "1", "copies": "1"}
+TINY_MAIN = {
+    "image_size": "32",
+    "depth": "18",
+    "width": "0.125",
+    "weights": "none",
+    "epochs": "1",
+    "head_epochs": "1",
+    "copies": "1",
+}
 # Kept as README writes them in the Stanford command (they do not change the cost).
 STANFORD_KEPT = {"optimizer": "sgd", "learning_rate": "0.001"}
 
@@ -79,8 +89,10 @@ COVERAGE = [
     (r"mlflow deployments create -t azureml .*", "test_azure_without_credentials"),
     (r"python -m entry_points\.score --azure-endpoint https://\S+/score car\.jpg .*", "test_azure_endpoint_client"),
     (r"mlflow deployments \w+ -t carclf-local.*", "test_carclf_local_lifecycle"),
-    (r"mlflow run \. --env-manager local -e deploy -P model_uri=models:/carclf/1 -P name=cars",
-     "test_deploy_entry_point_local"),
+    (
+        r"mlflow run \. --env-manager local -e deploy -P model_uri=models:/carclf/1 -P name=cars",
+        "test_deploy_entry_point_local",
+    ),
     (r"mlflow run \. --env-manager local -P deploy_target=carclf-local", "test_main_with_deploy_target"),
     (r"mlflow run \. --env-manager local -e demo -P model_uri=models:/carclf/1", "test_demo_page"),
 ]
@@ -96,8 +108,13 @@ def commands_for(test_name: str) -> list[str]:
     return found
 
 
-def adapt(command: str, params: dict | None = None, add: dict | None = None, tokens: dict | None = None,
-          text: dict | None = None) -> list[str]:
+def adapt(
+    command: str,
+    params: dict | None = None,
+    add: dict | None = None,
+    tokens: dict | None = None,
+    text: dict | None = None,
+) -> list[str]:
     """README command -> argv. ``text``: literal replacements; ``params``: values of existing `-P key=value`
     (each must be there: the README still shows the real size we cut down); ``tokens``: whole-token
     replacements; ``add``: extra `-P key=value`."""
@@ -136,15 +153,27 @@ class World:
         self.deploy_home = root / "deploy"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "AZUREML_"))}
         self.env.update(
-            MLFLOW_TRACKING_URI=self.uri, MLFLOW_REGISTRY_URI=self.uri, MLFLOW_EXPERIMENT_ID=self.experiment_id,
-            CARCLF_DEPLOY_HOME=str(self.deploy_home), PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+            MLFLOW_TRACKING_URI=self.uri,
+            MLFLOW_REGISTRY_URI=self.uri,
+            MLFLOW_EXPERIMENT_ID=self.experiment_id,
+            CARCLF_DEPLOY_HOME=str(self.deploy_home),
+            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            MLFLOW_DISABLE_TELEMETRY="true",
+            DO_NOT_TRACK="true",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            PYTHONUNBUFFERED="1",
         )
         self.servers: list[subprocess.Popen] = []
         from carclf.data.sample_data import class_names, generate_sample_dataset
 
-        self.sample = generate_sample_dataset(root / "sample", num_classes=SAMPLE_CLASSES, train_per_class=12,
-                                              test_per_class=4, min_width=96, max_width=160)
+        self.sample = generate_sample_dataset(
+            root / "sample",
+            num_classes=SAMPLE_CLASSES,
+            train_per_class=12,
+            test_per_class=4,
+            min_width=96,
+            max_width=160,
+        )
         self.class_names = class_names(SAMPLE_CLASSES)
         self.car_jpg = sorted((self.sample / "cars_test").glob("*.jpg"))[0]
         self.data = root / "data"
@@ -157,8 +186,16 @@ class World:
 
     def run(self, argv, *, cwd=None, timeout=600, env=None, ok=True, shell=False) -> subprocess.CompletedProcess:
         start = time.monotonic()
-        result = subprocess.run(argv, cwd=cwd or self.root, env=env or self.env, capture_output=True, text=True,
-                                timeout=timeout, shell=shell, executable="/bin/bash" if shell else None)
+        result = subprocess.run(
+            argv,
+            cwd=cwd or self.root,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            shell=shell,
+            executable="/bin/bash" if shell else None,
+        )
         result.seconds = time.monotonic() - start
         if ok:
             assert result.returncode == 0, describe(argv, result)
@@ -166,8 +203,15 @@ class World:
 
     def start_server(self, argv, log_name: str) -> subprocess.Popen:
         log = open(self.root / log_name, "wb")
-        process = subprocess.Popen(argv, cwd=self.root, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            cwd=self.root,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         process.log_path = self.root / log_name
         self.servers.append(process)
         return process
@@ -201,16 +245,22 @@ class World:
         return sorted(int(v.version) for v in self.client().search_model_versions("name = 'carclf'"))
 
     def last_main_run(self):
-        runs = self.client().search_runs([self.experiment_id], filter_string="tags.`mlflow.project.entryPoint` = 'main'",
-                                         order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self.client().search_runs(
+            [self.experiment_id],
+            filter_string="tags.`mlflow.project.entryPoint` = 'main'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         assert runs, "no main run found"
         return runs[0]
 
 
 def describe(argv, result) -> str:
     shown = argv if isinstance(argv, str) else shlex.join(map(str, argv))
-    return (f"`{shown}` exited {result.returncode}\n--- stdout (tail)\n{result.stdout[-4000:]}\n"
-            f"--- stderr (tail)\n{result.stderr[-6000:]}")
+    return (
+        f"`{shown}` exited {result.returncode}\n--- stdout (tail)\n{result.stdout[-4000:]}\n"
+        f"--- stderr (tail)\n{result.stderr[-6000:]}"
+    )
 
 
 def wait_http(url: str, process: subprocess.Popen, seconds: float = 240) -> None:
@@ -240,8 +290,10 @@ def world(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ coverage
 def test_readme_parser_reads_blocks_comments_and_inline_commands():
-    text = ("x\n```bash\nmake run    # builds\n\n# a comment\nmlflow ui  --x\n```\n```\nnot bash\n```\n"
-            "prose `mlflow run . --env-manager local -P a=b` end\n")
+    text = (
+        "x\n```bash\nmake run    # builds\n\n# a comment\nmlflow ui  --x\n```\n```\nnot bash\n```\n"
+        "prose `mlflow run . --env-manager local -P a=b` end\n"
+    )
     assert readme_commands(text) == ["make run", "mlflow ui  --x", "mlflow run . --env-manager local -P a=b"]
 
 
@@ -263,8 +315,11 @@ def test_make_run(world):
     """`make run` is `$(BIN)/mlflow run . --env-manager local $(MLFLOW_RUN_ARGS)`: run exactly that (calling make
     would rebuild .venv), with tiny sizes as MLFLOW_RUN_ARGS."""
     (command,) = commands_for("test_make_run")
-    make_line = [ln.strip() for ln in (REPO_ROOT / "Makefile").read_text().splitlines()
-                 if ln.strip().startswith("$(BIN)/mlflow run")]
+    make_line = [
+        ln.strip()
+        for ln in (REPO_ROOT / "Makefile").read_text().splitlines()
+        if ln.strip().startswith("$(BIN)/mlflow run")
+    ]
     assert make_line == ["$(BIN)/mlflow run . --env-manager local $(MLFLOW_RUN_ARGS)"], make_line
     argv = ["mlflow", "run", ".", "--env-manager", "local"]
     for key, value in world.main_params.items():
@@ -309,12 +364,11 @@ def test_mlflow_ui(world):
 @pytest.mark.timeout(900)
 def test_real_configuration_reuses_steps(world):
     (command,) = commands_for("test_real_configuration_reuses_steps")
-    argv = adapt(command, params={"data_dir": str(world.sample), **TINY_MAIN},
-                 add={"output_dir": str(world.data)})
+    argv = adapt(command, params={"data_dir": str(world.sample), **TINY_MAIN}, add={"output_dir": str(world.data)})
     world.run(argv, cwd=REPO_ROOT, timeout=800)
     parent = world.last_main_run()
     assert parent.info.status == "FINISHED"
-    reused = {k[len("carclf.reused_run_"):] for k in parent.data.tags if k.startswith("carclf.reused_run_")}
+    reused = {k[len("carclf.reused_run_") :] for k in parent.data.tags if k.startswith("carclf.reused_run_")}
     assert reused == {"preprocess", "augment", "train", "evaluate"}, parent.data.tags
     assert world.versions() == [1], "a reused train step must not register a new version"
 
@@ -348,9 +402,18 @@ def test_my_cars_step_by_step(world):
     steps = [
         adapt(preprocess, text=where, params={"data_dir": str(world.root / "my_cars"), "image_size": "32"}),
         adapt(augment, text=where, params={"copies": "1"}),
-        adapt(train, text=where, params={"depth": "18", "weights": "none"},
-              add={"width": "0.125", "epochs": "1", "head_epochs": "0", "batch_size": "8",
-                   "checkpoint_dir": str(world.root / "my_checkpoints")}),
+        adapt(
+            train,
+            text=where,
+            params={"depth": "18", "weights": "none"},
+            add={
+                "width": "0.125",
+                "epochs": "1",
+                "head_epochs": "0",
+                "batch_size": "8",
+                "checkpoint_dir": str(world.root / "my_checkpoints"),
+            },
+        ),
         # In README order this is the first model a newcomer trains (version 1); here make run registered 1.
         adapt(evaluate, text=where, params={"model_uri": "models:/carclf/2"}),
     ]
@@ -359,9 +422,12 @@ def test_my_cars_step_by_step(world):
     for split in ("train", "val", "test", "train_aug"):
         assert (processed / f"{split}.h5").is_file(), split
     assert world.versions() == [1, 2]
-    evaluate_run = world.client().search_runs([world.experiment_id],
-                                              filter_string="tags.`mlflow.project.entryPoint` = 'evaluate'",
-                                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+    evaluate_run = world.client().search_runs(
+        [world.experiment_id],
+        filter_string="tags.`mlflow.project.entryPoint` = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
     assert evaluate_run.data.params["model_uri"] == "models:/carclf/2"
     assert {"test_top1", "test_top5", "test_macro_f1"} <= set(evaluate_run.data.metrics)
 
@@ -376,13 +442,21 @@ def test_tune_step(world):
     splits = preprocess(world.sample, world.root / "tune_data", image_size=32, crop="bbox", workers=1)
     folder = str(pathlib.Path(splits["train"]).parent)
     space = world.root / "tiny_space.yaml"
-    space.write_text("depth: 18\nwidth: 0.125\nepochs: 1\nhead_epochs: 0\nbatch_size: 8\nonline_augment: false\n"
-                     "learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    space.write_text(
+        "depth: 18\nwidth: 0.125\nepochs: 1\nhead_epochs: 0\nbatch_size: 8\nonline_augment: false\n"
+        "learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
+    )
     versions = world.versions()
-    world.run(adapt(command, text={"data/processed/train_aug.h5": str(splits["train"]), "data/processed": folder},
-                    params={"trials": "2", "parallel": "2", "space": str(space)},
-                    add={"spark_master": "local[2]", "registered_model_name": "carclf-tuned"}),
-              cwd=REPO_ROOT, timeout=900)
+    world.run(
+        adapt(
+            command,
+            text={"data/processed/train_aug.h5": str(splits["train"]), "data/processed": folder},
+            params={"trials": "2", "parallel": "2", "space": str(space)},
+            add={"spark_master": "local[2]", "registered_model_name": "carclf-tuned"},
+        ),
+        cwd=REPO_ROOT,
+        timeout=900,
+    )
     champion = world.client().get_model_version_by_alias("carclf-tuned", "champion")
     trial = world.client().get_run(champion.run_id)
     assert trial.info.status == "FINISHED" and trial.data.params["width"] == "0.125"
@@ -432,8 +506,9 @@ def test_demo_page(world):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=10) as response:
             info = json.loads(response.read())
         assert info["name"] == "carclf" and info["version"] == "1" and info["classes"] == world.class_names
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/predict?name=car.jpg",
-                                         data=world.car_jpg.read_bytes(), method="POST")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/predict?name=car.jpg", data=world.car_jpg.read_bytes(), method="POST"
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
         assert answer["label"] in world.class_names and answer["heatmap"].startswith("data:image/jpeg;base64,")
@@ -464,8 +539,19 @@ def test_azure_without_credentials(world):
     home = world.root / "empty-home"
     home.mkdir()
     env = clean_azure_env(home)
-    env.update({k: world.env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID",
-                                          "MLFLOW_DISABLE_TELEMETRY", "TF_CPP_MIN_LOG_LEVEL", "PYTHONUNBUFFERED")})
+    env.update(
+        {
+            k: world.env[k]
+            for k in (
+                "MLFLOW_TRACKING_URI",
+                "MLFLOW_REGISTRY_URI",
+                "MLFLOW_EXPERIMENT_ID",
+                "MLFLOW_DISABLE_TELEMETRY",
+                "TF_CPP_MIN_LOG_LEVEL",
+                "PYTHONUNBUFFERED",
+            )
+        }
+    )
     env["AZUREML_TARGET"] = AZUREML_TARGET
     # `$AZUREML_TARGET` is expanded by the shell, as when a reader pastes the line.
     result = world.run(["unshare", "-n", "bash", "-c", run_step], cwd=REPO_ROOT, env=env, timeout=120, ok=False)
@@ -475,8 +561,12 @@ def test_azure_without_credentials(world):
     errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
     assert any("no Azure credentials found" in ln and "az login" in ln for ln in errors), describe(run_step, result)
 
-    argv = adapt(plain_cli, tokens={"deploy-config-file=deploy/managed.json":
-                                    f"deploy-config-file={REPO_ROOT / 'deploy' / 'managed.json'}"})
+    argv = adapt(
+        plain_cli,
+        tokens={
+            "deploy-config-file=deploy/managed.json": f"deploy-config-file={REPO_ROOT / 'deploy' / 'managed.json'}"
+        },
+    )
     azure_dir = world.root / "azure-cli"
     azure_dir.mkdir()
     result = world.run(["unshare", "-n", *argv], cwd=azure_dir, env=env, timeout=120, ok=False)
@@ -499,11 +589,13 @@ def test_azure_endpoint_client(world, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = re.search(r"https://\S+/score", command).group(0)
-        argv = adapt(command, tokens={url: f"http://127.0.0.1:{server.server_address[1]}/score",
-                                      "car.jpg": str(world.car_jpg)})
+        argv = adapt(
+            command, tokens={url: f"http://127.0.0.1:{server.server_address[1]}/score", "car.jpg": str(world.car_jpg)}
+        )
         env = {**world.env, "AZUREML_ENDPOINT_KEY": KEY}
-        result = world.run([sys.executable if argv[0] == "python" else argv[0], *argv[1:]], cwd=REPO_ROOT, env=env,
-                           timeout=120)
+        result = world.run(
+            [sys.executable if argv[0] == "python" else argv[0], *argv[1:]], cwd=REPO_ROOT, env=env, timeout=120
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -571,7 +663,7 @@ def test_main_with_deploy_target(world):
     try:
         world.run(argv, cwd=REPO_ROOT, timeout=800)
         parent = world.last_main_run()
-        reused = {k[len("carclf.reused_run_"):] for k in parent.data.tags if k.startswith("carclf.reused_run_")}
+        reused = {k[len("carclf.reused_run_") :] for k in parent.data.tags if k.startswith("carclf.reused_run_")}
         assert reused == {"preprocess", "augment", "train", "evaluate"}, parent.data.tags
         deploy_run = world.client().get_run(parent.data.tags["carclf.child_run.deploy"])
         assert deploy_run.info.status == "FINISHED"

@@ -1,4 +1,5 @@
 """The pictures every step logs: image grids at the stored pixels, and the SVG bar chart."""
+
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -19,9 +20,9 @@ def test_image_grid_shows_each_image_at_its_own_pixels_enlarged_by_a_whole_facto
     (y0, x0), (y1, x1), (y2, x2) = tiles
     assert y0 == y1 < y2 and x0 == x2 < x1  # row-major, two columns
     # the empty cell (row 2, column 2) is blank, and every caption band has text in it
-    assert np.array_equal(grid[y2:y2 + 32 * factor, x1:x1 + 32 * factor], white)
+    assert np.array_equal(grid[y2 : y2 + 32 * factor, x1 : x1 + 32 * factor], white)
     for y, x in tiles:
-        band = grid[y + 32 * factor:y + 32 * factor + 14, x:x + 32 * factor]
+        band = grid[y + 32 * factor : y + 32 * factor + 14, x : x + 32 * factor]
         assert (band < 128).any()
 
 
@@ -31,8 +32,13 @@ def find_tiles(grid, images, factor):
     for image in images:
         big = np.repeat(np.repeat(image, factor, 0), factor, 1)
         ys, xs = np.nonzero(np.all(grid == big[0, 0], axis=-1))
-        hits = [(y, x) for y, x in zip(ys, xs) if y + big.shape[0] <= grid.shape[0] and x + big.shape[1] <= grid.shape[1]
-                and np.array_equal(grid[y:y + big.shape[0], x:x + big.shape[1]], big)]
+        hits = [
+            (y, x)
+            for y, x in zip(ys, xs)
+            if y + big.shape[0] <= grid.shape[0]
+            and x + big.shape[1] <= grid.shape[1]
+            and np.array_equal(grid[y : y + big.shape[0], x : x + big.shape[1]], big)
+        ]
         assert len(hits) == 1, len(hits)
         found.append(hits[0])
     return found
@@ -49,10 +55,16 @@ def test_stacked_bar_svg_draws_one_segment_per_category_and_series_with_heights_
     counts = {"train": [5, 0, 12], "val": [1, 2, 3]}
     svg = stacked_bar_svg(["Audi <TT>", "BMW & M3", "Fiat"], counts, title="Images per class")
     root = ET.fromstring(svg)  # well-formed: names are escaped
-    bars = [(r.find(f"{SVG}title").text, float(r.get("height"))) for r in root.iter(f"{SVG}rect")
-            if r.get("class") == "bar"]
-    assert [title for title, _ in bars] == ["Audi <TT>: train 5", "Audi <TT>: val 1", "BMW & M3: val 2",
-                                            "Fiat: train 12", "Fiat: val 3"]  # zero counts draw nothing
+    bars = [
+        (r.find(f"{SVG}title").text, float(r.get("height"))) for r in root.iter(f"{SVG}rect") if r.get("class") == "bar"
+    ]
+    assert [title for title, _ in bars] == [
+        "Audi <TT>: train 5",
+        "Audi <TT>: val 1",
+        "BMW & M3: val 2",
+        "Fiat: train 12",
+        "Fiat: val 3",
+    ]  # zero counts draw nothing
     per_image = {height / int(title.rsplit(" ", 1)[1]) for title, height in bars}
     assert max(per_image) - min(per_image) < 0.01  # coordinates are written to 2 decimals
     legend = [t.text for t in root.iter(f"{SVG}text") if t.text and t.text.startswith(("train", "val"))]

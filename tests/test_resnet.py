@@ -1,4 +1,5 @@
 """The ResNet builder, ImageNet weight import, backbone freezing and inference fusion (float32 and bfloat16)."""
+
 import json
 import os
 import subprocess
@@ -49,8 +50,12 @@ def reference_resnet50():
 def reference_files(reference_resnet50, tmp_path_factory):
     """The reference model's weights on disk in every supported layout."""
     folder = tmp_path_factory.mktemp("weights")
-    files = {"keras3_top": folder / "resnet50_top.weights.h5", "legacy_top": folder / weight_file_name(50, True),
-             "legacy_notop": folder / weight_file_name(50, False), "keras3_notop": folder / "resnet50_notop.weights.h5"}
+    files = {
+        "keras3_top": folder / "resnet50_top.weights.h5",
+        "legacy_top": folder / weight_file_name(50, True),
+        "legacy_notop": folder / weight_file_name(50, False),
+        "keras3_notop": folder / "resnet50_notop.weights.h5",
+    }
     reference_resnet50.save_weights(files["keras3_top"])
     write_legacy_h5(files["legacy_top"], reference_resnet50)
     notop = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(IMPORT_SIZE, IMPORT_SIZE, 3))
@@ -139,7 +144,9 @@ def test_import_reads_the_original_caffe_layer_names(reference_resnet50, referen
 
 
 def test_wrong_depth_is_a_clear_error(reference_files):
-    with pytest.raises(WeightsError, match=r"holds ResNet-50 \(stage depths 3-4-6-3\).*ResNet-101 \(stage depths 3-4-23-3\)"):
+    with pytest.raises(
+        WeightsError, match=r"holds ResNet-50 \(stage depths 3-4-6-3\).*ResNet-101 \(stage depths 3-4-23-3\)"
+    ):
         build_resnet(101, 10, TINY_SIZE, weights=reference_files["legacy_notop"])
 
 
@@ -163,7 +170,9 @@ def test_missing_layer_and_wrong_shape_name_the_layer(reference_resnet50, tmp_pa
         group = handle["conv4_block1_2_conv"]
         del group["conv4_block1_2_conv/kernel:0"]
         group.create_dataset("conv4_block1_2_conv/kernel:0", data=np.zeros((3, 3, 256, 128), "float32"))
-    with pytest.raises(WeightsError, match=r"'conv4_block1_2_conv' kernel has shape \(3, 3, 256, 128\).*\(3, 3, 256, 256\)"):
+    with pytest.raises(
+        WeightsError, match=r"'conv4_block1_2_conv' kernel has shape \(3, 3, 256, 128\).*\(3, 3, 256, 256\)"
+    ):
         load_imagenet_weights(ours, path)
 
 
@@ -190,7 +199,9 @@ def test_imagenet_download_failure_says_which_file_to_fetch(monkeypatch):
         monkeypatch.setenv(variable, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    with pytest.raises(WeightsError, match=r"resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5.*weights='/path/to/"):
+    with pytest.raises(
+        WeightsError, match=r"resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5.*weights='/path/to/"
+    ):
         build_resnet(50, 196, TINY_SIZE, weights="imagenet")
 
 
@@ -204,8 +215,11 @@ def full_width_models():
 
 
 def _conv_bias_count(model):
-    return sum(int(np.prod(layer.bias.shape)) for layer in model.layers
-               if isinstance(layer, keras.layers.Conv2D) and layer.use_bias)
+    return sum(
+        int(np.prod(layer.bias.shape))
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D) and layer.use_bias
+    )
 
 
 @pytest.mark.slow
@@ -316,8 +330,11 @@ def test_saved_models_load_in_a_fresh_process_with_safe_mode_and_no_custom_objec
     images = varied_images(6, TINY_SIZE, seed=9)
     np.save(tmp_path / "images.npy", images)
     expected = {}
-    for name, network in {"trainable": model, "fused32": fuse_for_inference(model),
-                          "fused16": fuse_for_inference(model, "bfloat16")}.items():
+    for name, network in {
+        "trainable": model,
+        "fused32": fuse_for_inference(model),
+        "fused16": fuse_for_inference(model, "bfloat16"),
+    }.items():
         network.save(tmp_path / f"{name}.keras")
         expected[name] = network.predict(images, verbose=0)
     script = (
@@ -330,8 +347,9 @@ def test_saved_models_load_in_a_fresh_process_with_safe_mode_and_no_custom_objec
         "    np.save(f'{folder}/{name}_out.npy', m.predict(images, verbose=0))\n"
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name, values in expected.items():
         np.testing.assert_allclose(np.load(tmp_path / f"{name}_out.npy"), values, atol=1e-6, err_msg=name)
@@ -368,8 +386,12 @@ def test_frozen_backbone_trains_only_the_head_and_keeps_bn_in_inference_mode():
     np.testing.assert_allclose(model(images, training=True), model(images, training=False), atol=1e-6)
 
     backbone_trainable(model, True)
-    assert len(model.trainable_weights) == 2 * sum(isinstance(layer, Scale) for layer in model.layers) + \
-        sum(isinstance(layer, keras.layers.Conv2D) for layer in model.layers) + 2
+    assert (
+        len(model.trainable_weights)
+        == 2 * sum(isinstance(layer, Scale) for layer in model.layers)
+        + sum(isinstance(layer, keras.layers.Conv2D) for layer in model.layers)
+        + 2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -441,8 +463,13 @@ def test_stage_depths_are_read_from_unit_names_for_every_depth():
 
     for depth, (kind, stages) in RESNET_STAGES.items():
         units = (0, 1, 2, 3) if kind == "bottleneck" else (0, 1, 2)
-        names = [f"conv{stage}_block{block}_{unit}_{part}" for stage, blocks in zip(range(2, 6), stages)
-                 for block in range(1, blocks + 1) for unit in units for part in ("conv", "bn", "scale")]
+        names = [
+            f"conv{stage}_block{block}_{unit}_{part}"
+            for stage, blocks in zip(range(2, 6), stages)
+            for block in range(1, blocks + 1)
+            for unit in units
+            for part in ("conv", "bn", "scale")
+        ]
         assert stage_depths_of(["conv1_conv", "predictions", *names]) == (kind, stages), depth
 
 
@@ -450,8 +477,14 @@ def test_pretrained_names_stay_importable_from_resnet():
     """Callers that import the weight-import names from carclf_flavor.resnet (entry_points.train) keep working."""
     from carclf_flavor import pretrained, resnet
 
-    for name in ("WeightsError", "KERAS_APPLICATIONS", "KERAS_WEIGHTS_URL", "load_imagenet_weights",
-                 "read_resnet_weights", "weight_file_name"):
+    for name in (
+        "WeightsError",
+        "KERAS_APPLICATIONS",
+        "KERAS_WEIGHTS_URL",
+        "load_imagenet_weights",
+        "read_resnet_weights",
+        "weight_file_name",
+    ):
         assert getattr(resnet, name) is getattr(pretrained, name)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         resnet.no_such_name  # noqa: B018

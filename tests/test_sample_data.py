@@ -1,4 +1,5 @@
 """The sample generator writes the Stanford Cars layout, readable the way the original is read."""
+
 import hashlib
 import pathlib
 
@@ -19,8 +20,11 @@ TINY = dict(num_classes=3, train_per_class=3, test_per_class=2, min_width=96, ma
 
 
 def tree_digest(root: pathlib.Path) -> dict:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,11 @@ def tiny(tmp_path_factory):
 
 def test_layout_files(tiny):
     assert sorted(p.name for p in tiny.iterdir()) == [
-        "cars_test", "cars_test_annos_withlabels.mat", "cars_train", "devkit"]
+        "cars_test",
+        "cars_test_annos_withlabels.mat",
+        "cars_train",
+        "devkit",
+    ]
     assert sorted(p.name for p in (tiny / "devkit").iterdir()) == ["cars_meta.mat", "cars_train_annos.mat"]
     assert len(list((tiny / "cars_train").glob("*.jpg"))) == 9
     assert len(list((tiny / "cars_test").glob("*.jpg"))) == 6
@@ -45,10 +53,13 @@ def test_meta_reads_like_the_original(tiny):
     assert len(set(class_names(20))) == 20
 
 
-@pytest.mark.parametrize("annos, folder, per_class", [
-    ("devkit/cars_train_annos.mat", "cars_train", 3),
-    ("cars_test_annos_withlabels.mat", "cars_test", 2),
-])
+@pytest.mark.parametrize(
+    "annos, folder, per_class",
+    [
+        ("devkit/cars_train_annos.mat", "cars_train", 3),
+        ("cars_test_annos_withlabels.mat", "cars_test", 2),
+    ],
+)
 def test_annotations_read_like_the_original(tiny, annos, folder, per_class):
     # foamliu/Car-Recognition: annotations = np.transpose(loadmat(...)['annotations']);
     # bbox_x1 = annotation[0][0][0][0] ... class_id = annotation[0][4][0][0]; fname = annotation[0][5][0]
@@ -66,7 +77,7 @@ def test_annotations_read_like_the_original(tiny, annos, folder, per_class):
         # 1-based inclusive MATLAB coordinates inside the photo.
         assert 1 <= x1 < x2 <= width and 1 <= y1 < y2 <= height
         assert (x2 - x1) >= 0.4 * width
-    assert sorted(set(classes)) == [1, 2, 3]                      # 1-based
+    assert sorted(set(classes)) == [1, 2, 3]  # 1-based
     assert np.bincount(classes).tolist() == [0] + [per_class] * 3  # balanced per class
 
 
@@ -84,7 +95,7 @@ def test_colour_does_not_give_the_class_away(tiny):
     for a in annotations:
         x1, y1, x2, y2 = (int(a[0][k][0][0]) for k in range(4))
         image = np.asarray(Image.open(tiny / "cars_train" / str(a[0][5][0])).convert("RGB"))
-        by_class.setdefault(int(a[0][4][0][0]), []).append(image[y1 - 1:y2, x1 - 1:x2].reshape(-1, 3).mean(0))
+        by_class.setdefault(int(a[0][4][0][0]), []).append(image[y1 - 1 : y2, x1 - 1 : x2].reshape(-1, 3).mean(0))
     for means in by_class.values():
         assert np.ptp(np.stack(means), axis=0).max() > 15
 
@@ -104,8 +115,22 @@ def test_bad_parameters(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    rc = sample_data.main(["--output", str(tmp_path / "cli"), "--num-classes", "2.0", "--train-per-class", "1",
-                           "--test-per-class", "1", "--min-width", "96", "--max-width", "128"])
+    rc = sample_data.main(
+        [
+            "--output",
+            str(tmp_path / "cli"),
+            "--num-classes",
+            "2.0",
+            "--train-per-class",
+            "1",
+            "--test-per-class",
+            "1",
+            "--min-width",
+            "96",
+            "--max-width",
+            "128",
+        ]
+    )
     assert rc == 0
     assert len(list((tmp_path / "cli" / "cars_train").glob("*.jpg"))) == 2
     rc = sample_data.main(["--output", str(tmp_path / "bad"), "--num-classes", "99"])

@@ -67,8 +67,12 @@ print(json.dumps({
 
 
 def _payload() -> str:
-    return json.dumps({"images": [base64.b64encode(image).decode("ascii") for image in IMAGES],
-                       "bboxes": [list(box) if box else None for box in BBOXES]})
+    return json.dumps(
+        {
+            "images": [base64.b64encode(image).decode("ascii") for image in IMAGES],
+            "bboxes": [list(box) if box else None for box in BBOXES],
+        }
+    )
 
 
 def _env(pythonpath: str) -> dict:
@@ -85,15 +89,22 @@ def _run_json(args, env, cwd) -> dict:
 
 def _pre_split_package(destination: pathlib.Path) -> pathlib.Path:
     """carclf_flavor as it was at PRE_SPLIT_COMMIT, extracted under ``destination``."""
-    known = subprocess.run(["git", "-C", str(REPO_ROOT), "cat-file", "-e", f"{PRE_SPLIT_COMMIT}^{{commit}}"],
-                           capture_output=True, timeout=60)
+    known = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "cat-file", "-e", f"{PRE_SPLIT_COMMIT}^{{commit}}"],
+        capture_output=True,
+        timeout=60,
+    )
     if known.returncode != 0:
         reason = f"commit {PRE_SPLIT_COMMIT} is not in this checkout (a shallow clone or no .git)"
         if os.environ.get("CI"):
             pytest.fail(f"{reason}: CI must fetch the history this test needs", pytrace=False)
         pytest.skip(reason)
-    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", PRE_SPLIT_COMMIT, "carclf_flavor"],
-                             capture_output=True, check=True, timeout=60).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", PRE_SPLIT_COMMIT, "carclf_flavor"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(destination, filter="data")
     assert (destination / "carclf_flavor" / "__init__.py").is_file()
@@ -105,14 +116,16 @@ def _assert_same_answers(new: dict, old: dict):
     for mine, theirs in zip(new["predict"], old["predict"]):
         assert (mine["label"], mine["class_id"]) == (theirs["label"], theirs["class_id"])
         assert [entry["label"] for entry in mine["top_k"]] == [entry["label"] for entry in theirs["top_k"]]
-        np.testing.assert_allclose([e["prob"] for e in mine["top_k"]], [e["prob"] for e in theirs["top_k"]],
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            [e["prob"] for e in mine["top_k"]], [e["prob"] for e in theirs["top_k"]], rtol=0, atol=1e-6
+        )
     assert [row["label"] for row in new["pyfunc"]] == [row["label"] for row in old["pyfunc"]]
     # The same rows are bad; why a photo is unreadable is images.py's wording, which may improve between versions.
     assert [row["error"] is None for row in new["pyfunc"]] == [row["error"] is None for row in old["pyfunc"]]
     assert old["pyfunc"][-1]["error"] and old["pyfunc"][-1]["label"] is None  # the bad row is really bad
-    np.testing.assert_allclose([row["prob"] or 0.0 for row in new["pyfunc"]],
-                               [row["prob"] or 0.0 for row in old["pyfunc"]], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        [row["prob"] or 0.0 for row in new["pyfunc"]], [row["prob"] or 0.0 for row in old["pyfunc"]], rtol=0, atol=1e-6
+    )
     # The flavor's own wording of a failed request is unchanged: first bad row, and how many more.
     for raised in (new["raised"], old["raised"]):
         assert raised.startswith("InvalidInputError: row 4: not a recognised image format"), raised
@@ -127,9 +140,15 @@ def _answers_in_process(model_path: pathlib.Path) -> dict:
     assert type(pyfunc.get_raw_model()).__module__ == "carclf_flavor.classifier"
     assert type(pyfunc._model_impl).__module__ == "carclf_flavor.pyfunc"
     images = [base64.b64encode(image).decode("ascii") for image in IMAGES] + [BAD_ROW]
-    frame = pd.DataFrame({"image": images,
-                          **{column: [box[i] if box else None for box in BBOXES] + [None]
-                             for i, column in enumerate(carclf_flavor.BBOX_COLUMNS)}})
+    frame = pd.DataFrame(
+        {
+            "image": images,
+            **{
+                column: [box[i] if box else None for box in BBOXES] + [None]
+                for i, column in enumerate(carclf_flavor.BBOX_COLUMNS)
+            },
+        }
+    )
     coerced = pyfunc.predict(frame, params={"top_k": 3, "errors": "coerce"})
     with pytest.raises(carclf_flavor.InvalidInputError) as raised:
         pyfunc.predict(pd.concat([frame, frame.tail(1)], ignore_index=True), params={"top_k": 3})
@@ -171,11 +190,16 @@ def test_model_saved_before_the_split_loads_and_predicts_identically(tmp_path, m
 def test_model_saved_now_loads_from_its_own_code_in_a_fresh_process(tmp_path):
     """Only the model's code/ folder on the path: every module of the new layout ships and is the one used."""
     model_path = tmp_path / "model"
-    carclf_flavor.save_model(build_tiny_resnet(seed=7), model_path, CLASS_NAMES,
-                             preprocessing=PreprocessSettings(image_size=IMAGE_SIZE), inference_precision="float32")
+    carclf_flavor.save_model(
+        build_tiny_resnet(seed=7),
+        model_path,
+        CLASS_NAMES,
+        preprocessing=PreprocessSettings(image_size=IMAGE_SIZE),
+        inference_precision="float32",
+    )
     code_dir = model_path / "code"
     package = pathlib.Path(carclf_flavor.__file__).parent
-    assert ({p.name for p in (code_dir / "carclf_flavor").glob("*.py")} == {p.name for p in package.glob("*.py")})
+    assert {p.name for p in (code_dir / "carclf_flavor").glob("*.py")} == {p.name for p in package.glob("*.py")}
 
     fresh = _run_json(["-c", PREDICT_SCRIPT, str(model_path), _payload(), BAD_ROW], _env(str(code_dir)), tmp_path)
     assert fresh["module"].startswith(str(code_dir)), fresh["module"]
@@ -191,7 +215,12 @@ def test_shipped_package_imports_neither_spark_nor_the_pipeline():
     offenders = []
     for path in sorted(package.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] in ("pyspark", "entry_points")]
     assert len(list(package.glob("*.py"))) >= 10 and not offenders, offenders

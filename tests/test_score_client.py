@@ -6,6 +6,7 @@ The server is a stand-in that checks every request the way the two real services
 header). It answers both with the same predictions, so the client's output can be compared. The real Azure
 scorer (Azure's script under `azmlinfsrv`) is tested elsewhere; this file is about the client.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,20 +45,38 @@ class StandIn(http.server.BaseHTTPRequestHandler):
         rows = []
         for data in images:
             if data == BAD:  # what a deployment with errors=coerce answers for a bad photo
-                rows.append({"label": None, "class_id": None, "prob": None, "top_k": [],
-                             "error": "row 0: not a recognised image format (expected JPEG, PNG or WebP)"})
+                rows.append(
+                    {
+                        "label": None,
+                        "class_id": None,
+                        "prob": None,
+                        "top_k": [],
+                        "error": "row 0: not a recognised image format (expected JPEG, PNG or WebP)",
+                    }
+                )
                 continue
             size = len(data)
             ranked = [{"label": f"Car {(size + i) % 7}", "prob": round(0.6 / (i + 1), 4)} for i in range(top_k)]
-            rows.append({"label": ranked[0]["label"], "class_id": size % 7, "prob": ranked[0]["prob"],
-                         "top_k": ranked, "error": None})
+            rows.append(
+                {
+                    "label": ranked[0]["label"],
+                    "class_id": size % 7,
+                    "prob": ranked[0]["prob"],
+                    "top_k": ranked,
+                    "error": None,
+                }
+            )
         return rows
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        seen = {"path": self.path, "body": body, "authorization": self.headers.get("Authorization"),
-                "deployment": self.headers.get("azureml-model-deployment"),
-                "content_type": self.headers.get("Content-Type")}
+        seen = {
+            "path": self.path,
+            "body": body,
+            "authorization": self.headers.get("Authorization"),
+            "deployment": self.headers.get("azureml-model-deployment"),
+            "content_type": self.headers.get("Content-Type"),
+        }
         StandIn.requests_seen.append(seen)
         if self.path == "/invocations":
             frame = body["dataframe_split"]
@@ -66,12 +85,16 @@ class StandIn(http.server.BaseHTTPRequestHandler):
             if self.headers.get("Authorization") != f"Bearer {KEY}":
                 return self._answer(401, "key_auth_access_denied")
             if set(body) != {"input_data", "params"} or set(body["input_data"]) != {"columns", "index", "data"}:
-                return self._answer(500, "An unexpected error occurred in scoring script. Check the logs for more info.")
+                return self._answer(
+                    500, "An unexpected error occurred in scoring script. Check the logs for more info."
+                )
             frame = body["input_data"]
             if frame["index"] != list(range(len(frame["data"]))):
                 return self._answer(400, {"error": "index does not match data"})
             if self.headers.get("azureml-model-deployment") == "broken":
-                return self._answer(500, "An unexpected error occurred in scoring script. Check the logs for more info.")
+                return self._answer(
+                    500, "An unexpected error occurred in scoring script. Check the logs for more info."
+                )
             wrap = False
         else:
             return self._answer(404, {"message": "no such path"})
@@ -101,8 +124,14 @@ def _score(args, env_key=None, cwd=None):
     env["PYTHONPATH"] = str(REPO_ROOT)
     if env_key is not None:
         env["AZUREML_ENDPOINT_KEY"] = env_key
-    return subprocess.run([sys.executable, "-m", "entry_points.score", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "entry_points.score", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -115,8 +144,21 @@ def photos(tmp_path):
 
 
 def test_azure_endpoint_body_headers_and_the_same_output_as_mlflow_serve(stand_in, photos, tmp_path):
-    azure = _score(["--azure-endpoint", f"{stand_in}/score", *photos, "--top-k", "3", "--json", "--batch-size", "2",
-                    "--deployment", "green"], env_key=KEY)
+    azure = _score(
+        [
+            "--azure-endpoint",
+            f"{stand_in}/score",
+            *photos,
+            "--top-k",
+            "3",
+            "--json",
+            "--batch-size",
+            "2",
+            "--deployment",
+            "green",
+        ],
+        env_key=KEY,
+    )
     assert azure.returncode == 0, azure.stderr
     azure_requests = list(StandIn.requests_seen)
     assert len(azure_requests) == 2  # 3 photos, 2 per request
@@ -156,14 +198,21 @@ def test_a_bad_photo_reaches_the_azure_client_as_its_error_row(stand_in, photos,
     assert lines[2].startswith(str(bad)) and "error: row 0: not a recognised image format" in lines[2]
 
 
-@pytest.mark.parametrize("args, env_key, expected", [
-    (["--key", "wrong"], None, "refused the key (HTTP 401): check --key or AZUREML_ENDPOINT_KEY"),
-    ([], None, "--azure-endpoint needs the endpoint key: pass --key or set AZUREML_ENDPOINT_KEY"),
-    ([], "  ", "--azure-endpoint needs the endpoint key"),
-    (["--deployment", "broken"], KEY, "HTTP 500): An unexpected error occurred in scoring script"),
-    (["--deployment", "9lives"], KEY, "--deployment '9lives' is not an Azure deployment name"),
-    (["--url", "http://127.0.0.1:5000"], KEY, "give --url (mlflow models serve) or --azure-endpoint (Azure ML), not both"),
-])
+@pytest.mark.parametrize(
+    "args, env_key, expected",
+    [
+        (["--key", "wrong"], None, "refused the key (HTTP 401): check --key or AZUREML_ENDPOINT_KEY"),
+        ([], None, "--azure-endpoint needs the endpoint key: pass --key or set AZUREML_ENDPOINT_KEY"),
+        ([], "  ", "--azure-endpoint needs the endpoint key"),
+        (["--deployment", "broken"], KEY, "HTTP 500): An unexpected error occurred in scoring script"),
+        (["--deployment", "9lives"], KEY, "--deployment '9lives' is not an Azure deployment name"),
+        (
+            ["--url", "http://127.0.0.1:5000"],
+            KEY,
+            "give --url (mlflow models serve) or --azure-endpoint (Azure ML), not both",
+        ),
+    ],
+)
 def test_azure_client_errors_are_one_line_naming_the_parameter(stand_in, photos, args, env_key, expected):
     result = _score(["--azure-endpoint", f"{stand_in}/score", photos[0], *args], env_key=env_key)
     assert result.returncode == 2
@@ -172,8 +221,10 @@ def test_azure_client_errors_are_one_line_naming_the_parameter(stand_in, photos,
 
 
 def test_azure_flags_refused_without_azure_endpoint_and_bad_urls(stand_in, photos):
-    for args, expected in ((["--key", KEY], "--key is for --azure-endpoint"),
-                           (["--deployment", "green"], "--deployment is for --azure-endpoint")):
+    for args, expected in (
+        (["--key", KEY], "--key is for --azure-endpoint"),
+        (["--deployment", "green"], "--deployment is for --azure-endpoint"),
+    ):
         result = _score(["--url", stand_in, photos[0], *args])
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
     result = _score(["--azure-endpoint", "car-resnet", photos[0]], env_key=KEY)

@@ -1,4 +1,5 @@
 """The served model for real: `mlflow models serve` on 127.0.0.1, the score client, spark_udf, a fresh virtualenv."""
+
 import base64
 import json
 import os
@@ -40,8 +41,10 @@ def _subprocess_env(**extra):
 def png_bomb(width=10_000, height=8_000) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb: 80 MP)."""
     raw = b"\x00" + b"\x00\x00\x00" * 1
+
     def chunk(kind, payload):
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
@@ -49,8 +52,9 @@ def png_bomb(width=10_000, height=8_000) -> bytes:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("served") / "model"
-    carclf_flavor.save_model(build_tiny_resnet(seed=3), path, CLASS_NAMES, preprocessing=SETTINGS,
-                             inference_precision="float32")
+    carclf_flavor.save_model(
+        build_tiny_resnet(seed=3), path, CLASS_NAMES, preprocessing=SETTINGS, inference_precision="float32"
+    )
     return path
 
 
@@ -67,9 +71,25 @@ def server(model_dir, tmp_path_factory):
     mlflow_cli = pathlib.Path(sys.executable).with_name("mlflow")
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(mlflow_cli), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=_subprocess_env(), cwd=str(log_path.parent),
+            [
+                str(mlflow_cli),
+                "models",
+                "serve",
+                "-m",
+                str(model_dir),
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_subprocess_env(),
+            cwd=str(log_path.parent),
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
@@ -97,8 +117,12 @@ def server(model_dir, tmp_path_factory):
 
 
 def invoke(server, body, timeout=60):
-    return requests.post(f"{server['url']}/invocations", data=json.dumps(body),
-                         headers={"Content-Type": "application/json"}, timeout=timeout)
+    return requests.post(
+        f"{server['url']}/invocations",
+        data=json.dumps(body),
+        headers={"Content-Type": "application/json"},
+        timeout=timeout,
+    )
 
 
 def test_seed_shaped_request(server, classifier):
@@ -123,14 +147,15 @@ def test_batch_with_top_k_param(server, classifier):
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     expected = classifier.predict(IMAGES, top_k=2)
-    assert [p["top_k"] for p in predictions] == [
-        [pytest.approx(e, abs=1e-5) for e in x["top_k"]] for x in expected]
+    assert [p["top_k"] for p in predictions] == [[pytest.approx(e, abs=1e-5) for e in x["top_k"]] for x in expected]
     assert all(len(p["top_k"]) == 2 for p in predictions)
 
 
 def test_dataframe_records_with_bbox(server, classifier):
     bbox = (10, 5, 70, 60)
-    records = [{"image": b64(IMAGES[1]), "bbox_x1": bbox[0], "bbox_y1": bbox[1], "bbox_x2": bbox[2], "bbox_y2": bbox[3]}]
+    records = [
+        {"image": b64(IMAGES[1]), "bbox_x1": bbox[0], "bbox_y1": bbox[1], "bbox_x2": bbox[2], "bbox_y2": bbox[3]}
+    ]
     response = invoke(server, {"dataframe_records": records})
     assert response.status_code == 200, response.text
     (prediction,) = response.json()["predictions"]
@@ -158,13 +183,20 @@ def test_varied_formats_over_rest(server):
 
 
 def test_coerce_over_rest(server):
-    body = {"dataframe_split": {"columns": ["image"], "data": [[b64(IMAGES[0])], [b64(b"garbage")]]},
-            "params": {"errors": "coerce"}}
+    body = {
+        "dataframe_split": {"columns": ["image"], "data": [[b64(IMAGES[0])], [b64(b"garbage")]]},
+        "params": {"errors": "coerce"},
+    }
     response = invoke(server, body)
     assert response.status_code == 200, response.text
     good, bad = response.json()["predictions"]
     assert good["error"] is None and good["label"] in CLASS_NAMES
-    assert bad["label"] is None and bad["prob"] is None and bad["top_k"] == [] and "not a recognised image format" in bad["error"]
+    assert (
+        bad["label"] is None
+        and bad["prob"] is None
+        and bad["top_k"] == []
+        and "not a recognised image format" in bad["error"]
+    )
 
 
 def _split(*rows, columns=("image",)):
@@ -173,28 +205,51 @@ def _split(*rows, columns=("image",)):
 
 BBOX_COLUMNS = ("image", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 BAD_REQUESTS = {
-    "undecodable bytes": (_split([b64(IMAGES[0])], [b64(b"this is not an image")]), "row 1: not a recognised image format"),
+    "undecodable bytes": (
+        _split([b64(IMAGES[0])], [b64(b"this is not an image")]),
+        "row 1: not a recognised image format",
+    ),
     "invalid base64 (length)": (_split(["abcde"]), "row 0: image is text but not valid base64 (Invalid base64-encoded"),
     "invalid base64 (padding)": (_split(["abc"]), "row 0: image is text but not valid base64 (Incorrect padding)"),
-    "text that is not base64": (_split(["!" * 1000]), "row 0: image is text but not base64: character '!' at position 0"),
+    "text that is not base64": (
+        _split(["!" * 1000]),
+        "row 0: image is text but not base64: character '!' at position 0",
+    ),
     "empty image": (_split([""]), "row 0: empty image (0 bytes)"),
     "null image": (_split([None]), "row 0: image is missing (null)"),
     "truncated jpeg": (_split([b64(IMAGES[0][:300])]), "row 0: "),
-    "decompression bomb": (_split([b64(png_bomb())]), "row 0: image is 10000x8000 = 80.0 megapixels, above the limit of 50.0"),
+    "decompression bomb": (
+        _split([b64(png_bomb())]),
+        "row 0: image is 10000x8000 = 80.0 megapixels, above the limit of 50.0",
+    ),
     "missing image column": (_split([b64(IMAGES[0])], columns=("picture",)), "input has no 'image' column: send"),
     "bare list of images": ({"inputs": [b64(IMAGES[0])]}, "input has no 'image' column: send"),
-    "bbox outside image": (_split([b64(IMAGES[0]), 500, 500, 600, 700], columns=BBOX_COLUMNS),
-                           "row 0: bbox (500, 500, 600, 700) lies outside the 90x70 image"),
-    "inverted bbox": (_split([b64(IMAGES[0]), 50, 10, 20, 40], columns=BBOX_COLUMNS), "row 0: bbox (50, 10, 20, 40) is empty or inverted"),
-    "non-integer bbox": (_split([b64(IMAGES[0]), 1.5, 2, 30, 40], columns=BBOX_COLUMNS),
-                         "row 0: bbox_x1 must be an integer, got 1.5"),
-    "text bbox": (_split([b64(IMAGES[0]), "left", 2, 30, 40], columns=BBOX_COLUMNS),
-                  "row 0: bbox_x1 must be an integer, got 'left'"),
-    "incomplete bbox": (_split([b64(IMAGES[0]), 1, 2, 30, 40], [b64(IMAGES[1]), 1, None, 30, 40], columns=BBOX_COLUMNS),
-                        "row 1: bbox is incomplete: bbox_y1 missing"),
+    "bbox outside image": (
+        _split([b64(IMAGES[0]), 500, 500, 600, 700], columns=BBOX_COLUMNS),
+        "row 0: bbox (500, 500, 600, 700) lies outside the 90x70 image",
+    ),
+    "inverted bbox": (
+        _split([b64(IMAGES[0]), 50, 10, 20, 40], columns=BBOX_COLUMNS),
+        "row 0: bbox (50, 10, 20, 40) is empty or inverted",
+    ),
+    "non-integer bbox": (
+        _split([b64(IMAGES[0]), 1.5, 2, 30, 40], columns=BBOX_COLUMNS),
+        "row 0: bbox_x1 must be an integer, got 1.5",
+    ),
+    "text bbox": (
+        _split([b64(IMAGES[0]), "left", 2, 30, 40], columns=BBOX_COLUMNS),
+        "row 0: bbox_x1 must be an integer, got 'left'",
+    ),
+    "incomplete bbox": (
+        _split([b64(IMAGES[0]), 1, 2, 30, 40], [b64(IMAGES[1]), 1, None, 30, 40], columns=BBOX_COLUMNS),
+        "row 1: bbox is incomplete: bbox_y1 missing",
+    ),
     "top_k zero": ({**_split([b64(IMAGES[0])]), "params": {"top_k": 0}}, "params.top_k must be an integer >= 1, got 0"),
     "top_k text": ({**_split([b64(IMAGES[0])]), "params": {"top_k": "many"}}, "top_k"),
-    "errors mode": ({**_split([b64(IMAGES[0])]), "params": {"errors": "skip"}}, "params.errors must be one of raise, coerce"),
+    "errors mode": (
+        {**_split([b64(IMAGES[0])]), "params": {"errors": "skip"}},
+        "params.errors must be one of raise, coerce",
+    ),
 }
 
 
@@ -215,8 +270,9 @@ REQUEST_FORMATS = {
     "dataframe_records": lambda image: {"dataframe_records": [{"image": image}]},
     "inputs as columns": lambda image: {"inputs": {"image": [image]}},
     "instances": lambda image: {"instances": [{"image": image}]},
-    "MIME base64": lambda image: {"dataframe_split": {"columns": ["image"],
-                                                      "data": [[base64.encodebytes(base64.b64decode(image)).decode()]]}},
+    "MIME base64": lambda image: {
+        "dataframe_split": {"columns": ["image"], "data": [[base64.encodebytes(base64.b64decode(image)).decode()]]}
+    },
 }
 
 
@@ -236,7 +292,9 @@ def test_request_limits_are_one_line_refusals(model_dir, monkeypatch):
     model = mlflow.pyfunc.load_model(str(model_dir), model_config={"max_images_per_request": 3})
     frame = pd.DataFrame({"image": IMAGES[:3]})
     assert len(model.predict(frame)) == 3
-    with pytest.raises(carclf_flavor.InvalidInputError, match=r"^request has 4 images, above the limit of 3 per request"):
+    with pytest.raises(
+        carclf_flavor.InvalidInputError, match=r"^request has 4 images, above the limit of 3 per request"
+    ):
         model.predict(pd.DataFrame({"image": IMAGES[:4]}))
     monkeypatch.setenv("CARCLF_MAX_REQUEST_BYTES", str(len(IMAGES[0]) + len(IMAGES[1]) - 1))
     model = mlflow.pyfunc.load_model(str(model_dir))
@@ -275,8 +333,12 @@ def test_server_still_answers_after_bad_input_and_concurrent_clients_agree(serve
         for n in range(25):
             index = (worker + n) % len(bodies)
             try:
-                response = session.post(f"{server['url']}/invocations", data=json.dumps(bodies[index]),
-                                        headers={"Content-Type": "application/json"}, timeout=120)
+                response = session.post(
+                    f"{server['url']}/invocations",
+                    data=json.dumps(bodies[index]),
+                    headers={"Content-Type": "application/json"},
+                    timeout=120,
+                )
                 with lock:
                     if response.status_code != 200:
                         failures.append((worker, n, response.status_code, response.text[:200]))
@@ -306,30 +368,49 @@ def test_score_client_table_json_bbox_and_errors(server, tmp_path, classifier):
         files[-1].write_bytes(data)
     base = [sys.executable, "-m", "entry_points.score", "--url", server["url"]]
     env = _subprocess_env(PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run(base + [*map(str, files), "--top-k", "3", "--json", "--batch-size", "2"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        base + [*map(str, files), "--top-k", "3", "--json", "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     assert [r["file"] for r in results] == [str(f) for f in files]
     assert [r["label"] for r in results] == [p["label"] for p in classifier.predict(IMAGES[:3])]
     assert all(len(r["top_k"]) == 3 for r in results)
 
-    table = subprocess.run(base + [str(files[0]), "--bbox", "5,5,60.0,50"], capture_output=True, text=True,
-                           env=env, cwd=tmp_path, timeout=120)
+    table = subprocess.run(
+        base + [str(files[0]), "--bbox", "5,5,60.0,50"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert table.returncode == 0, table.stderr
     expected = classifier.predict([IMAGES[0]], bboxes=[(5, 5, 60, 50)])[0]
     assert expected["label"] in table.stdout and f"{expected['prob']:.3f}" in table.stdout
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    refused = subprocess.run(base + [str(files[0]), str(bad)], capture_output=True, text=True, env=env,
-                             cwd=tmp_path, timeout=120)
+    refused = subprocess.run(
+        base + [str(files[0]), str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: the server refused the request (HTTP 400): ")
     assert f"{bad}: not a recognised image format" in refused.stderr and "Traceback" not in refused.stderr
 
-    down = subprocess.run([sys.executable, "-m", "entry_points.score", "--url", f"http://127.0.0.1:{free_port()}",
-                           str(files[0])], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    down = subprocess.run(
+        [sys.executable, "-m", "entry_points.score", "--url", f"http://127.0.0.1:{free_port()}", str(files[0])],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert down.returncode == 2 and "error: cannot connect to" in down.stderr and "Traceback" not in down.stderr
 
 
@@ -340,9 +421,26 @@ def test_mlflow_models_predict_cli(model_dir, tmp_path, classifier):
     output = tmp_path / "predictions.json"
     mlflow_cli = pathlib.Path(sys.executable).with_name("mlflow")
     done = subprocess.run(
-        [str(mlflow_cli), "models", "predict", "-m", str(model_dir), "-i", str(request), "-o", str(output),
-         "-t", "json", "--env-manager", "local"],
-        capture_output=True, text=True, env=_subprocess_env(), cwd=tmp_path, timeout=300,
+        [
+            str(mlflow_cli),
+            "models",
+            "predict",
+            "-m",
+            str(model_dir),
+            "-i",
+            str(request),
+            "-o",
+            str(output),
+            "-t",
+            "json",
+            "--env-manager",
+            "local",
+        ],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        cwd=tmp_path,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     predictions = json.loads(output.read_text())["predictions"]
@@ -389,9 +487,21 @@ def test_model_loads_and_predicts_in_a_fresh_virtualenv(model_dir, tmp_path, cla
     python = venv / "bin" / "python"
     clean_env = {k: v for k, v in _subprocess_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r",
-         str(model_dir / "requirements.txt")],
-        capture_output=True, text=True, env=clean_env, cwd=tmp_path, timeout=900,
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            str(model_dir / "requirements.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        cwd=tmp_path,
+        timeout=900,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     (tmp_path / "car.jpg").write_bytes(IMAGES[4])
@@ -406,8 +516,9 @@ def test_model_loads_and_predicts_in_a_fresh_virtualenv(model_dir, tmp_path, cla
         "import carclf_flavor\n"
         "print(json.dumps({'label': frame.label[0], 'prob': float(frame.prob[0]), 'module': carclf_flavor.__file__}))\n"
     )
-    run = subprocess.run([str(python), str(script)], capture_output=True, text=True, env=clean_env,
-                         cwd=tmp_path, timeout=300)
+    run = subprocess.run(
+        [str(python), str(script)], capture_output=True, text=True, env=clean_env, cwd=tmp_path, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     expected = classifier.predict(IMAGES[4])[0]

@@ -26,8 +26,13 @@ def _importorskipped_modules() -> list[tuple[str, str]]:
     found = []
     for path in sorted((REPO_ROOT / "tests").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "importorskip" and node.args and isinstance(node.args[0], ast.Constant)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "importorskip"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 found.append((path.name, str(node.args[0].value)))
     return found
 
@@ -71,8 +76,9 @@ def test_offline_azure_tests_skip_outside_ci_when_unshare_is_missing(no_unshare,
 
 def _make_dry_run(target: str) -> str:
     # -o: treat the venv as up to date, so the dry run prints only the target's own commands.
-    run = subprocess.run(["make", "-n", "-o", ".venv/.installed", target], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", target], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout
 
@@ -87,8 +93,9 @@ def test_make_lint_runs_the_pinned_ruff_as_pre_commit_does():
     commands = _make_dry_run("lint")
     assert "ruff check ." in commands and "ruff format --check ." in commands
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    pinned = [Requirement(r) for r in project["project"]["optional-dependencies"]["test"]
-              if Requirement(r).name == "ruff"]
+    pinned = [
+        Requirement(r) for r in project["project"]["optional-dependencies"]["test"] if Requirement(r).name == "ruff"
+    ]
     assert len(pinned) == 1 and str(pinned[0].specifier).startswith("==")
     version = str(pinned[0].specifier)[2:]
     assert f"rev: v{version}" in (REPO_ROOT / ".pre-commit-config.yaml").read_text()

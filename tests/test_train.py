@@ -1,4 +1,5 @@
 """`train`: two-phase freezing, per-epoch tracking, artifacts, registration, resume after a kill, bad inputs."""
+
 import json
 import os
 import subprocess
@@ -8,17 +9,24 @@ import h5py
 import numpy as np
 import pytest
 
-from carclf_flavor.images import PreprocessSettings
-from entry_points import train as train_module
 from carclf.data.hdf5_dataset import DatasetError, write_hdf5_split
-from entry_points.train import TrainConfig, TrainConfigError, build_model, file_sha256, train
-
+from carclf_flavor.images import PreprocessSettings
 from conftest import REPO_ROOT
+from entry_points import train as train_module
+from entry_points.train import TrainConfig, TrainConfigError, build_model, file_sha256, train
 
 SIZE = 32
 CLASSES = ["red car", "green car", "blue car", "white car"]
-TINY = dict(depth=18, width=0.125, weights="none", batch_size=16, optimizer="adam", learning_rate=0.003,
-            online_augment=False, label_smoothing=0.0)
+TINY = dict(
+    depth=18,
+    width=0.125,
+    weights="none",
+    batch_size=16,
+    optimizer="adam",
+    learning_rate=0.003,
+    online_augment=False,
+    label_smoothing=0.0,
+)
 
 
 def _colour_set(path, per_class, seed, size=SIZE, classes=CLASSES):
@@ -56,8 +64,16 @@ def _client():
 
 def test_two_phase_training_tracks_everything_and_registers(splits, tmp_path):
     checkpoints = tmp_path / "ckpt"
-    result = train(train_data=splits["train"], val_data=splits["val"], test_data=splits["test"], epochs=2, head_epochs=1,
-                   checkpoint_dir=str(checkpoints), registered_model_name="carclf-test", **TINY)
+    result = train(
+        train_data=splits["train"],
+        val_data=splits["val"],
+        test_data=splits["test"],
+        epochs=2,
+        head_epochs=1,
+        checkpoint_dir=str(checkpoints),
+        registered_model_name="carclf-test",
+        **TINY,
+    )
     client = _client()
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
@@ -102,8 +118,12 @@ def test_two_phase_training_tracks_everything_and_registers(splits, tmp_path):
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"evaluation/confusion_matrix.png", "evaluation/per_class_accuracy.csv",
-            "evaluation/misclassified_gallery.png", "plots/training_curves.png"} <= artifacts
+    assert {
+        "evaluation/confusion_matrix.png",
+        "evaluation/per_class_accuracy.csv",
+        "evaluation/misclassified_gallery.png",
+        "plots/training_curves.png",
+    } <= artifacts
     local = client.download_artifacts(run.info.run_id, "evaluation/per_class_accuracy.csv", str(tmp_path / "dl"))
     import pandas as pd
 
@@ -123,18 +143,50 @@ def test_two_phase_training_tracks_everything_and_registers(splits, tmp_path):
 
 
 def _cli_args(splits, checkpoints, epochs):
-    return ["--train-data", splits["train"], "--val-data", splits["val"], "--depth", "18", "--width", "0.125",
-            "--weights", "none", "--epochs", str(epochs), "--head-epochs", "1.0", "--batch-size", "16",
-            "--optimizer", "adam", "--learning-rate", "0.003", "--online-augment", "false",
-            "--label-smoothing", "0", "--checkpoint-dir", str(checkpoints), "--registered-model-name", ""]
+    return [
+        "--train-data",
+        splits["train"],
+        "--val-data",
+        splits["val"],
+        "--depth",
+        "18",
+        "--width",
+        "0.125",
+        "--weights",
+        "none",
+        "--epochs",
+        str(epochs),
+        "--head-epochs",
+        "1.0",
+        "--batch-size",
+        "16",
+        "--optimizer",
+        "adam",
+        "--learning-rate",
+        "0.003",
+        "--online-augment",
+        "false",
+        "--label-smoothing",
+        "0",
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--registered-model-name",
+        "",
+    ]
 
 
 @pytest.mark.slow
 def test_resume_after_kill_continues_same_run(splits, tmp_path):
     checkpoints = tmp_path / "ckpt"
     env = dict(os.environ, CARCLF_TEST_KILL_AFTER_EPOCH="2", PYTHONPATH=str(REPO_ROOT))
-    killed = subprocess.run([sys.executable, "-m", "entry_points.train", *_cli_args(splits, checkpoints, 3)],
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-m", "entry_points.train", *_cli_args(splits, checkpoints, 3)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == 137, killed.stderr[-2000:]
     state = json.loads((checkpoints / "latest.json").read_text())
     assert state["completed_epochs"] == 2 and state["phase"] == "full" and not state["finished"]
@@ -151,7 +203,8 @@ def test_resume_after_kill_continues_same_run(splits, tmp_path):
     assert run.data.tags["carclf.resumed_from_epoch"] == "2"
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert any(a.path == "model" for a in client.list_artifacts(run_id)) or client.search_logged_models(
-        experiment_ids=[run.info.experiment_id])
+        experiment_ids=[run.info.experiment_id]
+    )
 
 
 def test_failure_ends_run_failed_and_interrupt_killed(splits, tmp_path, monkeypatch):
@@ -162,7 +215,14 @@ def test_failure_ends_run_failed_and_interrupt_killed(splits, tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "build_model", broken)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(train_data=splits["train"], val_data=splits["val"], epochs=1, head_epochs=0, checkpoint_dir=str(tmp_path / "a"), **TINY)
+        train(
+            train_data=splits["train"],
+            val_data=splits["val"],
+            epochs=1,
+            head_epochs=0,
+            checkpoint_dir=str(tmp_path / "a"),
+            **TINY,
+        )
     failed = client.search_runs([client.get_experiment_by_name("Default").experiment_id])[0]
     assert failed.info.status == "FAILED"
     assert "simulated crash" in failed.data.tags["carclf.error"]
@@ -175,7 +235,14 @@ def test_failure_ends_run_failed_and_interrupt_killed(splits, tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "build_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(train_data=splits["train"], val_data=splits["val"], epochs=1, head_epochs=0, checkpoint_dir=str(tmp_path / "b"), **TINY)
+        train(
+            train_data=splits["train"],
+            val_data=splits["val"],
+            epochs=1,
+            head_epochs=0,
+            checkpoint_dir=str(tmp_path / "b"),
+            **TINY,
+        )
     runs = client.search_runs([failed.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "KILLED"
 
@@ -186,14 +253,17 @@ def _without_dataset(path, name):
     return path
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_dataset", "missing dataset(s) labels"),
-    ("class_lists_differ", "class list differs"),
-    ("image_sizes_differ", "image size 40 differs"),
-    ("weights_missing", "weights: /nonexistent/resnet.weights.h5 does not exist"),
-    ("imagenet_depth18", "weights=imagenet exists only for depth"),
-    ("head_epochs", "head_epochs must be between 0 and epochs"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_dataset", "missing dataset(s) labels"),
+        ("class_lists_differ", "class list differs"),
+        ("image_sizes_differ", "image size 40 differs"),
+        ("weights_missing", "weights: /nonexistent/resnet.weights.h5 does not exist"),
+        ("imagenet_depth18", "weights=imagenet exists only for depth"),
+        ("head_epochs", "head_epochs must be between 0 and epochs"),
+    ],
+)
 def test_bad_inputs_fail_with_one_line_before_training(splits, tmp_path, capsys, case, message):
     args = dict(train_data=splits["train"], val_data=splits["val"], test_data=splits["test"])
     overrides = {}
@@ -217,9 +287,24 @@ def test_bad_inputs_fail_with_one_line_before_training(splits, tmp_path, capsys,
     assert _client().search_runs(["0"]) == []  # no run is created for unusable input
 
     # The CLI says the same in one line on stderr, exit code 2.
-    argv = ["--train-data", args["train_data"], "--val-data", args["val_data"], "--test-data", args["test_data"],
-            "--depth", "18", "--width", str(options["width"]), "--weights", options["weights"],
-            "--epochs", "2", "--head-epochs", str(options["head_epochs"])]
+    argv = [
+        "--train-data",
+        args["train_data"],
+        "--val-data",
+        args["val_data"],
+        "--test-data",
+        args["test_data"],
+        "--depth",
+        "18",
+        "--width",
+        str(options["width"]),
+        "--weights",
+        options["weights"],
+        "--epochs",
+        "2",
+        "--head-epochs",
+        str(options["head_epochs"]),
+    ]
     assert train_module.main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -233,16 +318,30 @@ def test_learnability_on_sample_data_cut_down(tmp_path):
     Cut-down of the `make run` configuration (64 px, 20 epochs, width 0.25 -> ~97% test top-1): 48 px,
     smaller photos, 12 epochs, 6 test photos per class.
     """
-    from entry_points.preprocess import preprocess
     from carclf.data.sample_data import generate_sample_dataset
+    from entry_points.preprocess import preprocess
 
-    root = generate_sample_dataset(tmp_path / "sample", num_classes=10, train_per_class=24, test_per_class=6,
-                                   min_width=160, max_width=240)
+    root = generate_sample_dataset(
+        tmp_path / "sample", num_classes=10, train_per_class=24, test_per_class=6, min_width=160, max_width=240
+    )
     # workers=1: a few dozen photos are decoded faster in-process than by a worker pool.
     splits = preprocess(data_dir=root, output_dir=tmp_path / "processed", image_size=48, crop="bbox", workers=1)
-    result = train(train_data=splits["train"], val_data=splits["val"], test_data=splits["test"], depth=18, width=0.25, weights="none",
-                   epochs=12, head_epochs=0, batch_size=16, learning_rate=0.003, optimizer="adam",
-                   online_augment=True, label_smoothing=0.1, checkpoint_dir=str(tmp_path / "ckpt"),
-                   registered_model_name="")
+    result = train(
+        train_data=splits["train"],
+        val_data=splits["val"],
+        test_data=splits["test"],
+        depth=18,
+        width=0.25,
+        weights="none",
+        epochs=12,
+        head_epochs=0,
+        batch_size=16,
+        learning_rate=0.003,
+        optimizer="adam",
+        online_augment=True,
+        label_smoothing=0.1,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        registered_model_name="",
+    )
     assert result["metrics"]["test_num_images"] == 60
     assert result["metrics"]["test_top1"] >= 0.3, result["metrics"]  # chance: 0.1

@@ -1,5 +1,6 @@
 """`tune`: trials as Spark tasks and MLflow child runs, a failing trial, resume, registration, bad spaces;
 and `train`'s from-scratch defaults."""
+
 import os
 import subprocess
 import sys
@@ -10,12 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
-from carclf_flavor.images import PreprocessSettings
-from entry_points import tune as tune_module
 from carclf.data.hdf5_dataset import write_hdf5_split
 from carclf.tuning.search_space import Choice, Fixed, Range, SearchSpaceError, check_space, load_space, sample
-
+from carclf_flavor.images import PreprocessSettings
 from conftest import REPO_ROOT
+from entry_points import tune as tune_module
 
 SIZE = 32
 CLASSES = ["red car", "green car", "blue car", "white car"]
@@ -54,27 +54,56 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     experiment_id = MlflowClient(uri).create_experiment("tune", artifact_location=str(root / "artifacts"))
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, MLFLOW_EXPERIMENT_ID=experiment_id,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=uri,
+        MLFLOW_REGISTRY_URI=uri,
+        MLFLOW_EXPERIMENT_ID=experiment_id,
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("MLFLOW_RUN_ID", None)
     (root / "space.yaml").write_text(SPACE_YAML)
-    data = {"train": _colour_set(root / "train.h5", 12, 0), "val": _colour_set(root / "val.h5", 4, 1),
-            "test": _colour_set(root / "test.h5", 4, 2)}
+    data = {
+        "train": _colour_set(root / "train.h5", 12, 0),
+        "val": _colour_set(root / "val.h5", 4, 1),
+        "test": _colour_set(root / "test.h5", 4, 2),
+    }
     return {"root": root, "uri": uri, "experiment_id": experiment_id, "env": env, "data": data}
 
 
 def _mlflow_run_tune(project, extra_env=None, **overrides):
     data = project["data"]
-    params = {"train_data": data["train"], "val_data": data["val"], "test_data": data["test"], "trials": "4",
-              "parallel": "2", "space": str(project["root"] / "space.yaml"), "spark_master": "local[2]",
-              "study_name": STUDY, **overrides}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "run", str(REPO_ROOT), "-e", "tune",
-           "--env-manager", "local"]
+    params = {
+        "train_data": data["train"],
+        "val_data": data["val"],
+        "test_data": data["test"],
+        "trials": "4",
+        "parallel": "2",
+        "space": str(project["root"] / "space.yaml"),
+        "spark_master": "local[2]",
+        "study_name": STUDY,
+        **overrides,
+    }
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "mlflow"),
+        "run",
+        str(REPO_ROOT),
+        "-e",
+        "tune",
+        "--env-manager",
+        "local",
+    ]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    result = subprocess.run(cmd, cwd=project["root"], env=dict(project["env"], **(extra_env or {})),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        cmd,
+        cwd=project["root"],
+        env=dict(project["env"], **(extra_env or {})),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -89,14 +118,18 @@ def _client(project):
 
 
 def _tune_runs(project):
-    runs = _client(project).search_runs([project["experiment_id"]], max_results=1000,
-                                        order_by=["attributes.start_time ASC"])
+    runs = _client(project).search_runs(
+        [project["experiment_id"]], max_results=1000, order_by=["attributes.start_time ASC"]
+    )
     return [r for r in runs if r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT) == "tune"]
 
 
 def _children(project, parent_id):
-    return [r for r in _client(project).search_runs([project["experiment_id"]], max_results=1000)
-            if r.data.tags.get(mlflow_tags.MLFLOW_PARENT_RUN_ID) == parent_id]
+    return [
+        r
+        for r in _client(project).search_runs([project["experiment_id"]], max_results=1000)
+        if r.data.tags.get(mlflow_tags.MLFLOW_PARENT_RUN_ID) == parent_id
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +182,13 @@ def test_trials_are_child_runs_and_the_best_is_registered(project, first_run):
     assert carclf_flavor.load_model("models:/carclf@champion").class_names == CLASSES
 
     plots = {a.path for a in client.list_artifacts(study.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importances.png",
-            "plots/parallel_coordinate.png"} <= plots
+    assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/parallel_coordinate.png"} <= plots
 
     # Progress: one line per finished trial with its number, value, params and the best so far.
-    lines = [l for l in first_run["result"].stdout.splitlines() if l.startswith("[tune] trial ")]
-    assert len(lines) == 4 and all("best so far" in l or "no complete trial yet" in l for l in lines[:1])
-    assert sorted(int(l.split()[2]) for l in lines) == [0, 1, 2, 3]
-    assert any("learning_rate:" in l and "val top-1" in l for l in lines)
+    lines = [line for line in first_run["result"].stdout.splitlines() if line.startswith("[tune] trial ")]
+    assert len(lines) == 4 and all("best so far" in line or "no complete trial yet" in line for line in lines[:1])
+    assert sorted(int(line.split()[2]) for line in lines) == [0, 1, 2, 3]
+    assert any("learning_rate:" in line and "val top-1" in line for line in lines)
     assert "best so far" in lines[-1]
 
 
@@ -184,22 +216,26 @@ def test_rerun_with_same_study_name_resumes_without_repeating(project, first_run
     assert champion.run_id == best.info.run_id
 
 
-@pytest.mark.parametrize("text, message", [
-    ("depth: [18, 34\nwidth: 0.5\n", "invalid YAML at line"),
-    ("learning_rat: {low: 0.001, high: 0.01}\n", "learning_rat: not a train parameter"),
-    ("learning_rate: {low: 0.01, high: 0.001}\n", "learning_rate: low (0.01) must be below high (0.001)"),
-    ("learning_rate: {low: 0, high: 0.01, log: true}\n", "learning_rate: a log range needs low > 0"),
-    ("epochs: {low: 2.5, high: 5}\n", "epochs: epochs is an integer: low and high must be integers"),
-    ("optimizer: [adam, rmsprop]\n", "optimizer: value 'rmsprop' is refused by train"),
-    ("epochs: [2, 3]\nhead_epochs: {low: 0, high: 3}\n", "head_epochs: value 3 is refused by train"),
-    ("- depth\n", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("depth: [18, 34\nwidth: 0.5\n", "invalid YAML at line"),
+        ("learning_rat: {low: 0.001, high: 0.01}\n", "learning_rat: not a train parameter"),
+        ("learning_rate: {low: 0.01, high: 0.001}\n", "learning_rate: low (0.01) must be below high (0.001)"),
+        ("learning_rate: {low: 0, high: 0.01, log: true}\n", "learning_rate: a log range needs low > 0"),
+        ("epochs: {low: 2.5, high: 5}\n", "epochs: epochs is an integer: low and high must be integers"),
+        ("optimizer: [adam, rmsprop]\n", "optimizer: value 'rmsprop' is refused by train"),
+        ("epochs: [2, 3]\nhead_epochs: {low: 0, high: 3}\n", "head_epochs: value 3 is refused by train"),
+        ("- depth\n", "expected a mapping"),
+    ],
+)
 def test_bad_space_is_one_line_before_any_trial(tmp_path, capsys, text, message):
     train_h5, val_h5 = _colour_set(tmp_path / "train.h5", 2, 0), _colour_set(tmp_path / "val.h5", 1, 1)
     space = tmp_path / "space.yaml"
     space.write_text(text)
-    rc = tune_module.main(["--train-data", train_h5, "--val-data", val_h5, "--space", str(space),
-                           "--spark-master", "local[1]"])
+    rc = tune_module.main(
+        ["--train-data", train_h5, "--val-data", val_h5, "--space", str(space), "--spark-master", "local[1]"]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -212,8 +248,10 @@ def test_space_forms_and_sampling(tmp_path):
     import optuna
 
     space_file = tmp_path / "space.yaml"
-    space_file.write_text("weights: none\nbatch_size: [16, 32]\nepochs: {low: 2, high: 4}\n"
-                          "learning_rate: {low: 1e-4, high: 1e-2, log: true}\ndropout: {low: 0, high: 0.5}\n")
+    space_file.write_text(
+        "weights: none\nbatch_size: [16, 32]\nepochs: {low: 2, high: 4}\n"
+        "learning_rate: {low: 1e-4, high: 1e-2, log: true}\ndropout: {low: 0, high: 0.5}\n"
+    )
     space = load_space(space_file)
     assert space["weights"] == Fixed("none") and space["batch_size"] == Choice((16, 32))
     assert space["epochs"] == Range(2, 4) and space["epochs"].integer
@@ -245,17 +283,31 @@ def _write(path, text):
 @pytest.mark.slow
 def test_from_scratch_defaults_learn_clearly_better_than_sgd(tmp_path):
     """weights=none with train's own defaults vs the old fine-tuning defaults (SGD 0.001), same epochs."""
-    from entry_points.preprocess import preprocess
     from carclf.data.sample_data import generate_sample_dataset
+    from entry_points.preprocess import preprocess
     from entry_points.train import train
 
-    root = generate_sample_dataset(tmp_path / "sample", num_classes=10, train_per_class=24, test_per_class=6,
-                                   min_width=160, max_width=240)
+    root = generate_sample_dataset(
+        tmp_path / "sample", num_classes=10, train_per_class=24, test_per_class=6, min_width=160, max_width=240
+    )
     splits = preprocess(root, tmp_path / "processed", image_size=48, crop="bbox", workers=1)
     common = dict(depth=18, width=0.25, weights="none", epochs=12, batch_size=16, registered_model_name="")
-    defaults = train(train_data=splits["train"], val_data=splits["val"], test_data=splits["test"], checkpoint_dir=str(tmp_path / "a"), **common)
-    sgd = train(train_data=splits["train"], val_data=splits["val"], test_data=splits["test"], optimizer="sgd", learning_rate=0.001,
-                checkpoint_dir=str(tmp_path / "b"), **common)
+    defaults = train(
+        train_data=splits["train"],
+        val_data=splits["val"],
+        test_data=splits["test"],
+        checkpoint_dir=str(tmp_path / "a"),
+        **common,
+    )
+    sgd = train(
+        train_data=splits["train"],
+        val_data=splits["val"],
+        test_data=splits["test"],
+        optimizer="sgd",
+        learning_rate=0.001,
+        checkpoint_dir=str(tmp_path / "b"),
+        **common,
+    )
     params = MlflowClient().get_run(defaults["run_id"]).data.params
     assert params["optimizer_used"] == "adam" and float(params["learning_rate_used"]) == 0.003
     assert params["optimizer"] == "adam"

@@ -1,4 +1,5 @@
 """Argument parsers shared by the step CLIs (MLflow passes every parameter as a string)."""
+
 import argparse
 
 _TRUE = {"1", "true", "yes", "y", "on"}

@@ -14,6 +14,7 @@
 
 No pyspark import happens at module import: steps that fail validation never start a JVM.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from typing import Mapping, Optional
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ MASTER_SCHEMES = ("local", "yarn", "spark://", "k8s://", "sc://")
 # 'Exception in thread "main" '.
 _JAVA_EXCEPTION_LINE = re.compile(
     r'^(?:Exception in thread "[^"]*" )?(?:Caused by: )?'
-    r"((?:[a-z_$][\w$]*\.)+[A-Z][\w$]*(?:Exception|Error))(?:: (.*))?$")
+    r"((?:[a-z_$][\w$]*\.)+[A-Z][\w$]*(?:Exception|Error))(?:: (.*))?$"
+)
 
 
 class SparkSetupError(RuntimeError):
@@ -101,7 +103,7 @@ def is_local_master(master: str) -> bool:
     return master == "local" or master.startswith("local[")
 
 
-def find_java(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+def find_java(env: Mapping[str, str] | None = None) -> str | None:
     """The java binary Spark's launcher would use: $JAVA_HOME/bin/java, else java on PATH."""
     env = os.environ if env is None else env
     java_home = env.get("JAVA_HOME")
@@ -111,7 +113,7 @@ def find_java(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     return shutil.which("java", path=env.get("PATH", ""))
 
 
-def java_major_version(java: str) -> Optional[int]:
+def java_major_version(java: str) -> int | None:
     """Major version from ``java -version`` ("17.0.15" -> 17, "1.8.0_392" -> 8); None if unparsable."""
     try:
         result = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
@@ -124,7 +126,7 @@ def java_major_version(java: str) -> Optional[int]:
     return int(match.group(2) or 0) if major == 1 else major
 
 
-def check_java(env: Optional[Mapping[str, str]] = None) -> str:
+def check_java(env: Mapping[str, str] | None = None) -> str:
     """Path of a usable java, or SparkSetupError naming the problem and how to fix it."""
     env = os.environ if env is None else env
     java = find_java(env)
@@ -143,7 +145,7 @@ def master_endpoints(master: str) -> list[tuple[str, int]]:
     """(host, port) pairs a remote master URL points at; empty for local/yarn (nothing to probe)."""
     if master.startswith("spark://"):
         # Standalone HA masters: spark://host1:7077,host2:7077
-        hosts = master[len("spark://"):].split(",")
+        hosts = master[len("spark://") :].split(",")
         out = []
         for item in hosts:
             host, _, port = item.strip().rpartition(":")
@@ -152,7 +154,7 @@ def master_endpoints(master: str) -> list[tuple[str, int]]:
             out.append((host, int(port)))
         return out
     if master.startswith("k8s://"):
-        url = urlsplit(master[len("k8s://"):] if "://" in master[len("k8s://"):] else "https://" + master[6:])
+        url = urlsplit(master[len("k8s://") :] if "://" in master[len("k8s://") :] else "https://" + master[6:])
         return [(url.hostname or "", url.port or (443 if url.scheme == "https" else 80))]
     if master.startswith("sc://"):
         url = urlsplit(master.replace("sc://", "http://", 1))
@@ -211,8 +213,12 @@ def local_conf(master: str) -> dict:
     }
 
 
-def get_spark(master: str = "local[*]", app_name: str = "carclf", conf: Optional[Mapping[str, str]] = None,
-              executor_wait_s: float = EXECUTOR_WAIT_S):
+def get_spark(
+    master: str = "local[*]",
+    app_name: str = "carclf",
+    conf: Mapping[str, str] | None = None,
+    executor_wait_s: float = EXECUTOR_WAIT_S,
+):
     """The active SparkSession, or a new one on ``master``; errors are SparkSetupError with one clear line."""
     master = (master or "local[*]").strip()
     check_master_reachable(master)
@@ -280,8 +286,10 @@ def _wait_for_executors(spark, master: str, wait_s: float) -> None:
             return  # cannot tell (e.g. a managed runtime): let the job run
         if time.monotonic() > deadline:
             spark.stop()
-            raise SparkSetupError(f"no Spark executor registered with {master} within {wait_s:g} s; "
-                                  "check that workers are running and have free cores")
+            raise SparkSetupError(
+                f"no Spark executor registered with {master} within {wait_s:g} s; "
+                "check that workers are running and have free cores"
+            )
         time.sleep(1.0)
 
 

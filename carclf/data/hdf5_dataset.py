@@ -9,6 +9,7 @@ Schema (every split file, whoever writes it: preprocess, augment):
 - ``source_index`` int64 (N,) optional: row of the source file an augmented image came from (-1: original)
 - attributes: ``image_size``, ``crop``, ``crop_margin``, ``resize_mode``, ``carclf_version``, ``split``
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,7 @@ import os
 import pathlib
 import re
 import shutil
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
@@ -45,7 +46,7 @@ _LEFTOVER = re.compile(r"^\..+\.(?:partial|shards)-(\d+)(?:-[0-9a-f]+)?$")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _process_started_at(pid: int) -> Optional[float]:
+def _process_started_at(pid: int) -> float | None:
     """Start time (epoch seconds) of a live process, None when there is none with that pid."""
     try:
         os.kill(pid, 0)
@@ -63,7 +64,7 @@ def _process_started_at(pid: int) -> Optional[float]:
         return 0.0  # alive, start unknown: treat as the writer
 
 
-def remove_stale_partials(folder: os.PathLike | str, logger: Optional[logging.Logger] = None) -> list[pathlib.Path]:
+def remove_stale_partials(folder: os.PathLike | str, logger: logging.Logger | None = None) -> list[pathlib.Path]:
     """Remove the partial files (and augment shard folders) in ``folder`` whose writer process is gone.
 
     A run killed with SIGKILL cannot clean up after itself; the next run into the same folder does. A file
@@ -91,8 +92,7 @@ def remove_stale_partials(folder: os.PathLike | str, logger: Optional[logging.Lo
         started = _process_started_at(pid)
         if started is not None and started <= stat.st_mtime + 1.0:
             continue  # its writer is still running
-        size = stat.st_size if not entry.is_dir() else sum(
-            f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        size = stat.st_size if not entry.is_dir() else sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
         try:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -104,8 +104,12 @@ def remove_stale_partials(folder: os.PathLike | str, logger: Optional[logging.Lo
         freed += size
     if removed:
         (logger or logging.getLogger(__name__)).warning(
-            "removed %d partial file(s) left in %s by runs that were killed (%.1f MB): %s", len(removed), folder,
-            freed / 2**20, ", ".join(sorted(p.name for p in removed)))
+            "removed %d partial file(s) left in %s by runs that were killed (%.1f MB): %s",
+            len(removed),
+            folder,
+            freed / 2**20,
+            ", ".join(sorted(p.name for p in removed)),
+        )
     return removed
 
 
@@ -129,7 +133,7 @@ class HDF5SplitWriter:
         split: str = "",
         with_source_index: bool = False,
         expected_rows: int = 0,
-        attrs: Optional[dict] = None,
+        attrs: dict | None = None,
         preallocate_images: bool = False,
     ):
         self.path = pathlib.Path(path)
@@ -140,7 +144,7 @@ class HDF5SplitWriter:
         f = self._file
         initial = max(0, int(expected_rows))
         self.row_bytes = size * size * 3
-        self.images_offset: Optional[int] = None
+        self.images_offset: int | None = None
         if preallocate_images and initial:
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -151,12 +155,17 @@ class HDF5SplitWriter:
             f.flush()
         else:
             self.images = f.create_dataset(
-                "images", shape=(initial, size, size, 3), maxshape=(None, size, size, 3), dtype=np.uint8,
+                "images",
+                shape=(initial, size, size, 3),
+                maxshape=(None, size, size, 3),
+                dtype=np.uint8,
                 chunks=(1, size, size, 3),
             )
         self.labels = f.create_dataset("labels", shape=(initial,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
         self.filenames = f.create_dataset("filenames", shape=(initial,), maxshape=(None,), dtype=_STR, chunks=(4096,))
-        self.bboxes = f.create_dataset("bboxes", shape=(initial, 4), maxshape=(None, 4), dtype=np.int32, chunks=(4096, 4))
+        self.bboxes = f.create_dataset(
+            "bboxes", shape=(initial, 4), maxshape=(None, 4), dtype=np.int32, chunks=(4096, 4)
+        )
         self.source_index = (
             f.create_dataset("source_index", shape=(initial,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
             if with_source_index
@@ -199,7 +208,9 @@ class HDF5SplitWriter:
         self.filenames[start:stop] = np.array([str(f) for f in filenames], dtype=object)
         self.bboxes[start:stop] = np.asarray(bboxes, dtype=np.int32).reshape(n, 4)
         if self.source_index is not None:
-            values = np.full(n, -1, dtype=np.int64) if source_index is None else np.asarray(source_index, dtype=np.int64)
+            values = (
+                np.full(n, -1, dtype=np.int64) if source_index is None else np.asarray(source_index, dtype=np.int64)
+            )
             self.source_index[start:stop] = values
         self.count = stop
 
@@ -252,8 +263,9 @@ def write_hdf5_split(
     filenames = filenames if filenames is not None else [f"image_{i:06d}" for i in range(n)]
     size = int(settings.image_size)
     bboxes = bboxes if bboxes is not None else np.tile([0, 0, size, size], (n, 1))
-    with HDF5SplitWriter(path, class_names, settings, split=split, with_source_index=source_index is not None,
-                         expected_rows=n) as writer:
+    with HDF5SplitWriter(
+        path, class_names, settings, split=split, with_source_index=source_index is not None, expected_rows=n
+    ) as writer:
         writer.append(images, labels, filenames, bboxes, source_index)
     return pathlib.Path(path)
 
@@ -314,8 +326,12 @@ def read_dataset_info(path: os.PathLike | str) -> DatasetInfo:
                 f"{path}: attribute image_size={settings.image_size} disagrees with images of {images.shape[1]} px"
             )
         return DatasetInfo(
-            path=path, num_images=n, image_size=int(images.shape[1]), class_names=class_names,
-            settings=settings, has_source_index="source_index" in f,
+            path=path,
+            num_images=n,
+            image_size=int(images.shape[1]),
+            class_names=class_names,
+            settings=settings,
+            has_source_index="source_index" in f,
         )
 
 
@@ -336,7 +352,7 @@ def check_compatible(infos: Sequence[DatasetInfo]) -> None:
             )
 
 
-def read_split(path: os.PathLike | str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def read_split(path: os.PathLike | str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of a (small) split in memory; for tests and evaluation of small sets only."""
     with h5py.File(path, "r") as f:
         stop = f["images"].shape[0] if limit is None else min(limit, f["images"].shape[0])

@@ -16,13 +16,14 @@ Public API:
 - ``epoch_order(num_rows_per_file, epoch, seed, block_size, window_blocks)``: the row order of one epoch.
 - ``make_dataset(source, batch_size, shuffle=True, seed=0, start_epoch=0, epochs=1, augment=False, ...)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
 import pathlib
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -47,7 +48,7 @@ class HDF5Source:
     infos: list[DatasetInfo]
 
     @classmethod
-    def open(cls, paths) -> "HDF5Source":
+    def open(cls, paths) -> HDF5Source:
         infos = [read_dataset_info(p) for p in split_paths(paths)]
         if not infos:
             raise ValueError("no HDF5 file given")
@@ -125,8 +126,14 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), 0x6361_7263])  # "carc": a fixed salt
 
 
-def epoch_windows(rows_per_file: Sequence[int], epoch: int, seed: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                  window_blocks: int = DEFAULT_WINDOW_BLOCKS, shuffle: bool = True):
+def epoch_windows(
+    rows_per_file: Sequence[int],
+    epoch: int,
+    seed: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    window_blocks: int = DEFAULT_WINDOW_BLOCKS,
+    shuffle: bool = True,
+):
     """Yield (blocks of the window, permutation of the window's rows) for one epoch, in reading order."""
     blocks = _blocks(rows_per_file, block_size)
     rng = _epoch_rng(seed, epoch)
@@ -134,14 +141,20 @@ def epoch_windows(rows_per_file: Sequence[int], epoch: int, seed: int, block_siz
         blocks = blocks[rng.permutation(len(blocks))]
     window_blocks = max(1, int(window_blocks))
     for start in range(0, len(blocks), window_blocks):
-        window = blocks[start:start + window_blocks]
+        window = blocks[start : start + window_blocks]
         rows = int(np.sum(window[:, 2] - window[:, 1]))
         permutation = rng.permutation(rows) if shuffle else np.arange(rows)
         yield window, permutation
 
 
-def epoch_order(rows_per_file: Sequence[int], epoch: int, seed: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                window_blocks: int = DEFAULT_WINDOW_BLOCKS, shuffle: bool = True) -> np.ndarray:
+def epoch_order(
+    rows_per_file: Sequence[int],
+    epoch: int,
+    seed: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    window_blocks: int = DEFAULT_WINDOW_BLOCKS,
+    shuffle: bool = True,
+) -> np.ndarray:
     """The global row indices of one epoch in the order ``make_dataset`` yields them."""
     offsets = np.cumsum([0] + list(rows_per_file))
     out = []
@@ -154,8 +167,16 @@ def epoch_order(rows_per_file: Sequence[int], epoch: int, seed: int, block_size:
 class _BatchReader:
     """The Python generator behind the dataset: reads windows with contiguous h5py reads, yields batches."""
 
-    def __init__(self, source: HDF5Source, batch_size: int, shuffle: bool, seed: int, block_size: int,
-                 window_blocks: int, with_indices: bool):
+    def __init__(
+        self,
+        source: HDF5Source,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        block_size: int,
+        window_blocks: int,
+        with_indices: bool,
+    ):
         self.source = source
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -171,8 +192,9 @@ class _BatchReader:
         try:
             pending_images, pending_labels, pending_index = [], [], []
             pending = 0
-            for window, permutation in epoch_windows(self.source.rows_per_file, epoch, self.seed,
-                                                     self.block_size, self.window_blocks, self.shuffle):
+            for window, permutation in epoch_windows(
+                self.source.rows_per_file, epoch, self.seed, self.block_size, self.window_blocks, self.shuffle
+            ):
                 images = np.concatenate([files[f]["images"][a:b] for f, a, b in window])
                 labels = np.concatenate([files[f]["labels"][a:b] for f, a, b in window]).astype(np.int32)
                 index = np.concatenate([np.arange(offsets[f] + a, offsets[f] + b) for f, a, b in window])
@@ -189,13 +211,17 @@ class _BatchReader:
                 index = np.concatenate(pending_index)
                 full = (len(labels) // self.batch_size) * self.batch_size
                 for start in range(0, full, self.batch_size):
-                    yield self._batch(images[start:start + self.batch_size], labels[start:start + self.batch_size],
-                                      index[start:start + self.batch_size])
+                    yield self._batch(
+                        images[start : start + self.batch_size],
+                        labels[start : start + self.batch_size],
+                        index[start : start + self.batch_size],
+                    )
                 pending_images, pending_labels, pending_index = [images[full:]], [labels[full:]], [index[full:]]
                 pending = len(labels) - full
             if pending:
-                yield self._batch(np.concatenate(pending_images), np.concatenate(pending_labels),
-                                  np.concatenate(pending_index))
+                yield self._batch(
+                    np.concatenate(pending_images), np.concatenate(pending_labels), np.concatenate(pending_index)
+                )
         finally:
             for f in files:
                 f.close()
@@ -213,7 +239,7 @@ def make_dataset(
     shuffle: bool = True,
     seed: int = 0,
     start_epoch: int = 0,
-    epochs: Optional[int] = 1,
+    epochs: int | None = 1,
     augment: bool = False,
     augment_strength: float = 1.0,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -256,7 +282,10 @@ def make_dataset(
 
         def augment_batch(batch_number, batch):
             images, *rest = batch
-            return (augment_images(images, step_seed(seed, batch_number + start_epoch * 2**20, replica=0), ranges), *rest)
+            return (
+                augment_images(images, step_seed(seed, batch_number + start_epoch * 2**20, replica=0), ranges),
+                *rest,
+            )
 
         dataset = dataset.enumerate().map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()

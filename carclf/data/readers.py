@@ -23,13 +23,14 @@ Problems with the layout itself (missing annotation file, no class folders, an e
 of range) raise ``DataLayoutError`` with one line naming the file and the problem. Problems with single
 photos (corrupt, unreadable, missing) are left to ``preprocess``, which skips and counts them.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
 import pathlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -39,7 +40,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", 
 STANFORD_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
 
-BBox = Tuple[int, int, int, int]
+BBox = tuple[int, int, int, int]
 
 
 class DataLayoutError(ValueError):
@@ -49,19 +50,19 @@ class DataLayoutError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
     path: pathlib.Path
-    label: int                      # 0-based index into SourceDataset.class_names
-    bbox: Optional[BBox] = None     # 0-based (x1, y1, x2, y2), exclusive end, source pixels; None = whole photo
+    label: int  # 0-based index into SourceDataset.class_names
+    bbox: BBox | None = None  # 0-based (x1, y1, x2, y2), exclusive end, source pixels; None = whole photo
 
 
 @dataclasses.dataclass
 class SourceDataset:
     root: pathlib.Path
-    layout: str                                 # "stanford" | "folders-split" | "folders"
-    class_names: List[str]
-    splits: Dict[str, List[ImageRecord]]        # "train", "test" and, if the layout has one, "val"
-    ignored_files: List[pathlib.Path] = dataclasses.field(default_factory=list)  # not image files
+    layout: str  # "stanford" | "folders-split" | "folders"
+    class_names: list[str]
+    splits: dict[str, list[ImageRecord]]  # "train", "test" and, if the layout has one, "val"
+    ignored_files: list[pathlib.Path] = dataclasses.field(default_factory=list)  # not image files
 
-    def records(self) -> Iterator[Tuple[str, ImageRecord]]:
+    def records(self) -> Iterator[tuple[str, ImageRecord]]:
         for split, records in self.splits.items():
             for record in records:
                 yield split, record
@@ -126,7 +127,7 @@ def _cell_number(value, path: pathlib.Path, row: int, field: str) -> int:
     return int(array[0])
 
 
-def read_stanford_class_names(meta_path: os.PathLike | str) -> List[str]:
+def read_stanford_class_names(meta_path: os.PathLike | str) -> list[str]:
     """Class names from ``cars_meta.mat`` (1 x C cell), in class-id order."""
     meta_path = pathlib.Path(meta_path)
     cell = _loadmat(meta_path, "class_names")
@@ -141,7 +142,7 @@ def read_stanford_class_names(meta_path: os.PathLike | str) -> List[str]:
 
 def read_stanford_annotations(
     annos_path: os.PathLike | str, image_dir: os.PathLike | str, num_classes: int
-) -> List[ImageRecord]:
+) -> list[ImageRecord]:
     annos_path, image_dir = pathlib.Path(annos_path), pathlib.Path(image_dir)
     structs = np.asarray(_loadmat(annos_path, "annotations")).reshape(-1)
     names = structs.dtype.names or ()
@@ -149,8 +150,10 @@ def read_stanford_annotations(
     if missing:
         hint = ""
         if "class" in missing and len(missing) == 1:
-            hint = ("; the test labels were released separately as cars_test_annos_withlabels.mat: "
-                    "put that file in the dataset root")
+            hint = (
+                "; the test labels were released separately as cars_test_annos_withlabels.mat: "
+                "put that file in the dataset root"
+            )
         raise DataLayoutError(f"{annos_path}: annotations lack field(s) {', '.join(missing)}{hint}")
     records = []
     for row, item in enumerate(structs):
@@ -181,8 +184,9 @@ def read_stanford(root: os.PathLike | str) -> SourceDataset:
     root = pathlib.Path(root)
     devkit = root / "devkit"
     names = read_stanford_class_names(devkit / "cars_meta.mat")
-    train = read_stanford_annotations(devkit / "cars_train_annos.mat", _stanford_image_dir(root, "cars_train"),
-                                      len(names))
+    train = read_stanford_annotations(
+        devkit / "cars_train_annos.mat", _stanford_image_dir(root, "cars_train"), len(names)
+    )
     test_annos = root / "cars_test_annos_withlabels.mat"
     if not test_annos.exists() and (devkit / test_annos.name).exists():
         test_annos = devkit / test_annos.name
@@ -200,11 +204,11 @@ def read_stanford(root: os.PathLike | str) -> SourceDataset:
 # ----------------------------------------------------------------------------------------------------------
 # Folder per class
 # ----------------------------------------------------------------------------------------------------------
-def _visible_dirs(folder: pathlib.Path) -> List[pathlib.Path]:
+def _visible_dirs(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _class_files(folder: pathlib.Path, ignored: List[pathlib.Path]) -> List[pathlib.Path]:
+def _class_files(folder: pathlib.Path, ignored: list[pathlib.Path]) -> list[pathlib.Path]:
     files = []
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
@@ -216,22 +220,28 @@ def _class_files(folder: pathlib.Path, ignored: List[pathlib.Path]) -> List[path
     return files
 
 
-def _read_class_folders(split_dir: pathlib.Path, ignored: List[pathlib.Path]) -> Dict[str, List[pathlib.Path]]:
+def _read_class_folders(split_dir: pathlib.Path, ignored: list[pathlib.Path]) -> dict[str, list[pathlib.Path]]:
     classes = {d.name: _class_files(d, ignored) for d in _visible_dirs(split_dir)}
     loose = [p for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
-        log.warning("%s: %d image(s) directly in the folder ignored (photos belong in a folder per class), e.g. %s",
-                    split_dir, len(loose), sorted(loose)[0].name)
+        log.warning(
+            "%s: %d image(s) directly in the folder ignored (photos belong in a folder per class), e.g. %s",
+            split_dir,
+            len(loose),
+            sorted(loose)[0].name,
+        )
     return classes
 
 
 def read_folders(root: os.PathLike | str, test_fraction: float = 0.2, seed: int = 0) -> SourceDataset:
     root = pathlib.Path(root)
     layout = detect_layout(root)
-    ignored: List[pathlib.Path] = []
+    ignored: list[pathlib.Path] = []
     if layout == "folders-split":
-        per_split = {"train": _read_class_folders(root / "train", ignored),
-                     "test": _read_class_folders(root / "test", ignored)}
+        per_split = {
+            "train": _read_class_folders(root / "train", ignored),
+            "test": _read_class_folders(root / "test", ignored),
+        }
         for name in VAL_SPLIT_NAMES:
             if (root / name).is_dir():
                 per_split["val"] = _read_class_folders(root / name, ignored)
@@ -268,8 +278,7 @@ def read_folders(root: os.PathLike | str, test_fraction: float = 0.2, seed: int 
         train, test = stratified_split(records, test_fraction, seed)
         splits = {"train": train, "test": test}
     if ignored:
-        log.warning("%s: ignored %d file(s) that are not images by extension, e.g. %s",
-                    root, len(ignored), ignored[0])
+        log.warning("%s: ignored %d file(s) that are not images by extension, e.g. %s", root, len(ignored), ignored[0])
     dataset = SourceDataset(root=root, layout=layout, class_names=names, splits=splits, ignored_files=ignored)
     _check_classes_present(dataset)
     return dataset
@@ -280,7 +289,7 @@ def read_folders(root: os.PathLike | str, test_fraction: float = 0.2, seed: int 
 # ----------------------------------------------------------------------------------------------------------
 def stratified_split(
     records: Sequence[ImageRecord], fraction: float, seed: int
-) -> Tuple[List[ImageRecord], List[ImageRecord]]:
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Split off ``fraction`` of every class (seeded); returns (kept, taken), each in the input order.
 
     Each class with at least two images gives at least one to ``taken`` (when ``fraction`` > 0) and keeps
@@ -289,7 +298,7 @@ def stratified_split(
     if not 0.0 <= float(fraction) < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     rng = np.random.default_rng(int(seed))
-    by_class: Dict[int, List[int]] = {}
+    by_class: dict[int, list[int]] = {}
     for i, record in enumerate(records):
         by_class.setdefault(record.label, []).append(i)
     taken_rows = set()

@@ -9,9 +9,10 @@ the step, so the collectives stay in step).
 
 ``worker_batches`` reads only the worker's own rows: per step one sorted, fancy-indexed h5py read per file.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -24,17 +25,24 @@ def shard_bounds(batch_rows: int, num_workers: int) -> np.ndarray:
     return np.array([(batch_rows * w) // num_workers for w in range(num_workers + 1)], dtype=np.int64)
 
 
-def worker_steps(rows_per_file: Sequence[int], epoch: int, seed: int, global_batch: int, worker: int,
-                 num_workers: int, shuffle: bool = True) -> list[tuple[np.ndarray, int]]:
+def worker_steps(
+    rows_per_file: Sequence[int],
+    epoch: int,
+    seed: int,
+    global_batch: int,
+    worker: int,
+    num_workers: int,
+    shuffle: bool = True,
+) -> list[tuple[np.ndarray, int]]:
     """For one epoch: per step, (global row indices this worker reads, rows in the whole global batch)."""
     if not 0 <= worker < num_workers:
         raise ValueError(f"worker {worker} out of range for {num_workers} workers")
     order = epoch_order(rows_per_file, epoch, seed, DEFAULT_BLOCK_SIZE, DEFAULT_WINDOW_BLOCKS, shuffle)
     steps = []
     for start in range(0, len(order), global_batch):
-        batch = order[start:start + global_batch]
+        batch = order[start : start + global_batch]
         bounds = shard_bounds(len(batch), num_workers)
-        steps.append((batch[bounds[worker]:bounds[worker + 1]], len(batch)))
+        steps.append((batch[bounds[worker] : bounds[worker + 1]], len(batch)))
     return steps
 
 
@@ -56,13 +64,15 @@ def read_global_rows(source: HDF5Source, files: list, rows: np.ndarray) -> tuple
     return images, labels
 
 
-def worker_batches(source: HDF5Source, epoch: int, seed: int, global_batch: int, worker: int, num_workers: int,
-                   shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+def worker_batches(
+    source: HDF5Source, epoch: int, seed: int, global_batch: int, worker: int, num_workers: int, shuffle: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
     """Yield (images, labels, global row indices, rows in the global batch) for this worker, one per step."""
     files = [h5py.File(path, "r") for path in source.paths]
     try:
-        for rows, global_rows in worker_steps(source.rows_per_file, epoch, seed, global_batch, worker,
-                                              num_workers, shuffle):
+        for rows, global_rows in worker_steps(
+            source.rows_per_file, epoch, seed, global_batch, worker, num_workers, shuffle
+        ):
             images, labels = read_global_rows(source, files, rows)
             yield images, labels, rows, global_rows
     finally:

@@ -24,6 +24,7 @@ place atomically; ``preprocess`` uses it when ``data_dir`` is empty.
 
 CLI: ``python -m carclf.data.sample_data --output DIR [--num-classes 10 --train-per-class 24 ...]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -67,7 +68,7 @@ class SampleDataConfig:
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(SampleDataConfig) if f.name != "output"}
 _COMPLETE_MARKER = ".complete"
 
-Point = Tuple[float, float]
+Point = tuple[float, float]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,31 +77,39 @@ Point = Tuple[float, float]
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class VehicleParts:
-    body: List[List[Point]]                 # filled with the body colour, outlined
-    windows: List[List[Point]]              # filled with the window colour
-    wheels: List[Tuple[float, float]]       # (u of centre, radius as a fraction of the box HEIGHT)
-    dark: List[List[Point]] = dataclasses.field(default_factory=list)    # openings (pickup bed), grilles
-    lines: List[Tuple[Point, Point, float]] = dataclasses.field(default_factory=list)  # (a, b, thickness in v)
+    body: list[list[Point]]  # filled with the body colour, outlined
+    windows: list[list[Point]]  # filled with the window colour
+    wheels: list[tuple[float, float]]  # (u of centre, radius as a fraction of the box HEIGHT)
+    dark: list[list[Point]] = dataclasses.field(default_factory=list)  # openings (pickup bed), grilles
+    lines: list[tuple[Point, Point, float]] = dataclasses.field(default_factory=list)  # (a, b, thickness in v)
 
 
-def _arc(cx: float, cy: float, rx: float, ry: float, start_deg: float, end_deg: float, n: int = 12) -> List[Point]:
+def _arc(cx: float, cy: float, rx: float, ry: float, start_deg: float, end_deg: float, n: int = 12) -> list[Point]:
     angles = np.linspace(math.radians(start_deg), math.radians(end_deg), n)
     return [(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles]
 
 
-def _rect(u1: float, v1: float, u2: float, v2: float) -> List[Point]:
+def _rect(u1: float, v1: float, u2: float, v2: float) -> list[Point]:
     return [(u1, v1), (u2, v1), (u2, v2), (u1, v2)]
 
 
-def _window_row(u1: float, u2: float, v1: float, v2: float, count: int, gap: float) -> List[List[Point]]:
+def _window_row(u1: float, u2: float, v1: float, v2: float, count: int, gap: float) -> list[list[Point]]:
     width = (u2 - u1 - gap * (count - 1)) / count
     return [_rect(u1 + i * (width + gap), v1, u1 + i * (width + gap) + width, v2) for i in range(count)]
 
 
-def _lower_body(v_top: float, v_bottom: float, nose: float = 0.04, tail: float = 0.03) -> List[Point]:
+def _lower_body(v_top: float, v_bottom: float, nose: float = 0.04, tail: float = 0.03) -> list[Point]:
     """Lower body with rounded front and rear ends."""
-    return [(tail, v_top), (1 - nose * 2, v_top), (1.0, v_top + (v_bottom - v_top) * 0.35),
-            (1.0, v_bottom - 0.04), (0.97, v_bottom), (0.03, v_bottom), (0.0, v_bottom - 0.05), (0.0, v_top + 0.05)]
+    return [
+        (tail, v_top),
+        (1 - nose * 2, v_top),
+        (1.0, v_top + (v_bottom - v_top) * 0.35),
+        (1.0, v_bottom - 0.04),
+        (0.97, v_bottom),
+        (0.03, v_bottom),
+        (0.0, v_bottom - 0.05),
+        (0.0, v_top + 0.05),
+    ]
 
 
 def _sedan(j) -> VehicleParts:
@@ -109,8 +118,10 @@ def _sedan(j) -> VehicleParts:
     cabin = [(0.20, base), (0.32, top), (0.64, top), (0.78, base)]
     return VehicleParts(
         body=[_lower_body(base - 0.01, 0.86), cabin],
-        windows=[[(0.25, base - 0.03), (0.34, top + 0.07), (0.47, top + 0.07), (0.47, base - 0.03)],
-                 [(0.50, base - 0.03), (0.50, top + 0.07), (0.62, top + 0.07), (0.72, base - 0.03)]],
+        windows=[
+            [(0.25, base - 0.03), (0.34, top + 0.07), (0.47, top + 0.07), (0.47, base - 0.03)],
+            [(0.50, base - 0.03), (0.50, top + 0.07), (0.62, top + 0.07), (0.72, base - 0.03)],
+        ],
         wheels=[(0.20, 0.17), (0.80, 0.17)],
     )
 
@@ -121,8 +132,10 @@ def _hatchback(j) -> VehicleParts:
     cabin = [(0.0, base), (0.03, top), (0.55, top), (0.74, base)]
     return VehicleParts(
         body=[_lower_body(base - 0.01, 0.86, tail=0.0), cabin],
-        windows=[[(0.06, base - 0.04), (0.08, top + 0.07), (0.28, top + 0.07), (0.28, base - 0.04)],
-                 [(0.31, base - 0.04), (0.31, top + 0.07), (0.53, top + 0.07), (0.67, base - 0.04)]],
+        windows=[
+            [(0.06, base - 0.04), (0.08, top + 0.07), (0.28, top + 0.07), (0.28, base - 0.04)],
+            [(0.31, base - 0.04), (0.31, top + 0.07), (0.53, top + 0.07), (0.67, base - 0.04)],
+        ],
         wheels=[(0.18, 0.18), (0.80, 0.18)],
     )
 
@@ -136,8 +149,11 @@ def _suv(j) -> VehicleParts:
         windows=_window_row(0.05, 0.52, top + 0.07, base - 0.05, 2, 0.03)
         + [[(0.55, base - 0.05), (0.55, top + 0.07), (0.70, top + 0.07), (0.79, base - 0.05)]],
         wheels=[(0.19, 0.21), (0.80, 0.21)],
-        lines=[((0.06, top - 0.04), (0.66, top - 0.04), 0.035), ((0.10, top - 0.04), (0.10, top), 0.03),
-               ((0.60, top - 0.04), (0.60, top), 0.03)],
+        lines=[
+            ((0.06, top - 0.04), (0.66, top - 0.04), 0.035),
+            ((0.10, top - 0.04), (0.10, top), 0.03),
+            ((0.60, top - 0.04), (0.60, top), 0.03),
+        ],
     )
 
 
@@ -161,8 +177,8 @@ def _van(j) -> VehicleParts:
     body = [(0.0, top), (0.78, top), (0.95, 0.42), (1.0, 0.50), (1.0, 0.84), (0.0, 0.84)]
     return VehicleParts(
         body=[body],
-        windows=_window_row(0.05, 0.70, top + 0.08, 0.36, 3, 0.04) + [[(0.74, top + 0.08), (0.80, top + 0.08),
-                                                                     (0.91, 0.38), (0.74, 0.38)]],
+        windows=_window_row(0.05, 0.70, top + 0.08, 0.36, 3, 0.04)
+        + [[(0.74, top + 0.08), (0.80, top + 0.08), (0.91, 0.38), (0.74, 0.38)]],
         wheels=[(0.15, 0.14), (0.83, 0.14)],
         lines=[((0.50, 0.42), (0.50, 0.80), 0.02)],
     )
@@ -208,8 +224,11 @@ def _convertible(j) -> VehicleParts:
     # No roof: low body, a raked windscreen frame and two head-rests behind it.
     base = 0.42 + j(0.03)
     return VehicleParts(
-        body=[_lower_body(base, 0.86), _arc(0.33, base + 0.01, 0.05, 0.12, 180, 360, 8),
-              _arc(0.48, base + 0.01, 0.05, 0.12, 180, 360, 8)],
+        body=[
+            _lower_body(base, 0.86),
+            _arc(0.33, base + 0.01, 0.05, 0.12, 180, 360, 8),
+            _arc(0.48, base + 0.01, 0.05, 0.12, 180, 360, 8),
+        ],
         windows=[],
         dark=[_rect(0.22, base, 0.58, base + 0.06)],
         wheels=[(0.20, 0.18), (0.80, 0.18)],
@@ -232,11 +251,11 @@ def _box_truck(j) -> VehicleParts:
 @dataclasses.dataclass(frozen=True)
 class VehicleClass:
     name: str
-    aspect: float            # box height / width (before jitter)
+    aspect: float  # box height / width (before jitter)
     parts: Callable
 
 
-TEMPLATES: Tuple[VehicleClass, ...] = (
+TEMPLATES: tuple[VehicleClass, ...] = (
     VehicleClass("Sample Sedan", 0.36, _sedan),
     VehicleClass("Sample Hatchback", 0.46, _hatchback),
     VehicleClass("Sample SUV", 0.52, _suv),
@@ -254,10 +273,10 @@ MAX_CLASSES = 2 * len(TEMPLATES)
 # Background clutter: number of shapes per photo, and the share of those centred inside the box kept.
 CLUTTER_MIN, CLUTTER_MAX = 25, 60
 CLUTTER_IN_BOX_KEEP = 0.3
-OUTLINE_WIDTH = 0.02   # of the box height
+OUTLINE_WIDTH = 0.02  # of the box height
 
 
-def class_names(num_classes: int) -> List[str]:
+def class_names(num_classes: int) -> list[str]:
     _check_num_classes(num_classes)
     names = [t.name for t in TEMPLATES]
     names += [f"{t.name} with Roof Box" for t in TEMPLATES]
@@ -272,7 +291,7 @@ def _check_num_classes(num_classes: int) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------------------------
-def _random_colour(rng: np.random.Generator) -> Tuple[int, int, int]:
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, size=3))
 
 
@@ -285,7 +304,7 @@ def _contrasting_colour(rng: np.random.Generator, other: Sequence[int], min_dist
     return tuple(255 - int(c) for c in other)
 
 
-def _draw_background(rng: np.random.Generator, height: int, width: int, box: Tuple[int, int, int, int]) -> np.ndarray:
+def _draw_background(rng: np.random.Generator, height: int, width: int, box: tuple[int, int, int, int]) -> np.ndarray:
     # A random two-colour gradient ...
     c1, c2 = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
     ramp = np.linspace(0.0, 1.0, height if rng.random() < 0.5 else width, dtype=np.float32)
@@ -309,20 +328,34 @@ def _draw_background(rng: np.random.Generator, height: int, width: int, box: Tup
             cv2.rectangle(image, (x, y), (x + w, y + h), colour, -1 if rng.random() < 0.7 else 2)
         elif kind == 1:
             axes = tuple(int(v) for v in rng.integers(scale // 40, scale // 6, size=2))
-            cv2.ellipse(image, (x, y), axes, float(rng.uniform(0, 180)), 0, 360, colour,
-                        -1 if rng.random() < 0.6 else 2, cv2.LINE_AA)
+            cv2.ellipse(
+                image,
+                (x, y),
+                axes,
+                float(rng.uniform(0, 180)),
+                0,
+                360,
+                colour,
+                -1 if rng.random() < 0.6 else 2,
+                cv2.LINE_AA,
+            )
         elif kind == 2:
             x2, y2 = int(rng.integers(0, width)), int(rng.integers(0, height))
             cv2.line(image, (x, y), (x2, y2), colour, int(rng.integers(1, max(2, scale // 60))), cv2.LINE_AA)
         else:
             n = int(rng.integers(3, 6))
-            pts = np.stack([rng.integers(x - scale // 6, x + scale // 6, size=n),
-                            rng.integers(y - scale // 6, y + scale // 6, size=n)], axis=1).astype(np.int32)
+            pts = np.stack(
+                [
+                    rng.integers(x - scale // 6, x + scale // 6, size=n),
+                    rng.integers(y - scale // 6, y + scale // 6, size=n),
+                ],
+                axis=1,
+            ).astype(np.int32)
             cv2.fillPoly(image, [pts], colour, cv2.LINE_AA)
     return image
 
 
-def _to_pixels(points: Sequence[Point], box: Tuple[int, int, int, int], flip: bool) -> np.ndarray:
+def _to_pixels(points: Sequence[Point], box: tuple[int, int, int, int], flip: bool) -> np.ndarray:
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
     out = []
@@ -333,11 +366,11 @@ def _to_pixels(points: Sequence[Point], box: Tuple[int, int, int, int], flip: bo
     return np.round(np.array(out) * 16).astype(np.int32)
 
 
-def _jittered(points: Sequence[Point], rng: np.random.Generator, amount: float) -> List[Point]:
+def _jittered(points: Sequence[Point], rng: np.random.Generator, amount: float) -> list[Point]:
     return [(u + rng.uniform(-amount, amount), v + rng.uniform(-amount, amount)) for u, v in points]
 
 
-def draw_vehicle(image: np.ndarray, class_id: int, box: Tuple[int, int, int, int], rng: np.random.Generator) -> None:
+def draw_vehicle(image: np.ndarray, class_id: int, box: tuple[int, int, int, int], rng: np.random.Generator) -> None:
     """Draw the vehicle of ``class_id`` (0-based) filling ``box`` = (x1, y1, x2, y2), exclusive end."""
     template = TEMPLATES[class_id % len(TEMPLATES)]
     roof_box = class_id >= len(TEMPLATES)
@@ -372,8 +405,15 @@ def draw_vehicle(image: np.ndarray, class_id: int, box: Tuple[int, int, int, int
         poly(points, window_colour, jitter_amount=0.004)
     for (ua, va), (ub, vb), width in parts.lines:
         a, b = _to_pixels([(ua, va), (ub, vb)], box, flip)
-        cv2.line(image, tuple(int(c) for c in a), tuple(int(c) for c in b), outline,
-                 max(1, int(round(width * h))), cv2.LINE_AA, shift)
+        cv2.line(
+            image,
+            tuple(int(c) for c in a),
+            tuple(int(c) for c in b),
+            outline,
+            max(1, int(round(width * h))),
+            cv2.LINE_AA,
+            shift,
+        )
     tyre = tuple(int(c) for c in rng.integers(0, 60, size=3))
     hub = _contrasting_colour(rng, tyre, 100)
     for u, radius in parts.wheels:
@@ -470,8 +510,9 @@ def generate_sample_dataset(
     """Write a Stanford-Cars-layout sample dataset under ``root`` (created if needed); returns ``root``."""
     _check_num_classes(num_classes)
     if int(train_per_class) < 1 or int(test_per_class) < 0:
-        raise ValueError(f"train_per_class must be >= 1 and test_per_class >= 0, got "
-                         f"{train_per_class} and {test_per_class}")
+        raise ValueError(
+            f"train_per_class must be >= 1 and test_per_class >= 0, got {train_per_class} and {test_per_class}"
+        )
     if not 64 <= int(min_width) <= int(max_width):
         raise ValueError(f"need 64 <= min_width <= max_width, got min_width={min_width}, max_width={max_width}")
     root = pathlib.Path(root)
@@ -482,18 +523,19 @@ def generate_sample_dataset(
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         tqdm = None
-    for split_id, (split, per_class, annos) in enumerate((
-        ("cars_train", train_per_class, root / "devkit" / "cars_train_annos.mat"),
-        ("cars_test", test_per_class, root / "cars_test_annos_withlabels.mat"),
-    )):
+    for split_id, (split, per_class, annos) in enumerate(
+        (
+            ("cars_train", train_per_class, root / "devkit" / "cars_train_annos.mat"),
+            ("cars_test", test_per_class, root / "cars_test_annos_withlabels.mat"),
+        )
+    ):
         folder = root / split
         folder.mkdir(exist_ok=True)
         labels = _split_labels(np.random.default_rng([seed, split_id, 1_000_003]), num_classes, per_class)
         rows = []
         indices = range(len(labels))
         if tqdm is not None:
-            indices = tqdm(indices, desc=f"sample {split}", unit="img", leave=False, mininterval=1.0,
-                           disable=None)
+            indices = tqdm(indices, desc=f"sample {split}", unit="img", leave=False, mininterval=1.0, disable=None)
         for i in indices:
             rng = np.random.default_rng([seed, split_id, i])
             label = int(labels[i])
@@ -501,8 +543,9 @@ def generate_sample_dataset(
             fname = f"{i + 1:05d}.jpg"
             (folder / fname).write_bytes(_encode_jpeg(image, int(rng.integers(80, 96))))
             # Devkit convention: 1-based inclusive coordinates.
-            rows.append({"bbox_x1": x1 + 1, "bbox_y1": y1 + 1, "bbox_x2": x2, "bbox_y2": y2,
-                         "class": label + 1, "fname": fname})
+            rows.append(
+                {"bbox_x1": x1 + 1, "bbox_y1": y1 + 1, "bbox_x2": x2, "bbox_y2": y2, "class": label + 1, "fname": fname}
+            )
         write_annotations(annos, rows)
     return root
 
@@ -517,12 +560,19 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(base) / "carclf"
 
 
-def default_sample_dir(num_classes: int = DEFAULTS["num_classes"], train_per_class: int = DEFAULTS["train_per_class"],
-                       test_per_class: int = DEFAULTS["test_per_class"], seed: int = DEFAULTS["seed"],
-                       min_width: int = DEFAULTS["min_width"], max_width: int = DEFAULTS["max_width"]) -> pathlib.Path:
+def default_sample_dir(
+    num_classes: int = DEFAULTS["num_classes"],
+    train_per_class: int = DEFAULTS["train_per_class"],
+    test_per_class: int = DEFAULTS["test_per_class"],
+    seed: int = DEFAULTS["seed"],
+    min_width: int = DEFAULTS["min_width"],
+    max_width: int = DEFAULTS["max_width"],
+) -> pathlib.Path:
     """Where the cached sample dataset with these parameters lives (it may not exist yet)."""
-    name = (f"sample-v{SAMPLE_VERSION}-c{int(num_classes)}-train{int(train_per_class)}-test{int(test_per_class)}"
-            f"-seed{int(seed)}-w{int(min_width)}-{int(max_width)}")
+    name = (
+        f"sample-v{SAMPLE_VERSION}-c{int(num_classes)}-train{int(train_per_class)}-test{int(test_per_class)}"
+        f"-seed{int(seed)}-w{int(min_width)}-{int(max_width)}"
+    )
     return cache_root() / name
 
 
@@ -564,8 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(config: SampleDataConfig) -> pathlib.Path:
-    return generate_sample_dataset(config.output, config.num_classes, config.train_per_class, config.test_per_class,
-                                   config.seed, config.min_width, config.max_width)
+    return generate_sample_dataset(
+        config.output,
+        config.num_classes,
+        config.train_per_class,
+        config.test_per_class,
+        config.seed,
+        config.min_width,
+        config.max_width,
+    )
 
 
 def _print_root(root: pathlib.Path, config: SampleDataConfig) -> None:
@@ -573,9 +630,16 @@ def _print_root(root: pathlib.Path, config: SampleDataConfig) -> None:
     print(f"wrote {total} photos of {config.num_classes} classes to {root}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_step(_generate, SampleDataConfig, _PROG, _DESCRIPTION, argv, expected_errors=(ValueError, OSError),
-                    print_result=_print_root)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_step(
+        _generate,
+        SampleDataConfig,
+        _PROG,
+        _DESCRIPTION,
+        argv,
+        expected_errors=(ValueError, OSError),
+        print_result=_print_root,
+    )
 
 
 if __name__ == "__main__":

@@ -150,8 +150,8 @@ class PhotoAnalyser:
         """The Grad-CAM over the region of the photo that the network saw (crop + margin), as a JPEG data URL."""
         import cv2
 
-        from carclf_flavor.images import crop_region, choose_reduction, decode_image, image_size_of
         from carclf.reporting.gradcam import heatmap_to_region, overlay_heatmap
+        from carclf_flavor.images import choose_reduction, crop_region, decode_image, image_size_of
 
         settings = self.classifier.settings
         width, height = image_size_of(data)

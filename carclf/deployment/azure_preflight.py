@@ -7,6 +7,7 @@ only authenticates at its first REST call, so a missing login would otherwise su
 hang waiting for a device code). `find_credential` therefore decides up front, from environment variables
 and files alone, which credential the deployment will use.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -86,10 +87,30 @@ def parse_target(uri: str) -> AzureTarget:
             f"{_HOW_TO_GET_URI}"
         )
     parts = [p for p in parsed.path.split("/") if p]
-    expected = ["mlflow", "v1.0", "subscriptions", None, "resourceGroups", None, "providers",
-                "Microsoft.MachineLearningServices", "workspaces", None]
-    labels = ["mlflow", "v1.0", "subscriptions", "<subscription-id>", "resourceGroups", "<resource-group>",
-              "providers", "Microsoft.MachineLearningServices", "workspaces", "<workspace>"]
+    expected = [
+        "mlflow",
+        "v1.0",
+        "subscriptions",
+        None,
+        "resourceGroups",
+        None,
+        "providers",
+        "Microsoft.MachineLearningServices",
+        "workspaces",
+        None,
+    ]
+    labels = [
+        "mlflow",
+        "v1.0",
+        "subscriptions",
+        "<subscription-id>",
+        "resourceGroups",
+        "<resource-group>",
+        "providers",
+        "Microsoft.MachineLearningServices",
+        "workspaces",
+        "<workspace>",
+    ]
     for index, want in enumerate(expected):
         if index >= len(parts):
             raise PreflightError(
@@ -103,7 +124,7 @@ def parse_target(uri: str) -> AzureTarget:
     if len(parts) > len(expected):
         raise PreflightError(
             f"target {uri!r} has extra path segments after the workspace name "
-            f"({'/'.join(parts[len(expected):])}): {_HOW_TO_GET_URI}"
+            f"({'/'.join(parts[len(expected) :])}): {_HOW_TO_GET_URI}"
         )
     subscription, group, workspace = parts[3], parts[5], parts[9]
     if not _GUID.match(subscription):
@@ -114,8 +135,15 @@ def parse_target(uri: str) -> AzureTarget:
         raise PreflightError(f"target {uri!r}: workspace name {workspace!r} is not valid: {_HOW_TO_GET_URI}")
     cloud, arm_host, login_host = CLOUDS[suffix]
     return AzureTarget(
-        uri=uri, host=host, region=host.split(".")[0], subscription_id=subscription.lower(),
-        resource_group=group, workspace=workspace, cloud=cloud, arm_host=arm_host, login_host=login_host,
+        uri=uri,
+        host=host,
+        region=host.split(".")[0],
+        subscription_id=subscription.lower(),
+        resource_group=group,
+        workspace=workspace,
+        cloud=cloud,
+        arm_host=arm_host,
+        login_host=login_host,
     )
 
 
@@ -181,7 +209,11 @@ def find_credential(auth: str = "auto", target: AzureTarget | None = None, env=N
             where = f"identity endpoint {env.get('IDENTITY_ENDPOINT') or env.get('MSI_ENDPOINT')}"
         else:
             where = "the instance metadata service (Azure VM / compute instance)"
-        who = f"user-assigned identity {env['AZURE_CLIENT_ID']}" if env.get("AZURE_CLIENT_ID") else "system-assigned identity"
+        who = (
+            f"user-assigned identity {env['AZURE_CLIENT_ID']}"
+            if env.get("AZURE_CLIENT_ID")
+            else "system-assigned identity"
+        )
         return CredentialSource("managed_identity", f"managed identity: {who} via {where}", "ManagedIdentityCredential")
     if auth == "service_principal":
         source, missing = _service_principal(env)
@@ -206,7 +238,8 @@ def find_credential(auth: str = "auto", target: AzureTarget | None = None, env=N
         return cli_source
     partial = [v for v in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET") if env.get(v, "").strip()]
     sp_hint = (
-        f"service principal incomplete (missing {', '.join(missing)})" if partial
+        f"service principal incomplete (missing {', '.join(missing)})"
+        if partial
         else "no service principal (AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_TENANT_ID unset)"
     )
     raise PreflightError(

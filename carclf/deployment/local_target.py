@@ -15,6 +15,7 @@ its recorded start time, so a recycled pid is not mistaken for ours) and `/ping`
 MLflow's plugin contract: this module holds exactly one BaseDeploymentClient subclass, plus top-level
 `run_local` and `target_help`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -141,7 +142,7 @@ def parse_config(config: dict | None) -> dict:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _process_start_time(pid: int) -> str | None:
@@ -153,7 +154,7 @@ def _process_start_time(pid: int) -> str | None:
     except OSError:
         return None
     # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):
         return None
     return fields[19]
@@ -190,7 +191,7 @@ def _group_members(pgid: int) -> list[int]:
             stat = pathlib.Path(entry.path, "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
@@ -339,8 +340,23 @@ def _versions() -> dict:
 
 def _serve_command(model_uri: str, host: str, port: int, workers: int, timeout: int) -> list[str]:
     return [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-        "-h", host, "-p", str(port), "-w", str(workers), "-t", str(timeout),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-w",
+        str(workers),
+        "-t",
+        str(timeout),
     ]
 
 
@@ -441,8 +457,9 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             return _StateStore(self._uri_home.expanduser().resolve())
         return _StateStore(_default_home().expanduser().resolve())
 
-    def _start_server(self, store: _StateStore, name: str, model_uri: str, settings: dict,
-                      avoid_port: int | None = None) -> dict:
+    def _start_server(
+        self, store: _StateStore, name: str, model_uri: str, settings: dict, avoid_port: int | None = None
+    ) -> dict:
         """Start a detached server and wait for /ping. On failure: process group killed, MlflowException."""
         host = settings.get("host", DEFAULTS["host"])
         port = settings.get("port")
@@ -471,8 +488,13 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             # Own session: the server survives the CLI that started it, and its whole tree (mlflow CLI,
             # uvicorn, workers) shares one process group that stop_process_group can signal at once.
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=_server_env(), start_new_session=True, close_fds=True,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_server_env(),
+                start_new_session=True,
+                close_fds=True,
             )
         start_time = _process_start_time(process.pid)
         url = _url(host, port)
@@ -498,8 +520,15 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                 f"lines:\n{_log_tail(log_path)}"
             )
         return {
-            "host": host, "port": port, "url": url, "pid": process.pid, "pid_start_time": start_time,
-            "log_path": str(log_path), "workers": workers, "timeout": timeout, "startup_timeout": startup_timeout,
+            "host": host,
+            "port": port,
+            "url": url,
+            "pid": process.pid,
+            "pid_start_time": start_time,
+            "log_path": str(log_path),
+            "workers": workers,
+            "timeout": timeout,
+            "startup_timeout": startup_timeout,
             "command": command,
         }
 
@@ -509,8 +538,11 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             status, detail = "unhealthy", f"server process {record.get('pid')} is not running"
         else:
             problem = _ping(record["url"], timeout=2.0)
-            status, detail = ("healthy", "process running, /ping OK") if problem is None else (
-                "unhealthy", f"process {record['pid']} running but {problem}")
+            status, detail = (
+                ("healthy", "process running, /ping OK")
+                if problem is None
+                else ("unhealthy", f"process {record['pid']} running but {problem}")
+            )
         described = {k: v for k, v in record.items() if k not in ("command", "pid_start_time")}
         described.update(status=status, healthy=status == "healthy", health_detail=detail, flavor=FLAVOR)
         return described
@@ -533,8 +565,15 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                 )
             server = self._start_server(store, name, model_uri, settings)
             record = {
-                "name": name, "flavor": FLAVOR, "model_uri": model_uri, **_model_version_info(model_uri),
-                **server, **_versions(), "created_at": _now(), "updated_at": _now(), "home": str(store.home),
+                "name": name,
+                "flavor": FLAVOR,
+                "model_uri": model_uri,
+                **_model_version_info(model_uri),
+                **server,
+                **_versions(),
+                "created_at": _now(),
+                "updated_at": _now(),
+                "home": str(store.home),
             }
             try:
                 store.write(record)
@@ -564,10 +603,17 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             # serving until then, and keeps serving if the new one fails.
             server = self._start_server(store, name, new_uri, merged, avoid_port=old["port"] if old_alive else None)
             record = {
-                **{k: v for k, v in old.items() if k not in ("model_name", "model_version", "model_alias",
-                                                              "model_stage")},
-                "model_uri": new_uri, **_model_version_info(new_uri), **server, **_versions(),
-                "updated_at": _now(), "previous_model_uri": old["model_uri"],
+                **{
+                    k: v
+                    for k, v in old.items()
+                    if k not in ("model_name", "model_version", "model_alias", "model_stage")
+                },
+                "model_uri": new_uri,
+                **_model_version_info(new_uri),
+                **server,
+                **_versions(),
+                "updated_at": _now(),
+                "previous_model_uri": old["model_uri"],
             }
             try:
                 store.write(record)
@@ -651,7 +697,9 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             )
         try:
             response = requests.post(
-                record["url"] + "/invocations", data=body, headers={"Content-Type": "application/json"},
+                record["url"] + "/invocations",
+                data=body,
+                headers={"Content-Type": "application/json"},
                 timeout=record.get("timeout", DEFAULTS["timeout"]) + 10,
             )
         except requests.RequestException as exc:
@@ -683,7 +731,10 @@ def run_local(name, model_uri, flavor=None, config=None):
     host = settings.get("host", DEFAULTS["host"])
     port = settings.get("port") or 5000
     command = _serve_command(
-        model_uri, host, port, settings.get("workers", DEFAULTS["workers"]),
+        model_uri,
+        host,
+        port,
+        settings.get("workers", DEFAULTS["workers"]),
         settings.get("timeout", DEFAULTS["timeout"]),
     )
     print(f"serving {model_uri} as {name!r} at {_url(host, port)} (Ctrl-C stops)", flush=True)

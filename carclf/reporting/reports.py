@@ -15,13 +15,14 @@ pictures shared by every step.
 
 Plots use matplotlib's Agg backend (no display needed).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
 import textwrap
-from typing import Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -42,14 +43,15 @@ def _pyplot():
 
 @dataclasses.dataclass
 class Predictions:
-    labels: np.ndarray        # (N,) int32 true class
-    top_classes: np.ndarray   # (N, k) int32, most likely first
-    top_probs: np.ndarray     # (N, k) float32
-    indices: np.ndarray       # (N,) int64 global row index in the source
+    labels: np.ndarray  # (N,) int32 true class
+    top_classes: np.ndarray  # (N, k) int32, most likely first
+    top_probs: np.ndarray  # (N, k) float32
+    indices: np.ndarray  # (N,) int64 global row index in the source
 
 
-def collect_predictions(predict_fn: Callable[[np.ndarray], np.ndarray], source, batch_size: int = 64,
-                        top_k: int = TOP_K) -> Predictions:
+def collect_predictions(
+    predict_fn: Callable[[np.ndarray], np.ndarray], source, batch_size: int = 64, top_k: int = TOP_K
+) -> Predictions:
     """Run ``predict_fn`` (uint8 batch -> (B, C) probabilities) over ``source`` in file order."""
     from carclf.data.input_pipeline import make_dataset
 
@@ -65,8 +67,7 @@ def collect_predictions(predict_fn: Callable[[np.ndarray], np.ndarray], source, 
         indices.append(batch_indices)
     if not labels:
         raise ValueError("the test set has no images")
-    return Predictions(np.concatenate(labels), np.concatenate(classes), np.concatenate(probs),
-                       np.concatenate(indices))
+    return Predictions(np.concatenate(labels), np.concatenate(classes), np.concatenate(probs), np.concatenate(indices))
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -106,29 +107,40 @@ def classification_metrics(labels: np.ndarray, top_classes: np.ndarray, num_clas
 def per_class_table(metrics: dict, class_names: Sequence[str]):
     import pandas as pd
 
-    return pd.DataFrame({
-        "class_id": np.arange(len(class_names)),
-        "class_name": list(class_names),
-        "support": metrics["support"],
-        "correct": np.diag(metrics["confusion_matrix"]),
-        "accuracy": np.round(metrics["per_class_accuracy"], 6),
-        "precision": np.round(metrics["precision"], 6),
-        "f1": np.round(metrics["f1"], 6),
-    })
+    return pd.DataFrame(
+        {
+            "class_id": np.arange(len(class_names)),
+            "class_name": list(class_names),
+            "support": metrics["support"],
+            "correct": np.diag(metrics["confusion_matrix"]),
+            "accuracy": np.round(metrics["per_class_accuracy"], 6),
+            "precision": np.round(metrics["precision"], 6),
+            "f1": np.round(metrics["f1"], 6),
+        }
+    )
 
 
 def plot_training_curves(history: Mapping[str, Sequence[tuple[int, float]]]):
     """Loss, accuracy, top-5 and learning rate per epoch; ``history`` maps metric name -> [(epoch, value)]."""
     plt = _pyplot()
-    panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]),
-              ("top-5 accuracy", ["top5", "val_top5"]), ("learning rate", ["learning_rate"])]
+    panels = [
+        ("loss", ["loss", "val_loss"]),
+        ("accuracy", ["accuracy", "val_accuracy"]),
+        ("top-5 accuracy", ["top5", "val_top5"]),
+        ("learning rate", ["learning_rate"]),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             points = sorted(history.get(key, []))
             if points:
-                ax.plot([p[0] + 1 for p in points], [p[1] for p in points], marker="o", markersize=3,
-                        label="val" if key.startswith("val_") else "train" if key != "learning_rate" else "lr")
+                ax.plot(
+                    [p[0] + 1 for p in points],
+                    [p[1] for p in points],
+                    marker="o",
+                    markersize=3,
+                    label="val" if key.startswith("val_") else "train" if key != "learning_rate" else "lr",
+                )
         ax.set_title(title)
         ax.set_xlabel("epoch")
         if title == "learning rate":
@@ -189,8 +201,13 @@ def _fit_text(cv2, text: str, width: int) -> str:
     return text + "..."
 
 
-def image_grid(images: Sequence[Optional[np.ndarray]], captions: Sequence[Sequence[str]], cols: int,
-               title: str = "", caption_rgb: tuple = _TEXT_RGB) -> np.ndarray:
+def image_grid(
+    images: Sequence[np.ndarray | None],
+    captions: Sequence[Sequence[str]],
+    cols: int,
+    title: str = "",
+    caption_rgb: tuple = _TEXT_RGB,
+) -> np.ndarray:
     """One RGB uint8 picture: ``images`` (uint8 HxWx3, None = empty cell) in a grid of ``cols`` columns, each
     with its caption lines underneath (in ``caption_rgb``), ``title`` on top."""
     import cv2
@@ -207,18 +224,34 @@ def image_grid(images: Sequence[Optional[np.ndarray]], captions: Sequence[Sequen
     top = _LINE_PX + 10 if title else GRID_GAP_PX
     canvas = np.full((top + rows * cell_h, GRID_GAP_PX + cols * cell_w, 3), 255, np.uint8)
     if title:
-        cv2.putText(canvas, _fit_text(cv2, title, canvas.shape[1] - 2 * GRID_GAP_PX), (GRID_GAP_PX, _LINE_PX),
-                    cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE + 0.05, _TEXT_RGB, 1, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            _fit_text(cv2, title, canvas.shape[1] - 2 * GRID_GAP_PX),
+            (GRID_GAP_PX, _LINE_PX),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            _FONT_SCALE + 0.05,
+            _TEXT_RGB,
+            1,
+            cv2.LINE_AA,
+        )
     for i, image in enumerate(images):
         y, x = top + (i // cols) * cell_h, GRID_GAP_PX + (i % cols) * cell_w
         if image is not None:
             if image.ndim == 2:
                 image = np.repeat(image[:, :, None], 3, axis=2)
             enlarged = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-            canvas[y:y + enlarged.shape[0], x:x + enlarged.shape[1]] = enlarged
+            canvas[y : y + enlarged.shape[0], x : x + enlarged.shape[1]] = enlarged
         for k, line in enumerate(captions[i] if i < len(captions) else ()):
-            cv2.putText(canvas, _fit_text(cv2, str(line), tile_w), (x, y + tile_h + (k + 1) * _LINE_PX - 3),
-                        cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, caption_rgb, 1, cv2.LINE_AA)
+            cv2.putText(
+                canvas,
+                _fit_text(cv2, str(line), tile_w),
+                (x, y + tile_h + (k + 1) * _LINE_PX - 3),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                _FONT_SCALE,
+                caption_rgb,
+                1,
+                cv2.LINE_AA,
+            )
     return canvas
 
 
@@ -251,8 +284,13 @@ def _nice_step(top: float) -> int:
     return int(next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw))
 
 
-def stacked_bar_svg(categories: Sequence[str], series: Mapping[str, Sequence[int]], title: str,
-                    x_label: str = "class", y_label: str = "images") -> str:
+def stacked_bar_svg(
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[int]],
+    title: str,
+    x_label: str = "class",
+    y_label: str = "images",
+) -> str:
     """A stacked bar chart as SVG text: one bar per category, one stacked segment per series. Each segment
     carries a ``<title>`` (category, series, count) that browsers show on hover, so even 196 classes can be
     read off. Categories are written under the bars up to MAX_LABELLED_CLASSES, indices above that."""
@@ -272,10 +310,12 @@ def stacked_bar_svg(categories: Sequence[str], series: Mapping[str, Sequence[int
     def y(value: float) -> float:
         return top + plot_h * (1 - value / y_max)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left + plot_w / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left + plot_w / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>',
+    ]
     for tick in range(0, int(y_max) + 1, step):
         out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#ddd"/>')
         out.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick}</text>')
@@ -284,9 +324,11 @@ def stacked_bar_svg(categories: Sequence[str], series: Mapping[str, Sequence[int
         for k, name in enumerate(series):
             value = int(counts[k, i])
             if value:
-                out.append(f'<rect class="bar" x="{x + gap / 2}" y="{y(base + value):.2f}" width="{bar_w - gap}" '
-                           f'height="{y(base) - y(base + value):.2f}" fill="{_SERIES_COLOURS[k % 5]}">'
-                           f'<title>{escape(str(category))}: {escape(name)} {value}</title></rect>')
+                out.append(
+                    f'<rect class="bar" x="{x + gap / 2}" y="{y(base + value):.2f}" width="{bar_w - gap}" '
+                    f'height="{y(base) - y(base + value):.2f}" fill="{_SERIES_COLOURS[k % 5]}">'
+                    f"<title>{escape(str(category))}: {escape(name)} {value}</title></rect>"
+                )
             base += value
         if labelled or i % 10 == 0:
             text = escape(str(category)[:24] if labelled else str(i))
@@ -296,20 +338,28 @@ def stacked_bar_svg(categories: Sequence[str], series: Mapping[str, Sequence[int
     out.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="black"/>')
     out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="black"/>')
     out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{escape(x_label)}</text>')
-    out.append(f'<text transform="rotate(-90 16 {top + plot_h / 2})" x="16" y="{top + plot_h / 2}" '
-               f'text-anchor="middle">{escape(y_label)}</text>')
+    out.append(
+        f'<text transform="rotate(-90 16 {top + plot_h / 2})" x="16" y="{top + plot_h / 2}" '
+        f'text-anchor="middle">{escape(y_label)}</text>'
+    )
     for k, name in enumerate(series):
         ly = top + 10 + 18 * k
-        out.append(f'<rect x="{left + plot_w + 14}" y="{ly - 9}" width="12" height="12" '
-                   f'fill="{_SERIES_COLOURS[k % 5]}"/>')
+        out.append(
+            f'<rect x="{left + plot_w + 14}" y="{ly - 9}" width="12" height="12" fill="{_SERIES_COLOURS[k % 5]}"/>'
+        )
         out.append(f'<text x="{left + plot_w + 32}" y="{ly + 1}">{escape(name)} ({int(counts[k].sum())})</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
-def misclassified_grid(images: np.ndarray, true_names: Sequence[str], predicted_names: Sequence[str],
-                       probs: Sequence[float], title: str = "Worst misclassified test images",
-                       heatmaps: Optional[np.ndarray] = None) -> np.ndarray:
+def misclassified_grid(
+    images: np.ndarray,
+    true_names: Sequence[str],
+    predicted_names: Sequence[str],
+    probs: Sequence[float],
+    title: str = "Worst misclassified test images",
+    heatmaps: np.ndarray | None = None,
+) -> np.ndarray:
     """The most confident mistakes, each captioned with its true and (wrong) predicted label and probability.
     ``heatmaps`` (N, H, W) in [0, 1]: each image is shown again to its right with the heatmap on top (the
     Grad-CAM of the wrong guess: what made the network say it)."""
@@ -323,14 +373,22 @@ def misclassified_grid(images: np.ndarray, true_names: Sequence[str], predicted_
         tiles = [np.hstack([image, gap, overlay_heatmap(image, heat)]) for image, heat in zip(images, heatmaps)]
         title = f"{title} (right: where the network looked for its guess, red = most)"
     # The probability leads: long class names are cut at the tile's edge.
-    captions = [[f"true: {truth}", f"pred {prob:.0%}: {guess}"]
-                for truth, guess, prob in zip(true_names, predicted_names, probs)]
+    captions = [
+        [f"true: {truth}", f"pred {prob:.0%}: {guess}"]
+        for truth, guess, prob in zip(true_names, predicted_names, probs)
+    ]
     return image_grid(tiles, captions, cols=4, title=title, caption_rgb=_WARN_RGB)
 
 
-def log_test_report(predictions: Predictions, source, class_names: Sequence[str], prefix: str = "test_",
-                    gallery_size: int = 16, artifact_dir: str = "evaluation",
-                    heatmap_fn: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None) -> dict:
+def log_test_report(
+    predictions: Predictions,
+    source,
+    class_names: Sequence[str],
+    prefix: str = "test_",
+    gallery_size: int = 16,
+    artifact_dir: str = "evaluation",
+    heatmap_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> dict:
     """Log metrics ``<prefix>top1/top5/macro_f1`` and the CSV/PNG artifacts to the active run.
     ``heatmap_fn(images, class_ids) -> (N, H, W)`` (e.g. ``carclf.reporting.gradcam.GradCAM``) adds a heatmap
     overlay of the predicted class to each image of the gallery of mistakes."""
@@ -341,8 +399,7 @@ def log_test_report(predictions: Predictions, source, class_names: Sequence[str]
     scalar = {f"{prefix}{name}": metrics[name] for name in ("top1", "top5", "macro_f1")}
     scalar[f"{prefix}num_images"] = metrics["num_images"]
     mlflow.log_metrics(scalar)
-    mlflow.log_text(per_class_table(metrics, class_names).to_csv(index=False),
-                    f"{artifact_dir}/per_class_accuracy.csv")
+    mlflow.log_text(per_class_table(metrics, class_names).to_csv(index=False), f"{artifact_dir}/per_class_accuracy.csv")
     figure = plot_confusion_matrix(metrics["confusion_matrix"], class_names)
     mlflow.log_figure(figure, f"{artifact_dir}/confusion_matrix.png")
     plt.close(figure)
@@ -353,7 +410,9 @@ def log_test_report(predictions: Predictions, source, class_names: Sequence[str]
         [class_names[c] for c in predictions.labels[worst]],
         [class_names[c] for c in predictions.top_classes[worst, 0]],
         predictions.top_probs[worst, 0],
-        heatmaps=heatmap_fn(images, predictions.top_classes[worst, 0]) if heatmap_fn is not None and len(worst) else None,
+        heatmaps=heatmap_fn(images, predictions.top_classes[worst, 0])
+        if heatmap_fn is not None and len(worst)
+        else None,
     )
     log_png(gallery, f"{artifact_dir}/misclassified_gallery.png")
     return dict(scalar, confusion_matrix=metrics["confusion_matrix"], per_class_accuracy=metrics["per_class_accuracy"])

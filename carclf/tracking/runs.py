@@ -1,8 +1,10 @@
 """MLflow helpers shared by the pipeline steps."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import mlflow
 

@@ -13,6 +13,7 @@ the gradients are all-reduced, so a run on 4 GPUs takes the same optimizer steps
 than one replica the BatchNormalization layers are synchronized (batch statistics over the global batch),
 so the replicated step computes what the one-device step computes, and the moving statistics agree.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,11 +46,14 @@ def make_strategy(name: str):
             raise StrategyError("strategy=multi_worker needs TF_CONFIG; use workers=N to launch the workers")
         # Physical, not logical devices: listing logical ones starts the runtime, and collectives must be
         # configured before that.
-        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL
-                          if tf.config.list_physical_devices("GPU")
-                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        implementation = (
+            tf.distribute.experimental.CommunicationImplementation.NCCL
+            if tf.config.list_physical_devices("GPU")
+            else tf.distribute.experimental.CommunicationImplementation.RING
+        )
         return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
+            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+        )
     name = resolve_strategy_name(name)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "one":
@@ -66,8 +70,9 @@ def make_strategy(name: str):
 def replica_batch_size(global_batch: int, replicas: int) -> int:
     """Images per replica and step; the global batch must split evenly (else replicas would differ)."""
     if global_batch % replicas:
-        raise StrategyError(f"batch_size {global_batch} does not split over {replicas} replicas; "
-                            f"use a multiple of {replicas}")
+        raise StrategyError(
+            f"batch_size {global_batch} does not split over {replicas} replicas; use a multiple of {replicas}"
+        )
     return global_batch // replicas
 
 

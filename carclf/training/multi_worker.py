@@ -18,6 +18,7 @@ the chief's last checkpoint (``checkpoint_dir`` must be shared storage on a clus
 A worker that fails makes its task fail; Spark then fails the stage (and kills the other tasks) and the
 driver raises ``WorkerFailed`` with one line: which worker, and its error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,9 @@ class WorkerFailed(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def run_multi_worker(config, run_id: str, checkpoint_dir: pathlib.Path, fingerprint: str,
-                     spark_master: str = "local[*]") -> dict:
+def run_multi_worker(
+    config, run_id: str, checkpoint_dir: pathlib.Path, fingerprint: str, spark_master: str = "local[*]"
+) -> dict:
     """Train with ``config.workers`` processes; returns the chief's result (as ``train`` returns it)."""
     import mlflow
 
@@ -67,11 +69,17 @@ def run_multi_worker(config, run_id: str, checkpoint_dir: pathlib.Path, fingerpr
         # refuse the stage, so give local mode at least one thread per worker.
         spark_master = f"local[{max(workers, os.cpu_count() or 1)}]"
     spark = get_spark(spark_master, app_name="carclf-train")
-    spec = json.dumps({
-        "config": _config_dict(config), "run_id": run_id, "checkpoint_dir": str(checkpoint_dir),
-        "fingerprint": fingerprint, "tracking_uri": mlflow.get_tracking_uri(),
-        "registry_uri": mlflow.get_registry_uri(), "pythonpath": os.pathsep.join(sys.path),
-    })
+    spec = json.dumps(
+        {
+            "config": _config_dict(config),
+            "run_id": run_id,
+            "checkpoint_dir": str(checkpoint_dir),
+            "fingerprint": fingerprint,
+            "tracking_uri": mlflow.get_tracking_uri(),
+            "registry_uri": mlflow.get_registry_uri(),
+            "pythonpath": os.pathsep.join(sys.path),
+        }
+    )
     log.info("launching %d training workers in a Spark barrier stage", workers)
     rdd = spark.sparkContext.parallelize(range(workers), workers).barrier()
     try:
@@ -124,12 +132,23 @@ def _barrier_task(spec: str):
     with tempfile.TemporaryDirectory(prefix=f"carclf-worker-{rank}-") as tmp:
         error_file, result_file = pathlib.Path(tmp) / "error.txt", pathlib.Path(tmp) / "result.json"
         no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY", ""), LOOPBACK_NO_PROXY, host]))
-        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), NO_PROXY=no_proxy, no_proxy=no_proxy,
-                   CARCLF_WORKER_ERROR_FILE=str(error_file), CARCLF_WORKER_RESULT_FILE=str(result_file),
-                   PYTHONPATH=json.loads(spec)["pythonpath"], TF_CPP_MIN_LOG_LEVEL="2")
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps(tf_config),
+            NO_PROXY=no_proxy,
+            no_proxy=no_proxy,
+            CARCLF_WORKER_ERROR_FILE=str(error_file),
+            CARCLF_WORKER_RESULT_FILE=str(result_file),
+            PYTHONPATH=json.loads(spec)["pythonpath"],
+            TF_CPP_MIN_LOG_LEVEL="2",
+        )
         env[SPEC_ENV] = spec
-        child = subprocess.Popen([sys.executable, "-m", "carclf.training.multi_worker"], env=env,
-                                 preexec_fn=_die_with_parent, stdout=sys.stderr)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "carclf.training.multi_worker"],
+            env=env,
+            preexec_fn=_die_with_parent,
+            stdout=sys.stderr,
+        )
         try:
             code = child.wait()
         finally:
@@ -140,8 +159,9 @@ def _barrier_task(spec: str):
             reason = error_file.read_text().strip() if error_file.is_file() else ""
             if not reason:
                 reason = (f"killed by signal {-code}" if code < 0 else f"exited with code {code}") + " without an error"
-            raise RuntimeError(f"{ERROR_MARK}: worker {rank} of {len(cluster)} ({host}, pid {child.pid}) failed: "
-                               f"{reason}")
+            raise RuntimeError(
+                f"{ERROR_MARK}: worker {rank} of {len(cluster)} ({host}, pid {child.pid}) failed: {reason}"
+            )
         yield json.dumps({"chief": rank == 0, "result": json.loads(result_file.read_text())})
 
 
@@ -156,13 +176,22 @@ def _sharded_dataset(source, epoch: int, config, context, shuffle: bool = True):
     size = source.image_size
 
     def generate():
-        for images, labels, _, global_rows in worker_batches(source, epoch, config.seed, config.batch_size,
-                                                             context.input_pipeline_id,
-                                                             context.num_input_pipelines, shuffle):
+        for images, labels, _, global_rows in worker_batches(
+            source,
+            epoch,
+            config.seed,
+            config.batch_size,
+            context.input_pipeline_id,
+            context.num_input_pipelines,
+            shuffle,
+        ):
             yield images, labels, np.int32(global_rows)
 
-    signature = (tf.TensorSpec([None, size, size, 3], tf.uint8), tf.TensorSpec([None], tf.int32),
-                 tf.TensorSpec([], tf.int32))
+    signature = (
+        tf.TensorSpec([None, size, size, 3], tf.uint8),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([], tf.int32),
+    )
     return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
 
 
@@ -187,15 +216,18 @@ def _make_train_step(strategy, model, optimizer, config, num_classes: int, salt:
             gradient_loss = optimizer.scale_loss(loss) if scaled else loss
         gradients = tape.gradient(gradient_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, -1, output_type=tf.int32), labels),
-                                        tf.float32))
+        correct = tf.reduce_sum(
+            tf.cast(tf.equal(tf.argmax(probabilities, -1, output_type=tf.int32), labels), tf.float32)
+        )
         return tf.reduce_sum(per_example), correct
 
     @tf.function
     def train_step(batch):
         loss_sum, correct = strategy.run(replica_step, args=batch)
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+        return (
+            strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
+        )
 
     return train_step
 
@@ -212,8 +244,9 @@ def _validation_metrics(model, source, config, num_classes: int) -> dict:
     for images, labels in make_dataset(source, config.batch_size, shuffle=False, epochs=1):
         probabilities = forward(images)
         total_loss += float(tf.reduce_sum(loss_fn(tf.one_hot(labels, num_classes), probabilities)))
-        correct += float(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, -1, output_type=tf.int32),
-                                                        labels), tf.float32)))
+        correct += float(
+            tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, -1, output_type=tf.int32), labels), tf.float32))
+        )
         rows += int(labels.shape[0])
     return {"val_loss": total_loss / rows, "val_accuracy": correct / rows}
 
@@ -221,11 +254,10 @@ def _validation_metrics(model, source, config, num_classes: int) -> dict:
 def run_worker(spec: dict) -> dict:
     """One worker's whole training (called in a fresh process with TF_CONFIG set)."""
     import keras
-    import tensorflow as tf
 
-    from entry_points import train as train_module
     from carclf.training.distributed import make_strategy, synchronize_batchnorm, task_of_tf_config
     from carclf_flavor.resnet import backbone_trainable
+    from entry_points import train as train_module
 
     strategy = make_strategy("multi_worker")  # before any other TF op
     _, rank = task_of_tf_config()
@@ -237,8 +269,11 @@ def run_worker(spec: dict) -> dict:
     num_classes = train_source.num_classes
 
     found = train_module.read_latest_checkpoint(checkpoint_dir)
-    if found is not None and (found[1].get("run_id") != run_id or found[1].get("config_fingerprint")
-                              != spec["fingerprint"] or found[1].get("finished")):
+    if found is not None and (
+        found[1].get("run_id") != run_id
+        or found[1].get("config_fingerprint") != spec["fingerprint"]
+        or found[1].get("finished")
+    ):
         found = None
     completed = int(found[1]["completed_epochs"]) if found else 0
 
@@ -263,22 +298,26 @@ def run_worker(spec: dict) -> dict:
             continue
         backbone_trainable(model, phase.name == "full")
         with strategy.scope():
-            model.compile(optimizer=train_module._make_optimizer(config, phase.base_lr),
-                          loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing))
+            model.compile(
+                optimizer=train_module._make_optimizer(config, phase.base_lr),
+                loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+            )
             model.optimizer.build(model.trainable_variables)
         if found is not None:
             train_module.restore_checkpoint(found[0], model, found[1], phase)
             found = None
-        train_step = _make_train_step(strategy, model, model.optimizer, config, num_classes,
-                                      salt=0 if phase.name == "head" else 1)
+        train_step = _make_train_step(
+            strategy, model, model.optimizer, config, num_classes, salt=0 if phase.name == "head" else 1
+        )
         for epoch in range(max(completed, phase.start), phase.stop):
             started = time.time()
             learning_rate = train_module.cosine_lr(phase, epoch)
             model.optimizer.learning_rate = learning_rate
             dataset = strategy.distribute_datasets_from_function(
-                lambda context, epoch=epoch: _sharded_dataset(train_source, epoch, config, context))
+                lambda context, epoch=epoch: _sharded_dataset(train_source, epoch, config, context)
+            )
             total_loss = correct = 0.0
-            for step, batch in enumerate(dataset):
+            for _step, batch in enumerate(dataset):
                 if exit_worker is not None and int(exit_worker) == rank and epoch >= 1:
                     print(f"worker {rank}: {TEST_EXIT_WORKER_ENV} set, exiting hard", file=sys.stderr, flush=True)
                     os._exit(137)
@@ -293,14 +332,23 @@ def run_worker(spec: dict) -> dict:
                 metrics.update(learning_rate=float(learning_rate), epoch_seconds=time.time() - started)
                 timestamp = int(time.time() * 1000)
                 client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, epoch) for k, v in metrics.items()])
-                state = {"completed_epochs": epoch + 1, "phase": phase.name, "run_id": run_id,
-                         "config_fingerprint": spec["fingerprint"], "schedule": {}, "finished": False,
-                         "workers": config.workers}
+                state = {
+                    "completed_epochs": epoch + 1,
+                    "phase": phase.name,
+                    "run_id": run_id,
+                    "config_fingerprint": spec["fingerprint"],
+                    "schedule": {},
+                    "finished": False,
+                    "workers": config.workers,
+                }
                 train_module.save_checkpoint(checkpoint_dir, model, state)
                 kill_after = os.environ.get(train_module.KILL_AFTER_EPOCH_ENV)
                 if kill_after and int(kill_after) == epoch + 1:
-                    print(f"chief: {train_module.KILL_AFTER_EPOCH_ENV}={kill_after}, simulating a hard kill",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"chief: {train_module.KILL_AFTER_EPOCH_ENV}={kill_after}, simulating a hard kill",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     os._exit(137)
             history.append(metrics)
         completed = phase.stop
@@ -327,8 +375,13 @@ def _finish_on_chief(model, config, run_id, train_source, test_source, checkpoin
     if test_source is not None:
         result["metrics"] = train_module._evaluate_on_test(model, test_source, config.batch_size)
     result.update(train_module._log_final_model(model, config, train_source))
-    state = {"completed_epochs": config.epochs, "run_id": run_id, "config_fingerprint": spec["fingerprint"],
-             "finished": True, "checkpoint": ""}
+    state = {
+        "completed_epochs": config.epochs,
+        "run_id": run_id,
+        "config_fingerprint": spec["fingerprint"],
+        "finished": True,
+        "checkpoint": "",
+    }
     if checkpoint_dir.exists():
         train_module._write_json_atomic(checkpoint_dir / train_module.CHECKPOINT_POINTER, state)
     return result

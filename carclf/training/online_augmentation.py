@@ -20,6 +20,7 @@ Public API:
 - ``augment_images(images, seed, ranges)``: both.
 - ``augment_in_train_step(model, seed, ranges)``: the model's ``fit`` augments its input batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,18 +30,23 @@ import math
 @dataclasses.dataclass(frozen=True)
 class AugmentationRanges:
     flip_probability: float = 0.5
-    zoom: tuple[float, float] = (0.8, 1.0)             # side of the visible centre crop / image side
-    max_rotation_degrees: float = 0.03 * 360.0         # Keras RandomRotation(0.03): +-10.8 degrees
-    brightness: float = 0.2 * 255.0                    # additive, +- on 0..255
-    contrast: tuple[float, float] = (0.8, 1.2)         # scale around each image's per-channel mean
+    zoom: tuple[float, float] = (0.8, 1.0)  # side of the visible centre crop / image side
+    max_rotation_degrees: float = 0.03 * 360.0  # Keras RandomRotation(0.03): +-10.8 degrees
+    brightness: float = 0.2 * 255.0  # additive, +- on 0..255
+    contrast: tuple[float, float] = (0.8, 1.2)  # scale around each image's per-channel mean
     saturation: tuple[float, float] = (0.3 / 0.7, 0.7 / 0.3)  # Keras maps factor f to f / (1 - f)
 
     @classmethod
-    def for_strength(cls, strength: float = 1.0) -> "AugmentationRanges":
+    def for_strength(cls, strength: float = 1.0) -> AugmentationRanges:
         s = float(strength)
         low, high = 0.5 - 0.2 * s, 0.5 + 0.2 * s
-        return cls(zoom=(1.0 - 0.2 * s, 1.0), max_rotation_degrees=0.03 * 360.0 * s, brightness=0.2 * 255.0 * s,
-                   contrast=(1.0 - 0.2 * s, 1.0 + 0.2 * s), saturation=(low / (1.0 - low), high / (1.0 - high)))
+        return cls(
+            zoom=(1.0 - 0.2 * s, 1.0),
+            max_rotation_degrees=0.03 * 360.0 * s,
+            brightness=0.2 * 255.0 * s,
+            contrast=(1.0 - 0.2 * s, 1.0 + 0.2 * s),
+            saturation=(low / (1.0 - low), high / (1.0 - high)),
+        )
 
 
 DEFAULT_RANGES = AugmentationRanges()
@@ -133,7 +139,11 @@ def resample_with_op(pixels, transforms):
 
     shape = tf.shape(pixels)
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=pixels, transforms=transforms, output_shape=shape[1:3], fill_value=0.0, interpolation="BILINEAR",
+        images=pixels,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
         fill_mode="REFLECT",
     )
 
@@ -195,8 +205,9 @@ def augment_in_train_step(model, seed: int = 0, ranges: AugmentationRanges = DEF
 
     def train_step(data):
         images, *rest = data
-        augmented = augment_images(images, step_seed(seed, model.optimizer.iterations, salt=salt), ranges,
-                                   xla_compatible=on_gpu)
+        augmented = augment_images(
+            images, step_seed(seed, model.optimizer.iterations, salt=salt), ranges, xla_compatible=on_gpu
+        )
         return original((augmented, *rest))
 
     model.train_step = train_step

@@ -12,17 +12,17 @@ each with the other parameters at their first value), so a typo or an impossible
 key (``SearchSpaceError``), not a failed trial. ``sample(trial, space)`` turns an Optuna trial into `train`
 keyword arguments.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import pathlib
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any
 
 # Parameters of train() that a trial never chooses: the data, and what `tune` sets per trial itself.
-NOT_TUNABLE = ("train_data", "val_data", "test_data", "checkpoint_dir", "resume", "registered_model_name",
-               "callbacks")
+NOT_TUNABLE = ("train_data", "val_data", "test_data", "checkpoint_dir", "resume", "registered_model_name", "callbacks")
 RANGE_KEYS = ("low", "high", "log")
 
 # What every trial starts from before the space is applied: no pretrained weights (none can be downloaded
@@ -60,8 +60,8 @@ class Choice:
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-    low: Union[int, float]
-    high: Union[int, float]
+    low: int | float
+    high: int | float
     log: bool = False
 
     @property
@@ -69,7 +69,7 @@ class Range:
         return isinstance(self.low, int) and isinstance(self.high, int)
 
 
-Dimension = Union[Fixed, Choice, Range]
+Dimension = Fixed | Choice | Range
 
 
 def tunable_parameters() -> dict[str, str]:
@@ -101,10 +101,12 @@ def _coerce(kind: str, value):
 
 
 def _check_type(where: str, kind: str, value) -> None:
-    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-          "float": _is_number(value) and math.isfinite(value),
-          "bool": isinstance(value, bool),
-          "str": isinstance(value, str)}.get(kind, True)
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": _is_number(value) and math.isfinite(value),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(kind, True)
     if not ok:
         expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
         raise SearchSpaceError(f"{where}: expected {expected}, got {value!r}")
@@ -115,22 +117,25 @@ def parse_space(raw, source: str = "space") -> dict[str, Dimension]:
     if raw is None:
         raise SearchSpaceError(f"{source}: empty; expected a mapping of train parameter names to values")
     if not isinstance(raw, Mapping):
-        raise SearchSpaceError(f"{source}: expected a mapping of train parameter names to values, "
-                               f"got {type(raw).__name__}")
+        raise SearchSpaceError(
+            f"{source}: expected a mapping of train parameter names to values, got {type(raw).__name__}"
+        )
     tunable = tunable_parameters()
     space: dict[str, Dimension] = {}
     for name, spec in raw.items():
         where = f"{source}: {name}"
         if name not in tunable:
-            raise SearchSpaceError(f"{where}: not a train parameter that a trial can set "
-                                   f"(one of: {', '.join(sorted(tunable))})")
+            raise SearchSpaceError(
+                f"{where}: not a train parameter that a trial can set (one of: {', '.join(sorted(tunable))})"
+            )
         kind = tunable[name]
         if isinstance(spec, Mapping):
             unknown = sorted(set(map(str, spec)) - set(RANGE_KEYS))
             if unknown or "low" not in spec or "high" not in spec:
-                raise SearchSpaceError(f"{where}: a range is {{low: ..., high: ..., log: true|false}}"
-                                       + (f"; unknown key(s) {', '.join(unknown)}" if unknown else
-                                          "; low and high are required"))
+                raise SearchSpaceError(
+                    f"{where}: a range is {{low: ..., high: ..., log: true|false}}"
+                    + (f"; unknown key(s) {', '.join(unknown)}" if unknown else "; low and high are required")
+                )
             low, high, log = _coerce(kind, spec["low"]), _coerce(kind, spec["high"]), spec.get("log", False)
             if kind not in ("int", "float"):
                 raise SearchSpaceError(f"{where}: a range needs a numeric parameter; {name} is {kind}: use a list")
@@ -140,14 +145,16 @@ def parse_space(raw, source: str = "space") -> dict[str, Dimension]:
             if not isinstance(log, bool):
                 raise SearchSpaceError(f"{where}: log must be true or false, got {log!r}")
             if not low < high:
-                raise SearchSpaceError(f"{where}: low ({low}) must be below high ({high}); "
-                                       "for one value write it plainly")
+                raise SearchSpaceError(
+                    f"{where}: low ({low}) must be below high ({high}); for one value write it plainly"
+                )
             if log and low <= 0:
                 raise SearchSpaceError(f"{where}: a log range needs low > 0, got {low}")
             dimension = Range(low, high, log)
             if kind == "int" and not dimension.integer:
-                raise SearchSpaceError(f"{where}: {name} is an integer: low and high must be integers, "
-                                       f"got {low!r} and {high!r}")
+                raise SearchSpaceError(
+                    f"{where}: {name} is an integer: low and high must be integers, got {low!r} and {high!r}"
+                )
             space[name] = dimension
         elif isinstance(spec, (list, tuple)):
             if not spec:
@@ -202,19 +209,21 @@ def check_space(space: Mapping[str, Dimension], train_data, val_data, source: st
     """Run `train`'s own validation on every candidate value (with the other parameters at their first
     value) before any trial: SearchSpaceError naming the key and train's complaint."""
     from carclf.data.hdf5_dataset import DatasetError
-    from entry_points.train import TrainConfig, TrainConfigError, optimizer_defaults, validate
     from carclf.data.input_pipeline import split_paths
+    from entry_points.train import TrainConfig, TrainConfigError, optimizer_defaults, validate
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    data = {"train_data": ",".join(map(str, split_paths(train_data))),
-            "val_data": ",".join(map(str, split_paths(val_data)))}
+    data = {
+        "train_data": ",".join(map(str, split_paths(train_data))),
+        "val_data": ",".join(map(str, split_paths(val_data))),
+    }
     first = {name: _first(d) for name, d in space.items()}
     for name, dimension in space.items():
         for value in _candidates(dimension):
             params = {**TRIAL_BASE, **first, name: value}
-            optimizer, learning_rate = optimizer_defaults(params.get("weights", "none"),
-                                                          params.get("optimizer", "auto"),
-                                                          params.get("learning_rate", 0.0))
+            optimizer, learning_rate = optimizer_defaults(
+                params.get("weights", "none"), params.get("optimizer", "auto"), params.get("learning_rate", 0.0)
+            )
             params.update(optimizer=optimizer, learning_rate=learning_rate)
             config = TrainConfig(**data, **{k: v for k, v in params.items() if k in fields})
             try:
@@ -249,6 +258,8 @@ def describe(space: Mapping[str, Dimension]) -> str:
         elif isinstance(d, Choice):
             lines.append(f"{name}: one of {list(d.options)}")
         else:
-            lines.append(f"{name}: {'integer' if d.integer else 'number'} in [{d.low}, {d.high}]"
-                         + (" (log scale)" if d.log else ""))
+            lines.append(
+                f"{name}: {'integer' if d.integer else 'number'} in [{d.low}, {d.high}]"
+                + (" (log scale)" if d.log else "")
+            )
     return "\n".join(lines)

@@ -24,6 +24,7 @@ re-read from the storage, which records complete, pruned and failing trials corr
 trial). What breaks is a trial that returns NaN or nothing: its warning text is lost and writing the error
 file fails the whole Spark task, so the objective here raises instead of returning a non-finite value.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,7 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from carclf.tuning.search_space import Dimension, describe, sample
 
@@ -67,12 +68,12 @@ class TrialDiverged(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Threads
 # --------------------------------------------------------------------------------------------------
-def local_slots(master: str) -> Optional[int]:
+def local_slots(master: str) -> int | None:
     """Task slots of a ``local[N]`` / ``local[*]`` / ``local`` master; None for a cluster."""
     if master == "local":
         return 1
     if master.startswith("local[") and master.endswith("]"):
-        inner = master[len("local["):-1].split(",")[0].strip()
+        inner = master[len("local[") : -1].split(",")[0].strip()
         return os.cpu_count() or 1 if inner == "*" else max(1, int(inner))
     return None
 
@@ -98,7 +99,7 @@ def host_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def thread_budget(concurrent: int, cpus: Optional[int] = None) -> tuple[int, int]:
+def thread_budget(concurrent: int, cpus: int | None = None) -> tuple[int, int]:
     """(intra-op, inter-op) TensorFlow threads for one of ``concurrent`` trials sharing ``cpus`` cores."""
     intra = max(1, (cpus or host_cpus()) // max(1, concurrent))
     return intra, min(2, intra)
@@ -117,14 +118,16 @@ def configure_tensorflow_threads(concurrent: int) -> tuple[int, int]:
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError:
         pass
-    return (tf.config.threading.get_intra_op_parallelism_threads() or host_cpus(),
-            tf.config.threading.get_inter_op_parallelism_threads() or host_cpus())
+    return (
+        tf.config.threading.get_intra_op_parallelism_threads() or host_cpus(),
+        tf.config.threading.get_inter_op_parallelism_threads() or host_cpus(),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # One trial (runs on an executor)
 # --------------------------------------------------------------------------------------------------
-def make_pruning_callback(trial, fail_trial: Optional[int] = None):
+def make_pruning_callback(trial, fail_trial: int | None = None):
     """A Keras callback: report val top-1 of each epoch to the study's pruner; prune when it says so."""
     import keras
     import optuna
@@ -178,18 +181,30 @@ class TrialObjective:
         if flush is not None:
             flush()  # the suggested values reach the run before train logs its parameters
         run_id = trial._trial_id
-        MlflowClient().log_batch(run_id, params=[Param("tf_intra_op_threads", str(intra)),
-                                                 Param("tf_inter_op_threads", str(inter))],
-                                 tags=[RunTag(TAG_STUDY, self.study_name), RunTag(TAG_TRIAL_NUMBER, str(trial.number)),
-                                       RunTag("mlflow.runName", f"{self.study_name}-trial-{trial.number}")])
+        MlflowClient().log_batch(
+            run_id,
+            params=[Param("tf_intra_op_threads", str(intra)), Param("tf_inter_op_threads", str(inter))],
+            tags=[
+                RunTag(TAG_STUDY, self.study_name),
+                RunTag(TAG_TRIAL_NUMBER, str(trial.number)),
+                RunTag("mlflow.runName", f"{self.study_name}-trial-{trial.number}"),
+            ],
+        )
         fail = os.environ.get(FAIL_TRIAL_ENV)
         reporter = make_pruning_callback(trial, int(fail) if fail else None)
         checkpoint_dir = tempfile.mkdtemp(prefix=f"carclf-trial-{trial.number}-")
         client = MlflowClient()
         try:
             mlflow.start_run(run_id=run_id)
-            train(train_data=self.train_data, val_data=self.val_data, test_data="", **params, checkpoint_dir=checkpoint_dir,
-                  registered_model_name="", callbacks=[reporter])
+            train(
+                train_data=self.train_data,
+                val_data=self.val_data,
+                test_data="",
+                **params,
+                checkpoint_dir=checkpoint_dir,
+                registered_model_name="",
+                callbacks=[reporter],
+            )
         except optuna.TrialPruned:
             client.delete_tag(run_id, "carclf.error")  # train recorded the pruning as its error: it is not one
             raise
@@ -213,7 +228,7 @@ def executor_tracking_uri(uri: str) -> str:
     """The tracking URI as executors must see it: a relative SQLite path made absolute."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(pathlib.Path(uri[len(prefix):]).resolve())
+        return prefix + str(pathlib.Path(uri[len(prefix) :]).resolve())
     if "://" not in uri and not uri.startswith("databricks"):
         return pathlib.Path(uri).resolve().as_uri()
     return uri
@@ -289,19 +304,32 @@ class TrialProgress:
             self._storage = MlflowStorage(experiment_id=self.experiment_id)
         trials = self._storage.get_all_trials(self.study_run_id)
         # A complete trial's run is closed a moment before its value is written: wait for the value.
-        done = [t for t in trials if t.state.is_finished() and t._trial_id not in self.seen
-                and not (t.state.name == "COMPLETE" and t.value is None)]
+        done = [
+            t
+            for t in trials
+            if t.state.is_finished()
+            and t._trial_id not in self.seen
+            and not (t.state.name == "COMPLETE" and t.value is None)
+        ]
         for trial in sorted(done, key=lambda t: t.datetime_complete or t.datetime_start):
             self.seen.add(trial._trial_id)
             self._update_best(trial)
             value = f"val top-1 {trial.value:.4f}" if trial.value is not None else "no value"
-            best = (f"best so far {self.best.value:.4f} (trial {self.best.number})" if self.best is not None
-                    else "no complete trial yet")
+            best = (
+                f"best so far {self.best.value:.4f} (trial {self.best.number})"
+                if self.best is not None
+                else "no complete trial yet"
+            )
             finished = sum(1 for t in trials if t.state.is_finished())
-            state = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned"}.get(trial.state.name,
-                                                                                    trial.state.name.lower())
-            print(f"[tune] trial {trial.number} {state}: {value} {_format_params(trial.params)}"
-                  f"  | {best}  [{finished} finished, target {self.total}]", file=self.out, flush=True)
+            state = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned"}.get(
+                trial.state.name, trial.state.name.lower()
+            )
+            print(
+                f"[tune] trial {trial.number} {state}: {value} {_format_params(trial.params)}"
+                f"  | {best}  [{finished} finished, target {self.total}]",
+                file=self.out,
+                flush=True,
+            )
 
     def _loop(self) -> None:
         while not self._stop.wait(PROGRESS_POLL_S):
@@ -336,8 +364,10 @@ def _open_study_run(client, launcher_id: str, study_name: str) -> tuple[str, boo
         return launcher_id, False
     run = client.get_run(existing)
     if run.data.tags.get(DIRECTION_TAG) != "MAXIMIZE":
-        raise TuneError(f"study_name {study_name!r} is the name of run {existing}, which is not a tune study "
-                        "of this project; choose another study_name")
+        raise TuneError(
+            f"study_name {study_name!r} is the name of run {existing}, which is not a tune study "
+            "of this project; choose another study_name"
+        )
     client.update_run(existing, status="RUNNING")
     client.set_tag(launcher_id, TAG_RESUMED_INTO, existing)
     return existing, True
@@ -361,16 +391,21 @@ def log_study_plots(client, run_id: str, trials, out_dir: str = "plots") -> list
     from carclf.reporting.reports import _pyplot
 
     plt = _pyplot()
-    finished = [t for t in trials if t.state in (TrialState.PRUNED, TrialState.FAIL)
-                or (t.state == TrialState.COMPLETE and t.value is not None)]
+    finished = [
+        t
+        for t in trials
+        if t.state in (TrialState.PRUNED, TrialState.FAIL) or (t.state == TrialState.COMPLETE and t.value is not None)
+    ]
     study = optuna.create_study(direction="maximize")
     study.add_trials(sorted(finished, key=lambda t: t.number))  # numbered as added: keep the study's order
     logged = []
     from optuna.visualization import matplotlib as oplt
 
-    for name, plot in (("optimization_history", oplt.plot_optimization_history),
-                       ("param_importances", oplt.plot_param_importances),
-                       ("parallel_coordinate", oplt.plot_parallel_coordinate)):
+    for name, plot in (
+        ("optimization_history", oplt.plot_optimization_history),
+        ("param_importances", oplt.plot_param_importances),
+        ("parallel_coordinate", oplt.plot_parallel_coordinate),
+    ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ExperimentalWarning
@@ -442,8 +477,9 @@ def run_study(
     study_run_id, resumed = _open_study_run(client, launcher_id, study_name)
     if active is not None and active.info.run_id != study_run_id:
         if not own_run:
-            raise TuneError(f"study {study_name!r} lives in run {study_run_id} but run {active.info.run_id} is "
-                            "active; end it first")
+            raise TuneError(
+                f"study {study_name!r} lives in run {study_run_id} but run {active.info.run_id} is active; end it first"
+            )
         mlflow.end_run("FINISHED")  # our own fresh run only points at the resumed study
     if mlflow.active_run() is None:
         mlflow.start_run(run_id=study_run_id)
@@ -456,33 +492,47 @@ def run_study(
     done = sum(1 for t in before if t.state in _finished_states())
     remaining = max(0, int(trials) - done)
     if resumed:
-        print(f"[tune] resuming study {study_name!r} (run {study_run_id}): {done} finished trial(s) kept, "
-              f"{remaining} to run", flush=True)
+        print(
+            f"[tune] resuming study {study_name!r} (run {study_run_id}): {done} finished trial(s) kept, "
+            f"{remaining} to run",
+            flush=True,
+        )
     else:
-        print(f"[tune] study {study_name!r} (run {study_run_id}): {remaining} trial(s); rerun with "
-              f"-P study_name={study_name} to resume", flush=True)
+        print(
+            f"[tune] study {study_name!r} (run {study_run_id}): {remaining} trial(s); rerun with "
+            f"-P study_name={study_name} to resume",
+            flush=True,
+        )
     mlflow.log_text(describe(space) + "\n", "tune/search_space.txt")
 
     spark = get_spark(spark_master, app_name="carclf-tune")
     concurrent = trials_per_host(spark, parallel)
     intra, inter = thread_budget(concurrent)
-    print(f"[tune] up to {parallel} trial(s) at once, {concurrent} per host; TensorFlow threads per trial "
-          f"(on a {host_cpus()}-core host): {intra} intra-op, {inter} inter-op", flush=True)
+    print(
+        f"[tune] up to {parallel} trial(s) at once, {concurrent} per host; TensorFlow threads per trial "
+        f"(on a {host_cpus()}-core host): {intra} intra-op, {inter} inter-op",
+        flush=True,
+    )
     client.set_tag(study_run_id, "carclf.tune.trials_per_host", str(concurrent))
     client.set_tag(study_run_id, "carclf.tune.tf_intra_op_threads", str(intra))
 
     failed_tasks = None
     if remaining > 0:
         objective = TrialObjective(dict(space), str(train_data), str(val_data), tracking_uri, concurrent, study_name)
-        study = MlflowSparkStudy(study_name, storage, sampler=optuna.samplers.TPESampler(),
-                                 pruner=make_pruner(pruner), mlflow_tracking_uri=tracking_uri, direction="maximize")
+        study = MlflowSparkStudy(
+            study_name,
+            storage,
+            sampler=optuna.samplers.TPESampler(),
+            pruner=make_pruner(pruner),
+            mlflow_tracking_uri=tracking_uri,
+            direction="maximize",
+        )
         progress = TrialProgress(experiment_id, study_run_id, int(trials))
         progress.prime(before)
         started = time.perf_counter()
         with progress:
             try:
-                study.optimize(objective, n_trials=remaining, n_jobs=min(int(parallel), remaining),
-                               catch=(Exception,))
+                study.optimize(objective, n_trials=remaining, n_jobs=min(int(parallel), remaining), catch=(Exception,))
             except ExecutionException as exc:
                 # A Spark task died outside a trial (e.g. a lost executor): keep what finished.
                 failed_tasks = str(exc).splitlines()[0]
@@ -493,23 +543,29 @@ def run_study(
     all_trials = storage.get_all_trials(study_run_id)
     _mark_orphans_failed(client, all_trials, "the trial's Spark task ended before the trial finished")
     all_trials = storage.get_all_trials(study_run_id)
-    return _summarise(client, study_run_id, launcher_id, study_name, all_trials, test_data,
-                      registered_model_name, alias, failed_tasks)
+    return _summarise(
+        client, study_run_id, launcher_id, study_name, all_trials, test_data, registered_model_name, alias, failed_tasks
+    )
 
 
-def _summarise(client, study_run_id, launcher_id, study_name, trials, test_data, registered_model_name, alias,
-               failed_tasks) -> dict:
+def _summarise(
+    client, study_run_id, launcher_id, study_name, trials, test_data, registered_model_name, alias, failed_tasks
+) -> dict:
     import mlflow
     from optuna.trial import TrialState
 
-    counts = {state.name.lower(): sum(1 for t in trials if t.state == state)
-              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    counts = {
+        state.name.lower(): sum(1 for t in trials if t.state == state)
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
     mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     plots = log_study_plots(client, study_run_id, trials)
     if not complete:
-        raise TuneError(f"study {study_name!r}: no trial completed ({counts['fail']} failed, {counts['pruned']} "
-                        f"pruned){'; ' + failed_tasks if failed_tasks else ''}; see the child runs' carclf.error")
+        raise TuneError(
+            f"study {study_name!r}: no trial completed ({counts['fail']} failed, {counts['pruned']} "
+            f"pruned){'; ' + failed_tasks if failed_tasks else ''}; see the child runs' carclf.error"
+        )
     best = max(complete, key=_rank)
     best_run = client.get_run(best._trial_id)
     model_uri = best_run.data.tags.get("carclf.model_uri") or f"runs:/{best._trial_id}/model"
@@ -523,17 +579,36 @@ def _summarise(client, study_run_id, launcher_id, study_name, trials, test_data,
             val[name] = best_run.data.metrics[key]
     mlflow.log_metrics(val)
     test_metrics = _evaluate_on_test(model_uri, test_data) if test_data else {}
-    tags = {"carclf.best_trial_run": best._trial_id, "carclf.best_trial_number": str(best.number),
-            "carclf.model_uri": model_uri, "carclf.best_params": json.dumps(best.params, default=str)[:4000]}
+    tags = {
+        "carclf.best_trial_run": best._trial_id,
+        "carclf.best_trial_number": str(best.number),
+        "carclf.model_uri": model_uri,
+        "carclf.best_params": json.dumps(best.params, default=str)[:4000],
+    }
     if version is not None:
-        tags.update({"carclf.registered_model": registered_model_name, "carclf.registered_version": version,
-                     "carclf.registered_alias": alias})
+        tags.update(
+            {
+                "carclf.registered_model": registered_model_name,
+                "carclf.registered_version": version,
+                "carclf.registered_alias": alias,
+            }
+        )
     mlflow.set_tags(tags)
     if launcher_id != study_run_id:  # a resumed study: the rerun's own run points at the results too
         for key, value in tags.items():
             client.set_tag(launcher_id, key, value)
     mlflow.end_run("FINISHED")
-    return {"study_name": study_name, "study_run_id": study_run_id, "best_trial": best.number,
-            "best_run_id": best._trial_id, "best_value": best.value, "best_params": best.params,
-            "model_uri": model_uri, "registered_version": version, "val_metrics": val,
-            "test_metrics": test_metrics, "counts": counts, "plots": plots}
+    return {
+        "study_name": study_name,
+        "study_run_id": study_run_id,
+        "best_trial": best.number,
+        "best_run_id": best._trial_id,
+        "best_value": best.value,
+        "best_params": best.params,
+        "model_uri": model_uri,
+        "registered_version": version,
+        "val_metrics": val,
+        "test_metrics": test_metrics,
+        "counts": counts,
+        "plots": plots,
+    }
