@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
         result = train(
             train_data=str(splits["train"]),
             val_data=str(splits["val"]),
-            epochs=15,
+            epochs=40,
             head_epochs=1,
             depth=18,
             width=0.25,
@@ -62,7 +62,7 @@ def trained(tmp_path_factory):
             batch_size=16,
             optimizer="adam",
             learning_rate=0.003,
-            online_augment=False,
+            online_augment=True,
             label_smoothing=0.0,
             checkpoint_dir=str(base / "ckpt"),
         )
