@@ -186,7 +186,7 @@ def test_evaluate_logs_the_gallery_with_the_heatmaps_of_the_wrong_guesses(tmp_pa
     carclf_flavor.save_model(
         _tiny_resnet(64, 3), tmp_path / "model", classes, preprocessing=settings, inference_precision="float32"
     )
-    result = evaluate(str(tmp_path / "model"), str(test), gallery_size=4)
+    result = evaluate(model_uri=str(tmp_path / "model"), test_data=str(test), gallery_size=4)
     predictions = result["predictions"]
     worst = worst_mistakes(predictions, 4)
     assert len(worst) >= 2  # an untrained network: most answers are wrong

@@ -13,8 +13,8 @@ from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-# Cut down from the defaults (64 px, 20 epochs): the sample data at 32 px for 3 epochs.
-SMALL = {"image_size": "32", "epochs": "3", "copies": "1", "spark_master": "local[2]"}
+# Cut down from the defaults (64 px, 20 epochs): the sample data at 32 px for 5 epochs.
+SMALL = {"image_size": "32", "epochs": "5", "copies": "1", "spark_master": "local[2]"}
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 
-log = logging.getLogger("carclf.train")
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "one", "mirrored", "multi_worker")
 

@@ -37,7 +37,7 @@ import traceback
 
 import numpy as np
 
-log = logging.getLogger("carclf.train")
+log = logging.getLogger(__name__)
 
 ERROR_MARK = "CARCLF_WORKER_ERROR"
 SPEC_ENV = "CARCLF_WORKER_SPEC"
@@ -361,10 +361,10 @@ def run_worker(spec: dict) -> dict:
     if not chief:
         return {}
     keras.mixed_precision.set_global_policy("float32")
-    return _finish_on_chief(model, config, run_id, train_source, test_source, checkpoint_dir, spec)
+    return _finish_on_chief(model, config, run_id, train_source, val_source, test_source, checkpoint_dir, spec)
 
 
-def _finish_on_chief(model, config, run_id, train_source, test_source, checkpoint_dir, spec) -> dict:
+def _finish_on_chief(model, config, run_id, train_source, val_source, test_source, checkpoint_dir, spec) -> dict:
     import mlflow
 
     from entry_points import train as train_module
@@ -374,7 +374,7 @@ def _finish_on_chief(model, config, run_id, train_source, test_source, checkpoin
     train_module._log_training_curves(run_id)
     if test_source is not None:
         result["metrics"] = train_module._evaluate_on_test(model, test_source, config.batch_size)
-    result.update(train_module._log_final_model(model, config, train_source))
+    result.update(train_module._log_final_model(model, config, train_source, val_source))
     state = {
         "completed_epochs": config.epochs,
         "run_id": run_id,

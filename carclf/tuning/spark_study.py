@@ -43,7 +43,7 @@ from collections.abc import Mapping
 
 from carclf.tuning.search_space import Dimension, describe, sample
 
-log = logging.getLogger("carclf.tune")
+log = logging.getLogger(__name__)
 
 DIRECTION_TAG = "optuna.study_direction"
 TAG_RESUMED_INTO = "carclf.resumed_into_run"
