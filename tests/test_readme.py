@@ -439,7 +439,9 @@ def test_tune_step(world):
     from entry_points.preprocess import preprocess
 
     (command,) = commands_for("test_tune_step")
-    splits = preprocess(world.sample, world.root / "tune_data", image_size=32, crop="bbox", workers=1)
+    splits = preprocess(
+        data_dir=str(world.sample), output_dir=str(world.root / "tune_data"), image_size=32, crop="bbox", workers=1
+    )
     folder = str(pathlib.Path(splits["train"]).parent)
     space = world.root / "tiny_space.yaml"
     space.write_text(

@@ -40,7 +40,7 @@ def _importorskipped_modules() -> list[tuple[str, str]]:
 def test_no_test_skips_on_a_missing_hard_dependency():
     """`importorskip` of a package pyproject requires would turn a broken install into green skips."""
     required = _required_distributions()
-    assert {"tensorflow-cpu", "keras", "mlflow", "pytest"} <= required
+    assert {"tensorflow", "keras", "mlflow", "pytest"} <= required
     providers = importlib.metadata.packages_distributions()
     offenders = []
     for file_name, module in _importorskipped_modules():

@@ -290,7 +290,9 @@ def test_from_scratch_defaults_learn_clearly_better_than_sgd(tmp_path):
     root = generate_sample_dataset(
         tmp_path / "sample", num_classes=10, train_per_class=24, test_per_class=6, min_width=160, max_width=240
     )
-    splits = preprocess(root, tmp_path / "processed", image_size=48, crop="bbox", workers=1)
+    splits = preprocess(
+        data_dir=str(root), output_dir=str(tmp_path / "processed"), image_size=48, crop="bbox", workers=1
+    )
     common = dict(depth=18, width=0.25, weights="none", epochs=12, batch_size=16, registered_model_name="")
     defaults = train(
         train_data=splits["train"],
