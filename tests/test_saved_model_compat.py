@@ -168,7 +168,10 @@ def test_model_saved_before_the_split_loads_and_predicts_identically(tmp_path, m
         "from carclf_flavor.images import PreprocessSettings\n"
         "from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet\n"
         f"carclf_flavor.save_model(build_tiny_resnet(seed=7), {str(model_path)!r}, CLASS_NAMES,\n"
-        "                         preprocessing=PreprocessSettings(image_size=IMAGE_SIZE), inference_precision='float32')\n"
+        "                         preprocessing=PreprocessSettings(image_size=IMAGE_SIZE), inference_precision='float32',\n"
+        # The old code pins `tensorflow-cpu` by its installed version, and this environment may have `tensorflow`
+        # instead (the package now depends on it): the requirements are given, the rest is the old code's own.
+        "                         pip_requirements=['mlflow', 'tensorflow', 'keras'])\n"
         "print('{}')\n"
     )
     old_env = _env(os.pathsep.join([str(old_root), str(TESTS_DIR)]))
