@@ -110,8 +110,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path):
-    """A new virtualenv with only ``requirements`` installed (as test_serving's fresh-venv test builds one).
+def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path, extra_packages=()):
+    """A new virtualenv with only ``requirements`` (and ``extra_packages``) installed, nothing of this checkout.
 
     Returns (its python, an environment without this checkout on PYTHONPATH).
     """
@@ -126,7 +126,17 @@ def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(requirements)],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            str(requirements),
+            *extra_packages,
+        ],
         capture_output=True,
         text=True,
         env=env,

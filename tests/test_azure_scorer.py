@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ import requests
 import carclf_flavor
 from carclf_flavor.images import PreprocessSettings
 from conftest import REPO_ROOT
-from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, free_port, jpeg_bytes
+from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, free_port, fresh_venv_python, jpeg_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -78,28 +77,9 @@ def decode_and_resize(data: bytes) -> np.ndarray:
 def azure_venv(azure_model, tmp_path_factory):
     """Azure's runtime install: the model's requirements.txt and the inference server, nothing of the repo."""
     assert AZURE_SCRIPT.is_file(), f"Azure's scoring script is missing: {AZURE_SCRIPT}"
-    venv = tmp_path_factory.mktemp("azure-venv") / "venv"
-    base_python = getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([base_python, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    install = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-            str(azure_model / "requirements.txt"),
-            *AZURE_SERVER_PACKAGES,
-        ],
-        capture_output=True,
-        text=True,
-        env=_clean_env(),
-        timeout=900,
+    python, _ = fresh_venv_python(
+        tmp_path_factory.mktemp("azure-venv"), azure_model / "requirements.txt", AZURE_SERVER_PACKAGES
     )
-    assert install.returncode == 0, install.stderr[-3000:]
     return python
 
 

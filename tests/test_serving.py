@@ -18,7 +18,15 @@ import requests
 import carclf_flavor
 from carclf_flavor.images import PreprocessSettings
 from conftest import REPO_ROOT
-from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, free_port, jpeg_bytes, varied_format_images
+from helpers_flavor import (
+    CLASS_NAMES,
+    IMAGE_SIZE,
+    build_tiny_resnet,
+    free_port,
+    fresh_venv_python,
+    jpeg_bytes,
+    varied_format_images,
+)
 
 SETTINGS = PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4)
 IMAGES = [jpeg_bytes(90 + 9 * i, 70 + 5 * i, seed=10 + i) for i in range(6)]
@@ -481,29 +489,7 @@ def test_spark_udf_batch_scoring(model_dir, tmp_path, classifier):
 @pytest.mark.slow
 def test_model_loads_and_predicts_in_a_fresh_virtualenv(model_dir, tmp_path, classifier):
     """Only the model's requirements.txt installed; the repo is neither installed nor on sys.path."""
-    venv = tmp_path / "venv"
-    base_python = getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([base_python, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    clean_env = {k: v for k, v in _subprocess_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    install = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-            str(model_dir / "requirements.txt"),
-        ],
-        capture_output=True,
-        text=True,
-        env=clean_env,
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
+    python, clean_env = fresh_venv_python(tmp_path, model_dir / "requirements.txt")
     (tmp_path / "car.jpg").write_bytes(IMAGES[4])
     script = tmp_path / "check.py"
     script.write_text(
