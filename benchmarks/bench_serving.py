@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
+
+from carclf.compute.ports import free_port  # noqa: E402
 
 DEPTH = int(os.environ.get("BENCH_SERVING_DEPTH", "50"))
 IMAGE_SIZE = int(os.environ.get("BENCH_SERVING_IMAGE_SIZE", "224"))
@@ -57,12 +58,6 @@ def photo_jpegs(count: int, width: int = 700, height: int = 500) -> list[bytes]:
         noise = rng.integers(0, 40, base.shape, dtype=np.uint8)
         images.append(cv2.imencode(".jpg", base + noise, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
     return images
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

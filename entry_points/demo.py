@@ -10,14 +10,13 @@ uvicorn on loopback by default; open the printed address in a browser. Ctrl+C st
 from __future__ import annotations
 
 import dataclasses
-import errno
 import ipaddress
 import logging
-import socket
 import sys
 
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
+from carclf.compute.ports import AddressInUse, check_address_free
 from carclf.demo.app import DEFAULT_MAX_FILES, DEFAULT_MAX_UPLOAD_BYTES
 
 log = logging.getLogger(__name__)
@@ -29,15 +28,11 @@ class DemoError(ValueError):
 
 def _check_address_free(host: str, port: int) -> None:
     """Fail with one line before loading the model (slow) when the address cannot be bound."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise DemoError(f"port {port} on {host} is already in use: pass another port (-P port=...)") from None
-            raise DemoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        check_address_free(host, port)
+    except AddressInUse as exc:
+        hint = ": pass another port (-P port=...)" if "already in use" in str(exc) else ""
+        raise DemoError(f"{exc}{hint}") from None
 
 
 def _is_loopback(host: str) -> bool:

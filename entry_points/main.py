@@ -26,6 +26,7 @@ from mlflow.utils import mlflow_tags
 
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import config_from_args, param, resolve_config
+from carclf.files.fingerprint import file_fingerprint
 from carclf_flavor.images import CROP_MODES
 from entry_points.train import OPTIMIZERS
 
@@ -40,22 +41,6 @@ TAG_REUSED = "carclf.reused_run_"
 
 class StepFailed(RuntimeError):
     """A child step ended in a state other than FINISHED."""
-
-
-def file_fingerprint(path: os.PathLike | str) -> str:
-    """Cheap identity of a file or folder tree: names, sizes and modification times (no content read)."""
-    path = pathlib.Path(path)
-    digest = hashlib.sha256()
-    if path.is_dir():
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
-            stat = child.stat()
-            digest.update(f"{child.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    elif path.exists():
-        stat = path.stat()
-        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    else:
-        digest.update(b"<missing>")
-    return digest.hexdigest()
 
 
 def code_fingerprint() -> str:

@@ -39,8 +39,9 @@ import numpy as np
 
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
-from carclf.data.hdf5_dataset import DatasetError, HDF5SplitWriter, remove_stale_partials
+from carclf.data.hdf5_dataset import DatasetError, HDF5SplitWriter
 from carclf.data.readers import DataLayoutError, ImageRecord, SourceDataset, read_dataset, stratified_split
+from carclf.files.atomic import remove_stale_partials
 from carclf_flavor.images import (
     CROP_MODES,
     RESIZE_MODES,

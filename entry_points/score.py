@@ -277,7 +277,7 @@ def score_folder_spark(
         F.when(bad, F.lit(None)).otherwise(F.col("p.top_k")).alias("top_k"),
         F.when(bad, F.col("p.error")).otherwise(F.lit(None)).alias("error"),
     )
-    from carclf.data.hdf5_dataset import partial_path, remove_stale_partials
+    from carclf.files.atomic import partial_path, remove_stale_partials
 
     # A killed earlier run's folder goes first; this run's is named after its pid, so the next run can tell.
     remove_stale_partials(output.parent)

@@ -41,8 +41,10 @@ import numpy as np
 
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import config_from_args, param, resolve_config
-from carclf.data.hdf5_dataset import DatasetError, partial_path, remove_stale_partials
+from carclf.data.hdf5_dataset import DatasetError
 from carclf.data.input_pipeline import HDF5Source, make_dataset, split_paths
+from carclf.files.atomic import partial_path, remove_stale_partials, write_json_atomic
+from carclf.files.fingerprint import files_identity
 from carclf.tracking.runs import log_new_params
 from carclf.training.distributed import (
     STRATEGIES,
@@ -259,15 +261,6 @@ def log_dataset_inputs(source: HDF5Source, context: str) -> None:
         )
 
 
-def _data_identity(paths) -> list:
-    """Cheap identity (path, size, mtime) of the input files: a changed file must not be resumed into."""
-    out = []
-    for path in paths:
-        stat = pathlib.Path(path).stat()
-        out.append([str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
-    return out
-
-
 def config_fingerprint(config: TrainConfig, sources) -> str:
     relevant = {
         k: v
@@ -275,7 +268,7 @@ def config_fingerprint(config: TrainConfig, sources) -> str:
         if k
         not in ("resume", "checkpoint_dir", "registered_model_name", "test_data", "strategy", "workers", "spark_master")
     }
-    relevant["data"] = [_data_identity(s.paths) for s in sources]
+    relevant["data"] = [files_identity(s.paths) for s in sources]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -368,12 +361,6 @@ def cosine_lr(phase: Phase, epoch: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
-def _write_json_atomic(path: pathlib.Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: pathlib.Path, model, state: dict) -> pathlib.Path:
     """Write weights + optimizer + state to ``epoch-NNNN`` (temp name, renamed when complete), then point
     ``latest.json`` at it; older checkpoints beyond the last ``KEEP_CHECKPOINTS`` are removed."""
@@ -392,7 +379,7 @@ def save_checkpoint(directory: pathlib.Path, model, state: dict) -> pathlib.Path
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_json_atomic(directory / CHECKPOINT_POINTER, {"checkpoint": name, **state})
+    write_json_atomic(directory / CHECKPOINT_POINTER, {"checkpoint": name, **state})
     for old in sorted(directory.glob("epoch-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -803,7 +790,7 @@ def _train_in_run(
         "checkpoint": "",
     }
     if checkpoint_dir.exists():
-        _write_json_atomic(checkpoint_dir / CHECKPOINT_POINTER, state)
+        write_json_atomic(checkpoint_dir / CHECKPOINT_POINTER, state)
     return result
 
 

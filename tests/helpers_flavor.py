@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import pathlib
-import socket
 
 import cv2
 import numpy as np
@@ -102,12 +101,6 @@ def write_cars_meta(path: pathlib.Path, names) -> pathlib.Path:
         cell[0, i] = np.array([name])
     scipy.io.savemat(str(path), {"class_names": cell})
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path, extra_packages=()):

@@ -6,11 +6,11 @@ import h5py
 import numpy as np
 import pytest
 
+from carclf.compute.ports import free_port
 from carclf.compute.spark_session import SparkSetupError, check_java, get_spark, session_master
 from carclf.data.hdf5_dataset import read_dataset_info, write_hdf5_split
 from carclf_flavor.images import PreprocessSettings
 from entry_points import augment as aug
-from helpers_flavor import free_port
 
 # Two cores, and up to 4 attempts per task: local[N] alone never retries a failed task.
 MASTER = "local[2,4]"

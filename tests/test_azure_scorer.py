@@ -19,9 +19,10 @@ import pytest
 import requests
 
 import carclf_flavor
+from carclf.compute.ports import free_port
 from carclf_flavor.images import PreprocessSettings
 from conftest import REPO_ROOT
-from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, free_port, fresh_venv_python, jpeg_bytes
+from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, fresh_venv_python, jpeg_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import requests
 
+from carclf.compute.ports import free_port
 from conftest import REPO_ROOT
-from helpers_flavor import CLASS_NAMES, free_port
+from helpers_flavor import CLASS_NAMES
 
 MODEL_NAME = "carclf-demo"
 MODEL_URI = f"models:/{MODEL_NAME}/1"

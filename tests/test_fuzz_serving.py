@@ -25,8 +25,9 @@ import requests
 from PIL import Image
 
 import carclf_flavor
+from carclf.compute.ports import free_port
 from carclf_flavor.images import PreprocessSettings
-from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, free_port, jpeg_bytes, varied_format_images
+from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, jpeg_bytes, varied_format_images
 from helpers_hostile import PeakRSS, bomb_png, header_bombs, process_tree
 
 SEED = 14

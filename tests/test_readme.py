@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 import pytest
 
+from carclf.compute.ports import free_port
 from conftest import REPO_ROOT
 from helpers_deploy import clean_azure_env, kill_servers_of_store, require_unshare
-from helpers_flavor import free_port
 
 README = REPO_ROOT / "README.md"
 VENV_BIN = pathlib.Path(sys.executable).parent

@@ -13,16 +13,14 @@ Schema (every split file, whoever writes it: preprocess, augment):
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import pathlib
-import re
-import shutil
 from collections.abc import Sequence
 
 import h5py
 import numpy as np
 
+from carclf.files.atomic import partial_path
 from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.version import __version__
 
@@ -33,84 +31,6 @@ _STR = h5py.string_dtype(encoding="utf-8")
 
 class DatasetError(ValueError):
     """An HDF5 file that is not a usable carclf dataset; the message names the file and the problem."""
-
-
-def partial_path(path: os.PathLike | str) -> pathlib.Path:
-    """Where a file is written before it is complete (renamed onto ``path`` at the end)."""
-    path = pathlib.Path(path)
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
-# ``.<name>.partial-<pid>`` (partial_path) and ``.<name>.shards-<pid>-<id>`` (augment's shard folder).
-_LEFTOVER = re.compile(r"^\..+\.(?:partial|shards)-(\d+)(?:-[0-9a-f]+)?$")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _process_started_at(pid: int) -> float | None:
-    """Start time (epoch seconds) of a live process, None when there is none with that pid."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, owned by someone else
-        pass
-    try:
-        start_ticks = int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
-        import time
-
-        return time.time() - uptime + start_ticks / _CLOCK_TICKS
-    except (OSError, ValueError, IndexError):
-        return 0.0  # alive, start unknown: treat as the writer
-
-
-def remove_stale_partials(folder: os.PathLike | str, logger: logging.Logger | None = None) -> list[pathlib.Path]:
-    """Remove the partial files (and augment shard folders) in ``folder`` whose writer process is gone.
-
-    A run killed with SIGKILL cannot clean up after itself; the next run into the same folder does. A file
-    whose pid belongs to a live process is kept, unless that process started after the file was last written
-    (the pid was reused by an unrelated process). The pid is checked on this machine only: one folder written
-    from two machines at once (shared storage) is not supported. Says what it removed in one log line.
-    """
-    folder = pathlib.Path(folder)
-    removed, freed = [], 0
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _LEFTOVER.match(entry.name)
-        if not match:
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            stat = entry.lstat()
-        except OSError:
-            continue
-        started = _process_started_at(pid)
-        if started is not None and started <= stat.st_mtime + 1.0:
-            continue  # its writer is still running
-        size = stat.st_size if not entry.is_dir() else sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        except OSError:
-            continue
-        removed.append(entry)
-        freed += size
-    if removed:
-        (logger or logging.getLogger(__name__)).warning(
-            "removed %d partial file(s) left in %s by runs that were killed (%.1f MB): %s",
-            len(removed),
-            folder,
-            freed / 2**20,
-            ", ".join(sorted(p.name for p in removed)),
-        )
-    return removed
 
 
 class HDF5SplitWriter:

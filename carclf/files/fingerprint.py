@@ -1,0 +1,40 @@
+"""Cheap identities of input files (names, sizes, modification times; no content read).
+
+One home for "has this input changed?": ``main`` reuses a finished step only when its inputs' fingerprints are
+unchanged, and ``train`` resumes a checkpoint only into the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+from collections.abc import Iterable
+
+
+def file_identity(path: os.PathLike | str) -> list:
+    """``[absolute path, size, mtime_ns]`` of one file (raises OSError when it is missing)."""
+    path = pathlib.Path(path)
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def files_identity(paths: Iterable[os.PathLike | str]) -> list:
+    """The identity of each file, in the given order."""
+    return [file_identity(path) for path in paths]
+
+
+def file_fingerprint(path: os.PathLike | str) -> str:
+    """SHA-256 over the identity of a file or of every file of a folder tree (``<missing>`` when absent)."""
+    path = pathlib.Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = child.stat()
+            digest.update(f"{child.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    elif path.exists():
+        stat = path.stat()
+        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    else:
+        digest.update(b"<missing>")
+    return digest.hexdigest()
