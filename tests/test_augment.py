@@ -1,11 +1,20 @@
 """`augment` on a real local Spark session (one per module: the JVM start is the slow part), 32 px images."""
 
 import dataclasses
+import pathlib
+import shutil
 
 import h5py
 import numpy as np
 import pytest
 
+from carclf.augmentation.errors import AugmentError
+from carclf.augmentation.in_process import augment_in_process
+from carclf.augmentation.job import JobSpec, read_input_meta
+from carclf.augmentation.range_task import FAIL_ENV, run_range
+from carclf.augmentation.shards import merge_metadata, shard_path
+from carclf.augmentation.spark_job import plan_ranges
+from carclf.augmentation.transforms import OPS, AugmentParams, augment_image, rng_for
 from carclf.compute.ports import free_port
 from carclf.compute.spark_session import SparkSetupError, check_java, get_spark, session_master
 from carclf.data.hdf5_dataset import read_dataset_info, write_hdf5_split
@@ -17,7 +26,7 @@ MASTER = "local[2,4]"
 SIZE = 32
 NUM_IMAGES = 18
 CLASS_NAMES = ["Audi A4 Sedan 2012", "BMW M3 Coupe 2012", "Ford F-150 2007"]
-ALL_OPS = ",".join(aug.OPS)
+ALL_OPS = ",".join(OPS)
 
 
 def _asymmetric_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -137,18 +146,18 @@ def test_flip_really_mirrors(spark, source, tmp_path):
     assert (got["images"][:, :, -6:-2, :] == 255).all() and not (got["images"][:, :, 2:6, :] == 255).all()
 
 
-@pytest.mark.parametrize("op", aug.OPS)
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("size", [32, 33])
 def test_every_op_keeps_size_and_changes_pixels(op, size):
     image = _asymmetric_images(1, size, 3)[0]
-    params = aug.AugmentParams.parse(op, flip_prob=1.0)
+    params = AugmentParams.parse(op, flip_prob=1.0)
     changed = 0
     for copy in range(1, 6):
-        out = aug.augment_image(image, params, aug.rng_for(0, 0, copy))
+        out = augment_image(image, params, rng_for(0, 0, copy))
         assert out.shape == image.shape and out.dtype == np.uint8 and out.flags.c_contiguous
         changed += not np.array_equal(out, image)
         # Same key, same result: the randomness depends on (seed, row, copy) only.
-        np.testing.assert_array_equal(out, aug.augment_image(image, params, aug.rng_for(0, 0, copy)))
+        np.testing.assert_array_equal(out, augment_image(image, params, rng_for(0, 0, copy)))
     assert changed >= 3, f"{op} left the image unchanged in {5 - changed} of 5 draws"
 
 
@@ -157,12 +166,12 @@ def test_same_output_with_1_and_3_partitions_and_in_process(spark, source, tmp_p
     common = dict(copies=2, ops=ALL_OPS, seed=11, spark_master=MASTER, log_to_mlflow=False)
     assert aug.augment(input=source, output=one, partitions=1, **common)["partitions"] == 1
     assert aug.augment(input=source, output=three, partitions=3, **common)["partitions"] == 3
-    reference = aug.augment_in_process(source, tmp_path / "loop.h5", copies=2, ops=ALL_OPS, seed=11)
+    reference = augment_in_process(source, tmp_path / "loop.h5", copies=2, keep_original=True, ops=ALL_OPS, seed=11)
     a, b, c = _read(one), _read(three), _read(reference["output"])
     for key in ("images", "labels", "source_index", "bboxes"):
         np.testing.assert_array_equal(a[key], b[key])
         np.testing.assert_array_equal(a[key], c[key])
-    other = aug.augment_in_process(source, tmp_path / "seed12.h5", copies=2, ops=ALL_OPS, seed=12)
+    other = augment_in_process(source, tmp_path / "seed12.h5", copies=2, keep_original=True, ops=ALL_OPS, seed=12)
     assert not np.array_equal(_read(other["output"])["images"], a["images"])
 
 
@@ -170,7 +179,7 @@ def test_task_killed_once_is_retried_without_duplicates(spark, source, tmp_path,
     if "," not in session_master(spark):
         pytest.skip(f"the active Spark session ({session_master(spark)}) does not retry failed tasks")
     markers = tmp_path / "markers"
-    monkeypatch.setenv(aug.FAIL_ENV, f"once:{markers}")
+    monkeypatch.setenv(FAIL_ENV, f"once:{markers}")
     out = tmp_path / "out" / "retried.h5"
     aug.augment(input=source, output=out, copies=2, spark_master=MASTER, partitions=3, seed=3, log_to_mlflow=False)
     # Every task's first attempt died halfway through its rows (worker killed: half its images written, no shard).
@@ -178,8 +187,8 @@ def test_task_killed_once_is_retried_without_duplicates(spark, source, tmp_path,
     got = _read(out)
     counts = np.bincount(got["source_index"][got["source_index"] >= 0], minlength=NUM_IMAGES)
     assert len(got["images"]) == NUM_IMAGES * 3 and counts.tolist() == [2] * NUM_IMAGES
-    monkeypatch.delenv(aug.FAIL_ENV)
-    reference = aug.augment_in_process(source, tmp_path / "loop.h5", copies=2, seed=3)
+    monkeypatch.delenv(FAIL_ENV)
+    reference = augment_in_process(source, tmp_path / "loop.h5", copies=2, keep_original=True, seed=3)
     np.testing.assert_array_equal(got["images"], _read(reference["output"])["images"])
     assert _hidden_leftovers(out.parent) == []
 
@@ -188,17 +197,17 @@ def test_tasks_write_their_rows_into_the_preallocated_output_in_any_order(source
     """The mechanism under the Spark job, without Spark: ranges written last-first, straight into the block."""
     from carclf.data.hdf5_dataset import HDF5SplitWriter
 
-    info, split = aug._input_meta(str(source))
-    spec = aug.JobSpec(
+    info, split = read_input_meta(str(source))
+    spec = JobSpec(
         input=str(source),
         copies=2,
         keep_original=True,
-        params=aug.AugmentParams.parse("crop,flip"),
+        params=AugmentParams.parse("crop,flip"),
         seed=5,
         shard_dir=str(tmp_path / "shards"),
     )
     (tmp_path / "shards").mkdir()
-    ranges = aug.plan_ranges(NUM_IMAGES, 3)
+    ranges = plan_ranges(NUM_IMAGES, 3)
     out = tmp_path / "direct.h5"
     with HDF5SplitWriter(
         out,
@@ -212,9 +221,9 @@ def test_tasks_write_their_rows_into_the_preallocated_output_in_any_order(source
         spec = dataclasses.replace(
             spec, output_tmp=str(writer.tmp_path), images_offset=writer.images_offset, row_bytes=writer.row_bytes
         )
-        results = [aug.run_range(spec, a, b) for a, b in reversed(ranges)]
-        assert aug.merge_metadata(results, ranges, spec, writer) == NUM_IMAGES * 3
-    reference = aug.augment_in_process(source, tmp_path / "loop.h5", copies=2, ops="crop,flip", seed=5)
+        results = [run_range(spec, a, b) for a, b in reversed(ranges)]
+        assert merge_metadata(results, ranges, spec, writer) == NUM_IMAGES * 3
+    reference = augment_in_process(source, tmp_path / "loop.h5", copies=2, keep_original=True, ops="crop,flip", seed=5)
     got, want = _read(out), _read(reference["output"])
     for key in ("images", "labels", "bboxes", "source_index", "filenames"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
@@ -222,9 +231,9 @@ def test_tasks_write_their_rows_into_the_preallocated_output_in_any_order(source
         assert f["images"].chunks is None  # one contiguous block: the pixels were written once, in place
         assert f.attrs["num_images"] == NUM_IMAGES * 3
     # A range without its shard (its task never finished) fails the merge, and the output is not created.
-    aug.shard_path(spec.shard_dir, *ranges[1]).unlink()
+    shard_path(spec.shard_dir, *ranges[1]).unlink()
     out2 = tmp_path / "incomplete.h5"
-    with pytest.raises(aug.AugmentError, match=r"shard-.*\.npz: missing or unreadable metadata shard"):
+    with pytest.raises(AugmentError, match=r"shard-.*\.npz: missing or unreadable metadata shard"):
         with HDF5SplitWriter(
             out2,
             info.class_names,
@@ -234,14 +243,14 @@ def test_tasks_write_their_rows_into_the_preallocated_output_in_any_order(source
             expected_rows=NUM_IMAGES * 3,
             preallocate_images=True,
         ) as writer:
-            aug.merge_metadata(results, ranges, spec, writer)
+            merge_metadata(results, ranges, spec, writer)
     assert list(tmp_path.glob("incomplete*")) == [] and _hidden_leftovers(tmp_path) == []
 
 
 def test_failed_job_leaves_no_output_and_no_shards(spark, source, tmp_path, monkeypatch):
-    monkeypatch.setenv(aug.FAIL_ENV, "always")
+    monkeypatch.setenv(FAIL_ENV, "always")
     out = tmp_path / "out" / "never.h5"
-    with pytest.raises(aug.AugmentError, match="Spark job on .* failed: .*injected failure"):
+    with pytest.raises(AugmentError, match="Spark job on .* failed: .*injected failure"):
         aug.augment(input=source, output=out, copies=1, spark_master=MASTER, partitions=1, log_to_mlflow=False)
     assert not out.exists()
     assert list(out.parent.iterdir()) == []
@@ -309,6 +318,29 @@ def test_java_missing_says_how_to_install(tmp_path):
 
 def test_plan_ranges_cover_every_row_once():
     for n, parts in [(1, 4), (10, 3), (1000, 7), (5, 5)]:
-        ranges = aug.plan_ranges(n, parts)
+        ranges = plan_ranges(n, parts)
         rows = [r for a, b in ranges for r in range(a, b)]
         assert rows == list(range(n)) and len(ranges) == min(n, parts)
+
+
+def test_cluster_executors_get_the_packages_the_tasks_run_from(tmp_path):
+    """On a cluster the executors have no checkout: the archive shipped to them holds the task code."""
+    import zipfile
+
+    from carclf.compute.spark_session import ship_project_code
+
+    class Context:
+        def addPyFile(self, path):  # noqa: N802 - SparkContext's name
+            self.path = path
+
+    class Session:
+        sparkContext = Context()  # noqa: N815
+
+    session = Session()
+    ship_project_code(session)
+    archive = pathlib.Path(session.sparkContext.path)
+    with zipfile.ZipFile(archive) as zf:
+        names = zf.namelist()
+    shutil.rmtree(archive.parent)
+    for module in ("carclf/augmentation/range_task.py", "carclf/data/hdf5_dataset.py", "carclf_flavor/images.py"):
+        assert module in names

@@ -293,12 +293,16 @@ def _wait_for_executors(spark, master: str, wait_s: float) -> None:
         time.sleep(1.0)
 
 
+PROJECT_PACKAGES = ("carclf", "carclf_flavor", "entry_points")
+
+
 def ship_project_code(spark) -> None:
-    """Send carclf_flavor and entry_points to the executors (a cluster does not have this checkout)."""
-    root = pathlib.Path(__file__).resolve().parents[1]
+    """Send carclf, carclf_flavor and entry_points to the executors (a cluster does not have this checkout):
+    the tasks' functions live there (e.g. carclf.augmentation.range_task)."""
+    root = pathlib.Path(__file__).resolve().parents[2]  # the checkout: carclf/compute/spark_session.py
     archive = pathlib.Path(tempfile.mkdtemp(prefix="carclf-code-")) / "carclf_code.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for package in ("carclf_flavor", "entry_points"):
+        for package in PROJECT_PACKAGES:
             for source in (root / package).rglob("*.py"):
                 zf.write(source, source.relative_to(root).as_posix())
     spark.sparkContext.addPyFile(str(archive))
