@@ -158,3 +158,18 @@ def test_cache_ignores_an_incomplete_copy(tmp_path, monkeypatch):
     (target / "cars_train").mkdir(parents=True)  # e.g. left by a foreign tool: no completion marker
     result = ensure_sample_data(**params)
     assert result == target and len(list((target / "cars_train").glob("*.jpg"))) == 2
+
+
+def test_cache_removes_what_a_killed_generation_left(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / "cache"))
+    params = dict(TINY, num_classes=2, train_per_class=1, test_per_class=1)
+    target = default_sample_dir(**{**sample_data.DEFAULTS, **params})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = target.parent / f".{target.name}.partial-{int(dead.stdout)}"  # a generation killed half-way
+    (leftover / "cars_train").mkdir(parents=True)
+    (leftover / "cars_train" / "00001.jpg").write_bytes(b"half a photo")
+    assert ensure_sample_data(**params) == target
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
