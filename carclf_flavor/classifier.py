@@ -16,14 +16,7 @@ from typing import Any
 import numpy as np
 
 from carclf_flavor.errors import first_problem_message
-from carclf_flavor.images import (
-    ImageDecodeError,
-    PreprocessSettings,
-    clamp_bbox,
-    crop_and_resize,
-    image_size_of,
-    preprocess_image,
-)
+from carclf_flavor.images import ImageDecodeError, PreprocessSettings, prepare_photo
 from carclf_flavor.signature import DEFAULT_TOP_K
 
 # Images per network call: bounds activation memory whatever the request's batch size.
@@ -79,25 +72,12 @@ class CarClassifier:
 
     # -- preprocessing ------------------------------------------------------------------------------
     def _prepare_one(self, image, bbox) -> np.ndarray:
-        if isinstance(image, np.ndarray) and image.dtype != np.uint8 and image.dtype != object:
-            raise ImageDecodeError(f"arrays must be uint8 RGB, got dtype {image.dtype}")
-        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
-            if image.ndim != 3 or image.shape[2] != 3:
-                raise ImageDecodeError(f"arrays must have shape (H, W, 3), got {image.shape}")
-            height, width = image.shape[:2]
-            if width * height > self.settings.max_pixels:
-                raise ImageDecodeError(f"image is {width}x{height}, above the pixel limit {self.settings.max_pixels}")
-            if bbox is not None:
-                clamp_bbox(bbox, width, height)  # a box outside the image is an error, even when crop="none"
-            return crop_and_resize(image, bbox, self.settings)
+        # Bytes or a uint8 array, through the one preparation the training data went through (same bbox policy).
         if isinstance(image, (bytearray, memoryview)):
             image = bytes(image)
-        if not isinstance(image, bytes):
+        if not isinstance(image, (bytes, np.ndarray)) or (isinstance(image, np.ndarray) and image.dtype == object):
             raise ImageDecodeError(f"expected encoded image bytes or a uint8 array, got {type(image).__name__}")
-        if bbox is not None and len(image) > 0:
-            width, height = image_size_of(image)
-            clamp_bbox(bbox, width, height)
-        return preprocess_image(image, bbox, self.settings)
+        return prepare_photo(image, bbox, self.settings)
 
     def preprocess(
         self, images: Sequence[Any], bboxes: Sequence[Any] | None = None

@@ -1,13 +1,35 @@
-"""Image decoding and crop/resize: the ONE preprocessing used to build training data and to serve.
+"""The ONE photo preparation of carclf: what builds the training data is what serves (shipped in every model).
 
 Public API:
 - ``PreprocessSettings``: image size, crop mode, crop margin, resize mode, pixel limit (saved with
   every HDF5 file and every model as ``preprocessing.json``).
-- ``decode_image(data, ...)``: encoded bytes -> RGB uint8 array (EXIF orientation applied; grayscale,
-  CMYK, alpha, palette and 16-bit inputs normalised), optionally decoded at reduced resolution.
-- ``crop_and_resize(image, bbox, settings, source_size)``: bbox crop with margin, then stretch/pad resize.
-- ``preprocess_image(data, bbox, settings)``: decode -> crop -> resize, picking the cheapest decode
-  resolution that still covers the crop. Training data and served requests both go through it.
+- ``prepare_photo(photo, bbox, settings)``: encoded bytes, a ``pathlib.Path`` or a uint8 RGB array -> the
+  (S, S, 3) uint8 pixels the network sees. The ``preprocess`` step (training data) and ``CarClassifier``
+  (``predict``, the served pyfunc, the demo page) call it for every photo; nothing else prepares photos.
+- ``read_photo_header`` / ``decode_region``: its two halves, for a caller that needs the photo's region at
+  another size (the demo's heatmap picture); ``decode_image``: a whole photo as RGB; ``crop_and_resize``,
+  ``clamp_bbox``, ``crop_region``, ``choose_reduction``, ``image_size_of``: the geometry it uses.
+
+One header read: Pillow opens the bytes once, lazily (``read_photo_header``). Format, size, pixel limit and
+EXIF orientation all come from that one parse, before any pixel is decoded, and the pixels are decoded from
+that same open image (JPEG, and every format OpenCV does not read well) or by OpenCV from the same bytes
+(PNG, WebP, BMP, TIFF in plain modes).
+
+Reduced JPEG decoding: ``Image.draft`` makes libjpeg decode at 1/2, 1/4 or 1/8 scale in the DCT domain. The
+scale is the largest that keeps the crop region's short side >= the output size (``choose_reduction``), so
+the final resize still only shrinks. It gives the same pixels as OpenCV's ``IMREAD_REDUCED_COLOR_*`` (the
+previous implementation) and differs from a full decode followed by the same resize by about one level on
+average. Training data and served photos go through the same call, so there is no train/serve skew.
+
+Bounding-box policy (the same for training data and serving, for bytes and arrays):
+- the box is used, and so validated, only when ``settings.crop == "bbox"``; with ``crop="none"`` (or no box)
+  the whole photo is used and any box given is ignored, whatever its values;
+- with ``crop="bbox"`` the box (x1, y1, x2, y2; source pixels of the photo as displayed, i.e. after EXIF
+  orientation; exclusive end) is clamped to the photo when it lies partly outside it;
+- a box that is empty or inverted (x2 <= x1 or y2 <= y1), or that lies wholly outside the photo, raises
+  ``BoundingBoxError`` (an ``ImageDecodeError``) naming the box, before the photo is decoded: ``preprocess``
+  skips and lists that photo, the served model answers that row with the error;
+- ``crop_margin`` pixels are then added around the (clamped) box, clamped to the photo again.
 
 Only numpy, OpenCV and Pillow are imported: this module ships inside every saved model.
 """
@@ -17,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import struct
 import warnings
@@ -25,7 +48,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 CROP_MODES = ("bbox", "none")
 RESIZE_MODES = ("stretch", "pad")
@@ -51,6 +74,10 @@ if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > 2 * DEFAULT_MAX_PI
 
 class ImageDecodeError(ValueError):
     """An input that is not a usable image (empty, corrupt, truncated, too large, unknown format)."""
+
+
+class BoundingBoxError(ImageDecodeError):
+    """A box that ``crop="bbox"`` cannot use: empty, inverted or wholly outside the photo (the message names it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,19 +131,62 @@ def _bomb_error(exc: Exception, max_pixels: int) -> ImageDecodeError:
     return ImageDecodeError(f"image is {size}, above the limit of {limit / 1e6:.1f} megapixels")
 
 
-def _read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open lazily (header only) so size, format and mode are known before any pixel is decoded."""
+# Formats whose files can carry an EXIF orientation tag Pillow reads from the header.
+_EXIF_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "AVIF")
+
+
+@dataclasses.dataclass
+class PhotoHeader:
+    """One parse of a photo: what is known before any pixel is decoded. Decode it once (``decode_photo``)."""
+
+    data: bytes
+    image: Image.Image  # opened lazily: header parsed, pixels not yet decoded
+    format: str
+    stored_size: tuple[int, int]  # (width, height) as stored in the file
+    orientation: int  # EXIF orientation 1-8
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as displayed, i.e. after EXIF orientation: the frame boxes refer to."""
+        width, height = self.stored_size
+        return (height, width) if self.orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def _as_bytes(data) -> bytes:
+    if data is None or len(data) == 0:
+        raise ImageDecodeError("empty image (0 bytes)")
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
+    return data
+
+
+def read_photo_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> PhotoHeader:
+    """Open ``data`` once, lazily: format, size, pixel limit and EXIF orientation, no pixel decoded.
+
+    Raises ``ImageDecodeError`` for empty input, unknown formats and photos above ``max_pixels``.
+    """
+    data = _as_bytes(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit speaks first
-            header = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise _bomb_error(exc, max_pixels) from None
     except Exception as exc:  # PIL raises several types for non-images
         raise ImageDecodeError(
             f"not a recognised image format ({type(exc).__name__}; accepted: {', '.join(ACCEPTED_FORMATS)})"
         ) from None
-    return header
+    width, height = image.size
+    _check_pixel_limit(width, height, max_pixels)
+    orientation = _exif_orientation(image, data) if image.format in _EXIF_FORMATS else 1
+    return PhotoHeader(data, image, image.format, (width, height), orientation)
+
+
+def image_size_of(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as displayed, i.e. after EXIF orientation, read from the header only."""
+    return read_photo_header(data, max_pixels).size
 
 
 def _check_pixel_limit(width: int, height: int, max_pixels: int) -> None:
@@ -185,8 +255,8 @@ def _to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(array[:, :, :3], cv2.COLOR_BGR2RGB)
 
 
-def _decode_with_pil(header: Image.Image) -> np.ndarray:
-    image = ImageOps.exif_transpose(header)
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A loaded Pillow image in any mode -> RGB uint8; transparency is composited over white."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -195,58 +265,53 @@ def _decode_with_pil(header: Image.Image) -> np.ndarray:
         array = np.asarray(image, dtype=np.uint32)
         # 16-bit data: keep the top 8 bits, as OpenCV does.
         return _to_rgb_uint8((array >> 8).clip(0, 255).astype(np.uint8))
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    elif image.mode == "L":
+        return cv2.cvtColor(np.asarray(image, dtype=np.uint8), cv2.COLOR_GRAY2RGB)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
-_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+def decode_photo(header: PhotoHeader, reduce: int = 1) -> np.ndarray:
+    """The pixels of an opened photo as RGB uint8 (H, W, 3), EXIF orientation applied.
 
-
-def decode_image(data: bytes, reduce: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode encoded image bytes to an RGB uint8 array of shape (H, W, 3), EXIF orientation applied.
-
-    ``reduce`` (1, 2, 4 or 8) decodes a JPEG at 1/reduce of its size through libjpeg's DCT scaling,
-    which is several times faster than a full decode followed by a resize. Other formats ignore it.
-    Raises ``ImageDecodeError`` for empty, corrupt, truncated or over-large inputs.
+    ``reduce`` (1, 2, 4 or 8) decodes a JPEG at 1/reduce of its size (``Image.draft``: libjpeg's DCT
+    scaling, several times faster than a full decode and a resize); other formats ignore it. Consumes the
+    header's open image: decode a header once.
     """
-    if data is None or len(data) == 0:
-        raise ImageDecodeError("empty image (0 bytes)")
-    if isinstance(data, (bytearray, memoryview)):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
-    header = _read_header(data, max_pixels)
-    width, height = header.size
-    _check_pixel_limit(width, height, max_pixels)
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    fmt = header.format
+    image, data, fmt = header.image, header.data, header.format
     try:
-        if fmt in ("JPEG", "MPO") and header.mode in ("RGB", "L"):
-            # cv2 applies EXIF orientation itself for IMREAD_COLOR and the reduced flags.
-            flag = _REDUCED_FLAGS.get(int(reduce), cv2.IMREAD_COLOR)
-            decoded = cv2.imdecode(buffer, flag)
-            if decoded is None:
-                raise ImageDecodeError("corrupt or truncated JPEG")
-            image = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
-            # libjpeg fills a truncated stream with grey and only warns: catch it with PIL's strict check.
+        if fmt in ("JPEG", "MPO"):
+            # libjpeg fills a truncated stream with grey and only warns: refuse it before decoding.
             _check_complete_jpeg(data)
-        elif fmt in ("PNG", "WEBP", "BMP", "TIFF") and header.mode not in ("CMYK", "P", "PA", "I", "F"):
-            decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+            if int(reduce) > 1:
+                width, height = header.stored_size
+                image.draft("RGB", (max(1, width // int(reduce)), max(1, height // int(reduce))))
+            image.load()
+            pixels = _pil_to_rgb(image)
+        elif fmt in ("PNG", "WEBP", "BMP", "TIFF") and image.mode not in ("CMYK", "P", "PA", "I", "F"):
+            decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
             if decoded is None:
                 raise ImageDecodeError(f"corrupt or truncated {fmt}")
-            image = _to_rgb_uint8(decoded)
-            orientation = _exif_orientation(header, data)
-            if orientation != 1:
-                image = _apply_orientation(image, orientation)
-        else:  # CMYK JPEG, palette PNG, GIF, ...: Pillow handles the colour conversions correctly
-            header.load()
-            image = _decode_with_pil(header)
+            pixels = _to_rgb_uint8(decoded)
+        else:  # palette PNG, GIF, AVIF, JPEG 2000, ...: Pillow handles the colour conversions correctly
+            image.load()
+            pixels = _pil_to_rgb(image)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise _bomb_error(exc, max_pixels) from None
+        raise _bomb_error(exc, DEFAULT_MAX_PIXELS) from None
     except (OSError, SyntaxError, ValueError, cv2.error) as exc:
         raise ImageDecodeError(f"corrupt or truncated {fmt or 'image'} ({exc})") from None
-    return image
+    return _apply_orientation(pixels, header.orientation)
+
+
+def decode_image(data: bytes, reduce: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> RGB uint8 (H, W, 3), EXIF orientation applied (``read_photo_header`` + ``decode_photo``).
+
+    Raises ``ImageDecodeError`` for empty, corrupt, truncated or over-large inputs.
+    """
+    return decode_photo(read_photo_header(data, max_pixels), reduce)
 
 
 def _check_complete_jpeg(data: bytes) -> None:
@@ -273,46 +338,55 @@ def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
 def clamp_bbox(bbox: Sequence[int], width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
     """Clamp (x1, y1, x2, y2) to the image; returns the box and whether it had to be changed.
 
-    Raises ValueError when nothing of the box lies inside the image or it is inverted.
+    Raises ``BoundingBoxError`` when the box is empty or inverted, or nothing of it lies inside the image.
     """
     x1, y1, x2, y2 = (int(v) for v in bbox)
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"bbox {tuple(bbox)} is empty or inverted (need x1 < x2 and y1 < y2)")
+        raise BoundingBoxError(f"bbox {tuple(bbox)} is empty or inverted (need x1 < x2 and y1 < y2)")
     cx1, cy1 = max(0, x1), max(0, y1)
     cx2, cy2 = min(width, x2), min(height, y2)
     if cx2 <= cx1 or cy2 <= cy1:
-        raise ValueError(f"bbox {tuple(bbox)} lies outside the {width}x{height} image")
+        raise BoundingBoxError(f"bbox {tuple(bbox)} lies outside the {width}x{height} image")
     clamped = (cx1, cy1, cx2, cy2)
     return clamped, clamped != (x1, y1, x2, y2)
 
 
-def crop_region(bbox, width: int, height: int, settings: PreprocessSettings) -> tuple[int, int, int, int]:
-    """The region of the source image (in source pixels) that ends up in the output."""
+def box_used(
+    bbox: Sequence[int] | None, width: int, height: int, settings: PreprocessSettings
+) -> tuple[tuple[int, int, int, int], bool]:
+    """The module's bbox policy: (the box the crop uses, whether it was clamped). The whole photo when
+    ``crop="none"`` or no box (the box is then not looked at); raises ``BoundingBoxError`` for a bad box."""
     if settings.crop == "none" or bbox is None:
-        return 0, 0, width, height
-    (x1, y1, x2, y2), _ = clamp_bbox(bbox, width, height)
+        return (0, 0, int(width), int(height)), False
+    return clamp_bbox(bbox, width, height)
+
+
+def _with_margin(box, width: int, height: int, settings: PreprocessSettings) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = box
+    if settings.crop == "none":
+        return x1, y1, x2, y2
     m = int(settings.crop_margin)
     return max(0, x1 - m), max(0, y1 - m), min(width, x2 + m), min(height, y2 + m)
 
 
-def crop_and_resize(
-    image: np.ndarray,
-    bbox: Sequence[int] | None,
-    settings: PreprocessSettings,
-    source_size: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Crop ``image`` to ``bbox`` (+ margin, clamped) and resize to (S, S, 3).
+def crop_region(bbox, width: int, height: int, settings: PreprocessSettings) -> tuple[int, int, int, int]:
+    """The region of the source image (in source pixels) that ends up in the output: box + margin, clamped."""
+    box, _ = box_used(bbox, width, height, settings)
+    return _with_margin(box, width, height, settings)
 
-    ``bbox`` and ``source_size`` (width, height) are in source pixels; ``image`` may have been decoded
-    at a fraction of that size (reduced JPEG decoding), so the crop is scaled accordingly.
-    """
+
+def _cut(image: np.ndarray, region, source_size: tuple[int, int]) -> np.ndarray:
+    """``region`` (source pixels) of ``image``, which may have been decoded at a fraction of ``source_size``."""
     height, width = image.shape[:2]
-    src_w, src_h = source_size or (width, height)
-    x1, y1, x2, y2 = crop_region(bbox, src_w, src_h, settings)
+    src_w, src_h = source_size
+    x1, y1, x2, y2 = region
     sx, sy = width / src_w, height / src_h
     px1, py1 = int(np.floor(x1 * sx)), int(np.floor(y1 * sy))
     px2, py2 = max(px1 + 1, int(np.ceil(x2 * sx))), max(py1 + 1, int(np.ceil(y2 * sy)))
-    region = image[py1:py2, px1:px2]
+    return image[py1:py2, px1:px2]
+
+
+def _to_square(region: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     size = int(settings.image_size)
     if settings.resize_mode == "pad":
         h, w = region.shape[:2]
@@ -326,6 +400,23 @@ def crop_and_resize(
     return np.ascontiguousarray(cv2.resize(region, (size, size), interpolation=interpolation))
 
 
+def crop_and_resize(
+    image: np.ndarray,
+    bbox: Sequence[int] | None,
+    settings: PreprocessSettings,
+    source_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Crop ``image`` to ``bbox`` (+ margin, clamped; the module's bbox policy) and resize to (S, S, 3).
+
+    ``bbox`` and ``source_size`` (width, height) are in source pixels; ``image`` may have been decoded
+    at a fraction of that size (reduced JPEG decoding), so the crop is scaled accordingly.
+    """
+    height, width = image.shape[:2]
+    source_size = source_size or (width, height)
+    region = crop_region(bbox, *source_size, settings)
+    return _to_square(_cut(image, region, source_size), settings)
+
+
 def choose_reduction(region_w: int, region_h: int, image_size: int) -> int:
     """Largest DCT reduction (1, 2, 4, 8) that keeps the crop at least ``image_size`` on its short side."""
     short = min(region_w, region_h)
@@ -335,27 +426,47 @@ def choose_reduction(region_w: int, region_h: int, image_size: int) -> int:
     return 1
 
 
-def image_size_of(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) as displayed, i.e. after EXIF orientation, read from the header only."""
-    header = _read_header(data, max_pixels)
-    width, height = header.size
-    if header.format in ("JPEG", "MPO", "PNG", "WEBP", "TIFF") and (
-        _exif_orientation(header, data) in _TRANSPOSING_ORIENTATIONS
-    ):
-        width, height = height, width
-    return width, height
+def decode_region(header: PhotoHeader, region: tuple[int, int, int, int], min_side: int) -> np.ndarray:
+    """``region`` (displayed source pixels) of the photo, decoded at the cheapest JPEG scale that keeps the
+    region's short side >= ``min_side`` (so the region comes back at 1, 1/2, 1/4 or 1/8 of its source size)."""
+    x1, y1, x2, y2 = region
+    image = decode_photo(header, choose_reduction(x2 - x1, y2 - y1, int(min_side)))
+    return _cut(image, region, header.size)
 
 
-def preprocess_image(data: bytes, bbox: Sequence[int] | None, settings: PreprocessSettings) -> np.ndarray:
-    """Encoded bytes -> (S, S, 3) RGB uint8, exactly as the training data was built.
+def prepare_photo(photo, bbox: Sequence[int] | None, settings: PreprocessSettings, *, return_box: bool = False):
+    """A photo -> the (S, S, 3) RGB uint8 pixels the network sees; training data and serving both call this.
 
-    Decodes JPEGs at reduced resolution when the crop region allows it (libjpeg DCT scaling).
+    ``photo``: encoded bytes (bytearray/memoryview too), a ``pathlib.Path`` to read them from, or a uint8
+    RGB array (H, W, 3). ``bbox``: (x1, y1, x2, y2) in source pixels or None; used as the module docstring's
+    bbox policy says (only with ``crop="bbox"``; clamped; a bad box raises ``BoundingBoxError`` naming it).
+    The header is parsed once (``read_photo_header``), the box checked before any pixel is decoded, and a
+    JPEG decoded at the reduced scale the crop allows (``decode_region``), then cropped and resized.
+
+    ``return_box=True`` returns ``(pixels, box, clamped)``: the box the crop used (the whole photo when
+    ``crop="none"`` or no box) and whether it was clamped to the photo. Raises ``ImageDecodeError`` with a
+    one-line message for anything unusable.
     """
-    if data is None or len(data) == 0:
-        raise ImageDecodeError("empty image (0 bytes)")
-    width, height = image_size_of(bytes(data), settings.max_pixels)
-    _check_pixel_limit(width, height, settings.max_pixels)
-    x1, y1, x2, y2 = crop_region(bbox, width, height, settings)
-    reduce = choose_reduction(x2 - x1, y2 - y1, int(settings.image_size))
-    image = decode_image(bytes(data), reduce=reduce, max_pixels=settings.max_pixels)
-    return crop_and_resize(image, bbox, settings, source_size=(width, height))
+    if isinstance(photo, np.ndarray):
+        if photo.dtype != np.uint8:
+            raise ImageDecodeError(f"arrays must be uint8 RGB, got dtype {photo.dtype}")
+        if photo.ndim != 3 or photo.shape[2] != 3:
+            raise ImageDecodeError(f"arrays must have shape (H, W, 3), got {photo.shape}")
+        height, width = photo.shape[:2]
+        if width * height > settings.max_pixels:
+            raise ImageDecodeError(f"image is {width}x{height}, above the pixel limit {settings.max_pixels}")
+        box, clamped = box_used(bbox, width, height, settings)
+        pixels = _to_square(_cut(photo, _with_margin(box, width, height, settings), (width, height)), settings)
+    else:
+        if isinstance(photo, os.PathLike):
+            try:
+                with open(photo, "rb") as file:
+                    photo = file.read()
+            except OSError as exc:
+                raise ImageDecodeError(f"cannot read file ({exc.strerror or exc})") from None
+        header = read_photo_header(photo, settings.max_pixels)
+        width, height = header.size
+        box, clamped = box_used(bbox, width, height, settings)
+        region = _with_margin(box, width, height, settings)
+        pixels = _to_square(decode_region(header, region, int(settings.image_size)), settings)
+    return (pixels, box, clamped) if return_box else pixels

@@ -69,9 +69,9 @@ def azure_model(tmp_path_factory):
 
 
 def decode_and_resize(data: bytes) -> np.ndarray:
-    from carclf_flavor.images import preprocess_image
+    from carclf_flavor.images import prepare_photo
 
-    return preprocess_image(data, None, PreprocessSettings(image_size=IMAGE_SIZE, crop="none"))
+    return prepare_photo(data, None, PreprocessSettings(image_size=IMAGE_SIZE, crop="none"))
 
 
 @pytest.fixture(scope="module")

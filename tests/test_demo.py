@@ -354,10 +354,10 @@ def test_page_answers_like_rest_with_and_without_a_box(servers, browser, tmp_pat
     _upload(browser, notes)
     bad = _card_when_settled(browser, notes.name)
     assert bad.get_attribute("data-state") == "error"
-    from carclf_flavor.images import ImageDecodeError, PreprocessSettings, preprocess_image
+    from carclf_flavor.images import ImageDecodeError, PreprocessSettings, prepare_photo
 
     with pytest.raises(ImageDecodeError) as problem:  # the flavor's own words for these bytes
-        preprocess_image(notes.read_bytes(), None, PreprocessSettings(image_size=IMAGE_SIZE))
+        prepare_photo(notes.read_bytes(), None, PreprocessSettings(image_size=IMAGE_SIZE))
     assert str(problem.value).startswith("not a recognised image format")
     assert bad.find_element(By.CSS_SELECTOR, ".error").text == f"notes.txt: {problem.value}"
     assert card.get_attribute("data-state") == "done"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import carclf_flavor
-from carclf_flavor.images import PreprocessSettings, preprocess_image
+from carclf_flavor.images import PreprocessSettings, prepare_photo
 from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, jpeg_bytes, varied_format_images, write_cars_meta
 
 SETTINGS = PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4, resize_mode="stretch")
@@ -42,7 +42,7 @@ def pyfunc_model(saved_model):
 def reference_probs(keras_model, images, bboxes=None):
     """The unfused float32 network on exactly the pixels training would have produced."""
     bboxes = bboxes or [None] * len(images)
-    pixels = np.stack([preprocess_image(data, bbox, SETTINGS) for data, bbox in zip(images, bboxes)])
+    pixels = np.stack([prepare_photo(data, bbox, SETTINGS) for data, bbox in zip(images, bboxes)])
     return np.asarray(keras_model(pixels, training=False))
 
 

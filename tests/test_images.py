@@ -21,7 +21,7 @@ from carclf_flavor.images import (
     crop_and_resize,
     decode_image,
     image_size_of,
-    preprocess_image,
+    prepare_photo,
 )
 
 RED, GREEN, BLUE, GREY = (230, 20, 20), (20, 200, 40), (30, 40, 220), (128, 128, 128)
@@ -139,7 +139,7 @@ def test_zero_bytes():
     with pytest.raises(ImageDecodeError, match="0 bytes"):
         decode_image(b"")
     with pytest.raises(ImageDecodeError, match="0 bytes"):
-        preprocess_image(b"", None, PreprocessSettings(image_size=32))
+        prepare_photo(b"", None, PreprocessSettings(image_size=32))
 
 
 def test_random_bytes_and_text_are_not_images():
@@ -162,7 +162,7 @@ def test_corrupt_jpeg_body_is_refused():
     start = data.index(b"\xff\xda")
     data[start + 2 : len(data) - 2] = b"\x00" * (len(data) - start - 4)
     with pytest.raises(ImageDecodeError):
-        preprocess_image(bytes(data), None, PreprocessSettings(image_size=32))
+        prepare_photo(bytes(data), None, PreprocessSettings(image_size=32))
 
 
 def test_pixel_limit():
@@ -227,14 +227,14 @@ def test_stretch_mode_fills_the_square():
     assert close(out[0, 3], RED, tol=2) and close(out[29, 27], GREEN, tol=2)
 
 
-def test_preprocess_image_with_reduced_decode_matches_the_geometry():
+def test_prepare_photo_with_reduced_decode_matches_the_geometry():
     # A large JPEG with a large box: decoded at 1/4 or 1/8 size, the pattern must still land in place.
     box = (200, 160, 1400, 1120)
     scene = box_scene(1600, 1200, box)
     data = cv2.imencode(".jpg", cv2.cvtColor(scene, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
     settings = PreprocessSettings(image_size=32, crop_margin=0)
     assert choose_reduction(1200, 960, 32) == 8
-    out = preprocess_image(data, box, settings)
+    out = prepare_photo(data, box, settings)
     assert close(out[4:28, 2:14], RED, tol=25) and close(out[4:28, 18:30], GREEN, tol=25)
     full = crop_and_resize(decode_image(data), box, settings)
     assert np.abs(out.astype(int) - full.astype(int)).mean() < 6
@@ -268,7 +268,7 @@ def test_every_format_is_refused_from_its_header(width, height):
     for name, data in header_bombs(width, height).items():
         for call in (
             lambda data=data: decode_image(data),
-            lambda data=data: preprocess_image(data, None, PreprocessSettings(image_size=32)),
+            lambda data=data: prepare_photo(data, None, PreprocessSettings(image_size=32)),
         ):
             with pytest.raises(ImageDecodeError) as info:
                 call()
@@ -282,8 +282,8 @@ def test_avif_and_small_files_are_checked_against_the_limit():
     for fmt in ("AVIF", "PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "JPEG2000"):
         data = encode(image, fmt)
         with pytest.raises(ImageDecodeError, match="48x32 = 0.0 megapixels, above the limit"):
-            preprocess_image(data, None, PreprocessSettings(image_size=16, max_pixels=1000))
-        assert preprocess_image(data, None, PreprocessSettings(image_size=16, max_pixels=48 * 32)).shape == (16, 16, 3)
+            prepare_photo(data, None, PreprocessSettings(image_size=16, max_pixels=1000))
+        assert prepare_photo(data, None, PreprocessSettings(image_size=16, max_pixels=48 * 32)).shape == (16, 16, 3)
 
 
 def test_png_exif_after_the_pixels_is_read_without_decoding():
@@ -312,11 +312,11 @@ def test_a_20000px_png_costs_no_memory(tmp_path):
         import resource, sys
         sys.path.insert(0, sys.argv[1])
         from helpers_hostile import bomb_png
-        from carclf_flavor.images import ImageDecodeError, PreprocessSettings, preprocess_image
+        from carclf_flavor.images import ImageDecodeError, PreprocessSettings, prepare_photo
         data = bomb_png(20000, 20000)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
-            preprocess_image(data, None, PreprocessSettings(image_size=32))
+            prepare_photo(data, None, PreprocessSettings(image_size=32))
         except ImageDecodeError as exc:
             print(exc)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)

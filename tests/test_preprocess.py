@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+import carclf.data.preprocessing as preprocessing
 import entry_points.preprocess as prep
 from carclf.data.hdf5_dataset import read_dataset_info
 from carclf.data.readers import DataLayoutError, read_dataset, stratified_split
@@ -192,17 +193,15 @@ def svg_bar_titles(svg: str) -> list:
 
 
 def test_crop_follows_the_box(stanford, tmp_path):
-    # bbox crop and whole-photo output differ; the bbox crop matches preprocess_image on the file itself.
-    from carclf_flavor.images import PreprocessSettings, preprocess_image
+    # bbox crop and whole-photo output differ; the bbox crop matches prepare_photo on the file itself.
+    from carclf_flavor.images import PreprocessSettings, prepare_photo
 
     boxed = run_preprocess(stanford, tmp_path / "boxed", val_fraction=0.0)
     whole = run_preprocess(stanford, tmp_path / "whole", val_fraction=0.0, crop="none", resize_mode="pad")
     b, w = h5(boxed["test"])[0], h5(whole["test"])[0]
     assert not np.array_equal(b["images"], w["images"])
     name = b["filenames"][0].decode()
-    expected = preprocess_image(
-        (stanford / name).read_bytes(), tuple(b["bboxes"][0]), PreprocessSettings(image_size=SIZE)
-    )
+    expected = prepare_photo((stanford / name).read_bytes(), tuple(b["bboxes"][0]), PreprocessSettings(image_size=SIZE))
     assert np.array_equal(b["images"][0], expected)
     assert h5(whole["test"])[1]["resize_mode"] == "pad"
 
@@ -230,7 +229,7 @@ def test_same_inputs_same_bytes_any_worker_count(stanford, tmp_path):
 
 def test_failed_run_leaves_no_output(stanford, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = prep.preprocess_image
+    real = preprocessing.prepare_photo
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -238,7 +237,7 @@ def test_failed_run_leaves_no_output(stanford, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prep, "preprocess_image", failing)
+    monkeypatch.setattr(preprocessing, "prepare_photo", failing)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_preprocess(stanford, out)
@@ -488,7 +487,7 @@ def test_next_run_removes_partials_of_killed_runs_only(stanford, tmp_path, caplo
         killed.kill()
         killed.wait()
         assert stale.exists()  # SIGKILL: nothing cleaned up
-        with caplog.at_level("INFO", logger="entry_points.preprocess"):
+        with caplog.at_level("INFO", logger="carclf.data.preprocessing"):
             run_preprocess(stanford, out)
         assert not stale.exists() and not shards.exists()
         assert live.exists()  # its writer still runs
@@ -501,3 +500,34 @@ def test_next_run_removes_partials_of_killed_runs_only(stanford, tmp_path, caplo
         alive.kill()
         alive.wait()
         killed.kill()
+
+
+def test_crop_none_ignores_the_boxes(stanford, tmp_path):
+    """The flavor's bbox policy: with crop=none a box is not looked at (a nonsense box keeps its photo, nothing is
+    clamped) and the whole photo is recorded as the box used; the pixels are the served model's for no box."""
+    from PIL import Image
+
+    from carclf_flavor.images import PreprocessSettings, prepare_photo
+
+    annos = stanford / "devkit" / "cars_train_annos.mat"
+    ds = read_dataset(stanford)
+    rows = []
+    for i, record in enumerate(ds.splits["train"]):
+        x1, y1, x2, y2 = record.bbox
+        if i == 0:
+            x1, x2 = 6000, 6100  # wholly outside
+        if i == 1:
+            x1, x2 = x2, x1  # inverted
+        box = {"bbox_x1": x1 + 1, "bbox_y1": y1 + 1, "bbox_x2": x2, "bbox_y2": y2}
+        rows.append({**box, "class": record.label + 1, "fname": record.path.name})
+    write_annotations(annos, rows)
+    paths = run_preprocess(stanford, tmp_path / "out", val_fraction=0.0, crop="none")
+    run = the_run()
+    assert run.data.metrics["clamped_bboxes"] == 0 and run.data.metrics["skipped_images"] == 0
+    data = h5(paths["train"])[0]
+    names = [n.decode() for n in data["filenames"]]
+    settings = PreprocessSettings(image_size=SIZE, crop="none")
+    for record in ds.splits["train"][:2]:
+        row = names.index(f"cars_train/{record.path.name}")
+        assert tuple(data["bboxes"][row]) == (0, 0, *Image.open(record.path).size)
+        assert np.array_equal(data["images"][row], prepare_photo(record.path.read_bytes(), (1, 2, 0, 0), settings))

@@ -5,7 +5,7 @@ Schema (every split file, whoever writes it: preprocess, augment):
 - ``labels``      int32  (N,) 0-based, index into ``class_names``
 - ``class_names`` UTF-8 strings (C,)
 - ``filenames``   UTF-8 strings (N,) source file of each image
-- ``bboxes``      int32  (N, 4) x1, y1, x2, y2 in source pixels
+- ``bboxes``      int32  (N, 4) x1, y1, x2, y2 in source pixels: the box the crop used (whole photo: crop=none or no box)
 - ``source_index`` int64 (N,) optional: row of the source file an augmented image came from (-1: original)
 - attributes: ``image_size``, ``crop``, ``crop_margin``, ``resize_mode``, ``carclf_version``, ``split``
 """

@@ -151,18 +151,14 @@ class PhotoAnalyser:
         import cv2
 
         from carclf.reporting.gradcam import heatmap_to_region, overlay_heatmap
-        from carclf_flavor.images import choose_reduction, crop_region, decode_image, image_size_of
+        from carclf_flavor.images import crop_region, decode_region, read_photo_header
 
+        # The network's region (the flavor's bbox policy), decoded again at display size rather than at the
+        # network's input size.
         settings = self.classifier.settings
-        width, height = image_size_of(data)
-        x1, y1, x2, y2 = crop_region(bbox, width, height, settings)
-        reduce = choose_reduction(x2 - x1, y2 - y1, HEATMAP_DISPLAY_PX)
-        image = decode_image(data, reduce=reduce, max_pixels=settings.max_pixels)
-        sx, sy = image.shape[1] / width, image.shape[0] / height
-        region = image[
-            int(y1 * sy) : max(int(y1 * sy) + 1, int(np.ceil(y2 * sy))),
-            int(x1 * sx) : max(int(x1 * sx) + 1, int(np.ceil(x2 * sx))),
-        ]
+        header = read_photo_header(data, settings.max_pixels)
+        x1, y1, x2, y2 = crop_region(bbox, *header.size, settings)
+        region = decode_region(header, (x1, y1, x2, y2), HEATMAP_DISPLAY_PX)
         scale = min(1.0, HEATMAP_DISPLAY_PX / max(region.shape[:2]))
         shown_w, shown_h = max(1, round(region.shape[1] * scale)), max(1, round(region.shape[0] * scale))
         if (shown_w, shown_h) != (region.shape[1], region.shape[0]):
