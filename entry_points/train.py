@@ -22,7 +22,8 @@ The model is logged as ``model`` with ``carclf_flavor.log_model`` and registered
 with an int8 network calibrated on 256 stratified training images and validated on the validation split.
 
 This module is the step's declaration and CLI only; the training itself is ``carclf.training`` (``run``:
-the run; ``validation``, ``model``, ``schedule``, ``checkpoints``, ``epoch_tracker``, ``outputs``).
+the run; ``validation``, ``model``, ``schedule``, ``checkpoints``, ``epoch_tracker``, ``calibration``,
+``outputs``).
 """
 
 from __future__ import annotations
