@@ -294,11 +294,11 @@ def _wait_for_executors(spark, master: str, wait_s: float) -> None:
 
 
 def ship_project_code(spark) -> None:
-    """Send carclf, carclf_flavor and entry_points to the executors (a cluster does not have this checkout)."""
-    root = pathlib.Path(__file__).resolve().parents[2]  # carclf/compute/spark_session.py -> the project root
+    """Send carclf_flavor and entry_points to the executors (a cluster does not have this checkout)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
     archive = pathlib.Path(tempfile.mkdtemp(prefix="carclf-code-")) / "carclf_code.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for package in ("carclf", "carclf_flavor", "entry_points"):
+        for package in ("carclf_flavor", "entry_points"):
             for source in (root / package).rglob("*.py"):
                 zf.write(source, source.relative_to(root).as_posix())
     spark.sparkContext.addPyFile(str(archive))
