@@ -17,103 +17,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import pathlib
 import sys
-
-import numpy as np
 
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
 from carclf.data.hdf5_dataset import DatasetError
 from carclf.data.input_pipeline import HDF5Source
-from carclf.reporting.reports import TOP_K, Predictions, collect_predictions, format_table, log_test_report
-from carclf.tracking.runs import log_new_params
+from carclf.reporting.evaluation import EvaluateError, check_model_matches, model_source_run, predict_jpeg_files
+from carclf.reporting.reports import collect_predictions, format_table, log_test_report
+from carclf.tracking.lineage import log_dataset_inputs
+from carclf.tracking.runs import log_new_params, step_run
 
-log = logging.getLogger(__name__)
+__all__ = ["EvaluateConfig", "EvaluateError", "build_parser", "evaluate", "main", "predict_jpeg_files"]
+
 INPUTS = ("hdf5", "jpeg")
 TAG_MODEL_URI = "carclf.evaluated_model_uri"
 TAG_SOURCE_RUN = "carclf.model_source_run_id"
-
-
-class EvaluateError(ValueError):
-    """A model/test set mismatch or an unusable input; the message names it."""
-
-
-def model_source_run(model_uri: str) -> str | None:
-    """The run that logged the model behind ``model_uri`` (runs:/, models:/name/version, models:/m-id, path)."""
-    import mlflow
-
-    try:
-        return mlflow.models.get_model_info(model_uri).run_id
-    except Exception as exc:  # an unknown URI is reported by load_model with MLflow's own message
-        log.debug("no source run for %s: %s", model_uri, exc)
-        return None
-
-
-def _check_model_matches(classifier, source: HDF5Source) -> None:
-    if list(source.class_names) != list(classifier.class_names):
-        raise EvaluateError(
-            f"{source.paths[0]}: its {source.num_classes} classes differ from the model's "
-            f"{len(classifier.class_names)} classes"
-        )
-    if int(classifier.settings.image_size) != source.image_size:
-        raise EvaluateError(
-            f"{source.paths[0]}: images are {source.image_size} px but the model takes "
-            f"{classifier.settings.image_size} px"
-        )
-
-
-def _resolve_image(name: str, image_root: pathlib.Path | None, h5_path: pathlib.Path) -> pathlib.Path:
-    path = pathlib.Path(name)
-    if path.is_absolute():
-        return path
-    for base in ([image_root] if image_root else []) + [h5_path.parent]:
-        candidate = base / path
-        if candidate.is_file():
-            return candidate
-    return (image_root or h5_path.parent) / path
-
-
-def predict_jpeg_files(pyfunc_model, source: HDF5Source, image_root=None, batch_size: int = 64) -> Predictions:
-    """Send the original photos of ``source`` (bytes + bbox columns) through a pyfunc model, in file order."""
-    import h5py
-    import pandas as pd
-
-    from carclf_flavor import BBOX_COLUMNS, IMAGE_COLUMN
-
-    image_root = pathlib.Path(image_root) if image_root else None
-    index_of = {name: i for i, name in enumerate(source.class_names)}
-    labels, classes, probs, indices = [], [], [], []
-    offset = 0
-    for info in source.infos:
-        with h5py.File(info.path, "r") as f:
-            for start in range(0, info.num_images, batch_size):
-                stop = min(info.num_images, start + batch_size)
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["filenames"][start:stop]]
-                bboxes = f["bboxes"][start:stop]
-                photos = []
-                for name in names:
-                    path = _resolve_image(name, image_root, info.path)
-                    if not path.is_file():
-                        raise EvaluateError(
-                            f"{info.path}: source image {name} not found (looked in {path.parent}; set image_root)"
-                        )
-                    photos.append(path.read_bytes())
-                frame = pd.DataFrame({IMAGE_COLUMN: photos})
-                if info.settings.crop == "bbox":
-                    for column, values in zip(BBOX_COLUMNS, np.asarray(bboxes).T):
-                        frame[column] = values.astype(np.float64)
-                out = pyfunc_model.predict(frame, params={"top_k": TOP_K})
-                ranked = out["top_k"].tolist()
-                classes.append(np.array([[index_of[e["label"]] for e in row] for row in ranked], np.int32))
-                probs.append(np.array([[e["prob"] for e in row] for row in ranked], np.float32))
-                labels.append(f["labels"][start:stop].astype(np.int32))
-                indices.append(np.arange(offset + start, offset + stop, dtype=np.int64))
-        offset += info.num_images
-    if not labels:
-        raise EvaluateError("the test set has no images")
-    return Predictions(np.concatenate(labels), np.concatenate(classes), np.concatenate(probs), np.concatenate(indices))
+TAG_ERROR = "carclf.error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,50 +74,41 @@ def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
         raise EvaluateError(f"batch_size must be >= 1, got {batch_size}")
     source = HDF5Source.open(test_data)
     classifier = carclf_flavor.load_model(model_uri)
-    _check_model_matches(classifier, source)
+    check_model_matches(classifier, source)
     source_run = model_source_run(model_uri)
 
-    active = mlflow.active_run()
-    run = active or mlflow.start_run()
-    try:
-        log_new_params(
-            {
-                "model_uri": model_uri,
-                "test_data": ",".join(map(str, source.paths)),
-                "batch_size": int(batch_size),
-                "input": input,
-            }
-        )
-        tags = {TAG_MODEL_URI: model_uri, "carclf.inference_precision": classifier.precision}
-        if source_run:
-            tags[TAG_SOURCE_RUN] = source_run
-        mlflow.set_tags(tags)
-        from entry_points.train import log_dataset_inputs
+    with step_run() as run:  # `mlflow run`'s run is left to it; a run of its own ends FAILED / KILLED on errors
+        try:
+            log_new_params(
+                {
+                    "model_uri": model_uri,
+                    "test_data": ",".join(map(str, source.paths)),
+                    "batch_size": int(batch_size),
+                    "input": input,
+                }
+            )
+            tags = {TAG_MODEL_URI: model_uri, "carclf.inference_precision": classifier.precision}
+            if source_run:
+                tags[TAG_SOURCE_RUN] = source_run
+            mlflow.set_tags(tags)
+            log_dataset_inputs(source, "testing")
+            if input == "hdf5":
+                predictions = collect_predictions(classifier.predict_pixels, source, int(batch_size))
+            else:
+                pyfunc_model = mlflow.pyfunc.load_model(model_uri)
+                predictions = predict_jpeg_files(pyfunc_model, source, image_root or None, int(batch_size))
+            from carclf.reporting.gradcam import GradCAM
 
-        log_dataset_inputs(source, "testing")
-        if input == "hdf5":
-            predictions = collect_predictions(classifier.predict_pixels, source, int(batch_size))
-        else:
-            pyfunc_model = mlflow.pyfunc.load_model(model_uri)
-            predictions = predict_jpeg_files(pyfunc_model, source, image_root or None, int(batch_size))
-        from carclf.reporting.gradcam import GradCAM
-
-        metrics = log_test_report(
-            predictions,
-            source,
-            list(source.class_names),
-            gallery_size=int(gallery_size),
-            heatmap_fn=GradCAM(classifier.model),
-        )
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException as exc:
-        mlflow.set_tag("carclf.error", f"{type(exc).__name__}: {exc}".splitlines()[0][:4000])
-        mlflow.end_run("FAILED")
-        raise
-    if active is None:
-        mlflow.end_run("FINISHED")
+            metrics = log_test_report(
+                predictions,
+                source,
+                list(source.class_names),
+                gallery_size=int(gallery_size),
+                heatmap_fn=GradCAM(classifier.model),
+            )
+        except Exception as exc:
+            mlflow.set_tag(TAG_ERROR, f"{type(exc).__name__}: {exc}".splitlines()[0][:4000])
+            raise
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     return {
         "run_id": run.info.run_id,

@@ -27,8 +27,8 @@ from mlflow.utils import mlflow_tags
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import config_from_args, param, resolve_config
 from carclf.files.fingerprint import file_fingerprint
+from carclf.training.validation import OPTIMIZERS
 from carclf_flavor.images import CROP_MODES
-from entry_points.train import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 PROJECT_DIR = pathlib.Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ class StepFailed(RuntimeError):
 def code_fingerprint() -> str:
     """Identity of the project's code: a finished run of older code is not reused."""
     digest = hashlib.sha256()
-    for folder in ("carclf_flavor", "entry_points"):
+    for folder in ("carclf", "carclf_flavor", "entry_points"):
         for source in sorted((PROJECT_DIR / folder).rglob("*.py")):
             digest.update(source.relative_to(PROJECT_DIR).as_posix().encode())
             digest.update(source.read_bytes())

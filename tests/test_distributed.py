@@ -205,6 +205,7 @@ def _env(tmp_path, **extra):
 def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
     import mlflow
 
+    from carclf.training.model import build_model
     from entry_points import train as train_module
 
     dump = tmp_path / "weights"
@@ -244,7 +245,7 @@ def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
     config = train_module.TrainConfig(
         train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0, **{k: v for k, v in MW_ARGS.items()}
     )
-    model = train_module.build_model(config, 4, 32)
+    model = build_model(config, 4, 32)
     model.load_weights(str(sorted((tmp_path / "one").glob("epoch-*"))[-1] / "model.weights.h5"))
     reference = model.get_weights()
     relative = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-6)) for a, b in zip(reference, chief))
@@ -312,16 +313,17 @@ def test_mixed_float16_trains_with_loss_scaling(tmp_path, monkeypatch):
 
     import mlflow
 
+    from carclf.training import run as training_run
     from entry_points import train as train_module
 
     seen = {}
-    compile_for_real = train_module._compile
+    compile_for_real = training_run.compile_for_phase
 
     def compile_and_look(model, config, phase, learning_rate):
         compile_for_real(model, config, phase, learning_rate)
         seen["optimizer"] = type(model.optimizer).__name__
 
-    monkeypatch.setattr(train_module, "_compile", compile_and_look)
+    monkeypatch.setattr(training_run, "compile_for_phase", compile_and_look)
     result = train_module.train(
         train_data=str(_colour_set(tmp_path / "train.h5", 12, 0)),
         val_data=str(_colour_set(tmp_path / "val.h5", 4, 1)),

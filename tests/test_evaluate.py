@@ -40,9 +40,9 @@ def trained(tmp_path_factory):
     source = HDF5Source.open(splits["train"])
     keras.utils.set_random_seed(0)
     model = build_resnet(depth=18, num_classes=source.num_classes, image_size=SIZE, width=0.125)
-    from entry_points.train import _set_batchnorm_momentum
+    from carclf.training.model import set_batchnorm_momentum
 
-    _set_batchnorm_momentum(model, 0.9)  # a few steps only: let the BN statistics follow
+    set_batchnorm_momentum(model, 0.9)  # a few steps only: let the BN statistics follow
     model.compile(optimizer=keras.optimizers.Adam(0.003), loss="sparse_categorical_crossentropy")
     model.fit(
         make_dataset(source, 16, epochs=None, seed=0),
@@ -163,3 +163,26 @@ def test_registered_model_is_linked_to_its_training_run_and_bad_inputs_are_one_l
     assert evaluate_module.main(["--model-uri", "models:/carclf-eval/7", "--test-data", trained["test"]]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and "not found" in errors[0] and "carclf-eval" in errors[1]
+
+
+def test_a_failure_inside_mlflow_runs_run_is_left_to_it_and_its_own_run_ends_failed(trained, tmp_path):
+    """Under `mlflow run` the run belongs to the launcher (it sets the status from the exit code): evaluate
+    records why it stopped and leaves the run open; a run evaluate started itself ends FAILED."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    nowhere = str(tmp_path / "nowhere")  # input=jpeg finds no photo there: EvaluateError inside the run
+    with mlflow.start_run() as launcher:
+        with pytest.raises(EvaluateError, match="not found"):
+            evaluate(model_uri=trained["model_path"], test_data=trained["test"], input="jpeg", image_root=nowhere)
+        assert mlflow.active_run() is not None and mlflow.active_run().info.run_id == launcher.info.run_id
+        assert client.get_run(launcher.info.run_id).info.status == "RUNNING"
+    assert client.get_run(launcher.info.run_id).info.status == "FINISHED"
+    assert "not found" in client.get_run(launcher.info.run_id).data.tags["carclf.error"]
+
+    with pytest.raises(EvaluateError, match="not found"):
+        evaluate(model_uri=trained["model_path"], test_data=trained["test"], input="jpeg", image_root=nowhere)
+    assert mlflow.active_run() is None
+    (own,) = [r for r in client.search_runs([launcher.info.experiment_id]) if r.info.run_id != launcher.info.run_id]
+    assert own.info.status == "FAILED"
+    assert "EvaluateError" in own.data.tags["carclf.error"]

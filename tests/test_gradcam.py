@@ -123,14 +123,14 @@ def _quadrant_photos(count, seed):
 def test_heatmap_mass_lies_in_the_quadrant_of_the_vehicle():
     import keras
 
+    from carclf.training.model import set_batchnorm_momentum
     from carclf_flavor.resnet import build_resnet
-    from entry_points.train import _set_batchnorm_momentum
 
     train_x, train_y, _ = _quadrant_photos(320, seed=0)
     test_x, test_y, test_q = _quadrant_photos(40, seed=1)
     keras.utils.set_random_seed(0)
     model = build_resnet(depth=18, num_classes=len(VEHICLES), image_size=SIZE, width=0.125)
-    _set_batchnorm_momentum(model, 0.9)  # a few hundred steps only: let the BN statistics follow
+    set_batchnorm_momentum(model, 0.9)  # a few hundred steps only: let the BN statistics follow
     model.compile(optimizer=keras.optimizers.Adam(0.003), loss="sparse_categorical_crossentropy")
     model.fit(train_x, train_y, batch_size=16, epochs=8, verbose=0, shuffle=True)
 

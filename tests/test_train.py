@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from carclf.data.hdf5_dataset import DatasetError, write_hdf5_split
+from carclf.files.fingerprint import file_sha256
+from carclf.training import run as training_run
+from carclf.training.model import build_model
 from carclf_flavor.images import PreprocessSettings
 from conftest import REPO_ROOT
 from entry_points import train as train_module
-from entry_points.train import TrainConfig, TrainConfigError, build_model, file_sha256, train
+from entry_points.train import TrainConfig, TrainConfigError, train
 
 SIZE = 32
 CLASSES = ["red car", "green car", "blue car", "white car"]
@@ -213,7 +216,7 @@ def test_failure_ends_run_failed_and_interrupt_killed(splits, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("simulated crash while building the network")
 
-    monkeypatch.setattr(train_module, "build_model", broken)
+    monkeypatch.setattr(training_run, "build_model", broken)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(
             train_data=splits["train"],
@@ -233,7 +236,7 @@ def test_failure_ends_run_failed_and_interrupt_killed(splits, tmp_path, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "build_model", interrupted)
+    monkeypatch.setattr(training_run, "build_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(
             train_data=splits["train"],

@@ -152,6 +152,14 @@ def plot_training_curves(history: Mapping[str, Sequence[tuple[int, float]]]):
     return fig
 
 
+def log_figure(figure, artifact_file: str) -> None:
+    """Log a matplotlib figure to the active run and close it (figures are not garbage-collected by pyplot)."""
+    import mlflow
+
+    mlflow.log_figure(figure, artifact_file)
+    _pyplot().close(figure)
+
+
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str]):
     """Row-normalised confusion matrix as an image, no per-cell text (readable at 196 classes)."""
     plt = _pyplot()

@@ -13,14 +13,23 @@ import mlflow
 def step_run():
     """Log into the active run (the one `mlflow run` gave the step), or into a run of the step's own.
 
-    A run of its own ends FAILED when the block raises, FINISHED otherwise; an active run is left to its owner.
+    A run of its own ends KILLED on Ctrl-C, FAILED when the block raises, FINISHED otherwise; an active run is
+    left to its owner (`mlflow run` sets its status from the step's exit code).
     """
     active = mlflow.active_run()
     if active is not None:
         yield active
         return
-    with mlflow.start_run() as run:
+    run = mlflow.start_run()
+    try:
         yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def log_new_params(params: Mapping[str, Any]) -> None:

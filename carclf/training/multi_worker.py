@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 import numpy as np
 
@@ -255,20 +256,29 @@ def run_worker(spec: dict) -> dict:
     """One worker's whole training (called in a fresh process with TF_CONFIG set)."""
     import keras
 
+    from carclf.training.checkpoints import (
+        KILL_AFTER_EPOCH_ENV,
+        read_latest_checkpoint,
+        restore_checkpoint,
+        save_checkpoint,
+    )
     from carclf.training.distributed import make_strategy, synchronize_batchnorm, task_of_tf_config
+    from carclf.training.model import batchnorm_momentum, build_model, make_optimizer, set_batchnorm_momentum
+    from carclf.training.schedule import cosine_lr, phases_of
+    from carclf.training.validation import validate
     from carclf_flavor.resnet import backbone_trainable
-    from entry_points import train as train_module
 
     strategy = make_strategy("multi_worker")  # before any other TF op
     _, rank = task_of_tf_config()
     chief = rank == 0
-    config = train_module.TrainConfig(**spec["config"])
-    train_source, val_source, test_source = train_module.validate(config)
+    # The driver's config, field by field (the step's TrainConfig class belongs to the CLI layer, entry_points).
+    config = types.SimpleNamespace(**spec["config"])
+    train_source, val_source, test_source = validate(config)
     checkpoint_dir = pathlib.Path(spec["checkpoint_dir"])
     run_id = spec["run_id"]
     num_classes = train_source.num_classes
 
-    found = train_module.read_latest_checkpoint(checkpoint_dir)
+    found = read_latest_checkpoint(checkpoint_dir)
     if found is not None and (
         found[1].get("run_id") != run_id
         or found[1].get("config_fingerprint") != spec["fingerprint"]
@@ -288,30 +298,30 @@ def run_worker(spec: dict) -> dict:
     keras.mixed_precision.set_global_policy(config.precision)
     steps = train_source.steps(config.batch_size)
     with strategy.scope():
-        model = train_module.build_model(config, num_classes, train_source.image_size)
+        model = build_model(config, num_classes, train_source.image_size)
     synchronize_batchnorm(model, True)
-    train_module._set_batchnorm_momentum(model, train_module.batchnorm_momentum(config, steps))
+    set_batchnorm_momentum(model, batchnorm_momentum(config, steps))
     exit_worker = os.environ.get(TEST_EXIT_WORKER_ENV)
     history: list[dict] = []
-    for phase in train_module.phases_of(config):
+    for phase in phases_of(config):
         if completed >= phase.stop:
             continue
         backbone_trainable(model, phase.name == "full")
         with strategy.scope():
             model.compile(
-                optimizer=train_module._make_optimizer(config, phase.base_lr),
+                optimizer=make_optimizer(config, phase.base_lr),
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
             )
             model.optimizer.build(model.trainable_variables)
         if found is not None:
-            train_module.restore_checkpoint(found[0], model, found[1], phase)
+            restore_checkpoint(found[0], model, found[1], phase)
             found = None
         train_step = _make_train_step(
             strategy, model, model.optimizer, config, num_classes, salt=0 if phase.name == "head" else 1
         )
         for epoch in range(max(completed, phase.start), phase.stop):
             started = time.time()
-            learning_rate = train_module.cosine_lr(phase, epoch)
+            learning_rate = cosine_lr(phase, epoch)
             model.optimizer.learning_rate = learning_rate
             dataset = strategy.distribute_datasets_from_function(
                 lambda context, epoch=epoch: _sharded_dataset(train_source, epoch, config, context)
@@ -341,11 +351,11 @@ def run_worker(spec: dict) -> dict:
                     "finished": False,
                     "workers": config.workers,
                 }
-                train_module.save_checkpoint(checkpoint_dir, model, state)
-                kill_after = os.environ.get(train_module.KILL_AFTER_EPOCH_ENV)
+                save_checkpoint(checkpoint_dir, model, state)
+                kill_after = os.environ.get(KILL_AFTER_EPOCH_ENV)
                 if kill_after and int(kill_after) == epoch + 1:
                     print(
-                        f"chief: {train_module.KILL_AFTER_EPOCH_ENV}={kill_after}, simulating a hard kill",
+                        f"chief: {KILL_AFTER_EPOCH_ENV}={kill_after}, simulating a hard kill",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -367,23 +377,16 @@ def run_worker(spec: dict) -> dict:
 def _finish_on_chief(model, config, run_id, train_source, val_source, test_source, checkpoint_dir, spec) -> dict:
     import mlflow
 
-    from entry_points import train as train_module
+    from carclf.training.checkpoints import mark_finished
+    from carclf.training.outputs import evaluate_on_test, log_final_model, log_training_curves
 
     mlflow.start_run(run_id=run_id)
     result = {"run_id": run_id, "metrics": {}, "model_uri": None, "registered_version": None}
-    train_module._log_training_curves(run_id)
+    log_training_curves(run_id)
     if test_source is not None:
-        result["metrics"] = train_module._evaluate_on_test(model, test_source, config.batch_size)
-    result.update(train_module._log_final_model(model, config, train_source, val_source))
-    state = {
-        "completed_epochs": config.epochs,
-        "run_id": run_id,
-        "config_fingerprint": spec["fingerprint"],
-        "finished": True,
-        "checkpoint": "",
-    }
-    if checkpoint_dir.exists():
-        train_module._write_json_atomic(checkpoint_dir / train_module.CHECKPOINT_POINTER, state)
+        result["metrics"] = evaluate_on_test(model, test_source, config.batch_size)
+    result.update(log_final_model(model, config, train_source, val_source))
+    mark_finished(checkpoint_dir, run_id, spec["fingerprint"], config.epochs)
     return result
 
 

@@ -210,7 +210,8 @@ def check_space(space: Mapping[str, Dimension], train_data, val_data, source: st
     value) before any trial: SearchSpaceError naming the key and train's complaint."""
     from carclf.data.hdf5_dataset import DatasetError
     from carclf.data.input_pipeline import split_paths
-    from entry_points.train import TrainConfig, TrainConfigError, optimizer_defaults, validate
+    from carclf.training.validation import TrainConfigError, optimizer_defaults, validate
+    from entry_points.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     data = {
