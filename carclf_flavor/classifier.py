@@ -1,16 +1,17 @@
 """``CarClassifier``: a Keras network + class names + the preprocessing it was trained with.
 
 ``predict`` (in-process) and the pyfunc wrapper (``carclf_flavor.pyfunc``, what ``mlflow models serve`` runs)
-both go ``preprocess`` -> ``classify_pixels``: one decoding, one network call per chunk, one ranking.
+both go through ``classify_rows``: the photos are decoded on a thread pool, in order, while the network runs on
+the chunks already decoded (decoding is off the critical path but for the first chunk), then one ranking.
+``preprocess`` -> ``classify_pixels`` is the same work without the overlap (the demo, benchmarks).
 """
 
 from __future__ import annotations
 
 import numbers
-import os
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,20 @@ from carclf_flavor.signature import DEFAULT_TOP_K
 
 # Images per network call: bounds activation memory whatever the request's batch size.
 INFERENCE_CHUNK = 64
+# Images per network call in ``classify_rows``: the network runs on chunk i while the pool decodes the next
+# ones, so only the first chunk's decoding is waited for; big enough that the network's batch efficiency holds.
+PIPELINE_CHUNK = 8
 
 _executor_lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
+
+
+def decode_threads() -> int:
+    """Decoding threads of this process: the CPUs it may use (affinity, cgroup quota) shared among the server's
+    workers, as for the network's threads (``int8.cpu_threads_for_inference``), at most 8."""
+    from carclf_flavor.int8 import cpu_threads_for_inference
+
+    return max(1, min(8, cpu_threads_for_inference()))
 
 
 def _decode_pool() -> ThreadPoolExecutor:
@@ -31,9 +43,7 @@ def _decode_pool() -> ThreadPoolExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(
-                max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="carclf-decode"
-            )
+            _executor = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="carclf-decode")
         return _executor
 
 
@@ -79,6 +89,12 @@ class CarClassifier:
             raise ImageDecodeError(f"expected encoded image bytes or a uint8 array, got {type(image).__name__}")
         return prepare_photo(image, bbox, self.settings)
 
+    def _prepare_or_problem(self, image, bbox) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return self._prepare_one(image, bbox), None
+        except (ImageDecodeError, ValueError, TypeError) as exc:
+            return None, str(exc)
+
     def preprocess(
         self, images: Sequence[Any], bboxes: Sequence[Any] | None = None
     ) -> tuple[np.ndarray, list[str | None]]:
@@ -88,10 +104,7 @@ class CarClassifier:
             raise ValueError(f"{len(images)} images but {len(bboxes)} bboxes")
 
         def prepare(index):
-            try:
-                return self._prepare_one(images[index], bboxes[index]), None
-            except (ImageDecodeError, ValueError, TypeError) as exc:
-                return None, str(exc)
+            return self._prepare_or_problem(images[index], bboxes[index])
 
         if len(images) > 1:
             results = list(_decode_pool().map(prepare, range(len(images))))
@@ -118,6 +131,45 @@ class CarClassifier:
         """(N, S, S, 3) uint8 -> one dict per image: ``label``, ``class_id``, ``prob``, ``top_k`` (list of
         {label, prob}, most likely first; ``top_k`` >= 1, at most the number of classes)."""
         return self._rank(self.predict_pixels(pixels), top_k)
+
+    def classify_rows(
+        self, rows: Iterable[tuple[Any, Any, str | None]], top_k: int, stop_at_problem: bool = False
+    ) -> tuple[list[dict | None], list[str | None]]:
+        """Decode and classify, decoding off the critical path; returns (result or None, problem or None) per row.
+
+        ``rows``: (image, bbox, problem) per row, in order; a row with a problem already (bad base64, say) is
+        not decoded. Each photo is handed to the decode pool as soon as its row is read (``rows`` may be a
+        generator still reading the request), and the network runs on each ``PIPELINE_CHUNK`` of decoded
+        photos in row order while the pool decodes the next: the same predictions, in the same order, as
+        ``preprocess`` then ``classify_pixels``. ``stop_at_problem`` (errors="raise"): once a row is bad no
+        more network calls are made (the request fails anyway), but every row is still decoded so that the
+        problems are the same as unpipelined. An exception from ``rows`` cancels the pending decodes.
+        """
+        pool = _decode_pool()
+        problems: list[str | None] = []
+        pending: list[Future | None] = []
+        try:
+            for image, bbox, problem in rows:
+                problems.append(problem)
+                pending.append(None if problem is not None else pool.submit(self._prepare_or_problem, image, bbox))
+        except BaseException:
+            for future in pending:
+                if future is not None:
+                    future.cancel()
+            raise
+        results: list[dict | None] = [None] * len(pending)
+        todo = [i for i, future in enumerate(pending) if future is not None]
+        for start in range(0, len(todo), PIPELINE_CHUNK):
+            good, pixels = [], []
+            for i in todo[start : start + PIPELINE_CHUNK]:
+                prepared, problems[i] = pending[i].result()
+                if problems[i] is None:
+                    good.append(i)
+                    pixels.append(prepared)
+            if pixels and not (stop_at_problem and any(p is not None for p in problems)):
+                for i, result in zip(good, self.classify_pixels(np.stack(pixels), top_k)):
+                    results[i] = result
+        return results, problems
 
     def _rank(self, probs: np.ndarray, top_k: int) -> list[dict]:
         k = min(int(top_k), self._num_classes)
@@ -147,8 +199,12 @@ class CarClassifier:
         images = list(images)
         if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-        pixels, problems = self.preprocess(images, bboxes)
+        bboxes = list(bboxes) if bboxes is not None else [None] * len(images)
+        if len(bboxes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(bboxes)} bboxes")
+        results, problems = self.classify_rows(
+            ((image, bbox, None) for image, bbox in zip(images, bboxes)), top_k, stop_at_problem=errors == "raise"
+        )
         if errors == "raise" and (message := first_problem_message(problems, "image")):
             raise ImageDecodeError(message)
-        ranked = iter(self.classify_pixels(pixels, top_k))
-        return [None if problem is not None else next(ranked) for problem in problems]
+        return results

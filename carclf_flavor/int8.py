@@ -197,7 +197,8 @@ class OpenVINONetwork:
         except queue.Empty:
             request = self.compiled.create_infer_request()
         try:
-            result = request.infer([np.ascontiguousarray(pixels, dtype=np.uint8)])
+            # share_inputs: the request reads the caller's array in place (no copy); infer() is synchronous.
+            result = request.infer([np.ascontiguousarray(pixels, dtype=np.uint8)], share_inputs=True)
             return np.array(result[self.compiled.output(0)], dtype=np.float32)  # a copy: the request reuses its buffer
         finally:
             self._idle.put(request)
