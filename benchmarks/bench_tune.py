@@ -4,7 +4,11 @@ The trials are identical (a space of fixed values: ResNet-18 width 0.25 at 48 px
 two runs do the same work; only how many trials share the cores differs, and with it the TensorFlow thread
 count per trial (printed). Each configuration runs in its own process with a fresh Spark session and SQLite
 store (TensorFlow's thread pools are fixed per process, and Spark reuses its Python workers). The time is the
-study's own (``tune_seconds``: from the first Spark task to the last trial), plus the whole call beside it.
+study's own (``tune_seconds``: from the first Spark task to the last trial), plus the whole call beside it
+(Spark session, plots, and logging the best trial's model once: trials log no model, see
+``carclf/tuning/champion.py``). Beside them, from the runs' timestamps: the start-up before the first trial
+(Spark job, Python workers and their imports: the same at any ``parallel``, the serial part of the study) and
+the trials alone.
 The host's load average is printed before and after: on cores shared with other work the kernel shares CPU
 time per thread, so 2 trials of 1 thread get no more than 1 trial of 2 threads, and the speed-up cannot show.
 
@@ -44,6 +48,24 @@ def write_split(path: pathlib.Path, count: int, seed: int) -> str:
     return str(write_hdf5_split(path, images, labels, CLASSES, PreprocessSettings(image_size=SIZE)))
 
 
+def trial_phases(study, trials) -> dict:
+    """Where the study's time went, from the runs' own timestamps: the start-up before the first trial (Spark
+    job, Python workers, their imports: the same at any ``parallel``), and the trials from the first one's start
+    to the last one's value (a trial run's end is not used: the best one is reopened to log the champion)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    (tune_seconds,) = client.get_metric_history(study.info.run_id, "tune_seconds")
+    began = tune_seconds.timestamp / 1000 - tune_seconds.value
+    first = min(r.info.start_time for r in trials) / 1000
+    durations, last = [], first
+    for run in trials:
+        (value,) = client.get_metric_history(run.info.run_id, "value")
+        durations.append(value.timestamp / 1000 - run.info.start_time / 1000)
+        last = max(last, value.timestamp / 1000)
+    return {"startup_seconds": first - began, "trials_seconds": last - first, "per_trial": durations}
+
+
 def child(workdir: str, parallel: int) -> dict:
     """One study in this process: its own store, fixed trials, `parallel` at once on local[2]."""
     import mlflow
@@ -72,16 +94,13 @@ def child(workdir: str, parallel: int) -> dict:
     )
     total = time.perf_counter() - started
     study = mlflow.MlflowClient().get_run(result["study_run_id"])
-    trial_threads = sorted(
-        {
-            r.data.params.get("tf_intra_op_threads")
-            for r in mlflow.MlflowClient().search_runs(
-                [study.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{study.info.run_id}'"
-            )
-        }
+    trials = mlflow.MlflowClient().search_runs(
+        [study.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{study.info.run_id}'"
     )
+    trial_threads = sorted({r.data.params.get("tf_intra_op_threads") for r in trials})
     intra, inter = thread_budget(trials_per_host(get_spark("local[2]"), parallel))
     return {
+        **trial_phases(study, trials),
         "study_seconds": study.data.metrics["tune_seconds"],
         "total_seconds": total,
         "complete": result["counts"]["complete"],
@@ -127,11 +146,16 @@ def main() -> int:
                 f"{r['complete']} complete; TensorFlow threads per trial: {r['intra']} intra-op, {r['inter']} "
                 f"inter-op (logged on the trials: {', '.join(map(str, r['logged_intra']))})"
             )
+            print(
+                f"      start-up before the first trial {r['startup_seconds']:5.1f} s, trials {r['trials_seconds']:5.1f} s "
+                f"(each, start to value: {', '.join(f'{d:.1f}' for d in sorted(r['per_trial']))} s)"
+            )
         speedup = results[1]["study_seconds"] / results[2]["study_seconds"]
         whole = results[1]["total_seconds"] / results[2]["total_seconds"]
+        trials_only = results[1]["trials_seconds"] / results[2]["trials_seconds"]
         print(
             f"   speed-up parallel=2 vs parallel=1: {speedup:.2f}x study, {whole:.2f}x whole call "
-            f"(target >= 1.5x) {'OK' if speedup >= 1.5 else 'BELOW TARGET'}"
+            f"(target >= 1.5x) {'OK' if speedup >= 1.5 else 'BELOW TARGET'}; trials alone {trials_only:.2f}x"
         )
         print("   load average (1/5/15 min) after: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     return 0

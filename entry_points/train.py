@@ -97,14 +97,16 @@ class TrainConfig:
     spark_master: str = param(DEFAULT_SPARK_MASTER, "Spark master that runs the workers (workers > 1)")
 
 
-def train(config: TrainConfig | None = None, *, callbacks=(), **overrides) -> dict:
+def train(config: TrainConfig | None = None, *, callbacks=(), log_model: bool = True, **overrides) -> dict:
     """Train, evaluate on ``test_data`` (if given), log and register the model; returns run id, metrics, URI.
 
     ``optimizer=auto`` / ``learning_rate=0``: see ``optimizer_defaults``. ``callbacks``: extra Keras callbacks
     for ``fit``, called after the epoch's metrics are logged and checkpointed (``tune`` reports to its pruner).
+    ``log_model=False`` (``tune``'s trials): no model is logged or registered, the trained Keras model is
+    returned as ``result["model"]`` (see ``carclf.training.run.run_training``).
     """
     config = resolved_config(resolve_config(TrainConfig, config, **overrides))
-    return run_training(config, callbacks=callbacks)
+    return run_training(config, callbacks=callbacks, log_model=log_model)
 
 
 def build_parser():

@@ -175,11 +175,29 @@ def test_trials_are_child_runs_and_the_best_is_registered(project, first_run):
     assert study.data.metrics["val_top1"] == best.data.metrics["value"]
     assert 0.0 <= study.data.metrics["test_top1"] <= 1.0 and study.data.metrics["test_num_images"] == 16
     assert study.data.metrics["trials_complete"] == 3 and study.data.metrics["trials_fail"] == 1
+    # Trials log no model, only their final weights; the best trial's model is logged once, after the study,
+    # into its run, with the int8 network calibrated and validated as `train` does.
+    for run in finished:
+        kept = {a.path for a in client.list_artifacts(run.info.run_id, "tune")}
+        assert {"tune/model.weights.h5", "tune/train_params.json"} <= kept
+        has_model = "carclf.model_uri" in client.get_run(run.info.run_id).data.tags
+        assert has_model == (run.info.run_id == best.info.run_id), run.info.run_id
+    best_after = client.get_run(best.info.run_id)
+    assert best_after.info.status == "FINISHED"
+    assert best_after.data.metrics["int8_validation_images"] == 16
+    # The rebuilt network is the trained one: its float32 top-1 on the validation split is the trial's last.
+    assert abs(best_after.data.metrics["int8_float32_top1"] - best.data.metrics["val_accuracy"]) <= 1 / 16 + 1e-6
     import carclf_flavor
+    from carclf.data.input_pipeline import HDF5Source
 
     mlflow.set_tracking_uri(project["uri"])
     mlflow.set_registry_uri(project["uri"])
-    assert carclf_flavor.load_model("models:/carclf@champion").class_names == CLASSES
+    classifier = carclf_flavor.load_model("models:/carclf@champion")
+    assert classifier.class_names == CLASSES
+    test_set = HDF5Source.open(project["data"]["test"])
+    pixels, labels = test_set.read_rows(np.arange(test_set.num_images))
+    top1 = float(np.mean(np.argmax(classifier.predict_pixels(pixels), axis=1) == labels))
+    assert top1 == pytest.approx(study.data.metrics["test_top1"])  # the champion predicts; its test metrics are ours
 
     plots = {a.path for a in client.list_artifacts(study.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/parallel_coordinate.png"} <= plots

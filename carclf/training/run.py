@@ -51,11 +51,13 @@ def tracked_params(config) -> dict:
     return {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
 
 
-def run_training(config, *, callbacks=()) -> dict:
+def run_training(config, *, callbacks=(), log_model: bool = True) -> dict:
     """Train, evaluate on ``test_data`` (if given), log and register the model; returns run id, metrics, URI.
 
     ``callbacks``: extra Keras callbacks for ``fit``, called after the epoch's metrics are logged and
-    checkpointed (``tune`` reports to its pruner).
+    checkpointed (``tune`` reports to its pruner). ``log_model=False`` (``tune``'s trials, one process): no
+    model is logged or registered and the trained Keras model is returned as ``result["model"]``; ``tune``
+    logs only its best trial's model, with ``carclf.training.outputs.log_final_model``.
     """
     import mlflow
 
@@ -100,6 +102,7 @@ def run_training(config, *, callbacks=()) -> dict:
                 resume_from,
                 strategy,
                 callbacks,
+                log_model,
             )
     except KeyboardInterrupt:
         end_run_with_error(run_id, "KILLED", "interrupted (KeyboardInterrupt)", traceback.format_exc())
@@ -204,6 +207,7 @@ def train_in_run(
     resume_from,
     strategy,
     callbacks=(),
+    log_model: bool = True,
 ) -> dict:
     """The single-process training (one device or MirroredStrategy over local GPUs) inside the open run."""
     import keras
@@ -290,6 +294,9 @@ def train_in_run(
     log_training_curves(run_id)
     if test_source is not None:
         result["metrics"] = evaluate_on_test(model, test_source, config.batch_size)
-    result.update(log_final_model(model, config, train_source, val_source))
+    if log_model:
+        result.update(log_final_model(model, config, train_source, val_source))
+    else:
+        result["model"] = model
     mark_finished(checkpoint_dir, run_id, fingerprint, config.epochs)
     return result

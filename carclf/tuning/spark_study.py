@@ -11,7 +11,10 @@ Built on MLflow's own pieces: ``mlflow.optuna.storage.MlflowStorage`` keeps the 
   failed one is made up for.
 - A trial is one call of ``entry_points.train.train`` inside the trial's run (the same code as the `train`
   step), with a Keras callback that reports validation top-1 per epoch to the pruner, and TensorFlow limited to
-  ``host cores // trials running at once on that host`` threads (logged as ``tf_intra_op_threads``).
+  ``host cores // trials running at once on that host`` threads (logged as ``tf_intra_op_threads``). A trial
+  logs no model (``train(log_model=False)``): it keeps its final weights, and only the best trial's model is
+  logged, registered and tested after the study (``carclf/tuning/champion.py``). Per-trial lines of progress:
+  ``carclf/tuning/progress.py``.
 - ``MLFLOW_RUN_ID`` (set by `mlflow run`) is removed before Spark starts and again in each trial: an executor
   that inherited it would make `train` log into, and fail, the tune run.
 - A relative ``sqlite:///`` tracking URI is made absolute for the executors. Parallel trials write to SQLite
@@ -28,19 +31,17 @@ file fails the whole Spark task, so the objective here raises instead of returni
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
-import threading
 import time
-import warnings
 from collections.abc import Mapping
 
+from carclf.tuning.champion import save_trial_weights, summarise
+from carclf.tuning.progress import TrialProgress, finished_states
 from carclf.tuning.search_space import Dimension, describe, sample
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ PRUNERS = ("median", "halving", "none")
 CHAMPION_ALIAS = "champion"
 # Tests make the trial with this number fail after its first epoch (inside train, through the real path).
 FAIL_TRIAL_ENV = "CARCLF_TEST_FAIL_TRIAL"
-PROGRESS_POLL_S = 2.0
 
 
 class TuneError(RuntimeError):
@@ -196,7 +196,7 @@ class TrialObjective:
         client = MlflowClient()
         try:
             mlflow.start_run(run_id=run_id)
-            train(
+            result = train(
                 train_data=self.train_data,
                 val_data=self.val_data,
                 test_data="",
@@ -204,7 +204,9 @@ class TrialObjective:
                 checkpoint_dir=checkpoint_dir,
                 registered_model_name="",
                 callbacks=[reporter],
+                log_model=False,
             )
+            save_trial_weights(client, run_id, result.get("model"), params, checkpoint_dir)
         except optuna.TrialPruned:
             client.delete_tag(run_id, "carclf.error")  # train recorded the pruning as its error: it is not one
             raise
@@ -245,12 +247,6 @@ def make_pruner(name: str):
     return optuna.pruners.NopPruner()
 
 
-def _finished_states():
-    from optuna.trial import TrialState
-
-    return (TrialState.COMPLETE, TrialState.PRUNED)
-
-
 def _mark_orphans_failed(client, trials, why: str) -> None:
     """Trials left RUNNING by a process that died (killed tune, lost executor) end FAILED with the reason."""
     from optuna.trial import TrialState
@@ -259,96 +255,6 @@ def _mark_orphans_failed(client, trials, why: str) -> None:
         if trial.state == TrialState.RUNNING:
             client.set_tag(trial._trial_id, "carclf.error", why)
             client.set_terminated(trial._trial_id, status="FAILED")
-
-
-def _rank(trial) -> tuple:
-    """Higher is better: the value, then the earlier trial on a tie."""
-    return (trial.value, -trial.number)
-
-
-def _format_params(params: Mapping) -> str:
-    return "{" + ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in params.items()) + "}"
-
-
-class TrialProgress:
-    """A line per finished trial (number, state, value, params, best so far), read from the tracking store
-    on the driver: the trials run elsewhere, their results are in MLflow."""
-
-    def __init__(self, experiment_id: str, study_run_id: str, total: int, out=None):
-        self.experiment_id, self.study_run_id, self.total = experiment_id, study_run_id, total
-        self.out = out or sys.stdout
-        self.seen: set = set()
-        self.best = None
-        self._storage = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="carclf-tune-progress")
-
-    def prime(self, trials) -> None:
-        """Trials of an earlier run: known (no line), but they count for the best so far."""
-        for trial in trials:
-            if trial.state in _finished_states() or trial.state.is_finished():
-                self.seen.add(trial._trial_id)
-                self._update_best(trial)
-
-    def _update_best(self, trial) -> None:
-        from optuna.trial import TrialState
-
-        if trial.state == TrialState.COMPLETE and trial.value is not None:
-            if self.best is None or _rank(trial) > _rank(self.best):
-                self.best = trial
-
-    def poll(self) -> None:
-        from mlflow.optuna.storage import MlflowStorage
-
-        if self._storage is None:
-            self._storage = MlflowStorage(experiment_id=self.experiment_id)
-        trials = self._storage.get_all_trials(self.study_run_id)
-        # A complete trial's run is closed a moment before its value is written: wait for the value.
-        done = [
-            t
-            for t in trials
-            if t.state.is_finished()
-            and t._trial_id not in self.seen
-            and not (t.state.name == "COMPLETE" and t.value is None)
-        ]
-        for trial in sorted(done, key=lambda t: t.datetime_complete or t.datetime_start):
-            self.seen.add(trial._trial_id)
-            self._update_best(trial)
-            value = f"val top-1 {trial.value:.4f}" if trial.value is not None else "no value"
-            best = (
-                f"best so far {self.best.value:.4f} (trial {self.best.number})"
-                if self.best is not None
-                else "no complete trial yet"
-            )
-            finished = sum(1 for t in trials if t.state.is_finished())
-            state = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned"}.get(
-                trial.state.name, trial.state.name.lower()
-            )
-            print(
-                f"[tune] trial {trial.number} {state}: {value} {_format_params(trial.params)}"
-                f"  | {best}  [{finished} finished, target {self.total}]",
-                file=self.out,
-                flush=True,
-            )
-
-    def _loop(self) -> None:
-        while not self._stop.wait(PROGRESS_POLL_S):
-            try:
-                self.poll()
-            except Exception as exc:  # progress must never stop the study
-                log.debug("progress poll failed: %s", exc)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=10)
-        try:
-            self.poll()
-        except Exception as error:
-            log.debug("final progress poll failed: %s", error)
 
 
 def _open_study_run(client, launcher_id: str, study_name: str) -> tuple[str, bool]:
@@ -371,71 +277,6 @@ def _open_study_run(client, launcher_id: str, study_name: str) -> tuple[str, boo
     client.update_run(existing, status="RUNNING")
     client.set_tag(launcher_id, TAG_RESUMED_INTO, existing)
     return existing, True
-
-
-def register_best(client, model_uri: str, run_id: str, name: str, alias: str) -> str:
-    """Register the best trial's model (once per trial run) and point ``alias`` at that version."""
-    import mlflow
-
-    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
-    version = str(existing[0].version) if existing else str(mlflow.register_model(model_uri, name).version)
-    client.set_registered_model_alias(name, alias, version)
-    return version
-
-
-def log_study_plots(client, run_id: str, trials, out_dir: str = "plots") -> list[str]:
-    """Optimization history, parameter importances and parallel coordinates as PNG on the study run."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from carclf.reporting.reports import _pyplot
-
-    plt = _pyplot()
-    finished = [
-        t
-        for t in trials
-        if t.state in (TrialState.PRUNED, TrialState.FAIL) or (t.state == TrialState.COMPLETE and t.value is not None)
-    ]
-    study = optuna.create_study(direction="maximize")
-    study.add_trials(sorted(finished, key=lambda t: t.number))  # numbered as added: keep the study's order
-    logged = []
-    from optuna.visualization import matplotlib as oplt
-
-    for name, plot in (
-        ("optimization_history", oplt.plot_optimization_history),
-        ("param_importances", oplt.plot_param_importances),
-        ("parallel_coordinate", oplt.plot_parallel_coordinate),
-    ):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # ExperimentalWarning
-                axes = plot(study)
-        except Exception as exc:  # e.g. importances need two complete trials that differ
-            log.info("plot %s skipped: %s", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            continue
-        axes = axes.flat[0] if hasattr(axes, "flat") else axes
-        if name == "optimization_history":
-            axes.set_ylabel("val top-1")
-        figure = axes.figure
-        figure.set_size_inches(max(8, figure.get_size_inches()[0]), max(5, figure.get_size_inches()[1]))
-        figure.tight_layout()
-        client.log_figure(run_id, figure, f"{out_dir}/{name}.png")
-        plt.close(figure)
-        logged.append(f"{out_dir}/{name}.png")
-    return logged
-
-
-def _evaluate_on_test(model_uri: str, test_data, batch_size: int = 64) -> dict:
-    """The best model on the test set, logged on the active (study) run like `evaluate` does."""
-    import carclf_flavor
-    from carclf.data.input_pipeline import HDF5Source
-    from carclf.reporting.reports import collect_predictions, log_test_report
-
-    source = HDF5Source.open(test_data)
-    classifier = carclf_flavor.load_model(model_uri)
-    predictions = collect_predictions(classifier.predict_pixels, source, batch_size)
-    metrics = log_test_report(predictions, source, list(source.class_names))
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def run_study(
@@ -489,7 +330,7 @@ def run_study(
     before = storage.get_all_trials(study_run_id)
     _mark_orphans_failed(client, before, "the trial's process ended before the trial finished (tune stopped?)")
     before = storage.get_all_trials(study_run_id)
-    done = sum(1 for t in before if t.state in _finished_states())
+    done = sum(1 for t in before if t.state in finished_states())
     remaining = max(0, int(trials) - done)
     if resumed:
         print(
@@ -543,72 +384,14 @@ def run_study(
     all_trials = storage.get_all_trials(study_run_id)
     _mark_orphans_failed(client, all_trials, "the trial's Spark task ended before the trial finished")
     all_trials = storage.get_all_trials(study_run_id)
-    return _summarise(
-        client, study_run_id, launcher_id, study_name, all_trials, test_data, registered_model_name, alias, failed_tasks
+    return summarise(
+        client,
+        study_run_id,
+        launcher_id,
+        study_name,
+        all_trials,
+        (str(train_data), str(val_data), str(test_data or "")),
+        registered_model_name,
+        alias,
+        failed_tasks,
     )
-
-
-def _summarise(
-    client, study_run_id, launcher_id, study_name, trials, test_data, registered_model_name, alias, failed_tasks
-) -> dict:
-    import mlflow
-    from optuna.trial import TrialState
-
-    counts = {
-        state.name.lower(): sum(1 for t in trials if t.state == state)
-        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    }
-    mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    plots = log_study_plots(client, study_run_id, trials)
-    if not complete:
-        raise TuneError(
-            f"study {study_name!r}: no trial completed ({counts['fail']} failed, {counts['pruned']} "
-            f"pruned){'; ' + failed_tasks if failed_tasks else ''}; see the child runs' carclf.error"
-        )
-    best = max(complete, key=_rank)
-    best_run = client.get_run(best._trial_id)
-    model_uri = best_run.data.tags.get("carclf.model_uri") or f"runs:/{best._trial_id}/model"
-    version = None
-    if registered_model_name:
-        version = register_best(client, model_uri, best._trial_id, registered_model_name, alias)
-        model_uri = f"models:/{registered_model_name}/{version}"
-    val = {"val_top1": best.value}
-    for key, name in (("val_top5", "val_top5"), ("val_loss", "val_loss")):
-        if key in best_run.data.metrics:
-            val[name] = best_run.data.metrics[key]
-    mlflow.log_metrics(val)
-    test_metrics = _evaluate_on_test(model_uri, test_data) if test_data else {}
-    tags = {
-        "carclf.best_trial_run": best._trial_id,
-        "carclf.best_trial_number": str(best.number),
-        "carclf.model_uri": model_uri,
-        "carclf.best_params": json.dumps(best.params, default=str)[:4000],
-    }
-    if version is not None:
-        tags.update(
-            {
-                "carclf.registered_model": registered_model_name,
-                "carclf.registered_version": version,
-                "carclf.registered_alias": alias,
-            }
-        )
-    mlflow.set_tags(tags)
-    if launcher_id != study_run_id:  # a resumed study: the rerun's own run points at the results too
-        for key, value in tags.items():
-            client.set_tag(launcher_id, key, value)
-    mlflow.end_run("FINISHED")
-    return {
-        "study_name": study_name,
-        "study_run_id": study_run_id,
-        "best_trial": best.number,
-        "best_run_id": best._trial_id,
-        "best_value": best.value,
-        "best_params": best.params,
-        "model_uri": model_uri,
-        "registered_version": version,
-        "val_metrics": val,
-        "test_metrics": test_metrics,
-        "counts": counts,
-        "plots": plots,
-    }
