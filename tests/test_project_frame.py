@@ -1,6 +1,8 @@
 """The project frame: pins agree between pyproject and conda.yaml, MLproject is well formed, CI runs make test."""
 
+import ast
 import os
+import pathlib
 import re
 import tomllib
 
@@ -101,3 +103,28 @@ def test_generated_files_are_ignored():
     ignored = (REPO_ROOT / ".gitignore").read_text().split()
     for pattern in ("/data/", "mlruns/", "mlflow.db", "*.h5", "*.keras", ".venv", ".venv-mlflow-latest/"):
         assert pattern in ignored
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_layers_import_downwards_only():
+    """entry_points -> carclf -> carclf_flavor: the library never imports a step, the flavor neither."""
+    forbidden = {"carclf": ("entry_points",), "carclf_flavor": ("entry_points", "carclf")}
+    offenders = []
+    for package, tops in forbidden.items():
+        for source in sorted((REPO_ROOT / package).rglob("*.py")):
+            if source.relative_to(REPO_ROOT).as_posix() == "carclf/cli/mlproject.py":
+                continue  # the MLproject generator reads every step's declaration, by design
+            for module in _imported_modules(source):
+                if module.split(".")[0] in tops:
+                    offenders.append(f"{source.relative_to(REPO_ROOT)} imports {module}")
+    assert not offenders, "\n".join(offenders)

@@ -46,9 +46,9 @@ def log_champion_model(client, run_id: str, train_data: str, val_data: str) -> s
 
     from carclf.cli.step_config import resolve_config
     from carclf.data.input_pipeline import HDF5Source
+    from carclf.training.config import TrainConfig
     from carclf.training.model import build_model
     from carclf.training.outputs import log_final_model
-    from entry_points.train import TrainConfig
 
     logged = client.get_run(run_id).data.tags.get(TAG_MODEL_URI)
     if logged:

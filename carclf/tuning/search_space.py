@@ -74,7 +74,7 @@ Dimension = Fixed | Choice | Range
 
 def tunable_parameters() -> dict[str, str]:
     """train's parameter name -> its declared type name ("int", "float", "str", "bool"), from ``TrainConfig``."""
-    from entry_points.train import TrainConfig
+    from carclf.training.config import TrainConfig
 
     out = {}
     for field in dataclasses.fields(TrainConfig):
@@ -210,8 +210,8 @@ def check_space(space: Mapping[str, Dimension], train_data, val_data, source: st
     value) before any trial: SearchSpaceError naming the key and train's complaint."""
     from carclf.data.hdf5_dataset import DatasetError
     from carclf.data.input_pipeline import split_paths
+    from carclf.training.config import TrainConfig
     from carclf.training.validation import TrainConfigError, optimizer_defaults, validate
-    from entry_points.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     data = {

@@ -171,7 +171,7 @@ class TrialObjective:
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
-        from entry_points.train import train
+        from carclf.training.config import train
 
         os.environ.pop("MLFLOW_RUN_ID", None)
         mlflow.set_tracking_uri(self.tracking_uri)
