@@ -28,11 +28,10 @@ the run; ``validation``, ``model``, ``schedule``, ``checkpoints``, ``epoch_track
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from carclf.cli.step_config import build_parser as build_parser_for
-from carclf.cli.step_config import config_from_args
+from carclf.cli.step_config import run_step
 from carclf.data.hdf5_dataset import DatasetError
 from carclf.training.config import TrainConfig, train
 from carclf.training.distributed import StrategyError
@@ -41,32 +40,36 @@ from carclf.training.validation import TrainConfigError, optimizer_defaults, val
 __all__ = ["TrainConfig", "TrainConfigError", "build_parser", "main", "optimizer_defaults", "train", "validate"]
 
 
+_PROG = "python -m entry_points.train"
+
+
 def build_parser():
-    return build_parser_for(TrainConfig, "python -m entry_points.train", __doc__.splitlines()[0])
+    return build_parser_for(TrainConfig, _PROG, __doc__.splitlines()[0])
+
+
+def _print_result(result: dict, config: TrainConfig) -> None:
+    registered = result["registered_version"]
+    print(
+        f"run {result['run_id']}  model {result['model_uri']}"
+        + (f"  registered version {registered}" if registered else "")
+    )
 
 
 def main(argv=None) -> int:
     from carclf.training.multi_worker import WorkerFailed
     from carclf_flavor.resnet import WeightsError
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        result = train(config_from_args(TrainConfig, args))
-    except (TrainConfigError, DatasetError, StrategyError, WeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except WorkerFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the run ended KILLED; rerun with the same checkpoint_dir to resume", file=sys.stderr)
-        return 130
-    print(
-        f"run {result['run_id']}  model {result['model_uri']}"
-        + (f"  registered version {result['registered_version']}" if result["registered_version"] else "")
+    return run_step(
+        train,
+        TrainConfig,
+        _PROG,
+        __doc__.splitlines()[0],
+        argv,
+        expected_errors=(TrainConfigError, DatasetError, StrategyError, WeightsError, WorkerFailed),
+        exit_codes={WorkerFailed: 1},
+        print_result=_print_result,
+        interrupted_line="the run ended KILLED; rerun with the same checkpoint_dir to resume",
     )
-    return 0
 
 
 if __name__ == "__main__":

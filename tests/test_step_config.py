@@ -56,3 +56,33 @@ def test_expected_errors_are_one_line_and_others_keep_their_traceback(capsys):
 def test_result_is_printed(capsys):
     assert run_step(lambda c: c.size * 2, ToyConfig, "toy", "", ["--name", "x", "--size", "21"]) == 0
     assert capsys.readouterr().out == "42\n"
+
+
+class WorkerGone(RuntimeError):
+    pass
+
+
+def test_exit_codes_per_error_and_a_one_line_interrupt(capsys):
+    def step(config):
+        if config.name == "worker":
+            raise WorkerGone("worker 1 exited with code 9")
+        raise KeyboardInterrupt
+
+    codes = {"expected_errors": (WorkerGone,), "exit_codes": {WorkerGone: 1}}
+    assert run_step(step, ToyConfig, "toy", "", ["--name", "worker"], **codes) == 1
+    assert capsys.readouterr().err == "error: worker 1 exited with code 9\n"
+    assert (
+        run_step(step, ToyConfig, "toy", "", ["--name", "ctrl-c"], interrupted_line="run ended KILLED", **codes) == 130
+    )
+    assert capsys.readouterr().err == "interrupted: run ended KILLED\n"
+    with pytest.raises(KeyboardInterrupt):
+        run_step(step, ToyConfig, "toy", "", ["--name", "ctrl-c"], **codes)
+
+
+def test_train_cli_names_a_missing_data_file_in_one_line(tmp_path, capsys):
+    from entry_points.train import main
+
+    missing = tmp_path / "nope.h5"
+    assert main(["--train-data", str(missing), "--val-data", str(missing), "--registered-model-name", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nope.h5" in err[0], err

@@ -18,7 +18,7 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from carclf.cli.cli_args import parse_bool, parse_int
@@ -204,16 +204,24 @@ def run_step(
     expected_errors: tuple = (),
     print_result: Callable[[Any, Any], None] | None = None,
     error_line: Callable[[BaseException, Any], str | None] | None = None,
+    exit_codes: Mapping[type, int] | None = None,
+    interrupted_line: str | None = None,
     log_format: str = "%(asctime)s %(name)s %(levelname)s %(message)s",
 ) -> int:
     """The CLI ``main()`` of a step: parse -> ``step(config)`` -> ``print_result(result, config)``; the step's
-    expected errors end as one ``error: ...`` line and exit code 2, anything else is a bug and keeps its
-    traceback. ``error_line(exc, config)`` may word an error (or return None to re-raise it)."""
+    expected errors end as one ``error: ...`` line and exit code 2 (or ``exit_codes[type]``), anything else is
+    a bug and keeps its traceback. ``error_line(exc, config)`` may word an error (or return None to re-raise
+    it). With ``interrupted_line``, Ctrl-C prints it and exits 130 instead of a traceback."""
     args = build_parser(config_cls, prog, description).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=log_format)
     config = config_from_args(config_cls, args)
     try:
         result = step(config)
+    except KeyboardInterrupt:
+        if interrupted_line is None:
+            raise
+        print(f"interrupted: {interrupted_line}", file=sys.stderr)
+        return 130
     except Exception as exc:
         line = None
         if error_line is not None:
@@ -223,7 +231,7 @@ def run_step(
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)
-        return 2
+        return next((code for kind, code in (exit_codes or {}).items() if isinstance(exc, kind)), 2)
     if print_result is None:
         print(result)
     else:
