@@ -29,7 +29,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
 
-from carclf.compute.ports import free_port  # noqa: E402
+from carclf.deployment.local_server import LocalServer  # noqa: E402
 
 DEPTH = int(os.environ.get("BENCH_SERVING_DEPTH", "50"))
 IMAGE_SIZE = int(os.environ.get("BENCH_SERVING_IMAGE_SIZE", "224"))
@@ -63,50 +62,19 @@ def photo_jpegs(count: int, width: int = 700, height: int = 500) -> list[bytes]:
     return images
 
 
-class Server:
-    """`mlflow models serve --env-manager local` on 127.0.0.1 with extra environment variables."""
+class Server(LocalServer):
+    """`mlflow models serve --env-manager local` on 127.0.0.1 (carclf.deployment.local_server) with extra
+    environment variables."""
 
     def __init__(self, model_dir: pathlib.Path, **env):
         import requests
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        child_env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
-        child_env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), child_env.get("PATH", "")])
-        self.process = subprocess.Popen(
-            [
-                str(pathlib.Path(sys.executable).with_name("mlflow")),
-                "models",
-                "serve",
-                "-m",
-                str(model_dir),
-                "--env-manager",
-                "local",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-w",
-                "1",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=child_env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 300
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{pathlib.Path(self.log.name).read_text()[-2000:]}")
-            try:
-                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
-                    break
-            except requests.exceptions.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start within 300 s")
-            time.sleep(0.5)
+        try:
+            super().__init__(model_dir, self.log.name, env={"PYTHONUNBUFFERED": "1", **env}, startup_timeout_s=300)
+        except BaseException:
+            os.unlink(self.log.name)
+            raise
         self.session = requests.Session()
 
     def precision_line(self) -> str:
@@ -127,11 +95,7 @@ class Server:
         return response.json()["predictions"]
 
     def close(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        self.stop(grace_s=30)
         os.unlink(self.log.name)
 
 

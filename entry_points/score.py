@@ -24,39 +24,30 @@ Spark (``mlflow.pyfunc.spark_udf`` on a local Spark)::
     python -m entry_points.score --spark --model-uri models:/carclf/1 --input-dir photos/ --output scores.parquet
 
 Bad images do not stop a Spark job: they get a null prediction and an ``error`` text (``errors=coerce``).
+
+This module is the step's CLI; the clients are ``carclf.scoring.rest_client`` and ``carclf.scoring.spark_batch``.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import json
 import os
-import pathlib
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 
 from carclf.cli.cli_args import parse_int
 from carclf.cli.step_config import OneLineErrorParser, add_arguments, config_from_args, param
+from carclf.compute.spark_session import SparkSetupError
+from carclf.scoring.errors import ScoringError
+from carclf.scoring.rest_client import score_files
+from carclf.scoring.spark_batch import score_folder_spark
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-# spark_udf result: one struct per image. class_id/prob are doubles because spark_udf casts a struct field
-# with numpy (a None among ints cannot be cast to int64); they become long/double with nulls afterwards.
-SPARK_RESULT_TYPE = (
-    "label string, class_id double, prob double, top_k array<struct<label: string, prob: double>>, error string"
-)
-
-
-class ScoringError(RuntimeError):
-    """A problem the user can act on (unreachable server, refused request, unreadable file)."""
+__all__ = ["ScoreSparkConfig", "build_parser", "format_table", "main", "parse_bbox"]
 
 
-# --------------------------------------------------------------------------------------------------
-# REST
-# --------------------------------------------------------------------------------------------------
 def parse_bbox(text: str) -> tuple[int, int, int, int]:
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) != 4:
@@ -65,142 +56,6 @@ def parse_bbox(text: str) -> tuple[int, int, int, int]:
         return tuple(parse_int(p) for p in parts)  # type: ignore[return-value]
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"bbox must be four integers x1,y1,x2,y2, got {text!r}") from None
-
-
-def build_request(images: Sequence[bytes], bboxes: Sequence | None = None, top_k: int = 5, azure: bool = False) -> dict:
-    """The JSON body: base64 images (+ bbox columns) and the top_k parameter, as a pandas split frame under
-    `dataframe_split` (mlflow models serve) or `input_data` with its index (Azure ML's scoring script)."""
-    columns = ["image"]
-    rows = [[base64.b64encode(data).decode("ascii")] for data in images]
-    if bboxes is not None and any(b is not None for b in bboxes):
-        columns += ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
-        for row, bbox in zip(rows, bboxes):
-            row.extend(list(bbox) if bbox is not None else [None] * 4)
-    params = {"top_k": int(top_k)}
-    if azure:
-        return {"input_data": {"columns": columns, "index": list(range(len(rows))), "data": rows}, "params": params}
-    return {"dataframe_split": {"columns": columns, "data": rows}, "params": params}
-
-
-def _server_message(response) -> str:
-    try:
-        body = response.json()
-        return str(body.get("message", body))
-    except ValueError:
-        return response.text.strip()[:500]
-
-
-def post_invocations(url: str, body: dict, timeout: float = 120.0) -> list[dict]:
-    """POST one request; returns the list of predictions or raises ScoringError with the server's message."""
-    import requests
-
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/invocations"):
-        endpoint += "/invocations"
-    try:
-        response = requests.post(
-            endpoint, data=json.dumps(body), timeout=timeout, headers={"Content-Type": "application/json"}
-        )
-    except requests.exceptions.ConnectionError:
-        raise ScoringError(f"cannot connect to {endpoint} (is `mlflow models serve` running there?)") from None
-    except requests.exceptions.Timeout:
-        raise ScoringError(f"{endpoint} did not answer within {timeout:.0f} s") from None
-    if response.status_code != 200:
-        raise ScoringError(f"the server refused the request (HTTP {response.status_code}): {_server_message(response)}")
-    return response.json()["predictions"]
-
-
-def post_azure(
-    endpoint: str, body: dict, key: str, deployment: str | None = None, timeout: float = 120.0
-) -> list[dict]:
-    """POST one request to an Azure ML online endpoint's scoring URI; returns one dict per row."""
-    import requests
-
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
-    if deployment:
-        headers["azureml-model-deployment"] = deployment
-    target = f"{endpoint} (deployment {deployment})" if deployment else endpoint
-    try:
-        response = requests.post(endpoint, data=json.dumps(body), timeout=timeout, headers=headers)
-    except requests.exceptions.ConnectionError:
-        raise ScoringError(f"cannot connect to {target}: check --azure-endpoint (the endpoint's scoring URI)") from None
-    except requests.exceptions.Timeout:
-        raise ScoringError(f"{target} did not answer within {timeout:.0f} s") from None
-    if response.status_code in (401, 403):
-        raise ScoringError(
-            f"{target} refused the key (HTTP {response.status_code}): check --key or "
-            "AZUREML_ENDPOINT_KEY (az ml online-endpoint get-credentials -n <endpoint>)"
-        )
-    if response.status_code != 200:
-        hint = ""
-        if response.status_code >= 500:
-            # Azure's scoring script answers any exception with a fixed text; the cause is in the log.
-            hint = (
-                " (the cause is in the deployment log: az ml online-deployment get-logs -e <endpoint> -n <deployment>)"
-            )
-        message = " ".join(_server_message(response).split())[:500]
-        raise ScoringError(f"the endpoint refused the request (HTTP {response.status_code}): {message}{hint}")
-    try:
-        answer = response.json()
-    except ValueError:
-        raise ScoringError(
-            f"{target} answered HTTP 200 with a body that is not JSON: {response.text[:200]!r}"
-        ) from None
-    if isinstance(answer, str):  # some inference servers JSON-encode the scoring script's JSON once more
-        answer = json.loads(answer)
-    if isinstance(answer, dict) and "predictions" in answer:
-        answer = answer["predictions"]
-    if not isinstance(answer, list) or not all(isinstance(row, dict) for row in answer):
-        raise ScoringError(f"{target} answered with {type(answer).__name__}, not one record per photo")
-    for row in answer:
-        if isinstance(row.get("top_k"), str):  # a signature Azure can sample from may carry it as JSON text
-            row["top_k"] = json.loads(row["top_k"])
-    return answer
-
-
-def score_files(
-    url: str,
-    paths: Sequence[os.PathLike | str],
-    top_k: int = 5,
-    bbox=None,
-    batch_size: int = 16,
-    timeout: float = 120.0,
-    azure_key: str | None = None,
-    deployment: str | None = None,
-) -> list[dict]:
-    """Score image files through the REST endpoint, ``batch_size`` per request; one dict per file.
-    With ``azure_key``, ``url`` is an Azure ML online endpoint's scoring URI."""
-    if batch_size < 1:
-        raise ScoringError(f"--batch-size must be >= 1, got {batch_size}")
-    paths = [pathlib.Path(p) for p in paths]
-    results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images = []
-        for path in chunk:
-            try:
-                images.append(path.read_bytes())
-            except OSError as exc:
-                raise ScoringError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        body = build_request(images, [bbox] * len(chunk) if bbox else None, top_k, azure=azure_key is not None)
-        try:
-            if azure_key is not None:
-                predictions = post_azure(url, body, azure_key, deployment, timeout=timeout)
-            else:
-                predictions = post_invocations(url, body, timeout=timeout)
-        except ScoringError as exc:
-            # The server names rows of this request: name the file instead.
-            message = re.sub(
-                r"\brow (\d+):",
-                lambda m, chunk=chunk: f"{chunk[int(m.group(1))]}:" if int(m.group(1)) < len(chunk) else m.group(0),
-                str(exc),
-            )
-            raise ScoringError(message) from None
-        if len(predictions) != len(chunk):
-            raise ScoringError(f"{url} answered {len(predictions)} predictions for {len(chunk)} photos")
-        for path, prediction in zip(chunk, predictions):
-            results.append(dict(file=str(path), **prediction))
-    return results
 
 
 def format_table(results: Sequence[dict]) -> str:
@@ -214,80 +69,6 @@ def format_table(results: Sequence[dict]) -> str:
         runners = ", ".join(f"{e['label']} ({e['prob']:.3f})" for e in (r.get("top_k") or [])[1:])
         lines.append(f"{r['file']:<{width}}  {str(r['label']):<{label_width}}  {r['prob']:>6.3f}  {runners}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Spark
-# --------------------------------------------------------------------------------------------------
-def _local_spark():
-    from pyspark.sql import SparkSession
-
-    # Python workers must run this interpreter (pandas, MLflow, TensorFlow), not the first `python3` on PATH.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return (
-        SparkSession.builder.master(os.environ.get("CARCLF_SPARK_MASTER", "local[*]"))
-        .appName("carclf-score")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "4")
-        .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .getOrCreate()
-    )
-
-
-def score_folder_spark(
-    model_uri: str, input_dir: os.PathLike | str, output: os.PathLike | str, top_k: int = 5, spark=None
-) -> int:
-    """Score every image under ``input_dir`` with ``spark_udf``; writes Parquet (path, label, class_id, prob,
-    top_k, error) to ``output`` (written under a temporary name, renamed when complete). Returns the row count."""
-    import mlflow.pyfunc
-    from pyspark.sql import functions as F
-
-    input_dir = pathlib.Path(input_dir)
-    output = pathlib.Path(output)
-    if not input_dir.is_dir():
-        raise ScoringError(f"--input-dir {input_dir} is not a folder")
-    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in input_dir.rglob("*") if p.is_file()):
-        raise ScoringError(f"--input-dir {input_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    spark = spark or _local_spark()
-    files = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .load(str(input_dir))
-        .where(F.lower(F.col("path")).rlike("(" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$"))
-    )
-    predict = mlflow.pyfunc.spark_udf(
-        spark,
-        model_uri,
-        result_type=SPARK_RESULT_TYPE,
-        env_manager="local",
-        params={"top_k": int(top_k), "errors": "coerce"},
-    )
-    scored = files.select("path", predict(F.col("content")).alias("p"))
-    # A bad image comes back with an empty top_k (a good one has at least one entry). spark_udf's struct
-    # conversion turns its null label/error into the text "None" and its null class_id/prob into NaN, so
-    # the fields are rebuilt from that flag instead of being trusted as they are.
-    bad = F.size(F.col("p.top_k")) == 0
-    result = scored.select(
-        "path",
-        F.when(bad, F.lit(None)).otherwise(F.col("p.label")).alias("label"),
-        F.when(bad, F.lit(None)).otherwise(F.col("p.class_id").cast("long")).alias("class_id"),
-        F.when(bad, F.lit(None)).otherwise(F.col("p.prob")).alias("prob"),
-        F.when(bad, F.lit(None)).otherwise(F.col("p.top_k")).alias("top_k"),
-        F.when(bad, F.col("p.error")).otherwise(F.lit(None)).alias("error"),
-    )
-    from carclf.files.atomic import partial_path, remove_stale_partials
-
-    # A killed earlier run's folder goes first; this run's is named after its pid, so the next run can tell.
-    remove_stale_partials(output.parent)
-    partial = partial_path(output)
-    result.write.mode("error").parquet(str(partial))
-    count = spark.read.parquet(str(partial)).count()
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    os.replace(partial, output)
-    return count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             azure_key=key,
             deployment=deployment,
         )
-    except ScoringError as exc:
+    except (ScoringError, SparkSetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -98,7 +98,7 @@ def azure_server(azure_model, azure_venv, tmp_path_factory):
     (app_root / "launch_azmlinfsrv.py").write_text(LAUNCHER)
     port = free_port()
     log_path = app_root / "server.log"
-    # CARCLF_ERRORS=coerce is what `deploy` sets on a managed deployment (entry_points/deploy.py).
+    # CARCLF_ERRORS=coerce is what `deploy` sets on a managed deployment (carclf/deployment/azure_config.py, AZURE_ENVIRONMENT).
     env = _clean_env(
         AZUREML_MODEL_DIR=str(azure_model.parent),
         MLFLOW_MODEL_FOLDER=azure_model.name,

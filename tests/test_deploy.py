@@ -17,16 +17,16 @@ import time
 import pytest
 
 from carclf.deployment import azure_preflight as pf
-from conftest import REPO_ROOT
-from entry_points.deploy import (
+from carclf.deployment.azure_config import (
     COMPUTE_CHOICES,
-    DeployError,
     build_deploy_config,
     build_endpoint_config,
-    deploy,
     render_config,
     write_config,
 )
+from carclf.deployment.errors import DeployError
+from conftest import REPO_ROOT
+from entry_points.deploy import deploy
 from helpers_deploy import FakeAzureML, clean_azure_env, offline_run
 
 SUB = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
@@ -42,7 +42,7 @@ def test_checked_in_examples_equal_generated_defaults(compute, tmp_path):
     example = REPO_ROOT / "deploy" / f"{compute}.json"
     generated = write_config(build_deploy_config(compute), tmp_path, compute)
     assert generated.read_text() == example.read_text(), f"deploy/{compute}.json is stale: regenerate it"
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(f".{compute}.json.partial-*"))
 
 
 def test_checked_in_endpoint_example_equals_the_generated_default(tmp_path):
@@ -421,14 +421,14 @@ def test_function_refuses_bad_azure_parameters_before_anything_else(tmp_path, mo
 
 
 def test_plugin_is_narrowed_to_the_credential_the_preflight_chose(monkeypatch):
-    from entry_points.deploy import _narrowed_credential_env
+    from carclf.deployment.plugin_calls import narrowed_credential_env
 
     monkeypatch.delenv("AZURE_TOKEN_CREDENTIALS", raising=False)
-    assert _narrowed_credential_env("AzureCliCredential") == {"AZURE_TOKEN_CREDENTIALS": "AzureCliCredential"}
-    assert _narrowed_credential_env("NoSuchCredential") == {}  # refused by azure-identity: chain left alone
+    assert narrowed_credential_env("AzureCliCredential") == {"AZURE_TOKEN_CREDENTIALS": "AzureCliCredential"}
+    assert narrowed_credential_env("NoSuchCredential") == {}  # refused by azure-identity: chain left alone
     assert "AZURE_TOKEN_CREDENTIALS" not in os.environ
     monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")  # the user's own choice wins
-    assert _narrowed_credential_env("EnvironmentCredential") == {}
+    assert narrowed_credential_env("EnvironmentCredential") == {}
 
 
 # ------------------------------------------------------------------------------------------ blue/green, offline
@@ -692,7 +692,7 @@ def test_bad_rollout_parameters_are_named_before_anything_else(tmp_path, mlflow_
 def test_resolve_model_uri_gives_the_plugin_a_version_number(tmp_path):
     import mlflow
 
-    from entry_points.deploy import resolve_model_uri
+    from carclf.deployment.model_uri import resolve_model_uri
     from helpers_deploy import register_version_model
 
     register_version_model(tmp_path, "carclf", "one")

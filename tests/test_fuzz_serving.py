@@ -13,11 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import pathlib
 import random
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,7 +21,7 @@ import requests
 from PIL import Image
 
 import carclf_flavor
-from carclf.compute.ports import free_port
+from carclf.deployment.local_server import LocalServer, ServerStartError
 from carclf_flavor.images import PreprocessSettings
 from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, jpeg_bytes, varied_format_images
 from helpers_hostile import PeakRSS, bomb_png, header_bombs, process_tree
@@ -260,55 +256,19 @@ def fuzz_server(tmp_path_factory):
         preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4),
         inference_precision="float32",
     )
-    port = free_port()
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env.get("PATH", "")])
     log_path = work / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [
-                str(pathlib.Path(sys.executable).with_name("mlflow")),
-                "models",
-                "serve",
-                "-m",
-                str(model_dir),
-                "--env-manager",
-                "local",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-w",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(work),
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.exceptions.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up after 240 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "process": process, "log": log_path}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        served = LocalServer(
+            model_dir,
+            log_path,
+            env={"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"},
+            cwd=work,
+            startup_timeout_s=240,
+        )
+    except ServerStartError as exc:
+        pytest.fail(f"mlflow models serve did not start: {exc}", pytrace=False)
+    with served:
+        yield {"url": served.url, "process": served.process, "log": log_path}
 
 
 def _problem(case: Case, response: requests.Response) -> str | None:

@@ -17,6 +17,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from carclf.deployment import local_target
+from carclf.deployment.process_group import group_members
+from conftest import REPO_ROOT
 from helpers_deploy import kill_servers_of_store, register_version_model, tiny_jpeg
 
 
@@ -50,7 +52,7 @@ def _ok(result: subprocess.CompletedProcess) -> str:
 
 
 def _group_alive(pid: int) -> bool:
-    return bool(local_target._group_members(pid))
+    return bool(group_members(pid))
 
 
 def _wait_gone(pid: int, seconds: float = 15.0) -> bool:
@@ -165,6 +167,23 @@ def test_config_is_validated():
         local_target.parse_config({"port": "70000"})
     with pytest.raises(MlflowException, match="workers='two' is not an integer"):
         local_target.parse_config({"workers": "two"})
+
+
+def test_deploy_step_names_the_target_as_the_plugin_does():
+    from carclf.deployment import targets
+
+    # targets keeps its own copy of the name so that the deploy CLI starts without importing MLflow.
+    assert targets.LOCAL_TARGET == local_target.TARGET_NAME
+    assert (
+        "mlflow"
+        not in subprocess.run(
+            [sys.executable, "-c", "import sys, entry_points.deploy; print(' '.join(sys.modules))"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO_ROOT,
+        ).stdout.split()
+    )
 
 
 def test_state_folder_from_target_uri_and_config(tmp_path):

@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 
 import pandas as pd
@@ -17,6 +16,7 @@ import requests
 
 import carclf_flavor
 from carclf.compute.ports import free_port
+from carclf.deployment.local_server import LocalServer, ServerStartError
 from carclf_flavor.images import PreprocessSettings
 from conftest import REPO_ROOT
 from helpers_flavor import (
@@ -74,54 +74,19 @@ def classifier(model_dir):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """One `mlflow models serve` per module: starting it imports TensorFlow (slow on 2 shared cores)."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    mlflow_cli = pathlib.Path(sys.executable).with_name("mlflow")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [
-                str(mlflow_cli),
-                "models",
-                "serve",
-                "-m",
-                str(model_dir),
-                "--env-manager",
-                "local",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-w",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_subprocess_env(),
-            cwd=str(log_path.parent),
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.exceptions.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up after {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "log": log_path}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        served = LocalServer(
+            model_dir,
+            log_path,
+            env={"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"},
+            cwd=log_path.parent,
+            startup_timeout_s=SERVER_START_TIMEOUT_S,
+        )
+    except ServerStartError as exc:
+        pytest.fail(f"mlflow models serve did not start: {exc}", pytrace=False)
+    with served:
+        yield {"url": served.url, "log": log_path}
 
 
 def invoke(server, body, timeout=60):
@@ -459,7 +424,7 @@ def test_mlflow_models_predict_cli(model_dir, tmp_path, classifier):
 
 @pytest.mark.slow
 def test_spark_udf_batch_scoring(model_dir, tmp_path, classifier):
-    from entry_points.score import score_folder_spark
+    from carclf.scoring.spark_batch import score_folder_spark
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)

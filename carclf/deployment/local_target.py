@@ -13,7 +13,9 @@ Each deployment is a detached `mlflow models serve` process group (it outlives t
 plus a JSON record in the state folder. Health is always measured live: process alive (checked against
 its recorded start time, so a recycled pid is not mistaken for ours) and `/ping` answering.
 MLflow's plugin contract: this module holds exactly one BaseDeploymentClient subclass, plus top-level
-`run_local` and `target_help`.
+`run_local` and `target_help`. Its pieces live beside it: `local_config` (names, `-C` options, the error),
+`local_state` (the records), `local_server` (starting a server and waiting for /ping) and `process_group`
+(liveness and stopping); the names other code used from here are re-exported.
 """
 
 from __future__ import annotations
@@ -21,26 +23,18 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
-import fcntl
-import functools
 import json
 import logging
 import os
 import pathlib
 import re
-import shlex
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.parse
 
-import click
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
-from mlflow.protos import databricks_pb2
 from mlflow.protos.databricks_pb2 import (
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
@@ -48,232 +42,50 @@ from mlflow.protos.databricks_pb2 import (
     RESOURCE_DOES_NOT_EXIST,
 )
 
+from carclf.compute.ports import AddressInUse, check_address_free, free_port
+from carclf.deployment.local_config import (
+    CONFIG_KEYS,
+    DEFAULTS,
+    FLAVOR,
+    NAME_PATTERN,
+    TARGET_NAME,
+    DeploymentError,
+    one_line_errors,
+    parse_config,
+    validate_name,
+)
+from carclf.deployment.local_server import (
+    log_tail,
+    ping,
+    serve_command,
+    serving_env,
+    serving_url,
+    start_server,
+    wait_until_serving,
+)
+from carclf.deployment.local_state import StateStore, default_home
+from carclf.deployment.process_group import process_alive, process_start_time, stop_process_group
+
+__all__ = [
+    "CONFIG_KEYS",
+    "DEFAULTS",
+    "FLAVOR",
+    "NAME_PATTERN",
+    "TARGET_NAME",
+    "CarclfLocalDeploymentClient",
+    "DeploymentError",
+    "parse_config",
+    "run_local",
+    "stop_process_group",
+    "target_help",
+    "validate_name",
+]
+
 _logger = logging.getLogger(__name__)
-
-TARGET_NAME = "carclf-local"
-FLAVOR = "python_function"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-CONFIG_KEYS = {"port", "workers", "timeout", "host", "home", "startup_timeout"}
-DEFAULTS = {"host": "127.0.0.1", "workers": 1, "timeout": 60, "startup_timeout": 180}
-_STOP_GRACE_S = 10.0
-_LOG_TAIL_LINES = 30
-
-
-class DeploymentError(MlflowException, click.ClickException):
-    """What the plugin raises: an MlflowException that the `mlflow deployments` CLI shows as ONE line.
-
-    mlflow/deployments/cli.py calls the plugin without any ``try``; click's ``main`` turns only a
-    ``click.ClickException`` into ``Error: <message>`` (exit 1) and lets everything else, MlflowException
-    included, escape as a 28-line Python traceback. Being both keeps API callers' ``except MlflowException``
-    working and gives the CLI its one line.
-    """
-
-    def __init__(self, message, error_code=INTERNAL_ERROR, **kwargs):
-        # MlflowException.__init__ ends in super().__init__(message): ClickException's, next in the MRO.
-        MlflowException.__init__(self, message, error_code, **kwargs)
-
-
-def _one_line_errors(method):
-    """Errors MLflow raises inside a plugin call leave it as DeploymentError too (one CLI line)."""
-
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        try:
-            return method(*args, **kwargs)
-        except DeploymentError:
-            raise
-        except MlflowException as exc:
-            raise DeploymentError(exc.message, getattr(databricks_pb2, exc.error_code, INTERNAL_ERROR)) from None
-
-    return wrapper
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-def validate_name(name) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in {".", ".."}:
-        raise DeploymentError(
-            f"invalid deployment name {name!r}: use 1-63 characters from A-Z a-z 0-9 _ . -, starting with a "
-            "letter or digit (no slashes or path tricks)",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
-    return name
-
-
-def _int_config(config: dict, key: str, minimum: int, maximum: int | None = None) -> int | None:
-    value = config.get(key)
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-        if not number.is_integer():
-            raise ValueError
-        number = int(number)
-    except (TypeError, ValueError):
-        raise DeploymentError(f"config {key}={value!r} is not an integer", INVALID_PARAMETER_VALUE) from None
-    if number < minimum or (maximum is not None and number > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise DeploymentError(f"config {key}={number} must be {bound}", INVALID_PARAMETER_VALUE)
-    return number
-
-
-def parse_config(config: dict | None) -> dict:
-    """Validate `-C key=value` options (all arrive as strings from the CLI)."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - CONFIG_KEYS)
-    if unknown:
-        raise DeploymentError(
-            f"unknown config key(s) {', '.join(unknown)} for target {TARGET_NAME}; "
-            f"known: {', '.join(sorted(CONFIG_KEYS))}",
-            INVALID_PARAMETER_VALUE,
-        )
-    parsed = {}
-    port = _int_config(config, "port", 1, 65535)
-    if port is not None:
-        parsed["port"] = port
-    for key, minimum in (("workers", 1), ("timeout", 1), ("startup_timeout", 1)):
-        number = _int_config(config, key, minimum)
-        if number is not None:
-            parsed[key] = number
-    if config.get("host"):
-        parsed["host"] = str(config["host"]).strip()
-    if config.get("home"):
-        parsed["home"] = str(config["home"])
-    return parsed
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _process_start_time(pid: int) -> str | None:
-    """Start time of a live (non-zombie) process in clock ticks since boot, or None when it is gone."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    except OSError:
-        return None
-    # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-def _process_alive(pid: int, start_time: str | None) -> bool:
-    if not pid:
-        return False
-    if sys.platform.startswith("linux"):
-        current = _process_start_time(pid)
-        return current is not None and (start_time is None or current == start_time)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group; Linux reads /proc, elsewhere a signal-0 probe."""
-    if not sys.platform.startswith("linux"):
-        try:
-            os.killpg(pgid, 0)
-            return [pgid]
-        except (ProcessLookupError, PermissionError):
-            return []
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = pathlib.Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status when the server is our own child (the Python API path), so no zombie stays."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def stop_process_group(pid: int, start_time: str | None, grace_s: float = _STOP_GRACE_S) -> bool:
-    """SIGTERM the server's whole process group (CLI, uvicorn, its workers), SIGKILL what is left.
-
-    The group id equals the pid because the server was started in its own session. A recycled pid that no
-    longer matches the recorded start time is left alone. Returns True when something was signalled.
-    """
-    if not pid:
-        return False
-    if start_time is not None and sys.platform.startswith("linux"):
-        current = _process_start_time(pid)
-        if current is not None and current != start_time:
-            _logger.warning("pid %s was reused by another process; not signalling it", pid)
-            return False
-    if not _group_members(pid):
-        _reap(pid)
-        return False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not _group_members(pid):
-                return True
-            time.sleep(0.1)
-    _reap(pid)
-    return True
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def _url(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
-
-
-def _ping(url: str, timeout: float = 2.0) -> str | None:
-    """None when /ping answers 200, else why not."""
-    import requests
-
-    try:
-        response = requests.get(url + "/ping", timeout=timeout)
-    except requests.RequestException as exc:
-        return f"/ping failed: {type(exc).__name__}"
-    if response.status_code != 200:
-        return f"/ping answered HTTP {response.status_code}"
-    return None
-
-
-def _log_tail(path: pathlib.Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no server log)"
-    tail = text.strip().splitlines()[-lines:]
-    return "\n".join(tail) if tail else "(server log is empty)"
 
 
 def _model_version_info(model_uri: str) -> dict:
@@ -338,104 +150,13 @@ def _versions() -> dict:
     return versions
 
 
-def _serve_command(model_uri: str, host: str, port: int, workers: int, timeout: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        model_uri,
-        "--env-manager",
-        "local",
-        "-h",
-        host,
-        "-p",
-        str(port),
-        "-w",
-        str(workers),
-        "-t",
-        str(timeout),
-    ]
-
-
 def _server_env() -> dict:
     """The server resolves models:/ URIs itself: give it the tracking/registry URIs in force here."""
     import mlflow
 
-    env = os.environ.copy()
-    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    env["MLFLOW_REGISTRY_URI"] = mlflow.get_registry_uri()
-    # `mlflow models serve` execs `uvicorn` by name: make this interpreter's scripts folder win.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return env
-
-
-# ----------------------------------------------------------------------------------------------- state
-class _StateStore:
-    """One JSON record per deployment, written to a temporary name and renamed (atomic switch)."""
-
-    def __init__(self, home: pathlib.Path):
-        self.home = home
-        self.logs = home / "logs"
-
-    def ensure(self):
-        self.logs.mkdir(parents=True, exist_ok=True)
-
-    def path(self, name: str) -> pathlib.Path:
-        return self.home / f"{validate_name(name)}.json"
-
-    @contextlib.contextmanager
-    def lock(self, name: str):
-        """Serialise create/update/delete of one name across processes."""
-        self.ensure()
-        with open(self.home / f".{validate_name(name)}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def read(self, name: str) -> dict | None:
-        path = self.path(name)
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError as exc:
-            raise DeploymentError(f"deployment record {path} is corrupt ({exc}); delete it by hand") from None
-
-    def write(self, record: dict) -> None:
-        self.ensure()
-        path = self.path(record["name"])
-        fd, tmp = tempfile.mkstemp(prefix=f".{record['name']}.", suffix=".tmp", dir=self.home)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(record, handle, indent=2, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    def remove(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path(name).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.home / f".{name}.lock").unlink()
-
-    def names(self) -> list[str]:
-        if not self.home.is_dir():
-            return []
-        return sorted(p.stem for p in self.home.glob("*.json") if NAME_PATTERN.match(p.stem))
-
-
-def _default_home() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("CARCLF_DEPLOY_HOME") or pathlib.Path.home() / ".carclf" / "deployments")
+    return serving_env(
+        {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
+    )
 
 
 # ----------------------------------------------------------------------------------------------- client
@@ -449,16 +170,16 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         self._uri_home = pathlib.Path(parsed.path) if parsed.scheme and parsed.path not in ("", "/") else None
 
     # -- state helpers
-    def _store(self, config: dict | None = None) -> _StateStore:
+    def _store(self, config: dict | None = None) -> StateStore:
         home = (config or {}).get("home")
         if home:
-            return _StateStore(pathlib.Path(home).expanduser().resolve())
+            return StateStore(pathlib.Path(home).expanduser().resolve())
         if self._uri_home is not None:
-            return _StateStore(self._uri_home.expanduser().resolve())
-        return _StateStore(_default_home().expanduser().resolve())
+            return StateStore(self._uri_home.expanduser().resolve())
+        return StateStore(default_home().expanduser().resolve())
 
     def _start_server(
-        self, store: _StateStore, name: str, model_uri: str, settings: dict, avoid_port: int | None = None
+        self, store: StateStore, name: str, model_uri: str, settings: dict, avoid_port: int | None = None
     ) -> dict:
         """Start a detached server and wait for /ping. On failure: process group killed, MlflowException."""
         host = settings.get("host", DEFAULTS["host"])
@@ -471,53 +192,31 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                     "picked)",
                     INVALID_PARAMETER_VALUE,
                 )
-            if _port_in_use(host, port):
-                raise DeploymentError(f"port {port} on {host} is already in use", INVALID_PARAMETER_VALUE)
+            try:
+                check_address_free(host, port)
+            except AddressInUse as exc:
+                raise DeploymentError(str(exc), INVALID_PARAMETER_VALUE) from None
         else:
-            port = _free_port(host)
+            port = free_port(host)
         workers = settings.get("workers", DEFAULTS["workers"])
         timeout = settings.get("timeout", DEFAULTS["timeout"])
         startup_timeout = settings.get("startup_timeout", DEFAULTS["startup_timeout"])
         store.ensure()
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         log_path = store.logs / f"{name}-{stamp}.log"
-        command = _serve_command(model_uri, host, port, workers, timeout)
-        with open(log_path, "ab") as log:
-            log.write(f"# {_now()} {shlex.join(command)}\n".encode())
-            log.flush()
-            # Own session: the server survives the CLI that started it, and its whole tree (mlflow CLI,
-            # uvicorn, workers) shares one process group that stop_process_group can signal at once.
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_server_env(),
-                start_new_session=True,
-                close_fds=True,
-            )
-        start_time = _process_start_time(process.pid)
-        url = _url(host, port)
-        deadline = time.monotonic() + startup_timeout
-        reason = None
-        while True:
-            if process.poll() is not None:
-                reason = f"the server exited with code {process.returncode} before answering /ping"
-                break
-            reason = _ping(url, timeout=2.0)
-            if reason is None:
-                break
-            if time.monotonic() > deadline:
-                reason = f"the server did not answer {url}/ping within {startup_timeout} s ({reason})"
-                break
-            time.sleep(0.5)
+        command = serve_command(model_uri, host, port, workers, timeout)
+        # Detached: the server outlives the CLI that started it (stop_process_group stops its whole tree).
+        process = start_server(command, log_path, _server_env())
+        start_time = process_start_time(process.pid)
+        url = serving_url(host, port)
+        reason = wait_until_serving(process, url, startup_timeout)
         if reason is not None:
             stop_process_group(process.pid, start_time, grace_s=5.0)
             with contextlib.suppress(Exception):
                 process.wait(timeout=1)
             raise DeploymentError(
                 f"deployment {name!r} of {model_uri} failed to start: {reason}. Server log {log_path}, last "
-                f"lines:\n{_log_tail(log_path)}"
+                f"lines:\n{log_tail(log_path)}"
             )
         return {
             "host": host,
@@ -533,11 +232,11 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         }
 
     def _describe(self, record: dict) -> dict:
-        alive = _process_alive(record.get("pid", 0), record.get("pid_start_time"))
+        alive = process_alive(record.get("pid", 0), record.get("pid_start_time"))
         if not alive:
             status, detail = "unhealthy", f"server process {record.get('pid')} is not running"
         else:
-            problem = _ping(record["url"], timeout=2.0)
+            problem = ping(record["url"], timeout=2.0)
             status, detail = (
                 ("healthy", "process running, /ping OK")
                 if problem is None
@@ -548,7 +247,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         return described
 
     # -- MLflow deployment API
-    @_one_line_errors
+    @one_line_errors
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         validate_name(name)
         settings = parse_config(config)
@@ -583,7 +282,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         _logger.info("deployment %s serving %s at %s (pid %s)", name, model_uri, server["url"], server["pid"])
         return self._describe(record)
 
-    @_one_line_errors
+    @one_line_errors
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
         validate_name(name)
         settings = parse_config(config)
@@ -598,7 +297,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             _check_model(new_uri, flavor)
             merged = {k: old[k] for k in ("host", "workers", "timeout", "startup_timeout") if k in old}
             merged.update(settings)
-            old_alive = _process_alive(old.get("pid", 0), old.get("pid_start_time"))
+            old_alive = process_alive(old.get("pid", 0), old.get("pid_start_time"))
             # Blue-green: the new server must be healthy before the record switches; the old one keeps
             # serving until then, and keeps serving if the new one fails.
             server = self._start_server(store, name, new_uri, merged, avoid_port=old["port"] if old_alive else None)
@@ -626,7 +325,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                     os.unlink(old["log_path"])
         return self._describe(record)
 
-    @_one_line_errors
+    @one_line_errors
     def delete_deployment(self, name, config=None, endpoint=None):
         validate_name(name)
         settings = parse_config(config)
@@ -643,7 +342,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                     os.unlink(record["log_path"])
             store.remove(name)
 
-    @_one_line_errors
+    @one_line_errors
     def list_deployments(self, endpoint=None):
         store = self._store()
         described = []
@@ -654,7 +353,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                     described.append(self._describe(record))
         return described
 
-    @_one_line_errors
+    @one_line_errors
     def get_deployment(self, name, endpoint=None):
         validate_name(name)
         store = self._store()
@@ -663,7 +362,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             raise DeploymentError(f"no deployment named {name!r} in {store.home}", RESOURCE_DOES_NOT_EXIST)
         return self._describe(record)
 
-    @_one_line_errors
+    @one_line_errors
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
         """POST `inputs` (a DataFrame, e.g. an `image` column of base64 strings or raw bytes, or a ready
         request dict) to the deployment's /invocations; returns a PredictionsResponse."""
@@ -674,7 +373,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         record = self._store().read(name)
         if record is None:
             raise DeploymentError(f"no deployment named {name!r}", RESOURCE_DOES_NOT_EXIST)
-        if not _process_alive(record.get("pid", 0), record.get("pid_start_time")):
+        if not process_alive(record.get("pid", 0), record.get("pid_start_time")):
             raise DeploymentError(
                 f"deployment {name!r} is not running (process {record.get('pid')} is gone); "
                 f"`mlflow deployments update -t {TARGET_NAME} --name {name}` restarts it"
@@ -716,13 +415,13 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         return PredictionsResponse.from_json(response.text)
 
     # -- endpoints are not a concept of this target
-    @_one_line_errors
+    @one_line_errors
     def create_endpoint(self, name, config=None):
         raise DeploymentError(f"target {TARGET_NAME} has no endpoints; use deployments")
 
 
 # ----------------------------------------------------------------------------------------------- plugin API
-@_one_line_errors
+@one_line_errors
 def run_local(name, model_uri, flavor=None, config=None):
     """Serve the model in the foreground (Ctrl-C stops it); no record is kept."""
     validate_name(name)
@@ -730,14 +429,14 @@ def run_local(name, model_uri, flavor=None, config=None):
     _check_model(model_uri, flavor)
     host = settings.get("host", DEFAULTS["host"])
     port = settings.get("port") or 5000
-    command = _serve_command(
+    command = serve_command(
         model_uri,
         host,
         port,
         settings.get("workers", DEFAULTS["workers"]),
         settings.get("timeout", DEFAULTS["timeout"]),
     )
-    print(f"serving {model_uri} as {name!r} at {_url(host, port)} (Ctrl-C stops)", flush=True)
+    print(f"serving {model_uri} as {name!r} at {serving_url(host, port)} (Ctrl-C stops)", flush=True)
     try:
         result = subprocess.run(command, env=_server_env(), check=False)
     except KeyboardInterrupt:
