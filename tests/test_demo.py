@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from carclf.compute.ports import free_port
+from carclf.deployment.local_server import wait_until_serving
 from conftest import REPO_ROOT
 from helpers_flavor import CLASS_NAMES
 
@@ -82,16 +83,9 @@ def _start(argv, log_path, env, cwd):
 
 
 def _wait_up(url, process, deadline):
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.exceptions.ConnectionError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} not up (exit code {process.poll()}):\n{process.log_path.read_text(errors='replace')[-4000:]}")
+    problem = wait_until_serving(process, url.removesuffix("/ping"), max(0.0, deadline - time.monotonic()))
+    if problem:
+        pytest.fail(f"{problem}:\n{process.log_path.read_text(errors='replace')[-4000:]}")
 
 
 def _stop(process):

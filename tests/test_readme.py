@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import cv2
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 
 from carclf.compute.ports import free_port
+from carclf.deployment.local_server import wait_until_serving
 from conftest import REPO_ROOT
 from helpers_deploy import clean_azure_env, kill_servers_of_store, require_unshare
 
@@ -264,21 +266,10 @@ def describe(argv, result) -> str:
 
 
 def wait_http(url: str, process: subprocess.Popen, seconds: float = 240) -> None:
-    deadline = time.monotonic() + seconds
-    problem = None
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(url, timeout=3) as response:
-                if response.status == 200:
-                    return
-                problem = f"HTTP {response.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            problem = str(exc)
-        time.sleep(0.5)
-    tail = process.log_path.read_text(errors="replace")[-4000:]
-    pytest.fail(f"{url} did not answer 200 ({problem}; exit code {process.poll()}); log tail:\n{tail}")
+    parts = urllib.parse.urlsplit(url)
+    problem = wait_until_serving(process, f"{parts.scheme}://{parts.netloc}", seconds, path=parts.path or "/")
+    if problem:
+        pytest.fail(f"{problem}; log tail:\n{process.log_path.read_text(errors='replace')[-4000:]}")
 
 
 @pytest.fixture(scope="module")

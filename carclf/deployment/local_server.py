@@ -67,16 +67,16 @@ def serving_env(extra: Mapping[str, str] | None = None) -> dict:
     return env
 
 
-def ping(url: str, timeout: float = 2.0) -> str | None:
-    """None when ``url``/ping answers 200, else why not."""
+def ping(url: str, timeout: float = 2.0, path: str = "/ping") -> str | None:
+    """None when ``url`` + ``path`` answers 200, else why not."""
     import requests
 
     try:
-        response = requests.get(url + "/ping", timeout=timeout)
+        response = requests.get(url + path, timeout=timeout)
     except requests.RequestException as exc:
-        return f"/ping failed: {type(exc).__name__}"
+        return f"{path} failed: {type(exc).__name__}"
     if response.status_code != 200:
-        return f"/ping answered HTTP {response.status_code}"
+        return f"{path} answered HTTP {response.status_code}"
     return None
 
 
@@ -112,17 +112,19 @@ def start_server(
         )
 
 
-def wait_until_serving(process: subprocess.Popen, url: str, startup_timeout_s: float) -> str | None:
-    """Poll ``url``/ping until it answers 200 (None) or the process exits or time runs out (why, in words)."""
+def wait_until_serving(
+    process: subprocess.Popen, url: str, startup_timeout_s: float, path: str = "/ping"
+) -> str | None:
+    """Poll ``url`` + ``path`` until it answers 200 (None) or the process exits or time runs out (why, in words)."""
     deadline = time.monotonic() + startup_timeout_s
     while True:
         if process.poll() is not None:
-            return f"the server exited with code {process.returncode} before answering /ping"
-        reason = ping(url, timeout=2.0)
+            return f"the server exited with code {process.returncode} before answering {path}"
+        reason = ping(url, timeout=2.0, path=path)
         if reason is None:
             return None
         if time.monotonic() > deadline:
-            return f"the server did not answer {url}/ping within {startup_timeout_s:g} s ({reason})"
+            return f"the server did not answer {url}{path} within {startup_timeout_s:g} s ({reason})"
         time.sleep(POLL_INTERVAL_S)
 
 
