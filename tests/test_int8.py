@@ -102,6 +102,12 @@ def test_train_logs_a_validated_int8_network(trained):
     from mlflow.models import Model
 
     assert Model.load(str(model_dir)).metadata["carclf_int8"] == report
+    # Which quantization was used, for users to see: the fast scope first, with what it kept float32.
+    settings = report["quantization"]
+    assert settings["scope"] == report["attempts"][-1]["scope"] and report["attempts"][-1]["shipped"] is True
+    assert report["attempts"][0]["scope"] == "fast" and settings["calibration_images"] == 256
+    assert settings["float32_operations"]["stem convolution"] == 1 and settings["float32_operations"]["classifier"] == 1
+    assert run.data.tags["carclf.int8_scope"] == settings["scope"]
     # The artifact: the Keras network stays (source of truth), the int8 IR beside it, openvino required, no pickle.
     files = {p.name for p in (model_dir / "data").iterdir()}
     assert {"model.keras", "model_int8.xml", "model_int8.bin", "int8.json"} <= files
@@ -212,6 +218,10 @@ def test_calibration_that_breaks_int8_is_not_shipped_and_says_why(trained, train
     assert report["shipped"] is False and report["validated"] is True
     assert report["reason"].startswith(f"int8 failed validation on {report['validation_images']} validation images")
     assert report["top1_agreement"] < 0.99 or report["top1_drop_points"] > 0.5
+    # Both scopes were tried (fully int8, then residual additions in float32) before giving up.
+    assert [a["scope"] for a in report["attempts"]] == ["fast", "accurate"]
+    assert not any(a["shipped"] for a in report["attempts"]) and report["quantization"]["scope"] == "accurate"
+    assert report["quantization"]["float32_operations"]["residual additions"] == 8  # ResNet-18: 8 blocks
     assert not (path / "data" / int8.INT8_MODEL_FILE).exists()
     assert not any(r.startswith("openvino") for r in (path / "requirements.txt").read_text().split())
     classifier = _load(path, monkeypatch, "auto")
@@ -238,6 +248,7 @@ def test_log_model_without_validation_ships_with_a_recorded_warning(trained, tra
     assert recorded.data.tags["carclf.int8_validated"] == "false"
     assert "NOT validated" in recorded.data.tags["carclf.int8_reason"]
     assert info.metadata["carclf_int8"]["validated"] is False
+    assert info.metadata["carclf_int8"]["quantization"]["scope"] == "fast"  # nothing to validate a second try on
     assert _load(info.model_uri, monkeypatch, "int8").precision == "int8"
 
 
