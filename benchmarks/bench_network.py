@@ -126,7 +126,7 @@ def int8_network(fused_model, images):
     from carclf_flavor import int8
 
     start = time.perf_counter()
-    quantized = int8.quantize_to_int8(int8.convert_to_openvino(fused_model), images[:INT8_CALIBRATION])
+    quantized, _ = int8.quantize_to_int8(int8.convert_to_openvino(fused_model), images[:INT8_CALIBRATION])
     seconds = time.perf_counter() - start
     threads = int8.cpu_threads_for_inference()
     network = int8.OpenVINONetwork(int8._compile(quantized, threads), threads)

@@ -102,6 +102,12 @@ def test_train_logs_a_validated_int8_network(trained):
     from mlflow.models import Model
 
     assert Model.load(str(model_dir)).metadata["carclf_int8"] == report
+    # Which quantization was used, for users to see: the fast scope first, with what it kept float32.
+    settings = report["quantization"]
+    assert settings["scope"] == report["attempts"][-1]["scope"] and report["attempts"][-1]["shipped"] is True
+    assert report["attempts"][0]["scope"] == "fast" and settings["calibration_images"] == 256
+    assert settings["float32_operations"]["stem convolution"] == 1 and settings["float32_operations"]["classifier"] == 1
+    assert run.data.tags["carclf.int8_scope"] == settings["scope"]
     # The artifact: the Keras network stays (source of truth), the int8 IR beside it, openvino required, no pickle.
     files = {p.name for p in (model_dir / "data").iterdir()}
     assert {"model.keras", "model_int8.xml", "model_int8.bin", "int8.json"} <= files
@@ -212,6 +218,10 @@ def test_calibration_that_breaks_int8_is_not_shipped_and_says_why(trained, train
     assert report["shipped"] is False and report["validated"] is True
     assert report["reason"].startswith(f"int8 failed validation on {report['validation_images']} validation images")
     assert report["top1_agreement"] < 0.99 or report["top1_drop_points"] > 0.5
+    # Both scopes were tried (fully int8, then residual additions in float32) before giving up.
+    assert [a["scope"] for a in report["attempts"]] == ["fast", "accurate"]
+    assert not any(a["shipped"] for a in report["attempts"]) and report["quantization"]["scope"] == "accurate"
+    assert report["quantization"]["float32_operations"]["residual additions"] == 8  # ResNet-18: 8 blocks
     assert not (path / "data" / int8.INT8_MODEL_FILE).exists()
     assert not any(r.startswith("openvino") for r in (path / "requirements.txt").read_text().split())
     classifier = _load(path, monkeypatch, "auto")
@@ -238,6 +248,7 @@ def test_log_model_without_validation_ships_with_a_recorded_warning(trained, tra
     assert recorded.data.tags["carclf.int8_validated"] == "false"
     assert "NOT validated" in recorded.data.tags["carclf.int8_reason"]
     assert info.metadata["carclf_int8"]["validated"] is False
+    assert info.metadata["carclf_int8"]["quantization"]["scope"] == "fast"  # nothing to validate a second try on
     assert _load(info.model_uri, monkeypatch, "int8").precision == "int8"
 
 
@@ -316,3 +327,45 @@ def test_int8_model_loads_and_predicts_in_a_fresh_virtualenv(trained, tmp_path, 
     if result["precision"] == "int8":
         assert result["class_id"] == expected["class_id"]
         assert result["prob"] == pytest.approx(expected["prob"], abs=1e-5)
+
+
+def test_the_pipelines_small_default_network_ships_int8(tmp_path, monkeypatch):
+    """`make run`'s network (ResNet-18 x0.25 from scratch on the bundled sample data), cut to 32 px and 10
+    epochs: half-trained (test top-1 ~0.6), its top-1 margins are small. Fully int8 it agreed with float32 on
+    96% of its validation split and was not shipped; with the residual additions in float32 it ships."""
+    import mlflow
+
+    from carclf.data.sample_data import ensure_sample_data
+    from entry_points.preprocess import preprocess
+    from entry_points.train import train
+
+    monkeypatch.chdir(tmp_path)
+    splits = preprocess(
+        data_dir=str(ensure_sample_data()), output_dir=str(tmp_path / "processed"), image_size=32, workers=1
+    )
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    result = train(
+        train_data=str(splits["train"]),
+        val_data=str(splits["val"]),
+        depth=18,
+        width=0.25,
+        weights="none",
+        epochs=10,
+        head_epochs=0,
+        batch_size=16,
+        learning_rate=0.003,
+        optimizer="adam",
+        registered_model_name="",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    model_dir = pathlib.Path(mlflow.artifacts.download_artifacts(result["run_model_uri"], dst_path=str(tmp_path)))
+    report = json.loads((model_dir / "data" / int8.INT8_REPORT_FILE).read_text())
+    assert report["shipped"] is True, report["reason"]
+    assert report["top1_agreement"] >= 0.99 and report["top1_drop_points"] <= 0.5
+    assert report["float32_top1"] < 0.9, "the network learned too well to test the hard case"
+    assert report["quantization"]["scope"] == report["attempts"][-1]["scope"]
+    test_pixels, _ = _read_split(splits["test"])
+    int8_top1 = _load(model_dir, monkeypatch, "int8").predict_pixels(test_pixels).argmax(1)
+    float_top1 = _load(model_dir, monkeypatch, "float32").predict_pixels(test_pixels).argmax(1)
+    assert np.mean(int8_top1 == float_top1) >= 0.97  # 160 photos it was not validated on
