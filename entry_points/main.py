@@ -11,119 +11,20 @@ trials (``tune_parallel`` at once, the default or ``tune_space`` search space); 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import pathlib
-import shlex
 import sys
 
 import mlflow
-from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
-from mlflow.utils import mlflow_tags
 
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import config_from_args, param, resolve_config
-from carclf.files.fingerprint import file_fingerprint
+from carclf.tracking.child_steps import StepFailed, code_fingerprint, registered_version_of, run_child_step
 from carclf.training.validation import OPTIMIZERS
 from carclf_flavor.images import CROP_MODES
 
 log = logging.getLogger(__name__)
-PROJECT_DIR = pathlib.Path(__file__).resolve().parents[1]
-
-TAG_INPUTS = "carclf.inputs_fingerprint"
-TAG_OUTPUTS = "carclf.outputs"
-TAG_CODE = "carclf.code_fingerprint"
-TAG_REUSED = "carclf.reused_run_"
-
-
-class StepFailed(RuntimeError):
-    """A child step ended in a state other than FINISHED."""
-
-
-def code_fingerprint() -> str:
-    """Identity of the project's code: a finished run of older code is not reused."""
-    digest = hashlib.sha256()
-    for folder in ("carclf", "carclf_flavor", "entry_points"):
-        for source in sorted((PROJECT_DIR / folder).rglob("*.py")):
-            digest.update(source.relative_to(PROJECT_DIR).as_posix().encode())
-            digest.update(source.read_bytes())
-    digest.update((PROJECT_DIR / "MLproject").read_bytes())
-    return digest.hexdigest()
-
-
-def _outputs_unchanged(run) -> bool:
-    recorded = run.data.tags.get(TAG_OUTPUTS)
-    if recorded is None:
-        return False
-    return all(file_fingerprint(path) == fingerprint for path, fingerprint in json.loads(recorded).items())
-
-
-def _same_param(logged: str | None, value: str) -> bool:
-    # `mlflow run` logs parameters as they were quoted for the shell ('' for an empty string).
-    return logged is not None and (logged == value or logged == shlex.quote(value))
-
-
-def find_reusable_run(
-    client: MlflowClient, experiment_id: str, entry_point: str, parameters: dict, inputs_fingerprint: str, code: str
-):
-    """The newest FINISHED run of ``entry_point`` with equal parameters, inputs and code, outputs intact."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}' "
-        f"and tags.`{TAG_INPUTS}` = '{inputs_fingerprint}' and tags.`{TAG_CODE}` = '{code}' "
-        f"and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=50,
-    )
-    for run in runs:
-        if all(_same_param(run.data.params.get(k), v) for k, v in parameters.items()) and _outputs_unchanged(run):
-            return run
-    return None
-
-
-def run_step(
-    entry_point: str, parameters: dict, inputs: list, outputs: list, *, force: bool, code: str, experiment_id: str
-):
-    """Run one step as a child run (or reuse a finished identical one); returns the MLflow run."""
-    client = MlflowClient()
-    parameters = {k: str(v) for k, v in parameters.items()}
-    fingerprint = hashlib.sha256(
-        json.dumps({str(p): file_fingerprint(p) for p in inputs}, sort_keys=True).encode()
-    ).hexdigest()
-    if not force:
-        reusable = find_reusable_run(client, experiment_id, entry_point, parameters, fingerprint, code)
-        if reusable is not None:
-            log.info(
-                "step %s: reusing finished run %s (same parameters, inputs and code)", entry_point, reusable.info.run_id
-            )
-            mlflow.set_tag(TAG_REUSED + entry_point, reusable.info.run_id)
-            return reusable
-    log.info("step %s: running with %s", entry_point, parameters)
-    submitted = mlflow.projects.run(
-        str(PROJECT_DIR),
-        entry_point=entry_point,
-        parameters=parameters,
-        env_manager="local",
-        experiment_id=experiment_id,
-        synchronous=False,
-    )
-    succeeded = submitted.wait()
-    run = client.get_run(submitted.run_id)
-    if not succeeded or run.info.status != RunStatus.to_string(RunStatus.FINISHED):
-        raise StepFailed(f"step '{entry_point}' failed (run {submitted.run_id}, status {run.info.status})")
-    client.set_tag(run.info.run_id, TAG_INPUTS, fingerprint)
-    client.set_tag(run.info.run_id, TAG_CODE, code)
-    client.set_tag(run.info.run_id, TAG_OUTPUTS, json.dumps({str(p): file_fingerprint(p) for p in outputs}))
-    return client.get_run(run.info.run_id)
-
-
-def registered_version_of(run) -> str | None:
-    """The model version that a train run registered, if any."""
-    versions = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")
-    return str(max(int(v.version) for v in versions)) if versions else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +96,7 @@ def pipeline(config: MainConfig | None = None, **overrides) -> dict:
     runs = {}
 
     data_inputs = [data_dir] if data_dir else []
-    runs["preprocess"] = run_step(
+    runs["preprocess"] = run_child_step(
         "preprocess",
         {"data_dir": data_dir, "output_dir": processed, "image_size": image_size, "crop": crop, "seed": seed},
         data_inputs,
@@ -207,7 +108,7 @@ def pipeline(config: MainConfig | None = None, **overrides) -> dict:
     train_files = [train_h5]
     if copies > 0:
         augmented = processed / "train_aug.h5"
-        runs["augment"] = run_step(
+        runs["augment"] = run_child_step(
             "augment",
             {
                 "input": train_h5,
@@ -226,7 +127,7 @@ def pipeline(config: MainConfig | None = None, **overrides) -> dict:
         # The augmented file keeps the originals (keep_original=true), so it replaces train.h5.
         train_files = [augmented]
     if tune_trials > 0:
-        runs["tune"] = run_step(
+        runs["tune"] = run_child_step(
             "tune",
             {
                 "train_data": ",".join(map(str, train_files)),
@@ -246,7 +147,7 @@ def pipeline(config: MainConfig | None = None, **overrides) -> dict:
         )
         model_uri = runs["tune"].data.tags["carclf.model_uri"]
     else:
-        runs["train"] = run_step(
+        runs["train"] = run_child_step(
             "train",
             {
                 "train_data": ",".join(map(str, train_files)),
@@ -274,7 +175,7 @@ def pipeline(config: MainConfig | None = None, **overrides) -> dict:
         model_uri = (
             f"models:/{registered_model_name}/{version}" if version else f"runs:/{runs['train'].info.run_id}/model"
         )
-    runs["evaluate"] = run_step(
+    runs["evaluate"] = run_child_step(
         "evaluate",
         {"model_uri": model_uri, "test_data": test_h5},
         [test_h5],
@@ -284,7 +185,7 @@ def pipeline(config: MainConfig | None = None, **overrides) -> dict:
         experiment_id=experiment_id,
     )
     if deploy_target:
-        runs["deploy"] = run_step(
+        runs["deploy"] = run_child_step(
             "deploy",
             {"model_uri": model_uri, "target": deploy_target, "name": deploy_name},
             [],
