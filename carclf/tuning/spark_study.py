@@ -9,7 +9,7 @@ Built on MLflow's own pieces: ``mlflow.optuna.storage.MlflowStorage`` keeps the 
   continues in it (the rerun's own run is tagged ``carclf.resumed_into_run``); ``trials`` is the number of
   finished (complete or pruned) trials the study should hold, so finished trials are never repeated and a
   failed one is made up for.
-- A trial is one call of ``entry_points.train.train`` inside the trial's run (the same code as the `train`
+- A trial is one call of ``carclf.training.config.train`` inside the trial's run (the same code as the `train`
   step), with a Keras callback that reports validation top-1 per epoch to the pruner, and TensorFlow limited to
   ``host cores // trials running at once on that host`` threads (logged as ``tf_intra_op_threads``). A trial
   logs no model (``train(log_model=False)``): it keeps its final weights, and only the best trial's model is
