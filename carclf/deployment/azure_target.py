@@ -22,6 +22,7 @@ from carclf.deployment.model_uri import check_azure_model_uri, resolve_model_uri
 from carclf.deployment.plugin_calls import (
     call_plugin,
     deployment_exists,
+    deployment_result,
     deployment_summary,
     env_defaults,
     narrowed_credential_env,
@@ -182,12 +183,5 @@ def deploy_azure(
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    return {
-        "name": name,
-        "flavor": deployment.get("flavor", "python_function"),
-        "target": target,
-        "model_uri": model_uri,
-        "action": action,
-        "config_file": str(config_path) if scratch is None else None,
-        "deployment": summary,
-    }
+    config_file = str(config_path) if scratch is None else None
+    return deployment_result(name, target, model_uri, action, deployment, summary, config_file)

@@ -127,3 +127,18 @@ def is_not_found(exc: BaseException) -> bool:
     azure = azure_error_in_chain(exc)
     response = getattr(azure, "response", None)
     return getattr(azure, "status_code", None) == 404 or getattr(response, "status_code", None) == 404
+
+
+def deployment_result(
+    name: str, target: str, model_uri: str, action: str, deployment: dict, summary: dict, config_file: str | None
+) -> dict:
+    """What `deploy` returns (and prints) for any target; ``summary`` is ``deployment_summary(deployment)``."""
+    return {
+        "name": name,
+        "flavor": deployment.get("flavor", "python_function"),
+        "target": target,
+        "model_uri": model_uri,
+        "action": action,
+        "config_file": config_file,
+        "deployment": summary,
+    }

@@ -10,7 +10,7 @@ import pathlib
 from carclf.deployment.azure_preflight import is_azureml_target
 from carclf.deployment.azure_target import deploy_azure
 from carclf.deployment.errors import DeployError
-from carclf.deployment.plugin_calls import deployment_exists, deployment_summary
+from carclf.deployment.plugin_calls import deployment_exists, deployment_result, deployment_summary
 
 # local_config.TARGET_NAME (tests/test_local_target.py checks they agree), not imported from there: that module
 # loads MLflow, and the deploy CLI must answer a bad parameter or a missing Azure login in well under a second.
@@ -53,15 +53,7 @@ def deploy_local(model_uri, target, name, config) -> dict:
             }
         )
         mlflow.log_dict(summary, "deploy/deployment.json")
-    return {
-        "name": name,
-        "flavor": deployment.get("flavor", "python_function"),
-        "target": target,
-        "model_uri": model_uri,
-        "action": action,
-        "config_file": None,
-        "deployment": summary,
-    }
+    return deployment_result(name, target, model_uri, action, deployment, summary, None)
 
 
 def deploy_model(
