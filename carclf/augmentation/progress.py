@@ -27,16 +27,21 @@ class SparkTaskProgress:
         self._thread.start()
         return self
 
+    def _tasks(self, tracker, count: str) -> int:
+        """Sum of one task count (``numCompletedTasks``, ``numActiveTasks``) over this job group's stages."""
+        total = 0
+        for job_id in tracker.getJobIdsForGroup(self.group):
+            job = tracker.getJobInfo(job_id)
+            for stage_id in job.stageIds if job else []:
+                stage = tracker.getStageInfo(stage_id)
+                total += getattr(stage, count) if stage else 0
+        return total
+
     def _run(self):
         last = -1
         tracker = self.sc.statusTracker()
         while not self._stop.wait(self.every_s):
-            done = 0
-            for job_id in tracker.getJobIdsForGroup(self.group):
-                job = tracker.getJobInfo(job_id)
-                for stage_id in job.stageIds if job else []:
-                    stage = tracker.getStageInfo(stage_id)
-                    done += stage.numCompletedTasks if stage else 0
+            done = self._tasks(tracker, "numCompletedTasks")
             if done != last:
                 log.info("augment: %d/%d Spark tasks done", done, self.total)
                 last = done
@@ -50,13 +55,7 @@ class SparkTaskProgress:
             return
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            active = 0
-            for job_id in tracker.getJobIdsForGroup(self.group):
-                job = tracker.getJobInfo(job_id)
-                for stage_id in job.stageIds if job else []:
-                    stage = tracker.getStageInfo(stage_id)
-                    active += stage.numActiveTasks if stage else 0
-            if active == 0:
+            if self._tasks(tracker, "numActiveTasks") == 0:
                 return
             time.sleep(0.2)
 
