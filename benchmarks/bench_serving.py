@@ -232,6 +232,15 @@ def rest_caller(server):
     return call
 
 
+def base64_decoder() -> str:
+    """The served model's base64 decoder (carclf_flavor.pyfunc) and the instruction set it runs on."""
+    try:
+        import pybase64
+    except ImportError:
+        return "binascii (pybase64 not installed)"
+    return f"pybase64 {pybase64.get_version()}"
+
+
 def main() -> int:
     import keras
 
@@ -242,7 +251,7 @@ def main() -> int:
 
     print(
         f"bench_serving: ResNet-{DEPTH} at {IMAGE_SIZE} px, {NUM_CLASSES} classes, batch {BATCH} of 700x500 JPEGs, "
-        f"{BATCHES} timed batches, {LATENCY_N} latency calls; CPUs: {os.cpu_count()}"
+        f"{BATCHES} timed batches, {LATENCY_N} latency calls; CPUs: {os.cpu_count()}; base64: {base64_decoder()}"
     )
     keras.utils.set_random_seed(0)
     network = build_resnet(depth=DEPTH, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # Packages the served model imports (directly or through MLflow's scoring server), pinned to this environment's
 # versions. TensorFlow is pinned separately (below).
-_SERVING_PACKAGES = ("mlflow", "keras", "opencv-python-headless", "pillow", "numpy", "pandas")
+_SERVING_PACKAGES = ("mlflow", "keras", "opencv-python-headless", "pillow", "numpy", "pandas", "pybase64")
 # Served models run on CPU endpoints (Azure managed online endpoints, `mlflow models serve`), so they ask for
 # `tensorflow-cpu`: the same TensorFlow without the CUDA libraries, about half the install and image size. It is
 # pinned to the TensorFlow version that trained the model, whichever distribution provided it here (`tensorflow`

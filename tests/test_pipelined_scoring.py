@@ -3,6 +3,8 @@ row for row, as scoring photo by photo: order, per-row errors with errors=coerce
 request limits; and the base64 fast path refuses exactly what the careful path refuses, with its messages."""
 
 import base64
+import binascii
+import random
 
 import numpy as np
 import pandas as pd
@@ -10,6 +12,7 @@ import pytest
 
 import carclf_flavor
 from carclf_flavor import classifier as classifier_module
+from carclf_flavor import pyfunc as pyfunc_module
 from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.pyfunc import decode_base64_image
 from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, jpeg_bytes
@@ -175,3 +178,41 @@ def test_base64_fast_path_gives_the_same_bytes_on_random_data():
         data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
         assert decode_base64_image(base64.b64encode(data).decode("ascii")) == data
         assert decode_base64_image(base64.encodebytes(data).decode("ascii")) == data
+
+
+def _careful_decode(text: str) -> bytes | None:
+    """The slow path's rule alone (whitespace removed, then base64.b64decode(validate=True)); None: refused."""
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            return None
+    compact = "".join(text.split())
+    try:
+        return base64.b64decode(compact, validate=True) if compact else None
+    except (binascii.Error, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("decoder", ["pybase64", "binascii fallback"])
+def test_base64_fast_path_agrees_with_the_careful_rule_on_random_text(decoder, monkeypatch):
+    """The SIMD decoder is stricter than the careful rule in places (it refuses '=' after the padding): what it
+    refuses must take the careful path, so the answer is the careful rule's, with or without pybase64."""
+    if decoder == "binascii fallback":
+        monkeypatch.setattr(
+            pyfunc_module, "_strict_b64decode", lambda text, validate=True: binascii.a2b_base64(text, strict_mode=True)
+        )
+    else:
+        import pybase64
+
+        assert pyfunc_module._strict_b64decode is pybase64.b64decode
+    rng = random.Random(0)
+    alphabet = "ABab01+/=\n -"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(5000)]
+    texts += ["QUJD=", "QUJDRA===", "data:image/png;base64,QUJD\nRA==", "data:x,QUJD"]
+    for text in texts:
+        expected = _careful_decode(text)
+        if expected is None:
+            with pytest.raises(ValueError):
+                decode_base64_image(text)
+        else:
+            assert decode_base64_image(text) == expected, repr(text)

@@ -464,8 +464,10 @@ def test_model_loads_and_predicts_in_a_fresh_virtualenv(model_dir, tmp_path, cla
         f"assert {str(REPO_ROOT)!r} not in sys.path and importlib.util.find_spec('carclf_flavor') is None\n"
         f"model = mlflow.pyfunc.load_model({str(model_dir)!r})\n"
         "frame = model.predict(pd.DataFrame({'image': [open('car.jpg', 'rb').read()]}), params={'top_k': 2})\n"
-        "import carclf_flavor\n"
-        "print(json.dumps({'label': frame.label[0], 'prob': float(frame.prob[0]), 'module': carclf_flavor.__file__}))\n"
+        "import carclf_flavor, carclf_flavor.pyfunc\n"
+        "decoder = carclf_flavor.pyfunc._strict_b64decode.__module__\n"
+        "print(json.dumps({'label': frame.label[0], 'prob': float(frame.prob[0]), 'module': carclf_flavor.__file__,\n"
+        "                  'base64': decoder}))\n"
     )
     run = subprocess.run(
         [str(python), str(script)], capture_output=True, text=True, env=clean_env, cwd=tmp_path, timeout=300
@@ -477,3 +479,5 @@ def test_model_loads_and_predicts_in_a_fresh_virtualenv(model_dir, tmp_path, cla
     assert result["prob"] == pytest.approx(expected["prob"], abs=1e-5)
     # The code that ran is the copy inside the model, not the repository.
     assert result["module"].startswith(str(model_dir / "code"))
+    # The model's requirements bring the SIMD base64 decoder its requests are decoded with.
+    assert result["base64"].startswith("pybase64") and "pybase64" in (model_dir / "requirements.txt").read_text()
