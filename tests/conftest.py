@@ -45,3 +45,17 @@ def mlflow_store(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT
+
+
+# Modules that install a model's requirements into a fresh virtualenv, in the order in which each one's include
+# the previous one's (float model, int8 model, int8 model + Azure's server): helpers_flavor.fresh_venv_python
+# then adds to the virtualenv already built instead of installing TensorFlow three times. Each stays whole.
+FRESH_VENV_MODULES = ("test_serving.py", "test_int8.py", "test_azure_scorer.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return FRESH_VENV_MODULES.index(name) + 1 if name in FRESH_VENV_MODULES else 0
+
+    items.sort(key=rank)  # stable: every other test keeps its place, these three modules run last, in this order

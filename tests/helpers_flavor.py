@@ -103,21 +103,37 @@ def write_cars_meta(path: pathlib.Path, names) -> pathlib.Path:
     return path
 
 
+# The one virtualenv of this test session built by fresh_venv_python: its python, environment and what it holds.
+_session_venv: dict = {}
+
+
+def _wanted_packages(requirements: pathlib.Path, extra_packages) -> frozenset[str]:
+    lines = (line.strip() for line in requirements.read_text().splitlines())
+    return frozenset({line for line in lines if line and not line.startswith("#")} | set(extra_packages))
+
+
 def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path, extra_packages=()):
     """A new virtualenv with only ``requirements`` (and ``extra_packages``) installed, nothing of this checkout.
 
-    Returns (its python, an environment without this checkout on PYTHONPATH).
+    Returns (its python, an environment without this checkout on PYTHONPATH). The session's virtualenv is
+    reused when everything it holds is among what is asked for now (a float model's requirements, then an int8
+    model's, which add openvino, then those plus Azure's server: conftest orders the modules so): the rest is
+    installed into it, and it then holds exactly what a fresh one would, without reinstalling TensorFlow.
     """
     import os
     import subprocess
     import sys
 
-    venv = tmp_path / "venv"
-    base_python = getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([base_python, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
+    wanted = _wanted_packages(requirements, extra_packages)
+    if _session_venv and _session_venv["installed"] <= wanted:
+        python, env = _session_venv["python"], _session_venv["env"]
+    else:
+        venv = tmp_path / "venv"
+        base_python = getattr(sys, "_base_executable", None) or sys.executable
+        subprocess.run([base_python, "-m", "venv", str(venv)], check=True, timeout=120)
+        python = venv / "bin" / "python"
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+        env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
     install = subprocess.run(
         [
             str(python),
@@ -137,4 +153,5 @@ def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path, extra_
         timeout=900,
     )
     assert install.returncode == 0, install.stderr[-3000:]
+    _session_venv.update(python=python, env=env, installed=wanted)
     return python, env
