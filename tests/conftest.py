@@ -22,11 +22,40 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> pathlib.Path:
+    """A SQLite store with MLflow's tables made once per session: MLflow's migrations take about a second a
+    store, and most tests open one."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-mlflow-store") / "mlflow.db"
+    cwd = os.getcwd()
+    os.chdir(path.parent)  # MLflow makes ./mlruns beside the store: not in the repository
+    try:
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+def copy_empty_mlflow_store(template: pathlib.Path, path: pathlib.Path, artifact_root: pathlib.Path) -> None:
+    """``template`` at ``path``, as MLflow would have made it there: its Default experiment's artifacts under
+    ``artifact_root`` (MLflow's ./mlruns, resolved when the store is made)."""
+    import shutil
+    import sqlite3
+
+    shutil.copyfile(template, path)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(artifact_root / "0"),))
+    db.close()
+
+
 @pytest.fixture(autouse=True)
-def mlflow_store(tmp_path, monkeypatch):
+def mlflow_store(tmp_path, monkeypatch, empty_mlflow_store):
     """Each test tracks into its own SQLite store and artifact folder, never the user's ./mlflow.db."""
     store = tmp_path / "mlstore"
     store.mkdir()
+    copy_empty_mlflow_store(empty_mlflow_store, store / "mlflow.db", tmp_path / "mlruns")
     uri = f"sqlite:///{store / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)

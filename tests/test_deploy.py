@@ -7,9 +7,11 @@ the in-process tests only call pure functions (and pytest-socket guards the rest
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import sqlite3
 import sys
 import textwrap
 import time
@@ -328,7 +330,10 @@ def _nothing_created(tmp_path, store_uri):
     assert not (tmp_path / "cfg").exists(), "the config folder must not be created before the preflight passed"
     assert not (tmp_path / "mlruns").exists()
     store_file = pathlib.Path(store_uri.replace("sqlite:///", ""))
-    assert not store_file.exists(), "no MLflow run may be created before the preflight passed"
+    with contextlib.closing(sqlite3.connect(store_file)) as store:  # the test's empty store (conftest)
+        runs = store.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        experiments = [name for (name,) in store.execute("SELECT name FROM experiments")]
+    assert runs == 0 and experiments == ["Default"], "no MLflow run may be created before the preflight passed"
 
 
 def test_cli_without_credentials_fails_fast_with_one_line(tmp_path, mlflow_store):
