@@ -202,28 +202,44 @@ def _env(tmp_path, **extra):
 
 
 @pytest.mark.slow
-def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
+def test_two_workers_killed_then_resumed_train_like_one_process_into_one_run(mw_splits, tmp_path):
+    """Two workers (a Spark barrier stage) through the head phase, the chief killed after it, the job run again:
+    it resumes from the chief's checkpoint into the same run for the whole-network phase, both workers end with
+    the same weights, and those are one process's (same data, same seed) but for float32 summation order.
+    One job killed and resumed covers the uninterrupted one too: two launches, not three."""
     import mlflow
 
     from carclf.training.model import build_model
     from entry_points import train as train_module
 
+    cli = _mw_cli(mw_splits, tmp_path / "mw")
+    killed = subprocess.run(
+        [sys.executable, "-m", "entry_points.train", *cli],
+        env=_env(tmp_path, CARCLF_TEST_KILL_AFTER_EPOCH="1"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert killed.returncode != 0
+    state = json.loads((tmp_path / "mw" / "latest.json").read_text())
+    assert state["completed_epochs"] == 1 and not state["finished"]
     dump = tmp_path / "weights"
     dump.mkdir()
-    out = subprocess.run(
-        [sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
+    resumed = subprocess.run(
+        [sys.executable, "-m", "entry_points.train", *cli],
         env=_env(tmp_path, CARCLF_TEST_DUMP_WEIGHTS_DIR=str(dump)),
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=400,
     )
-    assert out.returncode == 0, out.stderr[-4000:]
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
     client = mlflow.tracking.MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1
+    assert len(runs) == 1 and runs[0].info.run_id == state["run_id"]
     run = runs[0]
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["carclf.resumed_from_epoch"] == "1"
     assert run.data.params["num_replicas"] == "2" and run.data.params["per_replica_batch_size"] == "8"
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], key
@@ -235,16 +251,15 @@ def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
     for a, b in zip(chief, other):  # the same all-reduced updates on both workers
         np.testing.assert_array_equal(a, b)
 
+    args = MW_ARGS
     single = train_module.train(
         train_data=mw_splits["train"],
         val_data=mw_splits["val"],
         checkpoint_dir=str(tmp_path / "one"),
         strategy="one",
-        **MW_ARGS,
+        **args,
     )
-    config = train_module.TrainConfig(
-        train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0, **{k: v for k, v in MW_ARGS.items()}
-    )
+    config = train_module.TrainConfig(train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0, **args)
     model = build_model(config, 4, 32)
     model.load_weights(str(sorted((tmp_path / "one").glob("epoch-*"))[-1] / "model.weights.h5"))
     reference = model.get_weights()
@@ -252,38 +267,6 @@ def test_two_workers_train_like_one_process_into_one_run(mw_splits, tmp_path):
     # As for MirroredStrategy: only float32 summation order differs (see the test above for the scale).
     assert relative < 1e-3, relative
     assert single["run_id"] != run.info.run_id
-
-
-@pytest.mark.slow
-def test_killed_job_resumes_from_chief_checkpoint_into_same_run(mw_splits, tmp_path):
-    import mlflow
-
-    killed = subprocess.run(
-        [sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
-        env=_env(tmp_path, CARCLF_TEST_KILL_AFTER_EPOCH="1"),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert killed.returncode != 0
-    state = json.loads((tmp_path / "mw" / "latest.json").read_text())
-    assert state["completed_epochs"] == 1 and not state["finished"]
-    resumed = subprocess.run(
-        [sys.executable, "-m", "entry_points.train", *_mw_cli(mw_splits, tmp_path / "mw")],
-        env=_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    client = mlflow.tracking.MlflowClient()
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1 and runs[0].info.run_id == state["run_id"]
-    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["carclf.resumed_from_epoch"] == "1"
-    assert sorted(m.step for m in client.get_metric_history(state["run_id"], "loss")) == [0, 1]
-    assert not _worker_processes(str(tmp_path))
 
 
 @pytest.mark.slow
