@@ -251,15 +251,14 @@ def test_two_workers_killed_then_resumed_train_like_one_process_into_one_run(mw_
     for a, b in zip(chief, other):  # the same all-reduced updates on both workers
         np.testing.assert_array_equal(a, b)
 
-    args = MW_ARGS
     single = train_module.train(
         train_data=mw_splits["train"],
         val_data=mw_splits["val"],
         checkpoint_dir=str(tmp_path / "one"),
         strategy="one",
-        **args,
+        **MW_ARGS,
     )
-    config = train_module.TrainConfig(train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0, **args)
+    config = train_module.TrainConfig(train_data=mw_splits["train"], val_data=mw_splits["val"], seed=0, **MW_ARGS)
     model = build_model(config, 4, 32)
     model.load_weights(str(sorted((tmp_path / "one").glob("epoch-*"))[-1] / "model.weights.h5"))
     reference = model.get_weights()
