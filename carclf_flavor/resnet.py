@@ -394,20 +394,28 @@ def fuse_for_inference(model: keras.Model, dtype: str = "float32") -> keras.Mode
     uint8 input is cast once to float32 for the normalisation and the 7x7 stem conv, whose output is cast
     once to bf16; global pooling, head and softmax stay float32. Accepts a trainable carclf ResNet or
     an already fused one (e.g. a saved float32 inference model re-fused to bfloat16 at load time).
-    Dropout disappears (identity at inference).
+    Dropout disappears (identity at inference). The preprocessing's RGB->BGR flip moves into the stem
+    kernel (its input channels reversed), so the network takes RGB in and has no flip operation.
     """
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
     arch = describe_resnet(model)
     folded = {prefix: _folded_unit(model, prefix) for prefix in unit_prefixes(model)}
     preprocess = next(layer for layer in model.layers if isinstance(layer, CaffePreprocess))
+    mean = preprocess.mean
+    if preprocess.flip_channels:
+        # conv(flip(x) - mean, K) == conv(x - flip(mean), K with its input channels flipped): the same
+        # function without a channel flip in the graph (OpenVINO runs one unvectorised).
+        kernel, bias, strides = folded["conv1"]
+        folded["conv1"] = (np.ascontiguousarray(kernel[:, :, ::-1, :]), bias, strides)
+        mean = tuple(reversed(mean))
     head = model.get_layer(arch.head_name)
 
     inputs = keras.Input(shape=(arch.image_size, arch.image_size, 3), dtype="uint8", name="image")
     # The stem (input normalisation + 7x7 conv, ~3% of ResNet-50's FLOPs) stays float32: rounding the
     # mean-subtracted pixels to bfloat16 (steps of 0.5-1 grey level) was the largest single source of
     # bf16-vs-f32 disagreement we measured. The stem's output is cast to bf16 once, by pool1_pad.
-    x = CaffePreprocess(mean=preprocess.mean, name="caffe_preprocess", dtype="float32")(inputs)
+    x = CaffePreprocess(mean=mean, flip_channels=False, name="caffe_preprocess", dtype="float32")(inputs)
     unit = _FusedUnit(folded, dtype)
     x = _resnet_body(
         x, arch.block_kind, arch.stage_depths, arch.stem_filters, arch.stage_filters, unit, stem_dtype="float32"

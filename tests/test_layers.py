@@ -135,6 +135,17 @@ def test_caffe_preprocess_matches_keras_applications_resnet_preprocessing():
     np.testing.assert_allclose(np.asarray(tf.cast(bf16, tf.float32)), reference, atol=0.6)  # bf16 rounding
 
 
+def test_caffe_preprocess_without_the_flip_keeps_rgb_order_and_old_configs_still_flip():
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    bgr = keras.applications.resnet.preprocess_input(images.astype("float32"))
+    rgb = CaffePreprocess(mean=CaffePreprocess().mean[::-1], flip_channels=False)(images)
+    np.testing.assert_allclose(rgb, bgr[..., ::-1], atol=1e-4)
+    # A layer saved before the option existed has no flip_channels in its config: it flips, as it did.
+    legacy = {k: v for k, v in CaffePreprocess(name="old").get_config().items() if k != "flip_channels"}
+    np.testing.assert_allclose(CaffePreprocess.from_config(legacy)(images), bgr, atol=1e-4)
+
+
 def test_caffe_preprocess_rejects_non_rgb_input():
     with pytest.raises(ValueError, match="RGB"):
         CaffePreprocess()(np.zeros((1, 4, 4, 1), np.uint8))

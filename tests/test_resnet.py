@@ -295,6 +295,35 @@ def test_fused_model_computes_the_same_function(depth, tiny_models):
     np.testing.assert_allclose(submodel(fused, "avg_pool").predict(images, verbose=0), features, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(fused.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-4)
     assert describe_resnet(fused).fused and describe_resnet(fused).depth == depth
+    # The RGB->BGR flip lives in the stem kernel: no flip op in the inference graph.
+    assert fused.get_layer("caffe_preprocess").flip_channels is False
+
+
+def test_a_fused_model_saved_with_the_flip_in_its_preprocessing_still_loads_and_refuses(tiny_models, tmp_path):
+    """Fused models saved before the flip moved into the stem kernel: BGR flip in CaffePreprocess (no
+    ``flip_channels`` in its config), stem kernel in BGR order. They load, and re-fusing them (the bf16 path
+    at load time) folds the flip without flipping twice."""
+    fused = fuse_for_inference(tiny_models[18])
+    config = fused.get_config()
+    for layer in config["layers"]:
+        if layer["config"]["name"] == "caffe_preprocess":
+            layer["config"].pop("flip_channels")
+            layer["config"]["mean"] = layer["config"]["mean"][::-1]
+    legacy = keras.Model.from_config(config)
+    legacy.set_weights(fused.get_weights())
+    stem = legacy.get_layer("conv1_conv")
+    stem.set_weights([stem.get_weights()[0][:, :, ::-1, :], stem.get_weights()[1]])
+    path = tmp_path / "legacy.keras"
+    legacy.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True, compile=False)
+    assert reloaded.get_layer("caffe_preprocess").flip_channels is True
+    images = varied_images(8, TINY_SIZE, seed=7)
+    expected = fused.predict(images, verbose=0)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, atol=1e-5)
+    refused = fuse_for_inference(reloaded)
+    assert refused.get_layer("caffe_preprocess").flip_channels is False
+    np.testing.assert_allclose(refused.predict(images, verbose=0), expected, atol=1e-5)
+    np.testing.assert_allclose(fuse_for_inference(reloaded, "bfloat16").predict(images, verbose=0), expected, atol=0.05)
 
 
 def test_bfloat16_fusion_casts_once_and_keeps_the_head_in_float32(tiny_models):
