@@ -49,6 +49,7 @@ TRAIN_GFLOP = 3 * FORWARD_GFLOP  # forward + backward (~2x forward)
 def cpu_summary() -> str:
     flags = set()
     model = "?"
+    generation = {}  # "cpu family" / "model": a VM's model name ("AMD EPYC") hides the generation
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -56,8 +57,13 @@ def cpu_summary() -> str:
                     flags = set(line.split(":", 1)[1].split())
                 if line.startswith("model name") and model == "?":
                     model = line.split(":", 1)[1].strip()
+                key = line.split(":", 1)[0].strip()
+                if key in ("cpu family", "model") and key not in generation:
+                    generation[key] = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if generation:
+        model += f" (family {generation.get('cpu family', '?')}, model {generation.get('model', '?')})"
     wanted = [
         f
         for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "amx_int8")
