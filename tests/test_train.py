@@ -348,3 +348,46 @@ def test_learnability_on_sample_data_cut_down(tmp_path):
     )
     assert result["metrics"]["test_num_images"] == 60
     assert result["metrics"]["test_top1"] >= 0.3, result["metrics"]  # chance: 0.1
+
+
+def test_two_runs_logging_the_same_new_dataset_at_once_both_record_it(splits):
+    """`tune`'s parallel trials log the same new files at the same moment. MLflow's store looks for the dataset
+    row, then inserts it: here the other run's insert is made to commit in between (from another thread, on
+    its own connection to the same SQLite store), so this run's insert hits the unique key, as it did in CI."""
+    import threading
+
+    import mlflow
+    from sqlalchemy import event
+
+    from carclf.data.input_pipeline import HDF5Source
+    from carclf.tracking.lineage import log_dataset_inputs
+
+    source = HDF5Source.open(splits["train"])
+    other_run = _client().create_run(mlflow.get_experiment_by_name("Default").experiment_id).info.run_id
+
+    def other_run_logs_the_same_file():
+        with mlflow.start_run(run_id=other_run):
+            log_dataset_inputs(source, "training")
+
+    engine = mlflow.tracking._tracking_service.utils._get_store().engine
+    raced = []
+
+    def before_insert(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and not raced:
+            raced.append(statement)
+            racer = threading.Thread(target=other_run_logs_the_same_file)
+            racer.start()
+            racer.join()
+
+    event.listen(engine, "before_cursor_execute", before_insert)
+    try:
+        with mlflow.start_run() as run:
+            log_dataset_inputs(source, "training")
+    finally:
+        event.remove(engine, "before_cursor_execute", before_insert)
+    assert raced, "the race was not staged: MLflow no longer inserts datasets this way"
+    digest = file_sha256(splits["train"])
+    for run_id in (run.info.run_id, other_run):
+        (logged,) = _client().get_run(run_id).inputs.dataset_inputs
+        assert logged.dataset.name == "train.h5" and {t.key: t.value for t in logged.tags}["sha256"] == digest
+    assert _client().get_run(run.info.run_id).data.tags["carclf.data.training.sha256"] == digest

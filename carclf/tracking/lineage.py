@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 from carclf.data.input_pipeline import HDF5Source
 from carclf.files.fingerprint import file_sha256
+
+# MLflow's SQL store looks for the dataset row, then inserts it if missing: two runs logging the same new
+# file at the same moment (`tune`'s parallel trials) race, and the one that inserts second fails on the
+# unique key with its whole transaction rolled back. Retried, it finds the first one's row and only links it.
+_DUPLICATE_KEY_MARKERS = ("IntegrityError", "UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+DATASET_INSERT_ATTEMPTS = 4
+
+
+def _is_duplicate_dataset_insert(exc: BaseException) -> bool:
+    """True for a unique-key failure on MLflow's datasets table, from a local store or a tracking server."""
+    seen = exc
+    while seen is not None:
+        text = str(seen)
+        if "datasets" in text and any(marker in text for marker in _DUPLICATE_KEY_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def log_input_despite_concurrent_runs(dataset, context: str, tags: dict) -> None:
+    """``mlflow.log_input``, retried when another run inserted the same dataset in the meantime."""
+    import mlflow
+
+    for attempt in range(1, DATASET_INSERT_ATTEMPTS + 1):
+        try:
+            mlflow.log_input(dataset, context=context, tags=tags)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            if attempt == DATASET_INSERT_ATTEMPTS or not _is_duplicate_dataset_insert(exc):
+                raise
+            time.sleep(0.05 * attempt)
 
 
 def log_dataset_inputs(source: HDF5Source, context: str) -> None:
@@ -22,7 +54,7 @@ def log_dataset_inputs(source: HDF5Source, context: str) -> None:
             warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local files
             dataset_source = resolve_dataset_source(path.as_uri())
         dataset = MetaDataset(source=dataset_source, name=path.name, digest=digest[:20])
-        mlflow.log_input(
+        log_input_despite_concurrent_runs(
             dataset,
             context=context,
             tags={"sha256": digest, "num_images": str(info.num_images), "image_size": str(info.image_size)},
