@@ -117,7 +117,7 @@ class CaffePreprocess(keras.layers.Layer):
         super().__init__(**kwargs)
         mean = tuple(float(m) for m in mean)
         if len(mean) != 3:
-            raise ValueError(f"CaffePreprocess mean must have 3 values (B, G, R), got {mean!r}")
+            raise ValueError(f"CaffePreprocess mean must have 3 values (one per channel, B, G, R), got {mean!r}")
         self.mean = mean
         self.flip_channels = bool(flip_channels)
         # No input autocast: a float input must not be rounded to bfloat16 before the float32 arithmetic.
