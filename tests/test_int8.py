@@ -113,10 +113,10 @@ def test_train_logs_a_validated_int8_network(trained):
     assert {k: v for k, v in kept.items() if k not in ("global average pool", "classifier")} == expected_extra
     import openvino as ov
 
-    ir = ov.Core().read_model(str(model_dir / "data" / int8.INT8_MODEL_FILE))
-    op_types = [op.get_type_name() for op in ir.get_ordered_ops()]
-    assert "ReverseSequence" not in op_types  # the RGB->BGR flip is in the stem kernel (OpenVINO runs it unvectorised)
-    stem = next(op for op in ir.get_ordered_ops() if op.get_type_name() == "Convolution")
+    ops = ov.Core().read_model(str(model_dir / "data" / int8.INT8_MODEL_FILE)).get_ordered_ops()
+    # The RGB->BGR flip is in the stem kernel (OpenVINO runs a flip unvectorised).
+    assert "ReverseSequence" not in [op.get_type_name() for op in ops]
+    stem = next(op for op in ops if op.get_type_name() == "Convolution")
     stem_input = stem.input(0).get_source_output().get_node().get_type_name()
     assert (stem_input == "FakeQuantize") == (settings["scope"] == "fast"), stem_input  # int8 stem only in fast
     assert run.data.tags["carclf.int8_scope"] == settings["scope"]
@@ -346,10 +346,10 @@ def test_the_pipelines_small_default_network_ships_int8(tmp_path, monkeypatch):
     """`make run`'s network (ResNet-18 x0.25 from scratch on the bundled sample data), cut to 32 px and 10
     epochs: half-trained (test top-1 ~0.6), its top-1 margins are small. On the AMD EPYC where it was
     measured, int8 but for the head agreed with float32 on 96% of its validation split (not shipped) and the
-    second try, stem and residual additions in float32, on 100% (shipped). Training numerics differ between CPUs (AMX, AVX-512),
-    so the test holds the mechanism rather than one CPU's outcome: the second try is made when the first
-    fails, it is at least as faithful, and whatever ships agrees with float32 on photos it was not validated
-    on."""
+    second try, stem and residual additions in float32, on 100% (shipped). Training numerics differ between
+    CPUs (AMX, AVX-512), so the test holds the mechanism rather than one CPU's outcome: the second try is
+    made when the first fails, it is at least as faithful, and whatever ships agrees with float32 on photos it
+    was not validated on."""
     import mlflow
 
     from carclf.data.sample_data import ensure_sample_data
