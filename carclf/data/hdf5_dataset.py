@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import h5py
 import numpy as np
 
-from carclf.files.atomic import partial_path
+from carclf.files.atomic import StagedFile
 from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.version import __version__
 
@@ -35,6 +35,10 @@ class DatasetError(ValueError):
 
 class HDF5SplitWriter:
     """Appends images to a split file under a temporary name; ``commit()`` renames it into place.
+
+    The temporary file is beside the split, or on local disk when the split's folder takes only sequential
+    writes (a Unity Catalog Volume, DBFS: ``carclf.files.atomic.StagedFile``); ``commit()`` then copies it there
+    in one pass before the rename.
 
     Used as a context manager: leaving the block by an exception removes the partial file, so a
     killed or failed run never leaves a file that looks finished.
@@ -57,8 +61,9 @@ class HDF5SplitWriter:
         preallocate_images: bool = False,
     ):
         self.path = pathlib.Path(path)
-        self.tmp_path = partial_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._staged = StagedFile(self.path)
+        self.tmp_path = self._staged.work_path
         size = int(settings.image_size)
         self._file = h5py.File(self.tmp_path, "w")
         f = self._file
@@ -142,15 +147,14 @@ class HDF5SplitWriter:
                 raise ValueError(f"{self.path}: {self.count} rows written into a block of {ds.shape[0]}")
         self._file.attrs["num_images"] = self.count
         self._file.close()
-        os.replace(self.tmp_path, self.path)
-        return self.path
+        return self._staged.publish()
 
     def abort(self) -> None:
         try:
             self._file.close()
         except Exception:
             pass
-        self.tmp_path.unlink(missing_ok=True)
+        self._staged.discard()
 
     def __enter__(self):
         return self

@@ -12,13 +12,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import shutil
 
 import numpy as np
 
-from carclf.files.atomic import partial_path, remove_stale_partials, write_json_atomic
+from carclf.files.atomic import StagedFile, remove_stale_partials, write_json_atomic
 from carclf.files.fingerprint import files_identity
 from carclf.training.schedule import Phase
 from carclf.training.validation import TrainConfigError
@@ -54,18 +53,22 @@ def save_checkpoint(directory: pathlib.Path, model, state: dict) -> pathlib.Path
     directory.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{state['completed_epochs']:04d}"
     final = directory / name
-    tmp = partial_path(final)
     remove_stale_partials(directory, log)
+    # Built on local disk when the folder takes only sequential writes: the weights are HDF5.
+    staged = StagedFile(final)
+    tmp = staged.work_path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_weights(str(tmp / "model.weights.h5"))
-    store = {}
-    model.optimizer.save_own_variables(store)
-    np.savez(tmp / "optimizer.npz", **{f"v{k}": np.asarray(v) for k, v in store.items()})
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        model.save_weights(str(tmp / "model.weights.h5"))
+        store = {}
+        model.optimizer.save_own_variables(store)
+        np.savez(tmp / "optimizer.npz", **{f"v{k}": np.asarray(v) for k, v in store.items()})
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    except BaseException:
+        staged.discard()
+        raise
+    staged.publish()
     write_json_atomic(directory / CHECKPOINT_POINTER, {"checkpoint": name, **state})
     for old in sorted(directory.glob("epoch-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
