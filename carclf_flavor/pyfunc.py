@@ -27,6 +27,8 @@ from carclf_flavor.signature import (
     ERROR_MODES,
     IMAGE_COLUMN,
     OUTPUT_COLUMNS,
+    TOP_K_FORMATS,
+    top_k_as_json,
 )
 
 ERRORS_ENV_VAR = "CARCLF_ERRORS"
@@ -171,10 +173,11 @@ class RequestLimits:
 
 
 class _CarClassifierPyfunc:
-    """pyfunc wrapper: DataFrame (image [+ bbox_x1..bbox_y2]) -> DataFrame (label, class_id, prob, top_k[, error]).
+    """pyfunc wrapper: DataFrame (image [+ bbox_x1..bbox_y2]) -> DataFrame (label, class_id, prob, top_k, error).
 
     params: ``top_k`` (default 5), ``errors`` ("raise": the first bad row fails the request with HTTP 400;
-    "coerce": bad rows get label/class_id/prob null, top_k [] and an ``error`` text; good rows are scored).
+    "coerce": bad rows get label/class_id/prob null, top_k empty and an ``error`` text; good rows are scored),
+    ``top_k_format`` ("json": top_k is JSON text, the signature's string column; "list": a nested list).
     """
 
     def __init__(self, classifier: CarClassifier, limits: RequestLimits | None = None):
@@ -202,7 +205,12 @@ class _CarClassifierPyfunc:
                 f"params.errors must be one of {', '.join(ERROR_MODES + (AUTO_ERROR_MODE,))}, "
                 f"got {params.get('errors')!r}"
             )
-        return int(top_k), errors
+        top_k_format = str(params.get("top_k_format", TOP_K_FORMATS[0])).strip().lower()
+        if top_k_format not in TOP_K_FORMATS:
+            raise invalid_input(
+                f"params.top_k_format must be one of {', '.join(TOP_K_FORMATS)}, got {params.get('top_k_format')!r}"
+            )
+        return int(top_k), errors, top_k_format
 
     def _table(self, data):
         """The request as a DataFrame with an image column (checked), and its bbox values (or None)."""
@@ -268,7 +276,7 @@ class _CarClassifierPyfunc:
     def predict(self, data, params: dict | None = None):
         import pandas as pd
 
-        top_k, errors = self._params(params)
+        top_k, errors, top_k_format = self._params(params)
         table, bbox_values = self._table(data)
         # Rows already bad are not decoded; the rest go through the same preprocessing as the training data,
         # decoded while the network runs on the rows before them.
@@ -282,15 +290,22 @@ class _CarClassifierPyfunc:
         records = []
         for record, problem in zip(results, problems):
             if problem is None:
-                if errors == "coerce":
-                    record[ERROR_COLUMN] = None
+                record[ERROR_COLUMN] = None
             else:
-                # top_k is an empty list, not null: spark_udf cannot convert a null array inside its struct.
+                # top_k is empty, not null: spark_udf cannot convert a null array inside its struct (the list
+                # form), and both forms keep one rule for readers: an empty top_k is a bad row.
                 record = dict(dict.fromkeys(OUTPUT_COLUMNS), top_k=[])
                 record[ERROR_COLUMN] = problem
+            if top_k_format == "json":
+                record["top_k"] = top_k_as_json(record["top_k"])
             records.append(record)
-        columns = list(OUTPUT_COLUMNS) + ([ERROR_COLUMN] if errors == "coerce" else [])
+        # Every answer has the signature's columns (spark_udf builds its struct from them), `error` included.
+        columns = [*OUTPUT_COLUMNS, ERROR_COLUMN]
         if errors == "coerce":
             # object columns keep None (JSON null) for bad rows instead of NaN.
             return pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in columns})
-        return pd.DataFrame.from_records(records, columns=columns) if records else pd.DataFrame(columns=columns)
+        if not records:
+            return pd.DataFrame(columns=columns)
+        frame = pd.DataFrame.from_records(records, columns=columns)
+        frame[ERROR_COLUMN] = pd.Series([None] * len(frame), dtype=object)
+        return frame

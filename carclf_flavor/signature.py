@@ -1,12 +1,15 @@
-"""What a request to a carclf model looks like: its columns, params, logged signature and input example.
+"""What a request to a carclf model looks like, and its answer: columns, params, logged signature, input example.
 
 Every input column is ``Any`` and optional (see ``input_schema``): carclf's own code (``carclf_flavor.pyfunc``)
-reads and checks the request, naming the row; there is no output schema (see ``default_signature``).
+reads and checks the request, naming the row. Every output column is a plain type (see ``output_schema``), so that
+both Unity Catalog (which refuses a signature without outputs) and Azure's no-code scorer (which builds a sample
+DataFrame of the outputs at start-up) accept the model.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import pathlib
 
@@ -22,6 +25,10 @@ ERROR_MODES = ("raise", "coerce")
 # with an `error` text instead.
 AUTO_ERROR_MODE = "auto"
 DEFAULT_TOP_K = 5
+# How the ranked classes travel: "json" (the signature's plain string column: a JSON list of {label, prob}) or
+# "list" (that list as a nested value, the REST answer of models saved without an output schema).
+TOP_K_FORMATS = ("json", "list")
+DEFAULT_TOP_K_FORMAT = "json"
 
 
 def input_schema():
@@ -43,19 +50,54 @@ def input_schema():
 def params_schema():
     from mlflow.types import ParamSchema, ParamSpec
 
-    return ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("errors", "string", AUTO_ERROR_MODE)])
+    return ParamSchema(
+        [
+            ParamSpec("top_k", "long", DEFAULT_TOP_K),
+            ParamSpec("errors", "string", AUTO_ERROR_MODE),
+            ParamSpec("top_k_format", "string", DEFAULT_TOP_K_FORMAT),
+        ]
+    )
+
+
+def output_schema():
+    """The answer, one row per image: ``label`` string, ``class_id`` long, ``prob`` double, ``top_k`` string (JSON
+    list of {label, prob}, most likely first; ``[]`` for a bad row) and ``error`` string (null, or with
+    errors=coerce the reason a row could not be scored).
+
+    Plain types only: Azure's scorer calls ``Schema.pandas_types()`` on the outputs, which refuses ``Array`` and
+    ``Object``; ``mlflow.pyfunc.spark_udf`` without a ``result_type`` builds its struct from these types.
+    """
+    from mlflow.types import ColSpec, Schema
+
+    return Schema(
+        [
+            ColSpec("string", "label"),
+            ColSpec("long", "class_id"),
+            ColSpec("double", "prob"),
+            ColSpec("string", "top_k"),
+            ColSpec("string", ERROR_COLUMN),
+        ]
+    )
 
 
 def default_signature():
-    """Inputs and params; no output schema.
-
-    The answer (label, class_id, prob, top_k as a list of {label, prob}, and `error` with errors=coerce) has a
-    nested column, and Azure's no-code scorer cannot boot from a signature whose outputs are not plain types:
-    it builds a sample DataFrame of every output column at start-up. The README documents the answer instead.
-    """
+    """Inputs, outputs (plain types) and params: what Unity Catalog and Azure's no-code scorer both accept."""
     from mlflow.models import ModelSignature
 
-    return ModelSignature(inputs=input_schema(), outputs=None, params=params_schema())
+    return ModelSignature(inputs=input_schema(), outputs=output_schema(), params=params_schema())
+
+
+def top_k_as_json(ranked) -> str:
+    """The ``top_k`` column's text: a JSON list of {label, prob}."""
+    return json.dumps(list(ranked), ensure_ascii=False)
+
+
+def top_k_entries(value) -> list:
+    """A ``top_k`` value as the list of {label, prob} it stands for, whichever form the model answered in (JSON
+    text from models with an output schema, a nested list from models saved without one)."""
+    if isinstance(value, str):
+        return json.loads(value) if value else []
+    return list(value) if value is not None else []
 
 
 def _default_input_example_image() -> bytes:

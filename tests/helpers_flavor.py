@@ -155,3 +155,22 @@ def fresh_venv_python(tmp_path: pathlib.Path, requirements: pathlib.Path, extra_
     assert install.returncode == 0, install.stderr[-3000:]
     _session_venv.update(python=python, env=env, installed=wanted)
     return python, env
+
+
+def unity_catalog_signature_check(model_uri: str, store_uri: str | None = None) -> None:
+    """MLflow's Unity Catalog store's own pre-upload check on a downloaded copy of the model (raises
+    MlflowException); ``store_uri``: the tracking and registry store holding it, if not the current one."""
+    import mlflow
+    from mlflow.store._unity_catalog.registry.rest_store import UcModelRegistryStore
+
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    if store_uri:
+        mlflow.set_tracking_uri(store_uri)
+        mlflow.set_registry_uri(store_uri)
+    try:
+        local_path = mlflow.artifacts.download_artifacts(model_uri)
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+    # The check reads only the MLmodel file; the store's constructor would need Databricks credentials.
+    UcModelRegistryStore._validate_model_signature(object.__new__(UcModelRegistryStore), local_path)

@@ -8,14 +8,65 @@ the errno Databricks' FUSE gives for a random write.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import pathlib
+import subprocess
 import sys
+import time
 
-from fuse import FUSE, FuseOSError, Operations
+
+def fuse_missing() -> str | None:
+    """Why a FUSE mount cannot be made here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse on this machine"
+    try:
+        import fuse  # noqa: F401  (fusepy, which loads libfuse.so.2)
+    except (ImportError, OSError) as exc:
+        return f"fusepy/libfuse2 unavailable ({exc})"
+    return None
 
 
-class SequentialOnly(Operations):
+@contextlib.contextmanager
+def sequential_only_mount(root: pathlib.Path):
+    """A mounted sequential-only folder under ``root`` (like /Volumes/<catalog>/<schema>/<volume>); unmounted
+    when the block ends."""
+    backing, mountpoint = root / "backing", root / "mnt"
+    backing.mkdir(parents=True)
+    mountpoint.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, __file__, str(backing), str(mountpoint)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 30
+    try:
+        while not os.path.ismount(mountpoint):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the FUSE mount did not come up: {server.stderr.read().decode()[-500:]}")
+            time.sleep(0.05)
+        yield mountpoint
+    finally:
+        subprocess.run(["fusermount", "-u", str(mountpoint)], check=False, capture_output=True)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _serve(backing: str, mountpoint: str) -> None:
+    from fuse import FUSE
+
+    FUSE(_operations()(backing), mountpoint, foreground=True, nothreads=True, fsname="seqfs", subtype="seqfs")
+
+
+def _operations():
+    from fuse import FuseOSError, Operations
+
+    return type("SequentialOnly", (_SequentialOnly, Operations), {"error": FuseOSError})
+
+
+class _SequentialOnly:
     def __init__(self, root: str):
         self.root = os.path.realpath(root)
 
@@ -26,11 +77,11 @@ class SequentialOnly(Operations):
         try:
             return function(*args)
         except OSError as exc:
-            raise FuseOSError(exc.errno or errno.EIO) from None
+            raise self.error(exc.errno or errno.EIO) from None
 
     def access(self, path, mode):
         if not os.access(self._full(path), mode):
-            raise FuseOSError(errno.EACCES)
+            raise self.error(errno.EACCES)
 
     def getattr(self, path, fh=None):
         st = self._call(os.lstat, self._full(path))
@@ -78,13 +129,13 @@ class SequentialOnly(Operations):
     def write(self, path, data, offset, fh):
         end = os.fstat(fh).st_size
         if offset != end:
-            raise FuseOSError(errno.EOPNOTSUPP)
+            raise self.error(errno.EOPNOTSUPP)
         return self._call(os.pwrite, fh, data, offset)
 
     def truncate(self, path, length, fh=None):
         # Only to empty (an O_TRUNC open): a real Volume cannot shorten or extend a file in place either.
         if length != 0:
-            raise FuseOSError(errno.EOPNOTSUPP)
+            raise self.error(errno.EOPNOTSUPP)
         with open(self._full(path), "r+b") as handle:
             handle.truncate(0)
 
@@ -99,5 +150,4 @@ class SequentialOnly(Operations):
 
 
 if __name__ == "__main__":
-    backing, mountpoint = sys.argv[1], sys.argv[2]
-    FUSE(SequentialOnly(backing), mountpoint, foreground=True, nothreads=True, fsname="seqfs", subtype="seqfs")
+    _serve(sys.argv[1], sys.argv[2])

@@ -74,21 +74,32 @@ def test_uint8_arrays_and_bytes_give_the_same_answer(classifier):
 
 def test_pyfunc_output_columns_types_and_top_k_ordering(pyfunc_model, keras_model):
     frame = pyfunc_model.predict(pd.DataFrame({"image": IMAGES}), params={"top_k": 4})
-    assert list(frame.columns) == ["label", "class_id", "prob", "top_k"]
+    assert list(frame.columns) == ["label", "class_id", "prob", "top_k", "error"]
     expected = reference_probs(keras_model, IMAGES)
     for row, probs in zip(frame.itertuples(index=False), expected):
         assert isinstance(row.prob, float) and isinstance(row.class_id, (int, np.integer))
         assert row.class_id == int(np.argmax(probs))
-        assert len(row.top_k) == 4
-        ranked = [entry["prob"] for entry in row.top_k]
+        assert isinstance(row.top_k, str) and row.error is None  # the signature's plain string column
+        top_k = json.loads(row.top_k)
+        assert len(top_k) == 4
+        ranked = [entry["prob"] for entry in top_k]
         assert ranked == sorted(ranked, reverse=True)
-        assert row.top_k[0] == {"label": row.label, "prob": row.prob}
+        assert top_k[0] == {"label": row.label, "prob": row.prob}
         assert sum(ranked) == pytest.approx(1.0, abs=1e-4)  # 4 classes: top-4 is everything
+
+
+def test_top_k_format_list_gives_the_same_ranking_as_a_nested_list(pyfunc_model):
+    frame = pd.DataFrame({"image": IMAGES[:3]})
+    as_json = pyfunc_model.predict(frame, params={"top_k": 3})
+    as_list = pyfunc_model.predict(frame, params={"top_k": 3, "top_k_format": "list"})
+    assert [json.loads(text) for text in as_json.top_k] == list(as_list.top_k)
+    assert all(isinstance(entry, list) and len(entry) == 3 for entry in as_list.top_k)
+    assert as_json.drop(columns="top_k").equals(as_list.drop(columns="top_k"))
 
 
 def test_top_k_larger_than_class_count_is_capped(pyfunc_model):
     frame = pyfunc_model.predict(pd.DataFrame({"image": IMAGES[:1]}), params={"top_k": 50})
-    assert len(frame.top_k[0]) == len(CLASS_NAMES)
+    assert len(json.loads(frame.top_k[0])) == len(CLASS_NAMES)
 
 
 def test_bbox_at_serve_time_equals_the_training_crop(pyfunc_model, keras_model):
@@ -104,7 +115,7 @@ def test_bbox_at_serve_time_equals_the_training_crop(pyfunc_model, keras_model):
                 "bbox_y2": [b[3] for b in bboxes],
             }
         ),
-        params={"top_k": 4},
+        params={"top_k": 4, "top_k_format": "list"},
     )
     expected = reference_probs(keras_model, [image, image], bboxes)
     whole = reference_probs(keras_model, [image])[0]
@@ -136,6 +147,7 @@ def test_varied_formats_are_valid_input(pyfunc_model):
         ),
         (pd.DataFrame({"image": [IMAGES[0]]}), {"top_k": 0}, "params.top_k must be an integer >= 1"),
         (pd.DataFrame({"image": [IMAGES[0]]}), {"errors": "ignore"}, "params.errors must be one of raise, coerce"),
+        (pd.DataFrame({"image": [IMAGES[0]]}), {"top_k_format": "xml"}, "params.top_k_format must be one of json"),
     ],
 )
 def test_bad_input_is_one_line_invalid_parameter_value(pyfunc_model, frame, params, expected):
@@ -168,7 +180,7 @@ def test_coerce_scores_good_rows_and_explains_bad_ones(pyfunc_model, classifier)
     assert frame.error[0] is None and frame.error[2] is None
     assert "not a recognised image format" in frame.error[1] and "empty image" in frame.error[3]
     assert frame.label[1] is None and frame.prob[3] is None and frame.class_id[1] is None
-    assert frame.top_k[1] == [] and frame.top_k[3] == []
+    assert frame.top_k[1] == "[]" and frame.top_k[3] == "[]"
     direct = classifier.predict([IMAGES[0], IMAGES[1]], top_k=2)
     assert frame.class_id[0] == direct[0]["class_id"] and frame.class_id[2] == direct[1]["class_id"]
 

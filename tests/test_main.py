@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
 from conftest import REPO_ROOT
+from helpers_flavor import unity_catalog_signature_check
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +81,8 @@ def test_pipeline_runs_steps_as_child_runs_and_registers_the_model(project_env, 
     assert children["train"].data.metrics["test_top1"] > 0.2
     assert parent.data.metrics["evaluate_test_top1"] == children["evaluate"].data.metrics["test_top1"]
     assert children["preprocess"].data.metrics["train_images"] > 0
+    # What Unity Catalog's client checks before an upload holds for the model the pipeline registered.
+    unity_catalog_signature_check("models:/carclf/1", project_env["uri"])
     assert "mlflow models serve -m models:/carclf/1 --env-manager local -p 5000" in first_run.stdout
     assert "python -m entry_points.score --url http://127.0.0.1:5000" in first_run.stdout
 
@@ -100,15 +103,17 @@ def test_second_run_reuses_finished_steps(project_env, first_run):
 
 def test_changed_parameter_recomputes_from_that_step_on(project_env, first_run):
     _, before = _runs(project_env)
-    result = _mlflow_run(project_env, epochs="2")
+    # A Unity Catalog style three-level name too: train registers it, evaluate reads it back.
+    result = _mlflow_run(project_env, epochs="2", registered_model_name="main.default.carclf")
     assert result.returncode == 0, result.stderr[-5000:]
-    _, after = _runs(project_env)
-    new = {
-        r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT)
-        for r in after
-        if r.info.run_id not in {b.info.run_id for b in before}
-    }
+    client, after = _runs(project_env)
+    fresh = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+    new = {r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT) for r in fresh}
     assert new == {"main", "train", "evaluate"}
+    evaluate = next(r for r in fresh if r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT) == "evaluate")
+    assert evaluate.data.params["model_uri"] == "models:/main.default.carclf/1"
+    assert [v.version for v in client.search_model_versions("name = 'main.default.carclf'")] == ["1"]
+    unity_catalog_signature_check("models:/main.default.carclf/1", project_env["uri"])
 
 
 def test_step_failure_marks_parent_failed_and_names_the_step(project_env, first_run):

@@ -15,6 +15,7 @@ from carclf_flavor import classifier as classifier_module
 from carclf_flavor import pyfunc as pyfunc_module
 from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.pyfunc import decode_base64_image
+from carclf_flavor.signature import top_k_entries
 from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, jpeg_bytes
 
 SETTINGS = PreprocessSettings(image_size=IMAGE_SIZE, crop="bbox", crop_margin=4)
@@ -75,12 +76,13 @@ def test_pipelined_batch_answers_row_for_row_like_photo_by_photo(pyfunc_model):
         assert batch.error[row] == alone.error[0], row
         if alone.error[0] is not None:
             bad.add(row)
-            assert batch.label[row] is None and batch.prob[row] is None and batch.top_k[row] == []
+            assert batch.label[row] is None and batch.prob[row] is None and batch.top_k[row] == "[]"
             continue
         assert (batch.label[row], batch.class_id[row]) == (alone.label[0], alone.class_id[0]), row
         assert batch.prob[row] == pytest.approx(alone.prob[0], rel=1e-5, abs=1e-6), row
-        assert [t["label"] for t in batch.top_k[row]] == [t["label"] for t in alone.top_k[0]], row
-        assert [t["prob"] for t in batch.top_k[row]] == pytest.approx([t["prob"] for t in alone.top_k[0]], rel=1e-5)
+        mine, theirs = top_k_entries(batch.top_k[row]), top_k_entries(alone.top_k[0])
+        assert [t["label"] for t in mine] == [t["label"] for t in theirs], row
+        assert [t["prob"] for t in mine] == pytest.approx([t["prob"] for t in theirs], rel=1e-5)
     assert bad == set(BAD_ROWS) | {BBOX_OUTSIDE_ROW}
     assert "not base64" in batch.error[10] and "bbox" in batch.error[BBOX_OUTSIDE_ROW]
     # Rows are not shuffled: the probabilities of different photos differ.

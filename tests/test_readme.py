@@ -80,7 +80,14 @@ COVERAGE = [
     (r"make test", "test_make_test_is_what_ci_runs"),
     (r"mlflow ui --backend-store-uri sqlite:///mlflow\.db", "test_mlflow_ui"),
     (r"mlflow run \. --env-manager local -P data_dir=/data/stanford_cars .*", "test_real_configuration_reuses_steps"),
-    (r"mlflow run \. --env-manager local -e (preprocess|augment|train|evaluate) .*", "test_my_cars_step_by_step"),
+    (
+        r"mlflow run \. --env-manager local -e (preprocess|augment|train|evaluate) (?!.*/Volumes/).*",
+        "test_my_cars_step_by_step",
+    ),
+    (
+        r"mlflow run \. --env-manager local -e (preprocess|train) .*/Volumes/main/default/cars/.*",
+        "test_databricks_volume",
+    ),
     (r"mlflow run \. --env-manager local -e tune .*", "test_tune_step"),
     (r"mlflow models serve -m models:/carclf/1 --env-manager local -p 5000", "test_serving"),
     (r"python -m entry_points\.score --url http://127\.0\.0\.1:5000 car\.jpg .*", "test_serving"),
@@ -425,6 +432,48 @@ def test_my_cars_step_by_step(world):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_databricks_volume(world, tmp_path):
+    """The Databricks commands with the Volume a real FUSE mount that takes only sequential writes: the splits land
+    there complete and train registers the Unity Catalog style name from them."""
+    from helpers_flavor import unity_catalog_signature_check
+    from helpers_seqfs import fuse_missing, sequential_only_mount
+
+    if reason := fuse_missing():
+        pytest.skip(reason)
+    preprocess, train = commands_for("test_databricks_volume")
+    with sequential_only_mount(tmp_path / "volume") as volume:
+        where = {"/Volumes/main/default/cars": str(volume)}
+        world.run(
+            adapt(preprocess, text=where, params={"data_dir": str(world.sample)}, add={"image_size": "32"}),
+            cwd=REPO_ROOT,
+            timeout=900,
+        )
+        landed = {p.name for p in (volume / "processed").iterdir()}
+        assert {"train.h5", "val.h5", "test.h5"} <= landed and not [n for n in landed if n.startswith(".")], landed
+        world.run(
+            adapt(
+                train,
+                text=where,
+                add={
+                    "depth": "18",
+                    "width": "0.125",
+                    "epochs": "1",
+                    "head_epochs": "0",
+                    "batch_size": "8",
+                    "weights": "none",
+                    "checkpoint_dir": str(volume / "checkpoints"),
+                },
+            ),
+            cwd=REPO_ROOT,
+            timeout=900,
+        )
+    versions = world.client().search_model_versions("name = 'main.default.carclf'")
+    assert [v.version for v in versions] == ["1"]
+    unity_catalog_signature_check("models:/main.default.carclf/1", world.uri)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_tune_step(world):
     """The README's tune command on tiny splits of the sample data: 2 trials, best registered under another name."""
     from entry_points.preprocess import preprocess
@@ -482,7 +531,7 @@ def test_serving(world):
         assert status == "200", describe(line, result)
         predictions = json.loads(body)["predictions"]
         assert len(predictions) == 1 and predictions[0]["label"] in world.class_names
-        assert 0.0 <= predictions[0]["prob"] <= 1.0 and len(predictions[0]["top_k"]) == 3
+        assert 0.0 <= predictions[0]["prob"] <= 1.0 and len(json.loads(predictions[0]["top_k"])) == 3
     finally:
         world.stop(server)
 

@@ -5,58 +5,28 @@ as Databricks' FUSE does. HDF5 cannot be built on it in place (the first test sh
 still land a complete, correct file there.
 """
 
-import os
 import pathlib
 import shutil
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
 
 from carclf.files.atomic import STAGING_DIR_ENV, STAGING_ENV, refuses_random_writes
+from helpers_seqfs import fuse_missing, sequential_only_mount
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _fuse_missing() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse on this machine"
-    try:
-        import fuse  # noqa: F401  (fusepy, which loads libfuse.so.2)
-    except (ImportError, OSError) as exc:
-        return f"fusepy/libfuse2 unavailable ({exc})"
-    return None
-
-
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory):
-    """A mounted sequential-only folder (like /Volumes/<catalog>/<schema>/<volume>), unmounted afterwards."""
-    if reason := _fuse_missing():
+    """A mounted sequential-only folder (like /Volumes/<catalog>/<schema>/<volume>)."""
+    if reason := fuse_missing():
         pytest.skip(reason)
-    root = tmp_path_factory.mktemp("volume")
-    backing, mountpoint = root / "backing", root / "mnt"
-    backing.mkdir()
-    mountpoint.mkdir()
-    server = subprocess.Popen(
-        [sys.executable, str(HERE / "helpers_seqfs.py"), str(backing), str(mountpoint)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not os.path.ismount(mountpoint):
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"the FUSE mount did not come up: {server.stderr.read().decode()[-500:]}")
-        time.sleep(0.05)
-    yield mountpoint
-    subprocess.run(["fusermount", "-u", str(mountpoint)], check=False)
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    with sequential_only_mount(tmp_path_factory.mktemp("volume")) as mountpoint:
+        yield mountpoint
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ import carclf_flavor
 from carclf.compute.ports import free_port
 from carclf.deployment.local_server import LocalServer, ServerStartError
 from carclf_flavor.images import PreprocessSettings
+from carclf_flavor.signature import top_k_entries
 from conftest import REPO_ROOT
 from helpers_flavor import (
     CLASS_NAMES,
@@ -106,7 +107,7 @@ def test_seed_shaped_request(server, classifier):
     assert prediction["label"] == expected["label"] and prediction["class_id"] == expected["class_id"]
     assert isinstance(prediction["prob"], float)
     assert prediction["prob"] == pytest.approx(expected["prob"], abs=1e-5)
-    assert len(prediction["top_k"]) == min(5, len(CLASS_NAMES))
+    assert len(top_k_entries(prediction["top_k"])) == min(5, len(CLASS_NAMES))
 
 
 def test_load_log_line_names_precision_and_reason(server):
@@ -120,8 +121,10 @@ def test_batch_with_top_k_param(server, classifier):
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     expected = classifier.predict(IMAGES, top_k=2)
-    assert [p["top_k"] for p in predictions] == [[pytest.approx(e, abs=1e-5) for e in x["top_k"]] for x in expected]
-    assert all(len(p["top_k"]) == 2 for p in predictions)
+    assert all(isinstance(p["top_k"], str) for p in predictions)  # the signature's JSON text column
+    ranked = [top_k_entries(p["top_k"]) for p in predictions]
+    assert ranked == [[pytest.approx(e, abs=1e-5) for e in x["top_k"]] for x in expected]
+    assert all(len(r) == 2 for r in ranked)
 
 
 def test_dataframe_records_with_bbox(server, classifier):
@@ -167,7 +170,7 @@ def test_coerce_over_rest(server):
     assert (
         bad["label"] is None
         and bad["prob"] is None
-        and bad["top_k"] == []
+        and bad["top_k"] == "[]"
         and "not a recognised image format" in bad["error"]
     )
 
@@ -255,7 +258,7 @@ def test_every_request_format_scores_the_same_photo(server, classifier, name):
     assert response.status_code == 200, response.text
     (prediction,) = response.json()["predictions"]
     expected = classifier.predict(IMAGES[2], top_k=2)[0]
-    assert prediction["label"] == expected["label"] and len(prediction["top_k"]) == 2
+    assert prediction["label"] == expected["label"] and len(top_k_entries(prediction["top_k"])) == 2
     assert prediction["prob"] == pytest.approx(expected["prob"], abs=1e-5)
 
 
@@ -419,7 +422,7 @@ def test_mlflow_models_predict_cli(model_dir, tmp_path, classifier):
     predictions = json.loads(output.read_text())["predictions"]
     expected = classifier.predict([IMAGES[2], IMAGES[3]], top_k=2)
     assert [p["label"] for p in predictions] == [e["label"] for e in expected]
-    assert all(len(p["top_k"]) == 2 for p in predictions)
+    assert all(len(top_k_entries(p["top_k"])) == 2 for p in predictions)
 
 
 @pytest.mark.slow
@@ -447,7 +450,7 @@ def test_spark_udf_batch_scoring(model_dir, tmp_path, classifier):
         assert row.error is None
         assert row.label == expected[i]["label"] and int(row.class_id) == expected[i]["class_id"]
         assert row.prob == pytest.approx(expected[i]["prob"], abs=1e-5)
-        assert [t["label"] for t in row.top_k] == [t["label"] for t in expected[i]["top_k"]]
+        assert [t["label"] for t in top_k_entries(row.top_k)] == [t["label"] for t in expected[i]["top_k"]]
     assert not any(p.name.startswith(".scores.parquet.partial") for p in tmp_path.iterdir())
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from carclf.deployment.local_server import (
     wait_until_serving,
 )
 from carclf.deployment.local_state import StateStore, default_home
+from carclf.deployment.model_uri import registered_model_parts, stage_refusal
 from carclf.deployment.process_group import process_alive, process_start_time, stop_process_group
 
 __all__ = [
@@ -91,10 +91,10 @@ def _now() -> str:
 def _model_version_info(model_uri: str) -> dict:
     """Model name/version for registry URIs (aliases and 'latest' resolved now, so the record is exact)."""
     info = {}
-    match = re.match(r"^models:/([^/@]+)(?:/([^/]+)|@(.+))$", model_uri)
-    if not match:
+    parts = registered_model_parts(model_uri)
+    if parts is None:
         return info
-    name, version, alias = match.group(1), match.group(2), match.group(3)
+    name, version, alias = parts
     info["model_name"] = name
     try:
         from mlflow.tracking import MlflowClient
@@ -105,14 +105,9 @@ def _model_version_info(model_uri: str) -> dict:
             info["model_alias"] = alias
         elif version and version.isdigit():
             info["model_version"] = version
-        elif version:
-            if version.lower() == "latest":
-                versions = client.search_model_versions(f"name='{name}'")
-                info["model_version"] = str(max(int(v.version) for v in versions)) if versions else None
-            else:
-                latest = client.get_latest_versions(name, stages=[version])
-                info["model_version"] = str(latest[0].version) if latest else None
-                info["model_stage"] = version
+        elif version and version.lower() == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            info["model_version"] = str(max(int(v.version) for v in versions)) if versions else None
     except Exception as exc:  # informational only: the server start is the real check
         _logger.debug("could not resolve %s: %s", model_uri, exc)
     return info
@@ -124,6 +119,8 @@ def _check_model(model_uri: str, flavor: str | None) -> None:
         raise DeploymentError(
             f"target {TARGET_NAME} serves the {FLAVOR} flavor only, not {flavor!r}", INVALID_PARAMETER_VALUE
         )
+    if reason := stage_refusal(model_uri):
+        raise DeploymentError(reason, INVALID_PARAMETER_VALUE)
     from mlflow.models import get_model_info
 
     try:

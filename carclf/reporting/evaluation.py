@@ -84,7 +84,7 @@ def predict_jpeg_files(pyfunc_model, source: HDF5Source, image_root=None, batch_
                 if info.settings.crop == "bbox":
                     for column, values in zip(BBOX_COLUMNS, np.asarray(bboxes).T):
                         frame[column] = values.astype(np.float64)
-                out = pyfunc_model.predict(frame, params={"top_k": TOP_K})
+                out = pyfunc_model.predict(frame, params={"top_k": TOP_K, "top_k_format": "list"})
                 ranked = out["top_k"].tolist()
                 classes.append(np.array([[index_of[e["label"]] for e in row] for row in ranked], np.int32))
                 probs.append(np.array([[e["prob"] for e in row] for row in ranked], np.float32))

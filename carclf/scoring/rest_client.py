@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 
 from carclf.scoring.errors import ScoringError
+from carclf_flavor.signature import top_k_entries
 
 
 def build_request(images: Sequence[bytes], bboxes: Sequence | None = None, top_k: int = 5, azure: bool = False) -> dict:
@@ -98,9 +99,6 @@ def post_azure(
         answer = answer["predictions"]
     if not isinstance(answer, list) or not all(isinstance(row, dict) for row in answer):
         raise ScoringError(f"{target} answered with {type(answer).__name__}, not one record per photo")
-    for row in answer:
-        if isinstance(row.get("top_k"), str):  # a signature Azure can sample from may carry it as JSON text
-            row["top_k"] = json.loads(row["top_k"])
     return answer
 
 
@@ -145,5 +143,7 @@ def score_files(
         if len(predictions) != len(chunk):
             raise ScoringError(f"{url} answered {len(predictions)} predictions for {len(chunk)} photos")
         for path, prediction in zip(chunk, predictions):
+            # JSON text from models with an output schema, a nested list from older ones: a list either way.
+            prediction["top_k"] = top_k_entries(prediction.get("top_k"))
             results.append(dict(file=str(path), **prediction))
     return results

@@ -47,7 +47,8 @@ def score_folder_spark(
         model_uri,
         result_type=SPARK_RESULT_TYPE,
         env_manager="local",
-        params={"top_k": int(top_k), "errors": "coerce"},
+        # top_k as a nested list, the Parquet's array column (a model saved without that param answers so anyway).
+        params={"top_k": int(top_k), "errors": "coerce", "top_k_format": "list"},
     )
     scored = files.select("path", predict(F.col("content")).alias("p"))
     # A bad image comes back with an empty top_k (a good one has at least one entry). spark_udf's struct
