@@ -37,36 +37,60 @@ def test_conda_and_pyproject_name_the_same_pins():
 
 
 def test_dependency_policy():
-    """The core installs beside a cluster's MLflow 3.15-3.17 without the Azure plugin; the extra pins what it accepts."""
+    """The core installs beside a cluster's MLflow 3.8.1-3.x without the Azure plugin; the extra pins what it accepts."""
     from packaging.requirements import Requirement
+    from packaging.version import Version
 
     project = _pyproject()["project"]
+    makefile = (REPO_ROOT / "Makefile").read_text()
     core = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
     azure = {Requirement(r).name: Requirement(r) for r in project["optional-dependencies"]["azure"]}
     assert not any(name.startswith("azureml") or name.startswith("azure-") for name in core)
-    for version in ("3.15.0", "3.16.1", "3.17.2"):
+    # Databricks Runtime 18 LTS ML ships MLflow 3.8.1, 19 ML 3.12.0; any newer 3.x must not be replaced either.
+    for version in ("3.8.1", "3.12.0", "3.15.0", "3.17.2", "3.18.0", "3.99.0"):
         assert core["mlflow"].specifier.contains(version), f"the core must install beside MLflow {version}"
-    assert not core["mlflow"].specifier.contains("2.22.0")
+    for version in ("3.8.0", "2.22.0", "4.0.0"):
+        assert not core["mlflow"].specifier.contains(version), f"the core must not claim MLflow {version}"
+    # CI's second venvs test exactly the two ends of that range.
+    floor = re.search(r"^MLFLOW_FLOOR\s*\?=\s*(\S+)", makefile, re.M).group(1)
+    latest = re.search(r"^MLFLOW_LATEST\s*\?=\s*(\S+)", makefile, re.M).group(1)
+    assert floor == "3.8.1" and core["mlflow"].specifier.contains(latest) and Version(latest) > Version(floor)
     # azureml-mlflow 1.62 requires mlflow-skinny<=3.15.0: the extra names the one MLflow it accepts.
     assert ">=1.62" in str(azure["azureml-mlflow"].specifier) and "deployments" in azure["azureml-mlflow"].extras
     assert str(azure["mlflow"].specifier) == "==3.15.0"
     pandas = core["pandas"]
     assert not pandas.specifier.contains("3.0.0"), "pyspark.pandas does not import with pandas 3"
     assert "opencv-python-headless" in core and "opencv-python" not in core
-    makefile = (REPO_ROOT / "Makefile").read_text()
-    assert "-e '.[test,azure]'" in makefile and "test-mlflow-latest" in (REPO_ROOT / ".ci" / "run").read_text()
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "-e '.[test,azure]'" in makefile and "make test-mlflow-floor" in ci and "make test-mlflow-latest" in ci
 
 
 @pytest.mark.skipif(
-    not os.environ.get("CARCLF_EXPECT_MLFLOW"), reason="runs in the second venv (make test-mlflow-latest)"
+    not os.environ.get("CARCLF_EXPECT_MLFLOW"),
+    reason="runs in the second venvs (make test-mlflow-floor, make test-mlflow-latest)",
 )
-def test_second_venv_has_the_newest_mlflow_and_no_azure_plugin():
+def test_second_venv_has_the_expected_mlflow_and_no_azure_plugin():
     import importlib.util
 
     import mlflow
 
     assert mlflow.__version__ == os.environ["CARCLF_EXPECT_MLFLOW"]
     assert importlib.util.find_spec("azureml") is None
+
+
+def test_tune_names_the_mlflow_it_needs_below_the_core_floor():
+    """tune alone needs MLflow 3.15 (a maximizing MlflowSparkStudy); on an older MLflow it says so in one line."""
+    import inspect
+
+    from mlflow.pyspark.optuna.study import MlflowSparkStudy
+
+    from carclf.tuning.spark_study import TuneError, require_maximizing_study
+
+    if "direction" in inspect.signature(MlflowSparkStudy.__init__).parameters:
+        require_maximizing_study(MlflowSparkStudy)
+    else:
+        with pytest.raises(TuneError, match=r"^tune needs MLflow >= 3\.15\.0 .*this is MLflow 3\.[0-9]+\.[0-9]+: pip"):
+            require_maximizing_study(MlflowSparkStudy)
 
 
 def test_conda_env_python_matches_supported_range():
@@ -101,8 +125,19 @@ def test_ci_runs_the_readme_test_command_and_keeps_pytest_exit_code():
 
 def test_generated_files_are_ignored():
     ignored = (REPO_ROOT / ".gitignore").read_text().split()
-    for pattern in ("/data/", "mlruns/", "mlflow.db", "*.h5", "*.keras", ".venv", ".venv-mlflow-latest/"):
+    for pattern in (
+        "/data/",
+        "mlruns/",
+        "mlflow.db",
+        "*.h5",
+        "*.keras",
+        ".venv",
+        ".venv-mlflow-floor/",
+        ".venv-mlflow-latest/",
+    ):
         assert pattern in ignored
+    clean = (REPO_ROOT / "Makefile").read_text().split("\nclean:")[1].split("\n\n")[0]
+    assert "$(VENV_FLOOR)" in clean and "$(VENV_LATEST)" in clean
 
 
 def _imported_modules(path: pathlib.Path) -> set[str]:

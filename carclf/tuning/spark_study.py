@@ -257,6 +257,20 @@ def _mark_orphans_failed(client, trials, why: str) -> None:
             client.set_terminated(trial._trial_id, status="FAILED")
 
 
+def require_maximizing_study(study_class) -> None:
+    """The study maximizes val top-1: MlflowSparkStudy takes a direction from MLflow 3.15 on, before which every
+    study it creates minimizes. The other steps run on the core's whole MLflow range (3.8.1 up)."""
+    import inspect
+
+    import mlflow
+
+    if "direction" not in inspect.signature(study_class.__init__).parameters:
+        raise TuneError(
+            f"tune needs MLflow >= 3.15.0 (MlflowSparkStudy(direction=...)); this is MLflow {mlflow.__version__}: "
+            "pip install 'mlflow>=3.15,<4' (the other steps work on 3.8.1)"
+        )
+
+
 def _open_study_run(client, launcher_id: str, study_name: str) -> tuple[str, bool]:
     """(study run id, resumed): the existing study of that name in the experiment, or the tune run made one."""
     from mlflow.optuna.storage import MlflowStorage
@@ -302,6 +316,7 @@ def run_study(
 
     from carclf.compute.spark_session import get_spark
 
+    require_maximizing_study(MlflowSparkStudy)
     tracking_uri = executor_tracking_uri(mlflow.get_tracking_uri())
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
