@@ -54,7 +54,7 @@ def azure_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("azureml-models")
     path = root / "carclf-model"
     # With an int8 network (issue 18): its requirements then include OpenVINO, which Azure installs at start, and
-    # `auto` serves int8 where the CPU has VNNI. Calibrated on a few photos' pixels, not validated (a warning).
+    # `auto` serves int8 where the CPU has AVX2. Calibrated on a few photos' pixels, not validated (a warning).
     calibration = np.stack([decode_and_resize(image) for image in IMAGES * 8])
     carclf_flavor.save_model(
         build_tiny_resnet(seed=11),
@@ -168,7 +168,7 @@ def test_one_photo_scores_like_the_flavor(azure_server, reference):
     (answer,) = response.json()
     expected = reference.predict(IMAGES[0])[0]
     assert answer["label"] == expected["label"] and answer["class_id"] == expected["class_id"]
-    # The same network and precision on both sides (int8 where the CPU has VNNI, as `auto` chose in the log).
+    # The same network and precision on both sides (int8 where the CPU has AVX2, as `auto` chose in the log).
     assert answer["prob"] == pytest.approx(expected["prob"], abs=1e-4)
     assert f"carclf model serving in {reference.precision}" in azure_server["log"].read_text()
     assert [entry["label"] for entry in answer["top_k"]] == [entry["label"] for entry in expected["top_k"]]
