@@ -7,8 +7,10 @@ hundred photos the network never saw, and a top-1 drop <= 0.5 points.
 
 import json
 import logging
+import os
 import pathlib
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -198,6 +200,38 @@ def test_runtime_settings_say_what_they_mean(trained):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: network(pixels[i * 16 : (i + 1) * 16]), range(4)))
     np.testing.assert_allclose(np.concatenate(results), alone, atol=1e-5)
+
+
+ISA_PROBE = """
+import json, numpy as np, nncf, openvino as ov, openvino.opset13 as ops
+from carclf_flavor import int8
+from carclf_flavor.precision import choose_inference_precision
+rng = np.random.default_rng(0)
+x = ops.parameter([1, 32, 16, 16], np.float32)
+conv = ops.convolution(x, ops.constant(rng.standard_normal((32, 32, 3, 3)).astype(np.float32)), [1, 1], [1, 1],
+                       [1, 1], [1, 1])
+model = ov.Model([ops.relu(conv)], [x])
+samples = [rng.standard_normal((1, 32, 16, 16)).astype(np.float32) for _ in range(4)]
+compiled = int8._compile(nncf.quantize(model, nncf.Dataset(samples), subset_size=4), threads=1)
+kernels = [op.get_rt_info()["primitiveType"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+           if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+print(json.dumps({"kernels": kernels, "auto": choose_inference_precision("auto", gpu=None, int8_available=True)}))
+"""
+
+
+@pytest.mark.skipif(not HAS_INT8_KERNELS, reason="this CPU has no AVX2")
+def test_the_isa_limit_reaches_openvinos_int8_kernels_and_autos_choice(tmp_path):
+    """ONEDNN_MAX_CPU_ISA=AVX2 is how `make bench` measures an AVX2-only CPU on a newer one: OpenVINO's CPU
+    plugin must then really run its AVX2 int8 kernels, and `auto` decide as on an AVX2 CPU."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+    run = subprocess.run(
+        [sys.executable, "-c", ISA_PROBE], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["kernels"] and all("avx2" in k and "i8" in k.lower() for k in result["kernels"]), result
+    precision, reason = result["auto"]
+    assert precision == "int8" and "CPU (limited to AVX2 by ONEDNN_MAX_CPU_ISA) has avx2 but no VNNI" in reason
 
 
 def test_thread_count_follows_the_cpus_the_process_may_use():
