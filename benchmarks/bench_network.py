@@ -7,7 +7,10 @@
     (img/s, ratio to stock, achieved TFLOP/s); target fused bf16 >= 4x stock at batch 32.
 (6) issue 18: batch 1 / 8 / 32: stock float32, fused float32, fused bf16 (Keras) and the int8 network
     (OpenVINO + NNCF, as save_model builds it), img/s, ratios to stock and p50 latency at batch 1;
-    targets: int8 >= 4x stock at batch 32 and >= 3x at batch 1 (p50 latency).
+    targets: int8 >= 4x stock at batch 32 and >= 3x at batch 1 (p50 latency). Then what `auto` serves on this
+    CPU for a model with an int8 network (carclf_flavor.precision, the reason as the server logs it) and that
+    path's ratio to stock; target >= 3x at batch 32. The int8 convolutions' OpenVINO kernel names are printed
+    (e.g. ``jit_avx2_I8``, ``brgconv_avx512_amx_I8``): they show which instruction set really ran.
 (5) issue 9's hardware ceiling: a raw 3x3 convolution (ResNet stage shapes, batch 32) in float32 and bfloat16.
     The fused bf16 network cannot beat the CPU's raw bf16 convolution rate, so the 4x target is reachable
     only where bf16 convolutions run >= ~4x faster than float32 ones (matrix units: AMX-BF16, GPUs), not
@@ -19,6 +22,10 @@ BENCH_SECTIONS ("train,infer,mixed,latency,int8,ceiling"), BENCH_INT8_CALIBRATIO
 random, so the int8 network's accuracy is not measured here: tests/test_int8.py does that on a trained one),
 BENCH_LATENCY_N (30 timed batch-1 calls per variant). The CPU is shared: absolute figures vary from run to run,
 the ratios (measured back to back in this process) are what to read.
+
+The instruction set: ``ONEDNN_MAX_CPU_ISA=AVX2`` (any oneDNN ISA name) limits TensorFlow's oneDNN kernels,
+OpenVINO's CPU plugin and carclf's reading of the CPU flags alike, so a VNNI/AMX machine measures what an
+AVX2-only CPU gets: ``ONEDNN_MAX_CPU_ISA=AVX2 BENCH_SECTIONS=int8 BENCH_BATCHES=1,32 python -m benchmarks network``.
 """
 
 from __future__ import annotations
@@ -47,14 +54,14 @@ TRAIN_GFLOP = 3 * FORWARD_GFLOP  # forward + backward (~2x forward)
 
 
 def cpu_summary() -> str:
-    flags = set()
+    from carclf_flavor.precision import ISA_LIMIT_ENV_VARS, cpu_isa_limit, read_cpu_flags
+
+    flags = set(read_cpu_flags())  # less what an ISA limit forbids
     model = "?"
     generation = {}  # "cpu family" / "model": a VM's model name ("AMD EPYC") hides the generation
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
                 if line.startswith("model name") and model == "?":
                     model = line.split(":", 1)[1].strip()
                 key = line.split(":", 1)[0].strip()
@@ -69,7 +76,13 @@ def cpu_summary() -> str:
         for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "amx_int8")
         if f in flags
     ]
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx512f/bf16/vnni/amx'}"
+    limit = cpu_isa_limit()
+    limited = ""
+    if limit:
+        source = next(name for name in ISA_LIMIT_ENV_VARS if os.environ.get(name, "").strip())
+        limited = f" (limited to {limit} by {source})"
+    shown = " ".join(wanted) or "none of avx512f/bf16/vnni/amx"
+    return f"{model}, {os.cpu_count()} cores, flags{limited}: {'avx2 ' if 'avx2' in flags else ''}{shown}"
 
 
 def load() -> str:
@@ -144,6 +157,17 @@ def int8_network(fused_model, images):
     return network, seconds, settings
 
 
+def convolution_kernels(compiled) -> str:
+    """The OpenVINO kernels the compiled network's convolutions run, with counts ("jit_avx2_I8 x53")."""
+    counts = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) == "Convolution":
+            kernel = info["primitiveType"].astype(str)
+            counts[kernel] = counts.get(kernel, 0) + 1
+    return ", ".join(f"{kernel} x{count}" for kernel, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def training_step(model, inputs, labels):
     import keras
 
@@ -168,6 +192,25 @@ def raw_conv_tflops(dtype: str) -> float:
         rate = compare({"conv": lambda conv=conv, x=x, kernel=kernel: conv(x, kernel).numpy()}, batch)["conv"]
         best = max(best, rate / batch * flop / 1e12)
     return best
+
+
+# The section (6) row that runs the network `auto` serves in each precision.
+AUTO_ROWS = {"int8": "ours int8 (OpenVINO)", "bfloat16": "ours fused bf16", "float32": "ours fused f32"}
+
+
+def print_auto(int8_rates: dict, p50: dict) -> None:
+    """What `auto` serves here for a model with an int8 network, and that row's ratios to stock float32."""
+    from carclf_flavor.precision import choose_inference_precision
+
+    precision, reason = choose_inference_precision("auto", int8_available=True)
+    row = AUTO_ROWS[precision]
+    print(f"  auto on this CPU serves {precision} (the '{row}' row): {reason}")
+    stock = "stock keras.applications f32"
+    for batch, rates in int8_rates.items():
+        ratio = rates[row] / rates[stock]
+        target = f"  ({verdict(ratio, 3.0)})" if batch == 32 else ""
+        print(f"  batch {batch:3d}  auto ({precision}) / stock f32: {ratio:.2f}  {rates[row]:7.2f} img/s{target}")
+    print(f"  batch   1  auto ({precision}) p50 {p50[row]:7.2f} ms, {p50[stock] / p50[row]:.2f}x faster than stock f32")
 
 
 def verdict(value: float, target: float) -> str:
@@ -299,6 +342,12 @@ def main() -> None:
             "ours fused f32": (fused32, images),
             "ours fused bf16": (fused16, images),
         }
+        from carclf_flavor.precision import NATIVE_BF16_CPU_FLAGS, cpu_isa_limit, read_cpu_flags
+
+        if cpu_isa_limit() and not set(NATIVE_BF16_CPU_FLAGS) & read_cpu_flags():
+            # TensorFlow picks its bf16 kernels from the real CPU, then oneDNN refuses them under the limit.
+            del keras_variants["ours fused bf16"]
+            print(f"  (no bf16 row: TensorFlow's bf16 kernels fail under the ISA limit {cpu_isa_limit()})")
         names = list(keras_variants) + ["ours int8 (OpenVINO)"]
         int8_rates = {}
         for batch in BATCHES:
@@ -314,6 +363,7 @@ def main() -> None:
         if 32 in int8_rates:
             ratio = int8_rates[32]["ours int8 (OpenVINO)"] / int8_rates[32]["stock keras.applications f32"]
             print(f"  int8 / stock f32 at batch 32: {ratio:.2f}  ({verdict(ratio, 4.0)})")
+        print(f"  int8 convolution kernels: {convolution_kernels(network.compiled)}")
         steps = {name: inference_step(model, inputs, 1) for name, (model, inputs) in keras_variants.items()}
         one = np.ascontiguousarray(images[:1])
         steps["ours int8 (OpenVINO)"] = lambda: network(one)
@@ -325,6 +375,7 @@ def main() -> None:
             )
         ratio = p50["stock keras.applications f32"] / p50["ours int8 (OpenVINO)"]
         print(f"  int8 vs stock f32, batch-1 p50 latency: {ratio:.2f}x faster  ({verdict(ratio, 3.0)})")
+        print_auto(int8_rates, p50)
 
     if "ceiling" in SECTIONS:
         print("\n(5) hardware ceiling: raw 3x3 convolution + ReLU, batch 32, best of ResNet stage shapes")

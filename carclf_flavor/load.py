@@ -93,6 +93,7 @@ def _load_pyfunc(path, model_config=None):
     path = pathlib.Path(path)
     if (path / "MLmodel").exists():
         path = path / DATA_SUBPATH
-    return _CarClassifierPyfunc(
-        _load_from_data_dir(str(path), model_config), RequestLimits.from_environment(model_config)
-    )
+    classifier = _load_from_data_dir(str(path), model_config)
+    limits = RequestLimits.from_environment(model_config)
+    _logger.info("carclf requests default to errors=%s: %s", limits.default_errors, limits.errors_reason)
+    return _CarClassifierPyfunc(classifier, limits)

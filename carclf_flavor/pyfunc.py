@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -32,6 +33,13 @@ from carclf_flavor.signature import (
 )
 
 ERRORS_ENV_VAR = "CARCLF_ERRORS"
+# Azure ML's inference server (`azmlinfsrv`, which runs Azure's no-code MLflow scoring script) answers any
+# exception from predict with HTTP 500 and a fixed text, so there `errors=auto` means coerce: a bad photo is a
+# row with an `error` text. It is recognised from inside: its package imports the entry script in this very
+# process, and the server's image names that script in the environment. AZUREML_MODEL_DIR alone is not taken
+# as a sign: Azure ML batch jobs set it too, where the job's own script, not a fixed 500, handles errors.
+AZURE_SERVER_MODULE = "azureml_inference_server_http"
+AZURE_SERVER_ENV_VAR = "AZUREML_ENTRY_SCRIPT"
 # Request limits (memory a request may make the server hold): images per request and their encoded bytes.
 MAX_IMAGES_ENV_VAR = "CARCLF_MAX_IMAGES_PER_REQUEST"
 MAX_REQUEST_BYTES_ENV_VAR = "CARCLF_MAX_REQUEST_BYTES"
@@ -142,12 +150,40 @@ def _limit_from(env_var: str, model_config: dict, key: str, default: int) -> int
     return value
 
 
-def _error_mode_from(model_config: dict) -> str:
-    mode = str(os.environ.get(ERRORS_ENV_VAR) or model_config.get("errors") or "raise").strip().lower()
-    if mode not in ERROR_MODES:
-        source = ERRORS_ENV_VAR if os.environ.get(ERRORS_ENV_VAR) else "model_config errors"
-        raise ValueError(f"{source} must be one of {', '.join(ERROR_MODES)}, got {mode!r}")
-    return mode
+def azure_inference_server(env=None, modules=None) -> str | None:
+    """What shows that this process is Azure ML's inference server, or None (``env``: default ``os.environ``,
+    ``modules``: default ``sys.modules``)."""
+    env = os.environ if env is None else env
+    modules = sys.modules if modules is None else modules
+    if AZURE_SERVER_MODULE in modules:
+        return f"{AZURE_SERVER_MODULE} is loaded"
+    if str(env.get(AZURE_SERVER_ENV_VAR, "")).strip():
+        return f"{AZURE_SERVER_ENV_VAR} is set"
+    return None
+
+
+def _error_mode_from(model_config: dict, env=None, modules=None) -> tuple[str, str]:
+    """(the default of the ``errors`` param, why): CARCLF_ERRORS, else model_config ``errors``, else auto, which
+    is coerce under Azure's inference server and raise elsewhere."""
+    env = os.environ if env is None else env
+    if str(env.get(ERRORS_ENV_VAR, "")).strip():
+        raw, source = env[ERRORS_ENV_VAR], ERRORS_ENV_VAR
+    elif model_config.get("errors"):
+        raw, source = model_config["errors"], "model_config errors"
+    else:
+        raw, source = AUTO_ERROR_MODE, "default errors"
+    mode = str(raw).strip().lower()
+    if mode not in ERROR_MODES + (AUTO_ERROR_MODE,):
+        raise ValueError(f"{source} must be one of {', '.join(ERROR_MODES + (AUTO_ERROR_MODE,))}, got {mode!r}")
+    if mode != AUTO_ERROR_MODE:
+        return mode, f"{source}={mode}"
+    server = azure_inference_server(env, modules)
+    if server:
+        return (
+            "coerce",
+            f"{source}=auto under Azure's inference server ({server}), which answers exceptions with HTTP 500",
+        )
+    return "raise", f"{source}=auto, not under Azure's inference server"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +193,12 @@ class RequestLimits:
     max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST
     max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     default_errors: str = "raise"
+    errors_reason: str = ""
 
     @classmethod
     def from_environment(cls, model_config: dict | None = None) -> RequestLimits:
         model_config = dict(model_config or {})
+        default_errors, errors_reason = _error_mode_from(model_config)
         return cls(
             max_images=_limit_from(
                 MAX_IMAGES_ENV_VAR, model_config, "max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST
@@ -168,7 +206,8 @@ class RequestLimits:
             max_bytes=_limit_from(
                 MAX_REQUEST_BYTES_ENV_VAR, model_config, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES
             ),
-            default_errors=_error_mode_from(model_config),
+            default_errors=default_errors,
+            errors_reason=errors_reason,
         )
 
 
@@ -176,8 +215,9 @@ class _CarClassifierPyfunc:
     """pyfunc wrapper: DataFrame (image [+ bbox_x1..bbox_y2]) -> DataFrame (label, class_id, prob, top_k, error).
 
     params: ``top_k`` (default 5), ``errors`` ("raise": the first bad row fails the request with HTTP 400;
-    "coerce": bad rows get label/class_id/prob null, top_k empty and an ``error`` text; good rows are scored),
-    ``top_k_format`` ("json": top_k is JSON text, the signature's string column; "list": a nested list).
+    "coerce": bad rows get label/class_id/prob null, top_k empty and an ``error`` text; good rows are scored;
+    "auto", the default: ``RequestLimits.default_errors``), ``top_k_format`` ("json": top_k is JSON text, the
+    signature's string column; "list": a nested list).
     """
 
     def __init__(self, classifier: CarClassifier, limits: RequestLimits | None = None):

@@ -18,7 +18,7 @@ from carclf_flavor.environment import get_default_pip_requirements
 from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.layout import CLASSES_FILE, DATA_SUBPATH, FLAVOR_NAME, MODEL_FILE, PREPROCESSING_FILE
 from carclf_flavor.precision import validate_precision
-from carclf_flavor.pyfunc import DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES
+from carclf_flavor.pyfunc import AUTO_ERROR_MODE, DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES
 from carclf_flavor.signature import _normalise_input_example, default_signature
 from carclf_flavor.version import __version__
 
@@ -199,7 +199,9 @@ def save_model(
             "max_pixels": int(settings.max_pixels),
             "max_images_per_request": DEFAULT_MAX_IMAGES_PER_REQUEST,
             "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
-            "errors": "raise",
+            # auto: coerce under Azure's inference server, raise elsewhere (carclf_flavor.pyfunc); an explicit
+            # value here, as models saved with "raise" carry, still wins everywhere.
+            "errors": AUTO_ERROR_MODE,
         },
     )
     import keras

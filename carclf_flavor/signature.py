@@ -20,9 +20,9 @@ BBOX_COLUMNS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 ERROR_COLUMN = "error"
 OUTPUT_COLUMNS = ("label", "class_id", "prob", "top_k")
 ERROR_MODES = ("raise", "coerce")
-# The params default: the deployment's error mode (CARCLF_ERRORS, else "raise"). Azure's no-code scorer answers
-# every exception with a fixed HTTP 500 text, so `deploy` sets CARCLF_ERRORS=coerce there: bad rows come back
-# with an `error` text instead.
+# The params default: the deployment's error mode (CARCLF_ERRORS, else model_config `errors`, else coerce under
+# Azure's inference server, whose no-code scorer answers every exception with a fixed HTTP 500 text, and raise
+# elsewhere: carclf_flavor.pyfunc).
 AUTO_ERROR_MODE = "auto"
 DEFAULT_TOP_K = 5
 # How the ranked classes travel: "json" (the signature's plain string column: a JSON list of {label, prob}) or

@@ -17,7 +17,8 @@ The body is what Azure's no-code scoring script reads
 (``{"input_data": {"columns": [...], "index": [...], "data": [[...]]}, "params": {"top_k": k}}``), sent with
 ``Authorization: Bearer <key>`` (and ``azureml-model-deployment: <name>`` to score one deployment alone, e.g.
 a new one still at 0% traffic). The output is the same as with ``--url``; a photo the model could not read
-comes back with its ``error`` text (deployments made by ``deploy`` score with ``errors=coerce``).
+comes back with its ``error`` text (under Azure's server the model's ``errors=auto`` means ``coerce``, whoever
+deployed it).
 
 Spark (``mlflow.pyfunc.spark_udf`` on a local Spark)::
 

@@ -55,7 +55,7 @@ def azure_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("azureml-models")
     path = root / "carclf-model"
     # With an int8 network (issue 18): its requirements then include OpenVINO, which Azure installs at start, and
-    # `auto` serves int8 where the CPU has VNNI. Calibrated on a few photos' pixels, not validated (a warning).
+    # `auto` serves int8 where the CPU has AVX2. Calibrated on a few photos' pixels, not validated (a warning).
     calibration = np.stack([decode_and_resize(image) for image in IMAGES * 8])
     carclf_flavor.save_model(
         build_tiny_resnet(seed=11),
@@ -86,7 +86,9 @@ def azure_venv(azure_model, tmp_path_factory):
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    # Without CARCLF_ERRORS: a model deployed from the studio or `az ml online-deployment create` has none.
+    dropped = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "CARCLF_ERRORS")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
@@ -99,12 +101,10 @@ def azure_server(azure_model, azure_venv, tmp_path_factory):
     (app_root / "launch_azmlinfsrv.py").write_text(LAUNCHER)
     port = free_port()
     log_path = app_root / "server.log"
-    # CARCLF_ERRORS=coerce is what `deploy` sets on a managed deployment (carclf/deployment/azure_config.py, AZURE_ENVIRONMENT).
     env = _clean_env(
         AZUREML_MODEL_DIR=str(azure_model.parent),
         MLFLOW_MODEL_FOLDER=azure_model.name,
         AZUREML_ENTRY_SCRIPT="mlflow_score_script.py",
-        CARCLF_ERRORS="coerce",
     )
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -169,7 +169,7 @@ def test_one_photo_scores_like_the_flavor(azure_server, reference):
     (answer,) = response.json()
     expected = reference.predict(IMAGES[0])[0]
     assert answer["label"] == expected["label"] and answer["class_id"] == expected["class_id"]
-    # The same network and precision on both sides (int8 where the CPU has VNNI, as `auto` chose in the log).
+    # The same network and precision on both sides (int8 where the CPU has AVX2, as `auto` chose in the log).
     assert answer["prob"] == pytest.approx(expected["prob"], abs=1e-4)
     assert f"carclf model serving in {reference.precision}" in azure_server["log"].read_text()
     assert [entry["label"] for entry in top_k_entries(answer["top_k"])] == [
@@ -208,6 +208,11 @@ def test_own_input_example_scores_as_it_is(azure_server):
 
 
 def test_bad_photos_reach_the_client_as_row_errors_and_the_server_keeps_answering(azure_server):
+    # No CARCLF_ERRORS (see _clean_env): the model itself recognises Azure's server, as its log says.
+    assert (
+        "carclf requests default to errors=coerce: model_config errors=auto under Azure's inference server "
+        "(azureml_inference_server_http is loaded)" in azure_server["log"].read_text()
+    )
     body = {"input_data": input_data(b64(IMAGES[0]), b64(b"this is not a photo"), "!" * 1000, b64(IMAGES[1][:200]))}
     response = score(azure_server, body)
     assert response.status_code == 200, response.text

@@ -7,8 +7,10 @@ hundred photos the network never saw, and a top-1 drop <= 0.5 points.
 
 import json
 import logging
+import os
 import pathlib
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -16,11 +18,13 @@ import pytest
 
 import carclf_flavor
 from carclf_flavor import int8
-from carclf_flavor.precision import ENV_VAR, NATIVE_INT8_CPU_FLAGS, read_cpu_flags
+from carclf_flavor.precision import ENV_VAR, INT8_MIN_CPU_FLAG, NATIVE_INT8_CPU_FLAGS, read_cpu_flags
 from helpers_flavor import fresh_venv_python
 
 SIZE = 64  # at 32 px this small ResNet memorises the sample photos instead of learning their shapes
-HAS_VNNI = bool(set(NATIVE_INT8_CPU_FLAGS) & read_cpu_flags())
+CPU_FLAGS = read_cpu_flags()  # as limited by ONEDNN_MAX_CPU_ISA, when set
+HAS_INT8_KERNELS = INT8_MIN_CPU_FLAG in CPU_FLAGS
+HAS_VNNI = bool(set(NATIVE_INT8_CPU_FLAGS) & CPU_FLAGS)
 
 
 @pytest.fixture(scope="module")
@@ -160,18 +164,20 @@ def test_int8_agrees_with_float32_on_hundreds_of_unseen_photos(trained, monkeypa
     assert 1e-4 < np.abs(int8_probs - float_probs).max() < 0.5
 
 
-def test_auto_serves_int8_on_a_vnni_cpu_and_the_pyfunc_uses_it(trained, monkeypatch, caplog):
+def test_auto_serves_int8_on_an_avx2_cpu_and_the_pyfunc_uses_it(trained, monkeypatch, caplog):
     import mlflow.pyfunc
 
     monkeypatch.delenv(ENV_VAR, raising=False)
     with caplog.at_level(logging.INFO, logger="mlflow.carclf"):
         served = mlflow.pyfunc.load_model(str(trained["model_dir"]))
     classifier = served.get_raw_model()
-    if HAS_VNNI:
+    if HAS_INT8_KERNELS:
         assert classifier.precision == "int8"
-        assert "carclf model serving in int8: saved inference_precision=auto: CPU has native int8" in caplog.text
+        kind = "native int8" if HAS_VNNI else f"{INT8_MIN_CPU_FLAG} but no VNNI"
+        assert "carclf model serving in int8: saved inference_precision=auto: CPU" in caplog.text
+        assert f"has {kind}" in caplog.text
     else:
-        assert classifier.precision != "int8" and "no int8 (CPU lacks" in caplog.text
+        assert classifier.precision != "int8" and "no int8 (CPU" in caplog.text
     photos = _test_photos(trained)[0][:16]  # whole photos, no bbox: the network still answers
     frame = served.predict(pd.DataFrame({"image": photos}), params={"top_k": 2})
     expected = classifier.predict(photos, top_k=2)
@@ -194,6 +200,38 @@ def test_runtime_settings_say_what_they_mean(trained):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: network(pixels[i * 16 : (i + 1) * 16]), range(4)))
     np.testing.assert_allclose(np.concatenate(results), alone, atol=1e-5)
+
+
+ISA_PROBE = """
+import json, numpy as np, nncf, openvino as ov, openvino.opset13 as ops
+from carclf_flavor import int8
+from carclf_flavor.precision import choose_inference_precision
+rng = np.random.default_rng(0)
+x = ops.parameter([1, 32, 16, 16], np.float32)
+conv = ops.convolution(x, ops.constant(rng.standard_normal((32, 32, 3, 3)).astype(np.float32)), [1, 1], [1, 1],
+                       [1, 1], [1, 1])
+model = ov.Model([ops.relu(conv)], [x])
+samples = [rng.standard_normal((1, 32, 16, 16)).astype(np.float32) for _ in range(4)]
+compiled = int8._compile(nncf.quantize(model, nncf.Dataset(samples), subset_size=4), threads=1)
+kernels = [op.get_rt_info()["primitiveType"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+           if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+print(json.dumps({"kernels": kernels, "auto": choose_inference_precision("auto", gpu=None, int8_available=True)}))
+"""
+
+
+@pytest.mark.skipif(not HAS_INT8_KERNELS, reason="this CPU has no AVX2")
+def test_the_isa_limit_reaches_openvinos_int8_kernels_and_autos_choice(tmp_path):
+    """ONEDNN_MAX_CPU_ISA=AVX2 is how `make bench` measures an AVX2-only CPU on a newer one: OpenVINO's CPU
+    plugin must then really run its AVX2 int8 kernels, and `auto` decide as on an AVX2 CPU."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+    run = subprocess.run(
+        [sys.executable, "-c", ISA_PROBE], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["kernels"] and all("avx2" in k and "i8" in k.lower() for k in result["kernels"]), result
+    precision, reason = result["auto"]
+    assert precision == "int8" and "CPU (limited to AVX2 by ONEDNN_MAX_CPU_ISA) has avx2 but no VNNI" in reason
 
 
 def test_thread_count_follows_the_cpus_the_process_may_use():
@@ -336,7 +374,7 @@ def test_int8_model_loads_and_predicts_in_a_fresh_virtualenv(trained, tmp_path, 
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     expected = _load(model_dir, monkeypatch, "int8").predict(photo.read_bytes())[0]
-    assert result["precision"] == ("int8" if HAS_VNNI else result["precision"])
+    assert result["precision"] == ("int8" if HAS_INT8_KERNELS else result["precision"])
     if result["precision"] == "int8":
         assert result["class_id"] == expected["class_id"]
         assert result["prob"] == pytest.approx(expected["prob"], abs=1e-5)

@@ -1,5 +1,5 @@
-"""Serving precision: the decision function on synthetic machines (VNNI / bf16 / neither), the env override,
-bf16 vs float32 answers."""
+"""Serving precision: the decision function on synthetic machines (VNNI / AVX2 / bf16 / neither), the env
+override, the ISA limit, bf16 vs float32 answers."""
 
 import logging
 
@@ -9,7 +9,7 @@ import pytest
 
 import carclf_flavor
 from carclf_flavor.images import PreprocessSettings
-from carclf_flavor.precision import ENV_VAR, choose_inference_precision, read_cpu_flags
+from carclf_flavor.precision import ENV_VAR, choose_inference_precision, cpu_isa_limit, read_cpu_flags
 from carclf_flavor.signature import top_k_entries
 from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, jpeg_bytes
 
@@ -20,6 +20,8 @@ GRAVITON2 = {"fp", "asimd", "aes", "sha2"}
 SKYLAKE_X = {"fpu", "sse4_2", "avx2", "avx512f", "avx512bw"}  # AVX-512, neither VNNI nor bf16
 ALDER_LAKE = {"fpu", "sse4_2", "avx2", "avx_vnni"}  # VNNI without AVX-512
 BF16_NO_VNNI = SKYLAKE_X | {"avx512_bf16"}  # synthetic: bf16 alone
+ZEN2 = {"fpu", "sse4_2", "avx", "avx2", "fma"}  # AMD EPYC Rome/Milan (Azure Das_v4/v5): AVX2 only
+SANDY_BRIDGE = {"fpu", "sse4_2", "avx"}  # x86 without AVX2
 
 
 @pytest.mark.parametrize(
@@ -58,23 +60,28 @@ def test_environment_variable_overrides_the_saved_choice():
 @pytest.mark.parametrize(
     "flags, expected, why",
     [
-        (ICE_LAKE, "int8", "native int8 (avx512_vnni)"),
-        (SAPPHIRE_RAPIDS, "int8", "native int8 (amx_int8, avx512_vnni)"),
-        (ZEN4, "int8", "native int8 (avx512_vnni)"),
-        (ALDER_LAKE, "int8", "native int8 (avx_vnni)"),
-        (BF16_NO_VNNI, "bfloat16", "no int8 (CPU lacks amx_int8, avx512_vnni, avx_vnni); CPU has native bf16"),
-        (SKYLAKE_X, "float32", "no int8 (CPU lacks amx_int8, avx512_vnni, avx_vnni); CPU lacks amx_bf16"),
-        (GRAVITON2, "float32", "no int8"),
+        (ICE_LAKE, "int8", "CPU has native int8 (avx512_vnni)"),
+        (SAPPHIRE_RAPIDS, "int8", "CPU has native int8 (amx_int8, avx512_vnni)"),
+        (ZEN4, "int8", "CPU has native int8 (avx512_vnni)"),
+        (ALDER_LAKE, "int8", "CPU has native int8 (avx_vnni)"),
+        (ZEN2, "int8", "CPU has avx2 but no VNNI: OpenVINO's avx2 int8 kernels beat the float paths"),
+        (SKYLAKE_X, "int8", "CPU has avx2 but no VNNI"),
+        (BF16_NO_VNNI, "int8", "CPU has avx2 but no VNNI"),
+        (SANDY_BRIDGE, "float32", "no int8 (CPU lacks avx2, which OpenVINO's int8 kernels need); CPU lacks amx_bf16"),
+        (GRAVITON2, "float32", "no int8 (CPU lacks avx2"),
         (set(), "float32", "CPU flags unknown"),
     ],
 )
-def test_auto_picks_int8_where_the_cpu_has_vnni_then_bf16_then_float32(flags, expected, why):
+def test_auto_picks_int8_wherever_openvino_has_int8_kernels_then_bf16_then_float32(flags, expected, why):
     precision, reason = choose_inference_precision("auto", cpu_flags=flags, gpu=None, env={}, int8_available=True)
     assert precision == expected
     assert why in reason
 
 
-@pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, "bfloat16"), (ZEN4, "bfloat16"), (ICE_LAKE, "float32")])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [(SAPPHIRE_RAPIDS, "bfloat16"), (ZEN4, "bfloat16"), (ICE_LAKE, "float32"), (ZEN2, "float32")],
+)
 def test_auto_without_an_int8_network_behaves_as_before(flags, expected):
     precision, reason = choose_inference_precision(
         "auto", cpu_flags=flags, gpu=None, env={}, int8_missing_reason="int8 was not shipped: failed validation"
@@ -111,6 +118,38 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     )
     assert read_cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "amx_bf16", "avx512_bf16"}
     assert read_cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_the_isa_limit_removes_the_flags_above_it(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"flags\t\t: {' '.join(sorted(SAPPHIRE_RAPIDS | ALDER_LAKE))}\n")
+    limited = read_cpu_flags(str(cpuinfo), env={"ONEDNN_MAX_CPU_ISA": "avx2"})
+    assert limited == {"fpu", "sse4_2", "avx2"}
+    assert read_cpu_flags(str(cpuinfo), env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}) == ICE_LAKE | {"avx_vnni"}
+    # The older alias of the AMX level, and oneDNN's older variable name.
+    amx = read_cpu_flags(str(cpuinfo), env={"DNNL_MAX_CPU_ISA": "AVX512_CORE_AMX"})
+    assert amx == SAPPHIRE_RAPIDS | ALDER_LAKE
+    # Values oneDNN ignores leave the flags whole.
+    for value in ("ALL", "DEFAULT", "avx9000", ""):
+        assert read_cpu_flags(str(cpuinfo), env={"ONEDNN_MAX_CPU_ISA": value}) == SAPPHIRE_RAPIDS | ALDER_LAKE
+        assert cpu_isa_limit({"ONEDNN_MAX_CPU_ISA": value}) is None
+    assert cpu_isa_limit({"ONEDNN_MAX_CPU_ISA": " avx2 ", "DNNL_MAX_CPU_ISA": "SSE41"}) == "AVX2"
+
+
+@pytest.mark.parametrize(
+    "limit, expected, why",
+    [
+        ("AVX2", "int8", "CPU (limited to AVX2 by ONEDNN_MAX_CPU_ISA) has avx2 but no VNNI"),
+        ("AVX", "float32", "no int8 (CPU (limited to AVX by ONEDNN_MAX_CPU_ISA) lacks avx2"),
+    ],
+)
+def test_auto_under_an_isa_limit_decides_as_that_cpu_would(limit, expected, why):
+    # This machine's own flags, limited: a limit at or below AVX2 leaves no VNNI and no bf16 on any x86 CPU.
+    if "avx2" not in read_cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    env = {"ONEDNN_MAX_CPU_ISA": limit}
+    precision, reason = choose_inference_precision("auto", gpu=None, env=env, int8_available=True)
+    assert precision == expected and why in reason
 
 
 SETTINGS = PreprocessSettings(image_size=IMAGE_SIZE, crop="none")

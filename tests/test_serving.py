@@ -2,6 +2,7 @@
 
 import base64
 import json
+import logging
 import os
 import pathlib
 import struct
@@ -292,8 +293,55 @@ def test_deployment_error_mode_makes_bad_rows_answers(model_dir, monkeypatch):
     with pytest.raises(carclf_flavor.InvalidInputError, match="row 1: not a recognised image format"):
         model.predict(pd.DataFrame({"image": [IMAGES[0], b"junk"]}), params={"errors": "raise"})
     monkeypatch.setenv("CARCLF_ERRORS", "ignore")
-    with pytest.raises(ValueError, match="CARCLF_ERRORS must be one of raise, coerce, got 'ignore'"):
+    with pytest.raises(ValueError, match="CARCLF_ERRORS must be one of raise, coerce, auto, got 'ignore'"):
         mlflow.pyfunc.load_model(str(model_dir))
+
+
+def test_errors_auto_is_coerce_under_azures_inference_server_and_raise_elsewhere(model_dir, monkeypatch, caplog):
+    """The saved default is auto: a model deployed on Azure without `deploy` (no CARCLF_ERRORS) answers bad
+    photos as rows; an explicit mode (variable, model_config as models saved with "raise" carry, request) wins."""
+    import mlflow
+
+    from carclf_flavor.pyfunc import azure_inference_server
+
+    bad_batch = pd.DataFrame({"image": [IMAGES[0], b"junk"]})
+    monkeypatch.delenv("CARCLF_ERRORS", raising=False)
+    monkeypatch.delenv("AZUREML_ENTRY_SCRIPT", raising=False)
+    with caplog.at_level(logging.INFO, logger="mlflow.carclf"):
+        model = mlflow.pyfunc.load_model(str(model_dir))
+    assert (
+        "carclf requests default to errors=raise: model_config errors=auto, not under Azure's inference server"
+        in caplog.text
+    )
+    with pytest.raises(carclf_flavor.InvalidInputError, match="row 1: not a recognised image format"):
+        model.predict(bad_batch)
+
+    monkeypatch.setenv("AZUREML_ENTRY_SCRIPT", "mlflow_score_script.py")  # as Azure's server image sets it
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mlflow.carclf"):
+        model = mlflow.pyfunc.load_model(str(model_dir))
+    assert (
+        "carclf requests default to errors=coerce: model_config errors=auto under Azure's inference server "
+        "(AZUREML_ENTRY_SCRIPT is set)" in caplog.text
+    )
+    frame = model.predict(bad_batch)
+    assert frame.error[0] is None and frame.label[0] in CLASS_NAMES
+    assert frame.label[1] is None and "not a recognised image format" in frame.error[1]
+    with pytest.raises(carclf_flavor.InvalidInputError, match="row 1: not a recognised image format"):
+        model.predict(bad_batch, params={"errors": "raise"})
+    old_config = mlflow.pyfunc.load_model(str(model_dir), model_config={"errors": "raise"})
+    with pytest.raises(carclf_flavor.InvalidInputError, match="row 1: not a recognised image format"):
+        old_config.predict(bad_batch)
+    monkeypatch.setenv("CARCLF_ERRORS", "raise")
+    with pytest.raises(carclf_flavor.InvalidInputError, match="row 1: not a recognised image format"):
+        mlflow.pyfunc.load_model(str(model_dir)).predict(bad_batch)
+
+    # Inside azmlinfsrv its package is imported in the scoring process itself; AZUREML_MODEL_DIR alone (Azure ML
+    # batch jobs set it too) is no sign.
+    assert azure_inference_server(env={}, modules={"azureml_inference_server_http": sys}) == (
+        "azureml_inference_server_http is loaded"
+    )
+    assert azure_inference_server(env={"AZUREML_MODEL_DIR": "/var/azureml-app/model"}, modules={}) is None
 
 
 def test_server_still_answers_after_bad_input_and_concurrent_clients_agree(server):

@@ -15,6 +15,8 @@ COMPUTE_CHOICES = ("managed", "aci", "aks")
 LEGACY_COMPUTE = ("aci", "aks")
 # The flavor reads CARCLF_ERRORS as the default of its `errors` param: Azure's no-code scoring script
 # answers any exception with HTTP 500 and a fixed text, so on Azure a bad photo gets a per-row `error`.
+# Current models choose coerce there by themselves; models saved with `errors: raise` in their model_config
+# (and their own older code) only through this variable.
 AZURE_ENVIRONMENT = {"CARCLF_ERRORS": "coerce"}
 # Smallest instance types Azure's MLflow no-code deployments are sized for (4 vCPUs, 14+ GiB).
 _SMALL_INSTANCES = {
