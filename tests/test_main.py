@@ -112,7 +112,7 @@ def test_changed_parameter_recomputes_from_that_step_on(project_env, first_run):
     assert new == {"main", "train", "evaluate"}
     evaluate = next(r for r in fresh if r.data.tags.get(mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT) == "evaluate")
     assert evaluate.data.params["model_uri"] == "models:/main.default.carclf/1"
-    assert [v.version for v in client.search_model_versions("name = 'main.default.carclf'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'main.default.carclf'")] == ["1"]
     unity_catalog_signature_check("models:/main.default.carclf/1", project_env["uri"])
 
 

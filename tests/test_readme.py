@@ -468,7 +468,7 @@ def test_databricks_volume(world, tmp_path):
             timeout=900,
         )
     versions = world.client().search_model_versions("name = 'main.default.carclf'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     unity_catalog_signature_check("models:/main.default.carclf/1", world.uri)
 
 
