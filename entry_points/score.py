@@ -20,9 +20,10 @@ a new one still at 0% traffic). The output is the same as with ``--url``; a phot
 comes back with its ``error`` text (under Azure's server the model's ``errors=auto`` means ``coerce``, whoever
 deployed it).
 
-Spark (``mlflow.pyfunc.spark_udf`` on a local Spark)::
+Spark (``mlflow.pyfunc.spark_udf``; a local Spark, a cluster, or Spark Connect with ``--spark-master sc://host:15002``)::
 
-    python -m entry_points.score --spark --model-uri models:/carclf/1 --input-dir photos/ --output scores.parquet
+    python -m entry_points.score --spark --model-uri models:/carclf/1 --input-dir photos/ --output scores.parquet \
+        [--spark-master local[*]]
 
 Bad images do not stop a Spark job: they get a null prediction and an ``error`` text (``errors=coerce``).
 
@@ -88,6 +89,11 @@ class ScoreSparkConfig:
     input_dir: str = param(help="folder of images (searched recursively) for --spark", mlproject_type="path")
     output: str = param("scores.parquet", "Parquet output for --spark")
     top_k: int = param(5, "classes per image")
+    spark_master: str = param(
+        "local[*]",
+        "Spark master URL for --spark (local[N], spark://host:7077, sc://host:15002 for Spark Connect); "
+        "an active session (Databricks) is used as is",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=parse_int, default=16, help="images per request")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one request")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--spark", action="store_true", help="batch-score --input-dir on local Spark")
+    parser.add_argument("--spark", action="store_true", help="batch-score --input-dir on Spark (--spark-master)")
     add_arguments(parser, ScoreSparkConfig, enforce_required=False)
     return parser
 
@@ -166,7 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if missing:
                 raise ScoringError(f"--spark needs {', '.join(missing)}")
             config = config_from_args(ScoreSparkConfig, args)
-            count = score_folder_spark(config.model_uri, config.input_dir, config.output, top_k=config.top_k)
+            count = score_folder_spark(
+                config.model_uri,
+                config.input_dir,
+                config.output,
+                top_k=config.top_k,
+                spark_master=config.spark_master,
+            )
             print(f"scored {count} images -> {args.output}")
             return 0
         if not args.files:

@@ -29,7 +29,7 @@ from carclf.augmentation.job import AugmentJob, JobSpec
 from carclf.augmentation.progress import SparkTaskProgress
 from carclf.augmentation.range_task import FAIL_ENV, run_range
 from carclf.augmentation.shards import merge_metadata
-from carclf.compute.spark_session import get_spark, session_master
+from carclf.compute.spark_session import get_spark, session_master, task_slots
 from carclf.data.hdf5_dataset import HDF5SplitWriter
 from carclf.files.atomic import remove_stale_partials
 
@@ -186,14 +186,13 @@ def run_on_spark(spark, spec: JobSpec, ranges: list[tuple[int, int]]) -> list[di
         except BaseException:
             progress.wait_until_idle()
             raise
+        progress.completed()
     return sorted((row.asDict() for row in rows), key=lambda result: result["start"])
 
 
 def default_parallelism(spark) -> int:
-    try:
-        return int(spark.sparkContext.defaultParallelism)
-    except Exception:
-        return 2
+    """Tasks the session runs at once (classic or Connect); 2 where it cannot tell."""
+    return task_slots(spark) or 2
 
 
 def task_error_line(exc: BaseException) -> str:

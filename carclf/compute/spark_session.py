@@ -3,8 +3,17 @@
 ``get_spark(master)``:
 - a remote master (``spark://``, ``k8s://``, ``sc://``) is probed first with a bounded TCP connect, so an
   unreachable master is one clear error within seconds instead of a job that waits forever for executors;
-- an active session in this process is reused whatever ``master`` says (on Databricks the notebook's
-  session is the cluster; a second SparkContext cannot exist in one process anyway);
+- a session this process already has is reused: a classic one whatever a classic ``master`` says (on
+  Databricks the notebook's session is the cluster; a second SparkContext cannot exist in one process), a
+  Spark Connect one when ``master`` is its ``sc://`` endpoint or the steps' default ``local[*]`` (a Databricks
+  serverless notebook's session). PySpark cannot hold a classic and a Connect session in one process (the
+  Connect client switches every DataFrame function of the process to Connect), so asking for the other kind
+  is one line saying so, not a session of the wrong kind;
+- ``sc://host:port`` (Spark Connect: Databricks serverless, standard access mode, Databricks Connect) needs
+  the Connect client packages (grpcio, grpcio-status, googleapis-common-protos, zstandard; the core install
+  has them): a missing one is one line saying what to pip install. Connect has no SparkContext: the code that
+  needs one (``_wait_for_executors``, classic progress) is skipped there, and ``ship_project_code`` sends the
+  project with ``addArtifacts(..., pyfile=True)``;
 - otherwise Java is checked (missing or too old -> one line that says how to install it) and a session is
   built. Local sessions stay light and on loopback: no UI, few shuffle partitions, driver and block
   manager bound to 127.0.0.1 so nothing listens on or leaves through a public interface.
@@ -18,6 +27,7 @@ No pyspark import happens at module import: steps that fail validation never sta
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import pathlib
@@ -34,6 +44,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MASTER = "local[*]"  # the steps' default: the session this process has, else a local one
 MIN_JAVA = 17  # Spark 4 runs on Java 17+
 JAVA_INSTALL_HINT = (
     "install it with `apt-get install -y default-jre-headless` (Debian/Ubuntu) or set JAVA_HOME to a "
@@ -44,6 +55,14 @@ EXECUTOR_WAIT_S = 60.0
 
 
 SPARK_LOG_DIR_ENV = "CARCLF_SPARK_LOG_DIR"
+# What the Spark Connect client imports beyond pyspark's core (module, distribution): pyspark[connect]'s
+# requirements, which carclf's core dependencies name (pyproject.toml).
+CONNECT_CLIENT_PACKAGES = (
+    ("grpc", "grpcio"),
+    ("grpc_status", "grpcio-status"),
+    ("google.rpc", "googleapis-common-protos"),
+    ("zstandard", "zstandard"),
+)
 # Spark 4's master URL schemes (SparkSubmit refuses anything else, after a JVM start of ~10 s).
 MASTER_SCHEMES = ("local", "yarn", "spark://", "k8s://", "sc://")
 # "org.apache.spark.SparkException: Could not parse Master URL: 'local[abc]'", optionally after
@@ -182,21 +201,89 @@ def check_master_reachable(master: str, timeout_s: float = PROBE_TIMEOUT_S) -> N
         )
 
 
-def _active_session():
-    from pyspark.sql import SparkSession
+def _classic_session():
+    """The classic SparkSession of this process (its SparkContext running), else None."""
+    from pyspark import SparkContext
+    from pyspark.sql.session import SparkSession
 
-    session = SparkSession.getActiveSession()
-    if session is None:
-        # A session made in another thread of this process is not "active" here but is still ours.
-        session = getattr(SparkSession, "_instantiatedSession", None)
-    return session
+    if SparkContext._active_spark_context is None:
+        return None
+    # _instantiatedSession: a session made in another thread of this process is not "active" here but is ours.
+    return SparkSession._instantiatedSession or SparkSession._activeSession
+
+
+def _connect_session():
+    """The Spark Connect session of this process (active in this thread, else the default one), else None."""
+    module = sys.modules.get("pyspark.sql.connect.session")  # never imported: no Connect session exists
+    if module is None:
+        return None
+    remote = module.SparkSession
+    return remote.getActiveSession() or remote._get_default_session()
+
+
+def active_session():
+    """The session ``get_spark`` would reuse for the steps' default master: classic or Connect, else None."""
+    return _classic_session() or _connect_session()
+
+
+def is_connect_session(spark) -> bool:
+    """A Spark Connect session (pyspark's or Databricks Connect's): no SparkContext, no RDDs, no JVM here."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def connect_endpoint(master_or_session) -> str:
+    """``sc://host:port`` of a Connect URL or session; the URL's parameters (a token, ...) are left out."""
+    if isinstance(master_or_session, str):
+        ((host, port),) = master_endpoints(master_or_session)
+        return f"sc://{host}:{port}"
+    builder = getattr(getattr(master_or_session, "client", None), "_builder", None)
+    endpoint = getattr(builder, "endpoint", None)
+    return f"sc://{endpoint}" if endpoint else "sc://"
 
 
 def session_master(spark) -> str:
+    """The master a step records: the classic session's master, or a Connect session's ``sc://host:port``
+    (what the user gave, not the master the Connect server runs on)."""
+    if is_connect_session(spark):
+        return connect_endpoint(spark)
     try:
         return spark.sparkContext.master
-    except Exception:  # Spark Connect sessions have no SparkContext
-        return spark.conf.get("spark.master", "connect")
+    except Exception:  # a managed runtime that hides the SparkContext
+        return spark.conf.get("spark.master", "unknown")
+
+
+def server_conf(spark, key: str, default: str | None = None) -> str | None:
+    """A setting of the Spark application (``spark.master``, ``spark.executor.cores``, ...) through
+    ``spark.conf``, which classic and Connect sessions both have; ``default`` where it is unset or hidden."""
+    try:
+        value = spark.conf.get(key, default)
+    except Exception:  # a managed runtime may refuse to read some settings
+        return default
+    return default if value is None else str(value)
+
+
+def local_slots(master: str) -> int | None:
+    """Task slots of a ``local[N]`` / ``local[N,F]`` / ``local[*]`` / ``local`` master; None for a cluster."""
+    if master == "local":
+        return 1
+    if master.startswith("local[") and master.endswith("]"):
+        inner = master[len("local[") : -1].split(",")[0].strip()
+        return os.cpu_count() or 1 if inner == "*" else max(1, int(inner))
+    return None
+
+
+def task_slots(spark) -> int | None:
+    """Tasks the application runs at once: ``defaultParallelism`` on a classic session; on Connect the
+    server's ``spark.default.parallelism`` or its local master's threads; None if it cannot tell."""
+    if not is_connect_session(spark):
+        try:
+            return int(spark.sparkContext.defaultParallelism)
+        except Exception:
+            return None
+    configured = server_conf(spark, "spark.default.parallelism")
+    if configured:
+        return int(configured)
+    return local_slots(server_conf(spark, "spark.master", "") or "")
 
 
 def local_conf(master: str) -> dict:
@@ -213,38 +300,84 @@ def local_conf(master: str) -> dict:
     }
 
 
+def check_connect_client(master: str) -> None:
+    """The Spark Connect client's packages import, else SparkSetupError with the pip command (one line)."""
+    import pyspark
+
+    missing = []
+    for module, distribution in CONNECT_CLIENT_PACKAGES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(distribution)
+    if missing:
+        raise SparkSetupError(
+            f"Spark Connect ({master}) needs {', '.join(missing)}, not installed here: "
+            f"pip install 'pyspark[connect]=={pyspark.__version__}' (carclf's own install includes them)"
+        )
+
+
+def _reusable_session(master: str):
+    """The session of this process that serves ``master``, None if a new one must be built; SparkSetupError
+    where PySpark cannot build one beside what this process holds."""
+    classic, remote = _classic_session(), _connect_session()
+    if master.startswith("sc://"):
+        if remote is not None and connect_endpoint(remote) == connect_endpoint(master):
+            return remote
+        if classic is not None:
+            raise SparkSetupError(
+                f"cannot open Spark Connect on {master}: this process already runs a classic Spark session "
+                f"({session_master(classic)}) and PySpark cannot hold both; run the step in a process of its own"
+            )
+        return None
+    if classic is not None:
+        current = session_master(classic)
+        if current != master:
+            log.info("using the active Spark session (master %s) instead of starting one on %s", current, master)
+        return classic
+    if remote is not None:
+        if master == DEFAULT_MASTER:
+            log.info("using this process's Spark Connect session (%s)", connect_endpoint(remote))
+            return remote
+        raise SparkSetupError(
+            f"cannot start Spark on {master}: this process holds a Spark Connect session "
+            f"({connect_endpoint(remote)}) and PySpark cannot hold a classic one beside it; pass "
+            f"spark_master={connect_endpoint(remote)} or run the step in a process of its own"
+        )
+    return None
+
+
 def get_spark(
-    master: str = "local[*]",
+    master: str = DEFAULT_MASTER,
     app_name: str = "carclf",
     conf: Mapping[str, str] | None = None,
     executor_wait_s: float = EXECUTOR_WAIT_S,
 ):
-    """The active SparkSession, or a new one on ``master``; errors are SparkSetupError with one clear line."""
-    master = (master or "local[*]").strip()
+    """The session of this process for ``master``, or a new one; errors are SparkSetupError with one clear line."""
+    master = (master or DEFAULT_MASTER).strip()
     check_master_reachable(master)
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")  # pyspark.pandas warns on import otherwise
     try:
         from pyspark.sql import SparkSession
     except ImportError as exc:
         raise SparkSetupError(f"pyspark is not installed ({exc}); pip install 'pyspark>=4,<4.4'") from None
+    connect = master.startswith("sc://")
+    if connect:
+        check_connect_client(master)
 
-    active = _active_session()
-    if active is not None:
-        current = session_master(active)
-        if current != master:
-            log.info("using the active Spark session (master %s) instead of starting one on %s", current, master)
-        return active
+    reused = _reusable_session(master)
+    if reused is not None:
+        return reused
 
     if not master.startswith(MASTER_SCHEMES):
         raise SparkSetupError(
             f"Spark master URL {master!r} is not one Spark accepts (expected local[N], yarn, spark://host:7077, "
             "k8s://https://host:port or sc://host:15002)"
         )
+    if connect:
+        return _connect(master, app_name, conf)
     check_java()
-    if master.startswith("sc://"):
-        builder = SparkSession.builder.remote(master)
-    else:
-        builder = SparkSession.builder.master(master)
+    builder = SparkSession.builder.master(master)
     builder = builder.appName(app_name).config("spark.task.maxFailures", "4")
     if is_local_master(master):
         # Workers are started by the JVM: make them run this interpreter (the venv), not whatever
@@ -268,9 +401,35 @@ def get_spark(
             f"could not start Spark on {master}: {_java_reason(exc, text)} (Java's output: {log_path})"
         ) from None
     log.info("Spark on %s started; its own log: %s", master, log_path)
-    if not is_local_master(master) and not master.startswith("sc://"):
+    if not is_local_master(master):
         _wait_for_executors(spark, master, executor_wait_s)
         ship_project_code(spark)
+    return spark
+
+
+def _connect(master: str, app_name: str, conf: Mapping[str, str] | None):
+    """A Spark Connect session on ``master`` (no JVM here: the server runs Spark), the project shipped to it.
+    The server's own settings (task retries, ...) are its operator's: only ``conf`` is passed on."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.remote(master).appName(app_name)
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, str(value))
+    try:
+        # Another Connect session (another endpoint) may exist: getOrCreate would hand that one back.
+        spark = builder.create() if _connect_session() is not None else builder.getOrCreate()
+        version = spark.version  # the first call to the server: fails here if it is not one
+        ship_project_code(spark)
+    except SparkSetupError:
+        raise
+    except Exception as exc:
+        raise SparkSetupError(f"could not open a Spark Connect session on {master}: {_first_line(exc)}") from None
+    log.info(
+        "Spark Connect session on %s (Spark %s on %s)",
+        connect_endpoint(master),
+        version,
+        server_conf(spark, "spark.master", "a master it does not show"),
+    )
     return spark
 
 
@@ -296,16 +455,30 @@ def _wait_for_executors(spark, master: str, wait_s: float) -> None:
 PROJECT_PACKAGES = ("carclf", "carclf_flavor", "entry_points")
 
 
-def ship_project_code(spark) -> None:
-    """Send carclf, carclf_flavor and entry_points to the executors (a cluster does not have this checkout):
-    the tasks' functions live there (e.g. carclf.augmentation.range_task)."""
+def project_code_archive() -> pathlib.Path:
+    """A zip of carclf, carclf_flavor and entry_points (their .py files) in a new temporary folder."""
     root = pathlib.Path(__file__).resolve().parents[2]  # the checkout: carclf/compute/spark_session.py
     archive = pathlib.Path(tempfile.mkdtemp(prefix="carclf-code-")) / "carclf_code.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for package in PROJECT_PACKAGES:
             for source in (root / package).rglob("*.py"):
                 zf.write(source, source.relative_to(root).as_posix())
-    spark.sparkContext.addPyFile(str(archive))
+    return archive
+
+
+def ship_project_code(spark) -> None:
+    """Send carclf, carclf_flavor and entry_points to the executors (a cluster or a Connect server does not
+    have this checkout): the tasks' functions live there (e.g. carclf.augmentation.range_task). Classic:
+    ``SparkContext.addPyFile``; Spark Connect: ``addArtifacts(pyfile=True)``, this session's Python workers
+    only."""
+    archive = project_code_archive()
+    if not is_connect_session(spark):
+        spark.sparkContext.addPyFile(str(archive))  # the driver serves it from this file while the app runs
+        return
+    try:
+        spark.addArtifacts(str(archive), pyfile=True)  # uploaded before it returns
+    finally:
+        shutil.rmtree(archive.parent, ignore_errors=True)
 
 
 def _first_line(exc: BaseException) -> str:

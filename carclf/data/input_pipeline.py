@@ -41,6 +41,12 @@ def split_paths(paths) -> list[pathlib.Path]:
     return [pathlib.Path(str(p).strip()) for p in paths if str(p).strip()]
 
 
+def absolute_paths(paths) -> str:
+    """``"a.h5,b.h5"`` with every entry made absolute against this process's working directory (Spark tasks
+    elsewhere, e.g. a Connect server's Python workers, resolve a relative path against theirs)."""
+    return ",".join(str(path.absolute()) for path in split_paths(paths))
+
+
 @dataclasses.dataclass
 class HDF5Source:
     """One logical dataset made of one or several HDF5 split files with the same classes and image size."""

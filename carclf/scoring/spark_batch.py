@@ -19,15 +19,22 @@ SPARK_RESULT_TYPE = (
 
 
 def score_folder_spark(
-    model_uri: str, input_dir: os.PathLike | str, output: os.PathLike | str, top_k: int = 5, spark=None
+    model_uri: str,
+    input_dir: os.PathLike | str,
+    output: os.PathLike | str,
+    top_k: int = 5,
+    spark=None,
+    spark_master: str = "local[*]",
 ) -> int:
-    """Score every image under ``input_dir`` with ``spark_udf``; writes Parquet (path, label, class_id, prob,
-    top_k, error) to ``output`` (written under a temporary name, renamed when complete). Returns the row count."""
+    """Score every image under ``input_dir`` with ``spark_udf`` on ``spark`` (else the session for
+    ``spark_master``: classic or ``sc://`` Spark Connect); writes Parquet (path, label, class_id, prob, top_k,
+    error) to ``output`` (written under a temporary name, renamed when complete). Returns the row count."""
     import mlflow.pyfunc
     from pyspark.sql import functions as F
 
-    input_dir = pathlib.Path(input_dir)
-    output = pathlib.Path(output)
+    # Absolute: Spark resolves a relative path where its executors run (a Connect server's own folder).
+    input_dir = pathlib.Path(input_dir).absolute()
+    output = pathlib.Path(output).absolute()
     if not input_dir.is_dir():
         raise ScoringError(f"--input-dir {input_dir} is not a folder")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in input_dir.rglob("*") if p.is_file()):
@@ -35,7 +42,7 @@ def score_folder_spark(
     if spark is None:
         from carclf.compute.spark_session import get_spark
 
-        spark = get_spark(os.environ.get("CARCLF_SPARK_MASTER", "local[*]"), app_name="carclf-score")
+        spark = get_spark(spark_master, app_name="carclf-score")
     files = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")

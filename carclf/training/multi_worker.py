@@ -1,7 +1,8 @@
 """`train -P workers=N`: N training processes under MultiWorkerMirroredStrategy, gang-started by Spark.
 
-Launcher: a Spark barrier stage (``rdd.barrier().mapPartitions``) of N tasks, on ``spark_master`` as in
-``augment`` (``local[N]`` here, a cluster or Databricks elsewhere). Barrier tasks start together or not at
+Launcher: a Spark barrier stage of N tasks (``spark.range(N, numPartitions=N).mapInPandas(..., barrier=True)``:
+a DataFrame, so it runs on Spark Connect too, where RDDs do not exist), on ``spark_master`` as in ``augment``
+(``local[N]`` here, a cluster, Databricks, or ``sc://host:port``). Barrier tasks start together or not at
 all and fail together. Each task picks a free port on its host, all tasks exchange ``host:port`` with
 ``BarrierTaskContext.allGather``, and each starts ONE fresh Python process with ``TF_CONFIG`` (collective ops
 must be configured before TensorFlow runs any op, so the worker cannot be the Spark Python worker itself).
@@ -47,6 +48,7 @@ TEST_EXIT_WORKER_ENV = "CARCLF_TEST_EXIT_WORKER"
 # Tests: every worker writes its final weights (npz) into this folder.
 TEST_DUMP_WEIGHTS_ENV = "CARCLF_TEST_DUMP_WEIGHTS_DIR"
 LOOPBACK_NO_PROXY = "127.0.0.1,localhost,::1"
+RESULT_SCHEMA = "result string"
 
 
 class WorkerFailed(RuntimeError):
@@ -62,10 +64,10 @@ def run_multi_worker(
     """Train with ``config.workers`` processes; returns the chief's result (as ``train`` returns it)."""
     import mlflow
 
-    from carclf.compute.spark_session import get_spark
+    from carclf.compute.spark_session import DEFAULT_MASTER, active_session, get_spark, session_master
 
     workers = int(config.workers)
-    if (spark_master or "").strip() == "local[*]":
+    if (spark_master or "").strip() == DEFAULT_MASTER and active_session() is None:
         # A barrier stage needs a slot per task: local[*] on a machine with fewer cores than workers would
         # refuse the stage, so give local mode at least one thread per worker.
         spark_master = f"local[{max(workers, os.cpu_count() or 1)}]"
@@ -79,22 +81,58 @@ def run_multi_worker(
             "tracking_uri": mlflow.get_tracking_uri(),
             "registry_uri": mlflow.get_registry_uri(),
             "pythonpath": os.pathsep.join(sys.path),
+            # The tests' hooks, read here and handed on: a task's environment is its executor's (a cluster's,
+            # a Connect server's), not this process's.
+            "test_env": {name: os.environ[name] for name in _test_hooks() if name in os.environ},
         }
     )
-    log.info("launching %d training workers in a Spark barrier stage", workers)
-    rdd = spark.sparkContext.parallelize(range(workers), workers).barrier()
+    log.info("launching %d training workers in a Spark barrier stage on %s", workers, session_master(spark))
+    # A DataFrame, not an RDD: Spark Connect has no RDDs; a barrier mapInPandas runs on both kinds of session.
+    tasks = spark.range(workers, numPartitions=workers).mapInPandas(
+        _barrier_partition(spec), RESULT_SCHEMA, barrier=True
+    )
     try:
-        results = rdd.mapPartitions(lambda _: _barrier_task(spec)).collect()
+        results = [row.result for row in tasks.collect()]
     except Exception as exc:
         raise WorkerFailed(_worker_error_line(exc)) from None
     chief = [json.loads(r) for r in results if json.loads(r).get("chief")]
     return chief[0]["result"]
 
 
+def _barrier_partition(spec: str):
+    """The function of the barrier stage: one row in (the task's number), the worker's result row out."""
+
+    def run(batches):
+        import pandas as pd
+
+        for _ in batches:  # the task's one input row: its rank comes from the barrier context
+            pass
+        for line in _barrier_task(spec):
+            yield pd.DataFrame({"result": [line]})
+
+    return run
+
+
+def _test_hooks() -> tuple[str, ...]:
+    from carclf.training.checkpoints import KILL_AFTER_EPOCH_ENV
+
+    return (TEST_EXIT_WORKER_ENV, TEST_DUMP_WEIGHTS_ENV, KILL_AFTER_EPOCH_ENV)
+
+
 def _config_dict(config) -> dict:
+    """The config as the workers get it, its files made absolute here: a worker runs where its Spark task
+    runs (a Connect server's Python worker, an executor), whose working directory is not this one."""
     import dataclasses
 
-    return dataclasses.asdict(config)
+    from carclf.data.input_pipeline import absolute_paths
+    from carclf.training.validation import weights_argument
+
+    out = dataclasses.asdict(config)
+    for key in ("train_data", "val_data", "test_data"):
+        out[key] = absolute_paths(out[key]) if out[key] else ""
+    if weights_argument(out["weights"]) not in (None, "imagenet"):
+        out["weights"] = str(pathlib.Path(out["weights"]).absolute())
+    return out
 
 
 def _worker_error_line(exc: BaseException) -> str:
@@ -116,6 +154,14 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the Spark task's Python worker goes away."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _child_pythonpath(driver_path: str) -> str:
+    """The driver's sys.path (a local master: this checkout, the venv), then this task's own entries that it
+    lacks: on a cluster or a Spark Connect server the project code shipped to the session is only there."""
+    entries = [entry for entry in driver_path.split(os.pathsep) if entry]
+    entries += [entry for entry in sys.path if entry and entry not in entries]
+    return os.pathsep.join(entries)
 
 
 def _barrier_task(spec: str):
@@ -140,9 +186,10 @@ def _barrier_task(spec: str):
             no_proxy=no_proxy,
             CARCLF_WORKER_ERROR_FILE=str(error_file),
             CARCLF_WORKER_RESULT_FILE=str(result_file),
-            PYTHONPATH=json.loads(spec)["pythonpath"],
+            PYTHONPATH=_child_pythonpath(json.loads(spec)["pythonpath"]),
             TF_CPP_MIN_LOG_LEVEL="2",
         )
+        env.update(json.loads(spec)["test_env"])
         env[SPEC_ENV] = spec
         child = subprocess.Popen(
             [sys.executable, "-m", "carclf.training.multi_worker"],

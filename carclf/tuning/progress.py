@@ -7,6 +7,7 @@ store, every ``PROGRESS_POLL_S`` seconds and once more at the end.
 from __future__ import annotations
 
 import logging
+import pathlib
 import sys
 import threading
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 PROGRESS_POLL_S = 2.0
+ERROR_ARTIFACT = "error_message.txt"  # MlflowSparkStudy's traceback of a failed trial
 
 
 def finished_states():
@@ -30,6 +32,29 @@ def rank(trial) -> tuple:
 
 def format_params(params: Mapping) -> str:
     return "{" + ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in params.items()) + "}"
+
+
+def failure_reason(run_id: str) -> str:
+    """One line: why the trial of this child run failed. `train` tags its run ``carclf.error``; a trial that
+    failed outside `train` has only MLflow's ``error_message.txt`` (a traceback: its last line says it)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from carclf.training.run import TAG_ERROR
+
+    client = MlflowClient()
+    try:
+        reason = client.get_run(run_id).data.tags.get(TAG_ERROR)
+        if not reason:
+            with tempfile.TemporaryDirectory() as folder:
+                text = pathlib.Path(client.download_artifacts(run_id, ERROR_ARTIFACT, folder)).read_text()
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            reason = lines[-1] if lines else ""
+    except Exception as exc:  # the line must not stop the study: say where the reason is instead
+        log.debug("no failure reason for run %s: %s", run_id, exc)
+        reason = ""
+    return reason.splitlines()[0][:500] if reason else f"reason: see run {run_id}"
 
 
 class TrialProgress:
@@ -77,6 +102,8 @@ class TrialProgress:
             self.seen.add(trial._trial_id)
             self._update_best(trial)
             value = f"val top-1 {trial.value:.4f}" if trial.value is not None else "no value"
+            if trial.state.name == "FAIL":
+                value += f" ({failure_reason(trial._trial_id)})"
             best = (
                 f"best so far {self.best.value:.4f} (trial {self.best.number})"
                 if self.best is not None

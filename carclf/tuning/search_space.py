@@ -235,6 +235,24 @@ def check_space(space: Mapping[str, Dimension], train_data, val_data, source: st
                 raise SearchSpaceError(f"{source}: {name}: value {value!r} is refused by train: {exc}") from None
 
 
+def with_absolute_paths(space: Mapping[str, Dimension]) -> dict[str, Dimension]:
+    """The space with its file values (``weights: my/weights.h5``) made absolute on the driver: a trial runs
+    in a Spark task whose working directory is not the driver's."""
+    from carclf.training.validation import weights_argument
+
+    def absolute(value):
+        path = weights_argument(value)
+        return str(pathlib.Path(path).absolute()) if path not in (None, "imagenet") else value
+
+    out = dict(space)
+    dimension = space.get("weights")
+    if isinstance(dimension, Fixed):
+        out["weights"] = Fixed(absolute(dimension.value))
+    elif isinstance(dimension, Choice):
+        out["weights"] = Choice(tuple(absolute(option) for option in dimension.options))
+    return out
+
+
 def sample(trial, space: Mapping[str, Dimension]) -> dict:
     """`train` keyword arguments for one Optuna trial: fixed values as they are, the rest suggested."""
     params = dict(TRIAL_BASE)

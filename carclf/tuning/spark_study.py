@@ -42,7 +42,7 @@ from collections.abc import Mapping
 
 from carclf.tuning.champion import save_trial_weights, summarise
 from carclf.tuning.progress import TrialProgress, finished_states
-from carclf.tuning.search_space import Dimension, describe, sample
+from carclf.tuning.search_space import Dimension, describe, sample, with_absolute_paths
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +68,15 @@ class TrialDiverged(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Threads
 # --------------------------------------------------------------------------------------------------
-def local_slots(master: str) -> int | None:
-    """Task slots of a ``local[N]`` / ``local[*]`` / ``local`` master; None for a cluster."""
-    if master == "local":
-        return 1
-    if master.startswith("local[") and master.endswith("]"):
-        inner = master[len("local[") : -1].split(",")[0].strip()
-        return os.cpu_count() or 1 if inner == "*" else max(1, int(inner))
-    return None
-
-
 def trials_per_host(spark, parallel: int) -> int:
-    """How many trials run at once on one machine: they share its cores."""
-    from carclf.compute.spark_session import session_master
+    """How many trials run at once on one machine: they share its cores. Read through ``spark.conf``, which a
+    Spark Connect session has too: a local master's threads, else a cluster executor's task slots."""
+    from carclf.compute.spark_session import local_slots, server_conf
 
-    slots = local_slots(session_master(spark))
+    slots = local_slots(server_conf(spark, "spark.master", "") or "")
     if slots is None:
-        try:
-            conf = spark.sparkContext.getConf()
-            slots = max(1, int(conf.get("spark.executor.cores", "1")) // int(conf.get("spark.task.cpus", "1")))
-        except Exception:  # Spark Connect: no SparkContext to ask
-            slots = 1
+        cores = int(server_conf(spark, "spark.executor.cores", "1"))
+        slots = max(1, cores // int(server_conf(spark, "spark.task.cpus", "1")))
     return max(1, min(int(parallel), slots))
 
 
@@ -164,6 +152,9 @@ class TrialObjective:
     tracking_uri: str
     concurrent_per_host: int
     study_name: str
+    # Tests: this trial number fails (FAIL_TRIAL_ENV, read on the driver: a trial's environment is its
+    # executor's, e.g. a Connect server's).
+    fail_trial: int | None = None
 
     def __call__(self, trial) -> float:
         import mlflow
@@ -190,8 +181,7 @@ class TrialObjective:
                 RunTag("mlflow.runName", f"{self.study_name}-trial-{trial.number}"),
             ],
         )
-        fail = os.environ.get(FAIL_TRIAL_ENV)
-        reporter = make_pruning_callback(trial, int(fail) if fail else None)
+        reporter = make_pruning_callback(trial, self.fail_trial)
         checkpoint_dir = tempfile.mkdtemp(prefix=f"carclf-trial-{trial.number}-")
         client = MlflowClient()
         try:
@@ -315,8 +305,14 @@ def run_study(
     from mlflow.tracking import MlflowClient
 
     from carclf.compute.spark_session import get_spark
+    from carclf.data.input_pipeline import absolute_paths
 
     require_maximizing_study(MlflowSparkStudy)
+    # The trials run in Spark tasks (a cluster's executors, a Connect server's Python workers) whose working
+    # directory is not this one: every path they get is made absolute here, before the study starts.
+    train_data, val_data = absolute_paths(train_data), absolute_paths(val_data)
+    test_data = absolute_paths(test_data) if test_data else ""
+    space = with_absolute_paths(space)
     tracking_uri = executor_tracking_uri(mlflow.get_tracking_uri())
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
@@ -374,7 +370,16 @@ def run_study(
 
     failed_tasks = None
     if remaining > 0:
-        objective = TrialObjective(dict(space), str(train_data), str(val_data), tracking_uri, concurrent, study_name)
+        fail = os.environ.get(FAIL_TRIAL_ENV)
+        objective = TrialObjective(
+            dict(space),
+            str(train_data),
+            str(val_data),
+            tracking_uri,
+            concurrent,
+            study_name,
+            fail_trial=int(fail) if fail else None,
+        )
         study = MlflowSparkStudy(
             study_name,
             storage,
