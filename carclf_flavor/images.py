@@ -255,7 +255,7 @@ def _to_rgb_uint8(array: np.ndarray) -> np.ndarray:
         bgr = array[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
         return cv2.cvtColor(np.rint(bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
     if channels == 3 and array.flags.c_contiguous and array.flags.writeable:
-        # In place: a 7000x7000 photo is 147 MB of pixels, and a second copy of them would double the peak.
+        # In place: a 7000x7000 photo is 147 MB of pixels; a converted copy would hold them twice at once.
         return cv2.cvtColor(array, cv2.COLOR_BGR2RGB, dst=array)
     return cv2.cvtColor(array[:, :, :3], cv2.COLOR_BGR2RGB)
 
