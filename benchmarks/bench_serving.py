@@ -19,7 +19,12 @@ BENCH_SERVING_BATCHES (3 timed batches of 32), BENCH_SERVING_LATENCY_N (30 singl
 4. issue 14: a decompression bomb (a 20000x20000 PNG, 1.2 MB encoded, 1.2 GB decoded) sent to the worker of
    `mlflow models serve -w 1`: rise of the worker's peak RSS for one request (target < 100 MB) and three at once
    (target < 300 MB), beside the rise for one ordinary 700x500 JPEG (the baseline), and the RSS left afterwards.
-BENCH_SERVING_SECTIONS picks sections: "speed" (1-3), "bomb" (4); default both.
+5. pixel budget: 1, 10 and 80 copies of a 7000x7000 PNG (143 KB encoded, 49 megapixels, under the per-photo
+   limit) in one request to `mlflow models serve -w 1`, before (budgets disabled: CARCLF_MAX_REQUEST_PIXELS
+   and CARCLF_MAX_DECODING_PIXELS set past any request) and after (the defaults), both in the same run: HTTP
+   status, time and rise of the worker's peak RSS per request (target: 80 refused in < 1 s with < +50 MB).
+   A small ResNet-18 serves it: the photos' decoding, not the network, is what is measured.
+BENCH_SERVING_SECTIONS picks sections: "speed" (1-3), "bomb" (4), "budget" (5); default all three.
 """
 
 from __future__ import annotations
@@ -150,6 +155,71 @@ def bomb_section(model_dir: pathlib.Path) -> None:
     )
 
 
+def budget_section(work: pathlib.Path) -> None:
+    import keras
+    import requests
+
+    import carclf_flavor
+    from carclf_flavor.images import PreprocessSettings
+    from carclf_flavor.resnet import build_resnet
+    from tests.helpers_hostile import PeakRSS, bomb_png, process_tree
+
+    keras.utils.set_random_seed(0)
+    model_dir = work / "budget_model"
+    carclf_flavor.save_model(
+        build_resnet(depth=18, num_classes=10, image_size=224, width=0.25),
+        model_dir,
+        [f"car model {i}" for i in range(10)],
+        preprocessing=PreprocessSettings(image_size=224, crop="none"),
+        inference_precision="float32",
+    )
+    png = bomb_png(7000, 7000)
+    photo = base64.b64encode(png).decode("ascii")
+    counts = [int(n) for n in os.environ.get("BENCH_SERVING_BUDGET_COUNTS", "1,10,80").split(",")]
+    disabled = {"CARCLF_MAX_REQUEST_PIXELS": str(10**12), "CARCLF_MAX_DECODING_PIXELS": str(10**12)}
+    figures = {}
+    for label, env in (("after", {}), ("before", disabled)):  # after first: a timed-out "before" keeps its CPU
+        server = Server(model_dir, **env)
+        try:
+            worker = max(process_tree(server.process.pid), key=lambda pid: PeakRSS(pid).rss_mb())
+            warm = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[photo]]}})
+            requests.post(server.url + "/invocations", data=warm, headers={"Content-Type": "application/json"})
+            for count in counts:
+                body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[photo]] * count}})
+                with PeakRSS(worker) as peak:
+                    start = time.perf_counter()
+                    response = requests.post(
+                        server.url + "/invocations",
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                        timeout=600,
+                    )
+                    seconds = time.perf_counter() - start
+                text = response.text
+                message = (
+                    json.loads(text).get("message", "") if text.startswith("{") and response.status_code != 200 else ""
+                )
+                figures[label, count] = (response.status_code, seconds, peak.rise_mb, message)
+        finally:
+            server.close()
+    print(f"budget: 7000x7000 PNG, {len(png) / 1e3:.0f} KB encoded, 49.0 megapixels; before = budgets disabled")
+    for count in counts:
+        for label in ("before", "after"):
+            status, seconds, rise, message = figures[label, count]
+            print(
+                f"budget: {count:3d} in one request, {label:6s}: HTTP {status} in {seconds:7.2f} s, "
+                f"worker peak RSS rise {rise:+8.1f} MB  {message[:110]}"
+            )
+        (_, before_s, before_mb, _), (_, after_s, after_mb, _) = figures["before", count], figures["after", count]
+        print(
+            f"budget: {count:3d} in one request, after/before: time x{after_s / before_s:.3f}, "
+            f"peak RSS rise {after_mb:+.1f} vs {before_mb:+.1f} MB"
+        )
+    if 80 in counts:
+        status, seconds, rise, _ = figures["after", 80]
+        print(f"budget: 80 refused (HTTP {status}) in {seconds:.2f} s with {rise:+.1f} MB (target: < 1 s, < +50 MB)")
+
+
 def interleaved_throughput(calls: dict, batch: list[bytes], repeats: int) -> dict:
     """img/s of each call on the same batch, measured in turns so that load from other processes on the
     machine (it is shared) falls on all of them alike."""
@@ -253,6 +323,15 @@ def main() -> int:
         f"bench_serving: ResNet-{DEPTH} at {IMAGE_SIZE} px, {NUM_CLASSES} classes, batch {BATCH} of 700x500 JPEGs, "
         f"{BATCHES} timed batches, {LATENCY_N} latency calls; CPUs: {os.cpu_count()}; base64: {base64_decoder()}"
     )
+    sections = set(os.environ.get("BENCH_SERVING_SECTIONS", "speed,bomb,budget").split(","))
+    if "budget" in sections:
+        budget_work = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_budget_"))
+        try:
+            budget_section(budget_work)
+        finally:
+            shutil.rmtree(budget_work, ignore_errors=True)
+        if not sections & {"speed", "bomb"}:
+            return 0
     keras.utils.set_random_seed(0)
     network = build_resnet(depth=DEPTH, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_"))
@@ -268,7 +347,6 @@ def main() -> int:
         calibration_data=np.random.default_rng(1).integers(0, 256, (32, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
     )
     del network
-    sections = set(os.environ.get("BENCH_SERVING_SECTIONS", "speed,bomb").split(","))
     if "bomb" in sections:
         bomb_section(model_dir)
     if "speed" not in sections:

@@ -11,7 +11,10 @@ Public API (in the style of ``mlflow.keras``: this file only re-exports):
   ``classify_pixels(pixels, top_k)``: ``carclf_flavor.classifier``.
 - The pyfunc wrapper, request parsing and ``RequestLimits``: ``carclf_flavor.pyfunc``.
 - ``InvalidInputError``: the ``MlflowException`` (INVALID_PARAMETER_VALUE, HTTP 400) raised for bad requests,
-  built on first access (PEP 562) so that importing this package does not import MLflow: ``carclf_flavor.errors``.
+  built on first access (PEP 562) so that importing this package does not import MLflow, and
+  ``InternalModelError`` (INTERNAL_ERROR, HTTP 500: an unexpected failure in predict, one line);
+  ``ModelFileError``: a model file refused at load: ``carclf_flavor.errors``.
+- The pixel budgets per request and per process: ``carclf_flavor.budget``.
 - ``input_schema()``, ``params_schema()``, ``default_signature()`` and the request columns:
   ``carclf_flavor.signature``.
 - The network: ``carclf_flavor.resnet`` (architecture, fusion), ``carclf_flavor.pretrained`` (ImageNet weight
@@ -27,7 +30,7 @@ from __future__ import annotations
 from carclf_flavor import errors as _errors
 from carclf_flavor.classifier import INFERENCE_CHUNK, CarClassifier
 from carclf_flavor.environment import get_default_conda_env, get_default_pip_requirements
-from carclf_flavor.errors import first_problem_message
+from carclf_flavor.errors import ModelFileError, first_problem_message
 from carclf_flavor.images import ImageDecodeError, PreprocessSettings
 from carclf_flavor.layout import CLASSES_FILE, DATA_SUBPATH, FLAVOR_NAME, MODEL_FILE, PREPROCESSING_FILE
 from carclf_flavor.load import MAX_PIXELS_ENV_VAR, _load_from_data_dir, _load_pyfunc, load_model
@@ -59,8 +62,8 @@ from carclf_flavor.version import __version__
 
 
 def __getattr__(name):  # PEP 562: `carclf_flavor.InvalidInputError` without importing MLflow up front
-    if name == "InvalidInputError":
-        return _errors._invalid_input_error_class()
+    if name in ("InvalidInputError", "InternalModelError"):
+        return getattr(_errors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -88,7 +91,9 @@ __all__ = [
     "PREPROCESSING_FILE",
     "CarClassifier",
     "ImageDecodeError",
+    "InternalModelError",
     "InvalidInputError",
+    "ModelFileError",
     "PreprocessSettings",
     "RequestLimits",
     "__version__",

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from carclf_flavor.budget import PROCESS_DECODING
 from carclf_flavor.errors import first_problem_message
-from carclf_flavor.images import ImageDecodeError, PreprocessSettings, prepare_photo
+from carclf_flavor.images import ImageDecodeError, PhotoHeader, PreprocessSettings, prepare_photo
 from carclf_flavor.signature import DEFAULT_TOP_K
 
 # Images per network call: bounds activation memory whatever the request's batch size.
@@ -82,12 +83,15 @@ class CarClassifier:
 
     # -- preprocessing ------------------------------------------------------------------------------
     def _prepare_one(self, image, bbox) -> np.ndarray:
-        # Bytes or a uint8 array, through the one preparation the training data went through (same bbox policy).
+        # Bytes, a header read from them, or a uint8 array, through the one preparation the training data went
+        # through (same bbox policy); decodes share the process's pixel budget, whichever request they serve.
         if isinstance(image, (bytearray, memoryview)):
             image = bytes(image)
-        if not isinstance(image, (bytes, np.ndarray)) or (isinstance(image, np.ndarray) and image.dtype == object):
+        if not isinstance(image, (bytes, np.ndarray, PhotoHeader)) or (
+            isinstance(image, np.ndarray) and image.dtype == object
+        ):
             raise ImageDecodeError(f"expected encoded image bytes or a uint8 array, got {type(image).__name__}")
-        return prepare_photo(image, bbox, self.settings)
+        return prepare_photo(image, bbox, self.settings, decoding=PROCESS_DECODING)
 
     def _prepare_or_problem(self, image, bbox) -> tuple[np.ndarray | None, str | None]:
         try:

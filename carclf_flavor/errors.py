@@ -8,26 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-_invalid_input_class = None
+_error_classes: dict = {}
 
 
-def _invalid_input_error_class():
-    """Build the MlflowException subclass on first use (importing MLflow costs ~2 s; images.py users skip it)."""
-    global _invalid_input_class
-    if _invalid_input_class is None:
+def _one_line_error_class(name: str):
+    """An MlflowException subclass whose message stays the one line it was built with (built on first use:
+    importing MLflow costs ~2 s and images.py users skip it).
+
+    MLflow's scoring server rewrites ``e.message`` to "Failed to predict data '<repr of the whole input
+    DataFrame>'. Error: ..." before answering; that repr holds raw image bytes and spans many lines, so the
+    message set at construction is kept. No stack trace is attached: the client's answer is that one line.
+    """
+    if name not in _error_classes:
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-        class InvalidInputError(MlflowException):
-            """A bad request (image, bbox or parameter): HTTP 400 with a one-line message, no stack trace.
+        error_code = {"InvalidInputError": INVALID_PARAMETER_VALUE, "InternalModelError": INTERNAL_ERROR}[name]
 
-            MLflow's scoring server rewrites ``e.message`` to "Failed to predict data '<repr of the whole
-            input DataFrame>'. Error: ..." before answering; that repr holds raw image bytes and spans many
-            lines, so the message set at construction is kept.
-            """
-
+        class OneLineError(MlflowException):
             def __init__(self, message: str):
-                super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+                super().__init__(message, error_code=error_code)
                 self.__dict__["_frozen_message"] = str(message)
 
             @property
@@ -39,22 +39,39 @@ def _invalid_input_error_class():
                 if "_frozen_message" not in self.__dict__:
                     self.__dict__["_message"] = value
 
-        # Its public home (carclf_flavor.__getattr__ hands it out): repr and pickling name that module.
-        InvalidInputError.__module__ = "carclf_flavor"
-        InvalidInputError.__qualname__ = "InvalidInputError"
-        _invalid_input_class = InvalidInputError
-    return _invalid_input_class
+        OneLineError.__doc__ = {
+            "InvalidInputError": "A bad request (image, bbox or parameter): HTTP 400 with a one-line message.",
+            "InternalModelError": "An unexpected failure inside predict: HTTP 500 with a one-line message.",
+        }[name]
+        # Their public home (carclf_flavor.__getattr__ hands them out): repr and pickling name that module.
+        OneLineError.__module__ = "carclf_flavor"
+        OneLineError.__name__ = OneLineError.__qualname__ = name
+        _error_classes[name] = OneLineError
+    return _error_classes[name]
 
 
-def __getattr__(name):  # PEP 562: `InvalidInputError` without importing MLflow up front
-    if name == "InvalidInputError":
-        return _invalid_input_error_class()
+def _invalid_input_error_class():
+    return _one_line_error_class("InvalidInputError")
+
+
+def __getattr__(name):  # PEP 562: the error classes without importing MLflow up front
+    if name in ("InvalidInputError", "InternalModelError"):
+        return _one_line_error_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def invalid_input(message: str):
     """An ``InvalidInputError`` (HTTP 400) with this one-line message."""
-    return _invalid_input_error_class()(message)
+    return _one_line_error_class("InvalidInputError")(message)
+
+
+def internal_error(message: str):
+    """An ``InternalModelError`` (HTTP 500) with this one-line message."""
+    return _one_line_error_class("InternalModelError")(message)
+
+
+class ModelFileError(ValueError):
+    """A saved model's file that cannot be served (unreadable, malformed, disagreeing with the network)."""
 
 
 def first_problem_message(problems: Sequence[str | None], item: str, hint: str = "") -> str | None:

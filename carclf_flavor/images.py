@@ -31,7 +31,7 @@ Bounding-box policy (the same for training data and serving, for bytes and array
   skips and lists that photo, the served model answers that row with the error;
 - ``crop_margin`` pixels are then added around the (clamped) box, clamped to the photo again.
 
-Only numpy, OpenCV and Pillow are imported: this module ships inside every saved model.
+Only numpy, OpenCV, Pillow and ``carclf_flavor.budget`` are imported: this module ships inside every saved model.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image
+
+from carclf_flavor.budget import DecodingPixels
 
 CROP_MODES = ("bbox", "none")
 RESIZE_MODES = ("stretch", "pad")
@@ -252,6 +254,9 @@ def _to_rgb_uint8(array: np.ndarray) -> np.ndarray:
         alpha = array[:, :, 3:4].astype(np.float32) / 255.0
         bgr = array[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
         return cv2.cvtColor(np.rint(bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
+    if channels == 3 and array.flags.c_contiguous and array.flags.writeable:
+        # In place: a 7000x7000 photo is 147 MB of pixels; a converted copy would hold them twice at once.
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB, dst=array)
     return cv2.cvtColor(array[:, :, :3], cv2.COLOR_BGR2RGB)
 
 
@@ -426,26 +431,51 @@ def choose_reduction(region_w: int, region_h: int, image_size: int) -> int:
     return 1
 
 
-def decode_region(header: PhotoHeader, region: tuple[int, int, int, int], min_side: int) -> np.ndarray:
+def decoded_pixels(header: PhotoHeader, reduce: int = 1) -> int:
+    """The pixels ``decode_photo(header, reduce)`` holds: a JPEG decodes at 1/reduce per side, the rest whole."""
+    width, height = header.stored_size
+    if header.format in ("JPEG", "MPO") and int(reduce) > 1:
+        return max(1, width // int(reduce)) * max(1, height // int(reduce))
+    return width * height
+
+
+def decode_region(
+    header: PhotoHeader, region: tuple[int, int, int, int], min_side: int, decoding: DecodingPixels | None = None
+) -> np.ndarray:
     """``region`` (displayed source pixels) of the photo, decoded at the cheapest JPEG scale that keeps the
-    region's short side >= ``min_side`` (so the region comes back at 1, 1/2, 1/4 or 1/8 of its source size)."""
+    region's short side >= ``min_side`` (so the region comes back at 1, 1/2, 1/4 or 1/8 of its source size).
+
+    ``decoding``: the process's budget of pixels decoding at once (``carclf_flavor.budget``); the decode waits
+    for its share of it, and the region is copied out before the share is released.
+    """
     x1, y1, x2, y2 = region
-    image = decode_photo(header, choose_reduction(x2 - x1, y2 - y1, int(min_side)))
-    return _cut(image, region, header.size)
+    reduce = choose_reduction(x2 - x1, y2 - y1, int(min_side))
+    if decoding is None:
+        return _cut(decode_photo(header, reduce), region, header.size)
+    with decoding.hold(decoded_pixels(header, reduce)):
+        return np.array(_cut(decode_photo(header, reduce), region, header.size))
 
 
-def prepare_photo(photo, bbox: Sequence[int] | None, settings: PreprocessSettings, *, return_box: bool = False):
+def prepare_photo(
+    photo,
+    bbox: Sequence[int] | None,
+    settings: PreprocessSettings,
+    *,
+    return_box: bool = False,
+    decoding: DecodingPixels | None = None,
+):
     """A photo -> the (S, S, 3) RGB uint8 pixels the network sees; training data and serving both call this.
 
-    ``photo``: encoded bytes (bytearray/memoryview too), a ``pathlib.Path`` to read them from, or a uint8
-    RGB array (H, W, 3). ``bbox``: (x1, y1, x2, y2) in source pixels or None; used as the module docstring's
+    ``photo``: encoded bytes (bytearray/memoryview too), a ``pathlib.Path`` to read them from, a
+    ``PhotoHeader`` already read from them (not yet decoded), or a uint8 RGB array (H, W, 3). ``bbox``: (x1, y1, x2, y2) in source pixels or None; used as the module docstring's
     bbox policy says (only with ``crop="bbox"``; clamped; a bad box raises ``BoundingBoxError`` naming it).
     The header is parsed once (``read_photo_header``), the box checked before any pixel is decoded, and a
     JPEG decoded at the reduced scale the crop allows (``decode_region``), then cropped and resized.
 
     ``return_box=True`` returns ``(pixels, box, clamped)``: the box the crop used (the whole photo when
     ``crop="none"`` or no box) and whether it was clamped to the photo. Raises ``ImageDecodeError`` with a
-    one-line message for anything unusable.
+    one-line message for anything unusable. ``decoding``: see ``decode_region`` (a server's process budget;
+    the crop and resize run inside the decode's share, so its full-size pixels are gone when it is released).
     """
     if isinstance(photo, np.ndarray):
         if photo.dtype != np.uint8:
@@ -464,9 +494,14 @@ def prepare_photo(photo, bbox: Sequence[int] | None, settings: PreprocessSetting
                     photo = file.read()
             except OSError as exc:
                 raise ImageDecodeError(f"cannot read file ({exc.strerror or exc})") from None
-        header = read_photo_header(photo, settings.max_pixels)
+        header = photo if isinstance(photo, PhotoHeader) else read_photo_header(photo, settings.max_pixels)
         width, height = header.size
         box, clamped = box_used(bbox, width, height, settings)
         region = _with_margin(box, width, height, settings)
-        pixels = _to_square(decode_region(header, region, int(settings.image_size)), settings)
+        if decoding is None:
+            pixels = _to_square(decode_region(header, region, int(settings.image_size)), settings)
+        else:
+            reduce = choose_reduction(region[2] - region[0], region[3] - region[1], int(settings.image_size))
+            with decoding.hold(decoded_pixels(header, reduce)):
+                pixels = _to_square(decode_region(header, region, int(settings.image_size)), settings)
     return (pixels, box, clamped) if return_box else pixels

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import logging
 import math
 import numbers
 import os
@@ -18,8 +19,16 @@ import sys
 
 import numpy as np
 
+from carclf_flavor.budget import (
+    DEFAULT_MAX_DECODING_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    MAX_DECODING_PIXELS_ENV_VAR,
+    MAX_REQUEST_PIXELS_ENV_VAR,
+    RequestPixels,
+)
 from carclf_flavor.classifier import CarClassifier
-from carclf_flavor.errors import first_problem_message, invalid_input
+from carclf_flavor.errors import first_problem_message, internal_error, invalid_input
+from carclf_flavor.images import read_photo_header
 from carclf_flavor.signature import (
     AUTO_ERROR_MODE,
     BBOX_COLUMNS,
@@ -31,6 +40,8 @@ from carclf_flavor.signature import (
     TOP_K_FORMATS,
     top_k_as_json,
 )
+
+_logger = logging.getLogger("mlflow.carclf")
 
 ERRORS_ENV_VAR = "CARCLF_ERRORS"
 # Azure ML's inference server (`azmlinfsrv`, which runs Azure's no-code MLflow scoring script) answers any
@@ -192,6 +203,8 @@ class RequestLimits:
 
     max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST
     max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_pixels: int = DEFAULT_MAX_REQUEST_PIXELS  # summed over the request's photos (carclf_flavor.budget)
+    max_decoding_pixels: int = DEFAULT_MAX_DECODING_PIXELS  # decoding at once in this process, all requests
     default_errors: str = "raise"
     errors_reason: str = ""
 
@@ -205,6 +218,12 @@ class RequestLimits:
             ),
             max_bytes=_limit_from(
                 MAX_REQUEST_BYTES_ENV_VAR, model_config, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES
+            ),
+            max_pixels=_limit_from(
+                MAX_REQUEST_PIXELS_ENV_VAR, model_config, "max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS
+            ),
+            max_decoding_pixels=_limit_from(
+                MAX_DECODING_PIXELS_ENV_VAR, model_config, "max_decoding_pixels", DEFAULT_MAX_DECODING_PIXELS
             ),
             default_errors=default_errors,
             errors_reason=errors_reason,
@@ -284,10 +303,16 @@ class _CarClassifierPyfunc:
         bbox_values = data[list(BBOX_COLUMNS)].to_numpy(dtype=object) if present else None
         return data, bbox_values
 
-    def _iter_rows(self, data, bbox_values):
-        """(image bytes or array, bbox or None, problem or None) per row, read as the caller iterates (so that
-        decoding of the first rows overlaps the base64 decoding of the next); request limits raise."""
+    def _read_rows(self, data, bbox_values) -> list:
+        """(photo header or array, bbox or None, problem or None) per row; the request limits raise.
+
+        Every row is read (base64, then the photo's header: format, size, per-photo limit) before any photo is
+        decoded, so that a request over its pixel budget is refused whole without decoding anything.
+        """
         total_bytes = 0
+        pixels = RequestPixels(self.limits.max_pixels)
+        max_photo_pixels = self.classifier.settings.max_pixels
+        rows = []
         for row, value in enumerate(data[IMAGE_COLUMN].tolist()):
             problem, image, bbox = None, None, None
             try:
@@ -300,6 +325,15 @@ class _CarClassifierPyfunc:
                         f"request's images add up to more than {self.limits.max_bytes} bytes by row {row} "
                         f"({MAX_REQUEST_BYTES_ENV_VAR}); send smaller batches"
                     )
+                if isinstance(image, np.ndarray):
+                    photo_pixels = image.shape[0] * image.shape[1] if image.ndim >= 2 else image.size
+                else:
+                    image = read_photo_header(image, max_photo_pixels)
+                    photo_pixels = image.stored_size[0] * image.stored_size[1]
+                try:
+                    pixels.add(row, photo_pixels)
+                except ValueError as exc:
+                    raise invalid_input(str(exc)) from None
                 if bbox_values is not None:
                     values = bbox_values[row]
                     missing = [c for c, v in zip(BBOX_COLUMNS, values) if _is_missing(v)]
@@ -311,9 +345,27 @@ class _CarClassifierPyfunc:
                         bbox = tuple(_as_int(v, c) for c, v in zip(BBOX_COLUMNS, values))
             except ValueError as exc:
                 problem = str(exc)
-            yield (image if problem is None else b""), bbox, problem
+            rows.append(((image if problem is None else b""), bbox, problem))
+        return rows
 
     def predict(self, data, params: dict | None = None):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._predict(data, params)
+        except MlflowException:
+            raise
+        except Exception as exc:
+            # Whatever went wrong, the client gets one line (MLflow's own handler would put the stack trace in
+            # the answer's body); the server's log gets the whole of it.
+            _logger.exception("carclf predict failed")
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise internal_error(
+                f"internal error in the carclf model ({type(exc).__name__}: {first_line}); the server log has "
+                "the details"
+            ) from None
+
+    def _predict(self, data, params):
         import pandas as pd
 
         top_k, errors, top_k_format = self._params(params)
@@ -321,7 +373,7 @@ class _CarClassifierPyfunc:
         # Rows already bad are not decoded; the rest go through the same preprocessing as the training data,
         # decoded while the network runs on the rows before them.
         results, problems = self.classifier.classify_rows(
-            self._iter_rows(table, bbox_values), top_k, stop_at_problem=errors == "raise"
+            self._read_rows(table, bbox_values), top_k, stop_at_problem=errors == "raise"
         )
         if errors == "raise" and (
             message := first_problem_message(problems, "row", "; params errors=coerce scores the good ones")

@@ -14,6 +14,7 @@ import tempfile
 
 import numpy as np
 
+from carclf_flavor.budget import DEFAULT_MAX_DECODING_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
 from carclf_flavor.environment import get_default_pip_requirements
 from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.layout import CLASSES_FILE, DATA_SUBPATH, FLAVOR_NAME, MODEL_FILE, PREPROCESSING_FILE
@@ -193,12 +194,15 @@ def save_model(
         code=code_dir_subpath,
         # Declared so that `mlflow.pyfunc.load_model(uri, model_config={...})` may override them at load
         # time; the environment variables (CARCLF_INFERENCE_PRECISION, CARCLF_MAX_PIXELS,
-        # CARCLF_MAX_IMAGES_PER_REQUEST, CARCLF_MAX_REQUEST_BYTES, CARCLF_ERRORS) still win.
+        # CARCLF_MAX_IMAGES_PER_REQUEST, CARCLF_MAX_REQUEST_BYTES, CARCLF_MAX_REQUEST_PIXELS,
+        # CARCLF_MAX_DECODING_PIXELS, CARCLF_ERRORS) still win.
         model_config={
             "inference_precision": inference_precision,
             "max_pixels": int(settings.max_pixels),
             "max_images_per_request": DEFAULT_MAX_IMAGES_PER_REQUEST,
             "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
+            "max_request_pixels": DEFAULT_MAX_REQUEST_PIXELS,
+            "max_decoding_pixels": DEFAULT_MAX_DECODING_PIXELS,
             # auto: coerce under Azure's inference server, raise elsewhere (carclf_flavor.pyfunc); an explicit
             # value here, as models saved with "raise" carry, still wins everywhere.
             "errors": AUTO_ERROR_MODE,

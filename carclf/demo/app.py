@@ -12,6 +12,9 @@ other web framework, no CDN: the page is plain HTML/CSS/JS from ``demo_static/``
   preprocess + network), ``heatmap_ms``, ``heatmap`` (a JPEG data URL: the Grad-CAM of the top class over the
   part of the photo the network saw) and ``region`` (that part, in source pixels). A bad photo is an HTTP
   400 (413 when too large) with ``{"error": "<file>: <one line>"}``; nothing a request sends stops the server.
+  The served model's pixel budgets hold here too (``carclf_flavor.budget``, read from the same environment
+  variables): a photo above the per-request budget is a 413 before it is decoded, decodes share the process's
+  budget, and at most ``max_concurrent_predictions`` photos are analysed at once (the others wait their turn).
 - ``GET /ping``: 200 once the model is loaded (the app is only built after loading it).
 
 Photos are classified through ``CarClassifier.preprocess`` and ``predict_pixels``, the same two calls the
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_FILES = 20
+# Photos analysed at once; the rest wait. Each one holds its decoded photo, the network's activations and the
+# Grad-CAM's gradients: unbounded, 20 parallel uploads of a 7000x7000 PNG took the server to 5.9 GB.
+DEFAULT_MAX_CONCURRENT_PREDICTIONS = 2
 TOP_K = 5
 # The heatmap picture's longest side: enough to see the car, small enough to send back as a data URL.
 HEATMAP_DISPLAY_PX = 480
@@ -151,6 +157,7 @@ class PhotoAnalyser:
         import cv2
 
         from carclf.reporting.gradcam import heatmap_to_region, overlay_heatmap
+        from carclf_flavor.budget import PROCESS_DECODING
         from carclf_flavor.images import crop_region, decode_region, read_photo_header
 
         # The network's region (the flavor's bbox policy), decoded again at display size rather than at the
@@ -158,7 +165,7 @@ class PhotoAnalyser:
         settings = self.classifier.settings
         header = read_photo_header(data, settings.max_pixels)
         x1, y1, x2, y2 = crop_region(bbox, *header.size, settings)
-        region = decode_region(header, (x1, y1, x2, y2), HEATMAP_DISPLAY_PX)
+        region = decode_region(header, (x1, y1, x2, y2), HEATMAP_DISPLAY_PX, decoding=PROCESS_DECODING)
         scale = min(1.0, HEATMAP_DISPLAY_PX / max(region.shape[:2]))
         shown_w, shown_h = max(1, round(region.shape[1] * scale)), max(1, round(region.shape[0] * scale))
         if (shown_w, shown_h) != (region.shape[1], region.shape[0]):
@@ -176,8 +183,12 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_files: int = DEFAULT_MAX_FILES,
     top_k: int = TOP_K,
+    max_concurrent_predictions: int = DEFAULT_MAX_CONCURRENT_PREDICTIONS,
 ):
-    """The Starlette app serving the page for a loaded ``CarClassifier``."""
+    """The Starlette app serving the page for a loaded ``CarClassifier``; the pixel budgets come from the
+    environment as for the served model (``carclf_flavor.pyfunc.RequestLimits``)."""
+    import asyncio
+
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -188,7 +199,16 @@ def create_app(
         raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
     if int(max_files) < 1:
         raise ValueError(f"max_files must be >= 1, got {max_files}")
+    if int(max_concurrent_predictions) < 1:
+        raise ValueError(f"max_concurrent_predictions must be >= 1, got {max_concurrent_predictions}")
     max_upload_bytes, max_files = int(max_upload_bytes), int(max_files)
+    from carclf_flavor.budget import PROCESS_DECODING, RequestPixels
+    from carclf_flavor.images import read_photo_header
+    from carclf_flavor.pyfunc import RequestLimits
+
+    limits = RequestLimits.from_environment()
+    PROCESS_DECODING.set_capacity(limits.max_decoding_pixels)
+    prediction_slots = asyncio.Semaphore(int(max_concurrent_predictions))
     analyser = PhotoAnalyser(classifier, top_k)
     info = {
         "name": card.name,
@@ -205,6 +225,7 @@ def create_app(
         "resize_mode": classifier.settings.resize_mode,
         "max_upload_bytes": max_upload_bytes,
         "max_files": max_files,
+        "max_request_pixels": limits.max_pixels,
         "top_k": int(top_k),
         "heatmap_layer": analyser.gradcam.layer_name,
     }
@@ -247,7 +268,17 @@ def create_app(
         if not body:
             return error(400, f"{name}: the file is empty (0 bytes)")
         try:
-            answer = await run_in_threadpool(analyser.analyse, bytes(body), bbox)
+            # The header only (no pixel decoded): the same checks and budget as a REST request's rows.
+            header = read_photo_header(bytes(body), classifier.settings.max_pixels)
+        except ValueError as exc:
+            return error(400, f"{name}: {exc}")
+        try:
+            RequestPixels(limits.max_pixels).add(0, header.stored_size[0] * header.stored_size[1])
+        except ValueError as exc:
+            return error(413, f"{name}: {exc}")
+        try:
+            async with prediction_slots:
+                answer = await run_in_threadpool(analyser.analyse, bytes(body), bbox)
         except (PhotoError, ValueError) as exc:  # ImageDecodeError is a ValueError
             return error(400, f"{name}: {exc}")
         except Exception as exc:  # one bad upload must never take the page down
