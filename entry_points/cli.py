@@ -9,7 +9,6 @@ public key (or $CARCLF_MODEL_PUBLIC_KEY), its OpenSSF model-signing signature. E
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -45,8 +44,6 @@ def verify(model_uri: str, public_key=None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # MLflow's download progress bar would add carriage-return lines around the one line this prints.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
 
     try:

@@ -70,7 +70,8 @@ def download_verified(model_uri: str, dst_path, public_key=None) -> VerifiedMode
     import mlflow
 
     key = pathlib.Path(os.fspath(public_key)).expanduser() if public_key not in (None, "") else None
-    local = pathlib.Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model_uri), dst_path=str(dst_path)))
+    with _no_progress_bar():
+        local = pathlib.Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model_uri), dst_path=str(dst_path)))
     if local.is_file():
         raise ModelVerificationError(f"{model_uri}: is a single file, not a model folder")
     try:
@@ -80,6 +81,21 @@ def download_verified(model_uri: str, dst_path, public_key=None) -> VerifiedMode
     except ModelVerificationError as exc:
         raise ModelVerificationError(f"{model_uri}: {exc}") from None
     return VerifiedModel(local, files, key, (local / SIGNATURE_FILE).is_file())
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow's download progress bar would wrap carriage-return lines around the one line a refusal prints."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 @contextlib.contextmanager
