@@ -10,9 +10,13 @@
     data/model_int8.xml, .bin    only when int8 passed validation: the int8 network (OpenVINO IR)
     code/carclf_flavor/          this package: the model loads with only requirements.txt installed
     requirements.txt, conda.yaml, python_env.yaml, serving_input_example.json, input_example.json
+    carclf-manifest.json         written last: the SHA-256 of every other file (carclf_flavor.manifest)
+    carclf-model.sig             only when saved with a signing key: OpenSSF model-signing signature of the folder
 
 Nothing is unpickled at load time: the network is a ``.keras`` file loaded with ``safe_mode=True`` and every
-other piece is JSON. These names are read back from models saved by every earlier version: never rename them.
+other piece is JSON. The folder still holds code: MLflow imports ``code/carclf_flavor`` to load the model, so
+only a folder whose manifest and signature were checked is trusted. These names are read back from models
+saved by every earlier version: never rename them.
 """
 
 FLAVOR_NAME = "carclf"
@@ -20,3 +24,5 @@ DATA_SUBPATH = "data"
 MODEL_FILE = "model.keras"
 CLASSES_FILE = "classes.json"
 PREPROCESSING_FILE = "preprocessing.json"
+MANIFEST_FILE = "carclf-manifest.json"
+SIGNATURE_FILE = "carclf-model.sig"

@@ -1,7 +1,9 @@
 """``save_model`` / ``log_model``: a Keras classifier, its class names and preprocessing as a carclf MLflow model.
 
 The files written are described in ``carclf_flavor.layout``. The package itself is copied into the model
-(``code/carclf_flavor``), so a saved model loads with only its ``requirements.txt`` installed.
+(``code/carclf_flavor``), so a saved model loads with only its ``requirements.txt`` installed. The last file
+written is the manifest (``carclf_flavor.manifest``); with a signing key the folder is then signed
+(``carclf_flavor.signing``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from carclf_flavor.budget import DEFAULT_MAX_DECODING_PIXELS, DEFAULT_MAX_REQUES
 from carclf_flavor.environment import get_default_pip_requirements
 from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.layout import CLASSES_FILE, DATA_SUBPATH, FLAVOR_NAME, MODEL_FILE, PREPROCESSING_FILE
+from carclf_flavor.manifest import write_manifest
 from carclf_flavor.precision import validate_precision
 from carclf_flavor.pyfunc import AUTO_ERROR_MODE, DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES
 from carclf_flavor.signature import _normalise_input_example, default_signature
+from carclf_flavor.signing import sign_model, signing_key_from
 from carclf_flavor.version import __version__
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
@@ -89,6 +93,7 @@ def save_model(
     inference_precision: str = "auto",
     calibration_data=None,
     validation_data=None,
+    signing_key=None,
 ):
     """Save a Keras classifier (uint8 (S, S, 3) RGB in, class probabilities out) as a carclf MLflow model.
 
@@ -104,6 +109,8 @@ def save_model(
     warning. The outcome is in ``data/int8.json`` and the MLmodel metadata (``carclf_int8``).
     ``signature`` defaults to ``default_signature()`` (pass False for none); ``input_example`` defaults to a
     small JPEG (bytes, an image path or a DataFrame with an ``image`` column are accepted).
+    ``signing_key``: path of an elliptic-curve private key PEM (default: $CARCLF_SIGNING_KEY; none: unsigned);
+    the folder is signed with OpenSSF model-signing into ``carclf-model.sig``. Every model gets the manifest.
     """
     import yaml
     from mlflow import pyfunc
@@ -128,6 +135,7 @@ def save_model(
     if inference_precision == "int8" and calibration_data is None:
         raise ValueError("inference_precision='int8' needs calibration_data (images to quantize the network with)")
     names = read_class_names(class_names)
+    signing_key = signing_key_from(signing_key)  # a missing key file fails before anything is written
     image_size, num_outputs = _model_io_shape(model)
     if num_outputs != len(names):
         raise ValueError(f"the model has {num_outputs} outputs but {len(names)} class names were given")
@@ -242,6 +250,9 @@ def save_model(
         write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
     _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+    write_manifest(path)  # last: it covers every file above
+    if signing_key is not None:
+        sign_model(path, signing_key)
     return mlflow_model
 
 
@@ -262,6 +273,7 @@ def log_model(
     inference_precision: str = "auto",
     calibration_data=None,
     validation_data=None,
+    signing_key=None,
     registered_model_name=None,
     await_registration_for=None,
     params=None,
@@ -298,6 +310,7 @@ def log_model(
         inference_precision=inference_precision,
         calibration_data=calibration_data,
         validation_data=validation_data,
+        signing_key=signing_key,
         registered_model_name=registered_model_name,
         await_registration_for=DEFAULT_AWAIT_MAX_SLEEP_SECONDS
         if await_registration_for is None

@@ -4,7 +4,9 @@
     python -m entry_points.demo --model-uri models:/carclf/1 [--port 8080] [--host 127.0.0.1]
 
 Loads the model through the flavor (``carclf_flavor.load_model``) and serves ``carclf.demo.app`` with
-uvicorn on loopback by default; open the printed address in a browser. Ctrl+C stops it.
+uvicorn on loopback by default; open the printed address in a browser. Ctrl+C stops it. With
+``-P public_key=pub.pem`` (or $CARCLF_MODEL_PUBLIC_KEY) the model is checked against its manifest and signature
+first and a tampered or unsigned one is refused in one line (``carclf.verification.model_check``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
 from carclf.compute.ports import AddressInUse, check_address_free
 from carclf.demo.app import DEFAULT_MAX_FILES, DEFAULT_MAX_UPLOAD_BYTES
+from carclf.verification.model_check import PUBLIC_KEY_ENV_VAR, ModelVerificationError, verified_model_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ class DemoConfig:
     port: int = param(8080, "port to listen on")
     max_upload_mb: float = param(DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024), "largest photo accepted, in MiB")
     max_files: int = param(DEFAULT_MAX_FILES, "photos per drop")
+    public_key: str = param(
+        "", f"refuse the model unless it is signed for this EC public key PEM (default: ${PUBLIC_KEY_ENV_VAR})"
+    )
 
 
 def demo(config: DemoConfig | None = None, **overrides) -> None:
@@ -76,7 +82,8 @@ def demo(config: DemoConfig | None = None, **overrides) -> None:
     if not _is_loopback(host):
         log.warning("serving on %s: the page is reachable from other machines (it has no authentication)", host)
     log.info("loading %s", model_uri)
-    classifier = carclf_flavor.load_model(model_uri)
+    with verified_model_uri(model_uri, c.public_key) as checked_uri:
+        classifier = carclf_flavor.load_model(checked_uri)
     card = describe_model(model_uri)
     app = create_app(
         classifier, card, max_upload_bytes=int(float(max_upload_mb) * 1024 * 1024), max_files=int(max_files)
@@ -97,7 +104,7 @@ def build_parser():
 def _error_line(exc: BaseException, config: DemoConfig) -> str | None:
     from mlflow.exceptions import MlflowException
 
-    if isinstance(exc, DemoError):
+    if isinstance(exc, (DemoError, ModelVerificationError)):
         return str(exc)
     if isinstance(exc, MlflowException):
         return f"{config.model_uri}: {str(exc.message).splitlines()[0]}"

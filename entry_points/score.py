@@ -26,6 +26,9 @@ Spark (``mlflow.pyfunc.spark_udf``; a local Spark, a cluster, or Spark Connect w
         [--spark-master local[*]]
 
 Bad images do not stop a Spark job: they get a null prediction and an ``error`` text (``errors=coerce``).
+With ``--public-key pub.pem`` (or $CARCLF_MODEL_PUBLIC_KEY) the model is downloaded once, checked against its
+manifest and signature (``carclf.verification.model_check``), and that checked copy is what Spark loads; a
+tampered or unsigned model is refused in one line before Spark starts.
 
 This module is the step's CLI; the clients are ``carclf.scoring.rest_client`` and ``carclf.scoring.spark_batch``.
 """
@@ -46,6 +49,7 @@ from carclf.compute.spark_session import SparkSetupError
 from carclf.scoring.errors import ScoringError
 from carclf.scoring.rest_client import score_files
 from carclf.scoring.spark_batch import score_folder_spark
+from carclf.verification.model_check import PUBLIC_KEY_ENV_VAR, ModelVerificationError, verified_model_uri
 
 __all__ = ["ScoreSparkConfig", "build_parser", "format_table", "main", "parse_bbox"]
 
@@ -93,6 +97,9 @@ class ScoreSparkConfig:
         "local[*]",
         "Spark master URL for --spark (local[N], spark://host:7077, sc://host:15002 for Spark Connect); "
         "an active session (Databricks) is used as is",
+    )
+    public_key: str = param(
+        "", f"--spark: refuse the model unless it is signed for this EC public key PEM (default: ${PUBLIC_KEY_ENV_VAR})"
     )
 
 
@@ -172,13 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if missing:
                 raise ScoringError(f"--spark needs {', '.join(missing)}")
             config = config_from_args(ScoreSparkConfig, args)
-            count = score_folder_spark(
-                config.model_uri,
-                config.input_dir,
-                config.output,
-                top_k=config.top_k,
-                spark_master=config.spark_master,
-            )
+            with verified_model_uri(config.model_uri, config.public_key) as model_uri:
+                count = score_folder_spark(
+                    model_uri,
+                    config.input_dir,
+                    config.output,
+                    top_k=config.top_k,
+                    spark_master=config.spark_master,
+                )
             print(f"scored {count} images -> {args.output}")
             return 0
         if not args.files:
@@ -194,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             azure_key=key,
             deployment=deployment,
         )
-    except (ScoringError, SparkSetupError) as exc:
+    except (ScoringError, SparkSetupError, ModelVerificationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -104,6 +104,8 @@ COVERAGE = [
     ),
     (r"mlflow run \. --env-manager local -P deploy_target=carclf-local", "test_main_with_deploy_target"),
     (r"mlflow run \. --env-manager local -e demo -P model_uri=models:/carclf/1", "test_demo_page"),
+    (r"openssl ec.*", "test_signing_commands"),
+    (r"carclf verify .*", "test_signing_commands"),
 ]
 
 
@@ -714,3 +716,29 @@ def test_main_with_deploy_target(world):
     finally:
         world.run(["mlflow", "deployments", "delete", "-t", "carclf-local", "--name", "carclf-sample"], ok=False)
     assert not (world.deploy_home / "carclf-sample.json").exists()
+
+
+def test_signing_commands(tmp_path, monkeypatch):
+    """The README's key pair signs a model (CARCLF_SIGNING_KEY, as train picks it up) that `carclf verify` accepts
+    with the public key, and refuses once a line is appended to its shipped code."""
+    import carclf_flavor
+    from helpers_flavor import CLASS_NAMES, build_tiny_resnet
+
+    make_private, make_public, verify_command = commands_for("test_signing_commands")
+    for command in (make_private, make_public):
+        subprocess.run(shlex.split(command), cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    monkeypatch.setenv("CARCLF_SIGNING_KEY", str(tmp_path / "signing-key.pem"))
+    carclf_flavor.save_model(build_tiny_resnet(), tmp_path / "model", CLASS_NAMES)
+    argv = adapt(
+        verify_command,
+        text={"carclf verify": f"{sys.executable} -m entry_points.cli verify"},
+        tokens={"models:/carclf/1": str(tmp_path / "model")},
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    good = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert good.returncode == 0 and "signature good for signing-key.pub.pem" in good.stdout, good
+    with open(tmp_path / "model" / "code" / "carclf_flavor" / "__init__.py", "a") as handle:
+        handle.write("print('ran on load')\n")
+    bad = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad
+    assert "code/carclf_flavor/__init__.py changed since it was saved" in bad.stderr

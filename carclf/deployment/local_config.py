@@ -6,6 +6,7 @@ Shared by the plugin (``local_target``), its state records (``local_state``) and
 from __future__ import annotations
 
 import functools
+import pathlib
 import re
 
 import click
@@ -16,7 +17,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 TARGET_NAME = "carclf-local"
 FLAVOR = "python_function"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-CONFIG_KEYS = {"port", "workers", "timeout", "host", "home", "startup_timeout"}
+CONFIG_KEYS = {"port", "workers", "timeout", "host", "home", "startup_timeout", "public_key"}
 DEFAULTS = {"host": "127.0.0.1", "workers": 1, "timeout": 60, "startup_timeout": 180}
 
 
@@ -98,4 +99,6 @@ def parse_config(config: dict | None) -> dict:
         parsed["host"] = str(config["host"]).strip()
     if config.get("home"):
         parsed["home"] = str(config["home"])
+    if config.get("public_key"):
+        parsed["public_key"] = str(pathlib.Path(str(config["public_key"])).expanduser().resolve())
     return parsed

@@ -10,7 +10,10 @@ Registered in pyproject under the `mlflow.deployments` entry-point group, so the
     mlflow deployments delete  -t carclf-local --name cars
 
 Each deployment is a detached `mlflow models serve` process group (it outlives the CLI that created it)
-plus a JSON record in the state folder. Health is always measured live: process alive (checked against
+plus a JSON record in the state folder. With a public key (`-C public_key=pub.pem` or $CARCLF_MODEL_PUBLIC_KEY)
+create/update/run-local download the model once, check it against its manifest and signature, and serve that
+checked copy (kept under the state folder's `verified/` while the deployment lives); a tampered or unsigned
+model is refused in one line and nothing is started. Health is always measured live: process alive (checked against
 its recorded start time, so a recycled pid is not mistaken for ours) and `/ping` answering.
 MLflow's plugin contract: this module holds exactly one BaseDeploymentClient subclass, plus top-level
 `run_local` and `target_help`. Its pieces live beside it: `local_config` (names, `-C` options, the error),
@@ -27,9 +30,11 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
@@ -65,6 +70,7 @@ from carclf.deployment.local_server import (
 from carclf.deployment.local_state import StateStore, default_home
 from carclf.deployment.model_uri import registered_model_parts, stage_refusal
 from carclf.deployment.process_group import process_alive, process_start_time, stop_process_group
+from carclf.verification.model_check import ModelVerificationError, download_verified, public_key_from
 
 __all__ = [
     "CONFIG_KEYS",
@@ -136,6 +142,28 @@ def _check_model(model_uri: str, flavor: str | None) -> None:
         )
 
 
+def _verified_copy(model_uri: str, public_key, folder: pathlib.Path) -> pathlib.Path | None:
+    """With a key (config or $CARCLF_MODEL_PUBLIC_KEY): the checked copy of the model under ``folder``, which the
+    server then loads, so what was checked is what runs. None without a key."""
+    try:
+        key = public_key_from(public_key)
+        if key is None:
+            return None
+        folder.mkdir(parents=True)
+        return download_verified(model_uri, folder, key).path
+    except ModelVerificationError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise DeploymentError(f"refusing to serve {exc}", INVALID_PARAMETER_VALUE) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _remove_verified_copy(record: dict) -> None:
+    if record.get("verified_copy"):
+        shutil.rmtree(record["verified_copy"], ignore_errors=True)
+
+
 def _versions() -> dict:
     import mlflow
 
@@ -201,7 +229,10 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
         store.ensure()
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         log_path = store.logs / f"{name}-{stamp}.log"
-        command = serve_command(model_uri, host, port, workers, timeout)
+        public_key = settings.get("public_key")
+        copy_folder = store.home / "verified" / f"{name}-{stamp}"
+        checked = _verified_copy(model_uri, public_key, copy_folder)
+        command = serve_command(checked or model_uri, host, port, workers, timeout)
         # Detached: the server outlives the CLI that started it (stop_process_group stops its whole tree).
         process = start_server(command, log_path, _server_env())
         start_time = process_start_time(process.pid)
@@ -211,6 +242,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             stop_process_group(process.pid, start_time, grace_s=5.0)
             with contextlib.suppress(Exception):
                 process.wait(timeout=1)
+            shutil.rmtree(copy_folder, ignore_errors=True)
             raise DeploymentError(
                 f"deployment {name!r} of {model_uri} failed to start: {reason}. Server log {log_path}, last "
                 f"lines:\n{log_tail(log_path)}"
@@ -226,6 +258,8 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
             "timeout": timeout,
             "startup_timeout": startup_timeout,
             "command": command,
+            "public_key": str(public_key_from(public_key)) if checked is not None else None,
+            "verified_copy": str(copy_folder) if checked is not None else None,
         }
 
     def _describe(self, record: dict) -> dict:
@@ -275,6 +309,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                 store.write(record)
             except BaseException:
                 stop_process_group(server["pid"], server["pid_start_time"])
+                _remove_verified_copy(server)
                 raise
         _logger.info("deployment %s serving %s at %s (pid %s)", name, model_uri, server["url"], server["pid"])
         return self._describe(record)
@@ -292,7 +327,9 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                 )
             new_uri = model_uri or old["model_uri"]
             _check_model(new_uri, flavor)
-            merged = {k: old[k] for k in ("host", "workers", "timeout", "startup_timeout") if k in old}
+            # An update keeps checking signatures with the key the deployment was created with.
+            keys = ("host", "workers", "timeout", "startup_timeout", "public_key")
+            merged = {k: old[k] for k in keys if old.get(k) is not None}
             merged.update(settings)
             old_alive = process_alive(old.get("pid", 0), old.get("pid_start_time"))
             # Blue-green: the new server must be healthy before the record switches; the old one keeps
@@ -315,8 +352,10 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                 store.write(record)
             except BaseException:
                 stop_process_group(server["pid"], server["pid_start_time"])
+                _remove_verified_copy(server)
                 raise
             stop_process_group(old.get("pid", 0), old.get("pid_start_time"))
+            _remove_verified_copy(old)
             with contextlib.suppress(OSError):
                 if old.get("log_path") and old["log_path"] != record["log_path"]:
                     os.unlink(old["log_path"])
@@ -334,6 +373,7 @@ class CarclfLocalDeploymentClient(BaseDeploymentClient):
                 _logger.info("no deployment named %s in %s; nothing to delete", name, store.home)
                 return
             stop_process_group(record.get("pid", 0), record.get("pid_start_time"))
+            _remove_verified_copy(record)
             with contextlib.suppress(OSError):
                 if record.get("log_path"):
                     os.unlink(record["log_path"])
@@ -426,18 +466,20 @@ def run_local(name, model_uri, flavor=None, config=None):
     _check_model(model_uri, flavor)
     host = settings.get("host", DEFAULTS["host"])
     port = settings.get("port") or 5000
-    command = serve_command(
-        model_uri,
-        host,
-        port,
-        settings.get("workers", DEFAULTS["workers"]),
-        settings.get("timeout", DEFAULTS["timeout"]),
-    )
-    print(f"serving {model_uri} as {name!r} at {serving_url(host, port)} (Ctrl-C stops)", flush=True)
-    try:
-        result = subprocess.run(command, env=_server_env(), check=False)
-    except KeyboardInterrupt:
-        return None
+    with tempfile.TemporaryDirectory(prefix="carclf-verified-") as folder:
+        checked = _verified_copy(model_uri, settings.get("public_key"), pathlib.Path(folder, "model"))
+        command = serve_command(
+            checked or model_uri,
+            host,
+            port,
+            settings.get("workers", DEFAULTS["workers"]),
+            settings.get("timeout", DEFAULTS["timeout"]),
+        )
+        print(f"serving {model_uri} as {name!r} at {serving_url(host, port)} (Ctrl-C stops)", flush=True)
+        try:
+            result = subprocess.run(command, env=_server_env(), check=False)
+        except KeyboardInterrupt:
+            return None
     if result.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
         raise DeploymentError(f"`mlflow models serve` exited with code {result.returncode}")
     return None
@@ -457,6 +499,8 @@ Config (-C key=value) for create / update / run-local:
   timeout=S          request timeout in seconds (mlflow models serve -t, default 60)
   startup_timeout=S  how long create/update wait for /ping (default 180)
   home=DIR           state folder (also accepted by delete)
+  public_key=PEM     serve only a model signed for this EC public key (default: $CARCLF_MODEL_PUBLIC_KEY);
+                     an update keeps checking with the key the deployment was created with
 
 create starts the server and waits for /ping (server log tail on failure, nothing recorded);
 update is blue-green (new server healthy -> record switched -> old server stopped; a failed update leaves

@@ -1,0 +1,1 @@
+"""Checking a model folder before anything loads it: manifest digests and signature."""
