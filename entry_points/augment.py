@@ -26,6 +26,7 @@ from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
 from carclf.compute.spark_session import SparkSetupError
 from carclf.data.hdf5_dataset import DatasetError
+from carclf.files.atomic import OutputWriteError
 
 _STRENGTHS = AugmentParams()  # the op strengths' defaults live in AugmentParams
 
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         _PROG,
         __doc__.splitlines()[0],
         argv,
-        expected_errors=(AugmentError, DatasetError, SparkSetupError),
+        expected_errors=(AugmentError, DatasetError, SparkSetupError, OutputWriteError),
         print_result=_print_summary,
     )
 

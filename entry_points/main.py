@@ -206,14 +206,24 @@ def pipeline(config: MainConfig | None = None, **overrides) -> dict:
     }
 
 
-def next_commands(model_uri: str, sample_photo: str | None) -> str:
+def next_commands(model_uri: str, sample_photo: str | None, tracking_uri: str | None = None) -> str:
+    """What to run next; the runs' UI is the one of the store they went to (``MLFLOW_TRACKING_URI``)."""
+    import mlflow
+
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     lines = [
         "Next steps:",
         f"  mlflow models serve -m {model_uri} --env-manager local -p 5000",
     ]
     if sample_photo:
         lines.append(f"  python -m entry_points.score --url http://127.0.0.1:5000 {sample_photo}")
-    lines.append("  mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    scheme = tracking_uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        lines.append(f"  open {tracking_uri} (the tracking server's UI)")
+    elif scheme in ("databricks", "azureml", "databricks-uc"):
+        lines.append(f"  the runs are in {tracking_uri}: open them in that workspace's UI")
+    else:
+        lines.append(f"  mlflow ui --backend-store-uri {tracking_uri}")
     return "\n".join(lines)
 
 

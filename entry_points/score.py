@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from carclf.cli.cli_args import parse_int
 from carclf.cli.step_config import OneLineErrorParser, add_arguments, config_from_args, param
 from carclf.compute.spark_session import SparkSetupError
+from carclf.files.atomic import OutputWriteError
 from carclf.scoring.errors import ScoringError
 from carclf.scoring.rest_client import score_files
 from carclf.scoring.spark_batch import score_folder_spark
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             azure_key=key,
             deployment=deployment,
         )
-    except (ScoringError, SparkSetupError, ModelVerificationError) as exc:
+    except (ScoringError, SparkSetupError, ModelVerificationError, OutputWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -117,6 +117,7 @@ def test_lifecycle_through_mlflow_deployments_cli(tmp_path, deploy_home):
     assert client.list_deployments() == []
     # Deleting again is not an error (MLflow's contract: deletion is idempotent).
     client.delete_deployment("cars")
+    assert not (deploy_home / ".cars.lock").exists()  # nothing of the deployment is left
 
 
 def test_failed_create_reports_log_tail_and_leaves_nothing(tmp_path, deploy_home):
@@ -126,10 +127,27 @@ def test_failed_create_reports_log_tail_and_leaves_nothing(tmp_path, deploy_home
         client.create_deployment("cars", broken)
     message = failure.value.message
     assert "failed to start" in message and "fails to load" in message  # the server's own log tail
-    assert not (deploy_home / "cars.json").exists()
+    assert not (deploy_home / "cars.json").exists() and not (deploy_home / ".cars.lock").exists()
     assert client.list_deployments() == []
     with pytest.raises(MlflowException, match="no deployment named"):
         client.get_deployment("cars")
+
+
+def test_the_lock_file_lives_as_long_as_the_record(tmp_path):
+    from carclf.deployment.local_state import StateStore
+
+    store = StateStore(tmp_path / "home")
+    lock = store.home / ".cars.lock"
+    with store.lock("cars"):
+        assert lock.exists()
+        store.write({"name": "cars", "pid": 0})
+    assert lock.exists()  # the record exists: the lock stays for its next update
+    with store.lock("cars"):
+        store.remove("cars")
+    assert not lock.exists() and not store.path("cars").exists()
+    with store.lock("ghost"):  # deleting a name that has no record
+        pass
+    assert sorted(p.name for p in store.home.iterdir()) == ["logs"]
 
 
 def test_missing_model_and_wrong_flavor_fail_before_any_server_starts(deploy_home):

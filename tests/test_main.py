@@ -129,3 +129,21 @@ def test_step_failure_marks_parent_failed_and_names_the_step(project_env, first_
     assert "augment" in parent.data.tags["carclf.failed_step"]
     failed_child = _children(runs, parent.info.run_id)["augment"]
     assert failed_child.info.status == "FAILED"
+
+
+@pytest.mark.parametrize(
+    "tracking_uri, expected",
+    [
+        ("sqlite:////data/runs/mlflow.db", "  mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db"),
+        ("http://127.0.0.1:5005", "  open http://127.0.0.1:5005 (the tracking server's UI)"),
+        ("databricks", "  the runs are in databricks: open them in that workspace's UI"),
+    ],
+)
+def test_next_steps_name_the_store_the_runs_went_to(tracking_uri, expected, monkeypatch):
+    from entry_points.main import next_commands
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    printed = next_commands("models:/carclf/1", None).splitlines()
+    assert printed[-1] == expected
+    assert "sqlite:///mlflow.db" not in "\n".join(printed[:-1])

@@ -400,7 +400,7 @@ def test_mlflow_run_entry_point(stanford, tmp_path, repo_root, mlflow_store):
     )
     result = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {"train.h5", "val.h5", "test.h5"}
+    assert {p.name for p in out.iterdir()} == {"train.h5", "val.h5", "test.h5", "splits.json"}
     run = the_run()
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.project.entryPoint"] == "preprocess"
@@ -491,7 +491,7 @@ def test_next_run_removes_partials_of_killed_runs_only(stanford, tmp_path, caplo
             run_preprocess(stanford, out)
         assert not stale.exists() and not shards.exists()
         assert live.exists()  # its writer still runs
-        assert {p.name for p in out.iterdir()} == {"train.h5", "val.h5", "test.h5", live.name}
+        assert {p.name for p in out.iterdir()} == {"train.h5", "val.h5", "test.h5", "splits.json", live.name}
         lines = [r.getMessage() for r in caplog.records if "partial file" in r.getMessage()]
         assert len(lines) == 1 and "\n" not in lines[0]
         assert f"removed 2 partial file(s) left in {out} by runs that were killed" in lines[0]

@@ -15,7 +15,8 @@ import h5py
 
 from carclf.augmentation.errors import AugmentError
 from carclf.augmentation.transforms import AugmentParams
-from carclf.data.hdf5_dataset import DatasetInfo, read_dataset_info
+from carclf.data.hdf5_dataset import DatasetInfo, estimated_split_bytes, read_dataset_info
+from carclf.files.atomic import check_room_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +65,16 @@ class AugmentJob:
 def prepare_job(
     input, output, *, copies: int, keep_original: bool, params: AugmentParams, seed: int, partitions: int = 0
 ) -> AugmentJob:
-    """Validate the parameters and read the input's metadata; AugmentError or DatasetError name the problem."""
+    """Validate the parameters, read the input's metadata and check the output's disk has room for it;
+    AugmentError, DatasetError or OutputWriteError name the problem."""
     copies, seed, partitions = int(copies), int(seed), int(partitions)
     input_path, output_path = _validate(input, output, copies, keep_original, seed, partitions)
     info, split = read_input_meta(str(input_path))
     spec = JobSpec(input=str(input_path), copies=copies, keep_original=bool(keep_original), params=params, seed=seed)
+    rows = info.num_images * spec.rows_per_source
+    # File names of the copies are the source's with a suffix: the input's own average is a fair bound.
+    needed = estimated_split_bytes(rows, info.image_size, name_bytes=rows * 128, num_classes=info.num_classes)
+    check_room_for(output_path.parent, needed, output_path.name)
     return AugmentJob(spec, input_path, output_path, info, split, partitions)
 
 

@@ -7,12 +7,15 @@ Schema (every split file, whoever writes it: preprocess, augment):
 - ``filenames``   UTF-8 strings (N,) source file of each image
 - ``bboxes``      int32  (N, 4) x1, y1, x2, y2 in source pixels: the box the crop used (whole photo: crop=none or no box)
 - ``source_index`` int64 (N,) optional: row of the source file an augmented image came from (-1: original)
-- attributes: ``image_size``, ``crop``, ``crop_margin``, ``resize_mode``, ``carclf_version``, ``split``
+- attributes: ``image_size``, ``crop``, ``crop_margin``, ``resize_mode``, ``carclf_version``, ``split``;
+  ``output_set`` (preprocess): an id shared by the files one run wrote together, so that files of two runs
+  are never combined by mistake (``check_compatible``)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pathlib
 from collections.abc import Sequence
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 import h5py
 import numpy as np
 
-from carclf.files.atomic import StagedFile
+from carclf.files.atomic import OutputWriteError, StagedFile, free_bytes, settle_output_set, write_error
 from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.version import __version__
 
@@ -31,6 +34,128 @@ _STR = h5py.string_dtype(encoding="utf-8")
 
 class DatasetError(ValueError):
     """An HDF5 file that is not a usable carclf dataset; the message names the file and the problem."""
+
+
+# HDF5's own bytes per row beside the pixels (labels, box, source index, the file name's heap entry and its
+# chunk index entries), and per file (superblock, object headers, class names): measured on files of 32 to
+# 224 px and rounded up, so that a check against free space errs on the safe side.
+_ROW_OVERHEAD = 256
+_FILE_OVERHEAD = 256 * 2**10
+
+
+def estimated_split_bytes(rows: int, image_size: int, name_bytes: int = 0, num_classes: int = 0) -> int:
+    """Bytes a split file of ``rows`` images of ``image_size`` px will take (an upper estimate);
+    ``name_bytes``: the total length of the rows' file names."""
+    size = int(image_size)
+    return int(rows) * (size * size * 3 + _ROW_OVERHEAD) + int(name_bytes) + 64 * int(num_classes) + _FILE_OVERHEAD
+
+
+class _WriteGuard(io.RawIOBase):
+    """The file under an HDF5 writer (h5py's file-object driver), which never lets HDF5 see a failed write.
+
+    libhdf5 does not recover from a write that fails half-way through its own bookkeeping (a full disk while
+    it evicts metadata, grows a dataset or closes the file): ids are left half released and h5py then crashes
+    the process (segmentation fault) when it frees them. Here the first failed write is kept in ``error``
+    and that write and every later one land in memory pages instead, which later reads see; HDF5 stays
+    consistent, the writer raises ``error`` as one line after the call that hit it, and the file is discarded.
+    """
+
+    _PAGE = 4096
+
+    def __init__(self, path: pathlib.Path):
+        super().__init__()
+        self._file = open(path, "w+b", buffering=0)  # noqa: SIM115  (closed in close())
+        self._pos = 0
+        self.error: OSError | None = None
+        self._pages: dict[int, bytearray] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            self._pos = offset
+        elif whence == 1:
+            self._pos += offset
+        else:
+            self._pos = self._size() + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _size(self) -> int:
+        size = os.fstat(self._file.fileno()).st_size
+        if self._pages:
+            size = max(size, (max(self._pages) + 1) * self._PAGE)
+        return size
+
+    def _disk_page(self, index: int) -> bytearray:
+        page = bytearray(self._PAGE)
+        data = os.pread(self._file.fileno(), self._PAGE, index * self._PAGE)
+        page[: len(data)] = data
+        return page
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if not self._pages:
+            count = os.preadv(self._file.fileno(), [view], self._pos)
+        else:
+            count, pos = 0, self._pos
+            while count < len(view):
+                index, start = divmod(pos, self._PAGE)
+                page = self._pages.get(index) or self._disk_page(index)
+                take = min(self._PAGE - start, len(view) - count)
+                view[count : count + take] = page[start : start + take]
+                count, pos = count + take, pos + take
+        self._pos += count
+        return count
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                written = 0
+                while written < len(view):
+                    written += os.pwrite(self._file.fileno(), view[written:], self._pos + written)
+                self._pos += written
+                return written
+            except OSError as exc:
+                self.error = exc
+        pos, done = self._pos, 0
+        while done < len(view):
+            index, start = divmod(pos, self._PAGE)
+            page = self._pages.get(index)
+            if page is None:
+                page = self._pages[index] = self._disk_page(index)
+            take = min(self._PAGE - start, len(view) - done)
+            page[start : start + take] = view[done : done + take]
+            done, pos = done + take, pos + take
+        self._pos += done
+        return done
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self._file.fileno(), size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._file.close()
+        self._pages.clear()
+        super().close()
 
 
 class HDF5SplitWriter:
@@ -65,9 +190,40 @@ class HDF5SplitWriter:
         self._staged = StagedFile(self.path)
         self.tmp_path = self._staged.work_path
         size = int(settings.image_size)
-        self._file = h5py.File(self.tmp_path, "w")
-        f = self._file
         initial = max(0, int(expected_rows))
+        self.estimated_bytes = estimated_split_bytes(initial, size, num_classes=len(class_names)) if initial else None
+        self._free_at_start = free_bytes(self.tmp_path.parent)
+        self.images = self.labels = self.filenames = self.bboxes = self.source_index = None
+        try:
+            self._guard = _WriteGuard(self.tmp_path)
+            self._file = h5py.File(self._guard, "w")
+        except (OSError, RuntimeError) as exc:
+            self._staged.discard()
+            raise self._write_error(exc) from None
+        try:
+            self._create(class_names, settings, split, with_source_index, initial, attrs, preallocate_images)
+            self._check()
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, (OSError, RuntimeError)):
+                raise self._write_error(exc) from None
+            raise
+        self.count = 0
+        self._capacity = initial
+
+    def _write_error(self, exc: BaseException):
+        return write_error(
+            self.path, exc, self.estimated_bytes, folder=self.tmp_path.parent, free_at_start=self._free_at_start
+        )
+
+    def _check(self) -> None:
+        """Raise the write error the file's guard kept, if any (as one line, see _WriteGuard)."""
+        if self._guard.error is not None:
+            raise self._write_error(self._guard.error)
+
+    def _create(self, class_names, settings, split, with_source_index, initial, attrs, preallocate_images) -> None:
+        f = self._file
+        size = int(settings.image_size)
         self.row_bytes = size * size * 3
         self.images_offset: int | None = None
         if preallocate_images and initial:
@@ -104,8 +260,6 @@ class HDF5SplitWriter:
         # Extra file attributes of the step that wrote the file (e.g. augment's settings).
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
-        self.count = 0
-        self._capacity = initial
 
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:
@@ -116,12 +270,19 @@ class HDF5SplitWriter:
         self._capacity = capacity
 
     def _datasets(self):
-        out = [self.images, self.labels, self.filenames, self.bboxes]
-        if self.source_index is not None:
-            out.append(self.source_index)
-        return out
+        return [
+            ds for ds in (self.images, self.labels, self.filenames, self.bboxes, self.source_index) if ds is not None
+        ]
 
     def append(self, images: np.ndarray, labels, filenames, bboxes, source_index=None) -> None:
+        """Add rows; a failed write (no space, ...) is an OutputWriteError line naming the file."""
+        try:
+            self._append(images, labels, filenames, bboxes, source_index)
+        except (OSError, RuntimeError) as exc:
+            raise self._write_error(self._guard.error or exc) from None
+        self._check()
+
+    def _append(self, images, labels, filenames, bboxes, source_index) -> None:
         images = np.asarray(images, dtype=np.uint8)
         n = len(images)
         if n == 0:
@@ -139,21 +300,38 @@ class HDF5SplitWriter:
             self.source_index[start:stop] = values
         self.count = stop
 
-    def commit(self) -> pathlib.Path:
+    def finish(self) -> pathlib.Path:
+        """Complete and close the file; returns its partial path beside ``path``, ready to be renamed (alone:
+        ``commit``, or with other files: ``carclf.files.atomic.commit_output_set``)."""
         for ds in self._datasets():
             if ds.maxshape[0] is None:
                 ds.resize(self.count, axis=0)
             elif ds.shape[0] != self.count:  # a preallocated block: every row must have been written
                 raise ValueError(f"{self.path}: {self.count} rows written into a block of {ds.shape[0]}")
-        self._file.attrs["num_images"] = self.count
-        self._file.close()
-        return self._staged.publish()
+        try:
+            self._file.attrs["num_images"] = self.count
+            self._file.close()
+            self._check()
+            self._guard.close()
+            return self._staged.land()
+        except (OSError, RuntimeError) as exc:
+            raise self._write_error(self._guard.error or exc) from None
+
+    def commit(self) -> pathlib.Path:
+        self.finish()
+        try:
+            return self._staged.publish()
+        except OSError as exc:
+            raise self._write_error(exc) from None
 
     def abort(self) -> None:
+        """Close and remove the partial file (after a failed write too: HDF5 never saw it, see _WriteGuard)."""
         try:
             self._file.close()
         except Exception:
             pass
+        self.images = self.labels = self.filenames = self.bboxes = self.source_index = None
+        self._guard.close()
         self._staged.discard()
 
     def __enter__(self):
@@ -202,6 +380,7 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     settings: PreprocessSettings
     has_source_index: bool
+    output_set: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -215,6 +394,11 @@ def _decode_strings(values) -> list[str]:
 def read_dataset_info(path: os.PathLike | str) -> DatasetInfo:
     """Open and validate a split file; any problem is a DatasetError naming the file."""
     path = pathlib.Path(path)
+    try:
+        settle_output_set(path.parent)  # a set being committed (or whose commit was killed) is made whole first
+    except OSError as exc:
+        detail = str(exc) if isinstance(exc, OutputWriteError) else f"{path.parent}: {exc.strerror or exc}"
+        raise DatasetError(f"{detail} (finishing an interrupted commit of the files there)") from None
     if not path.exists():
         raise DatasetError(f"{path}: no such file")
     try:
@@ -256,6 +440,7 @@ def read_dataset_info(path: os.PathLike | str) -> DatasetInfo:
             class_names=class_names,
             settings=settings,
             has_source_index="source_index" in f,
+            output_set=_decode_strings([f.attrs.get("output_set", "")])[0],
         )
 
 
@@ -273,6 +458,16 @@ def check_compatible(infos: Sequence[DatasetInfo]) -> None:
         if other.image_size != first.image_size:
             raise DatasetError(
                 f"{other.path}: image size {other.image_size} differs from {first.path} ({first.image_size})"
+            )
+    written_together: dict[pathlib.Path, DatasetInfo] = {}
+    for info in infos:
+        if not info.output_set:
+            continue
+        folder = info.path.resolve().parent
+        seen = written_together.setdefault(folder, info)
+        if seen.output_set != info.output_set:
+            raise DatasetError(
+                f"{info.path} and {seen.path} were written by different preprocess runs; run preprocess again"
             )
 
 

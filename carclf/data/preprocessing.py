@@ -6,8 +6,9 @@
 - ``iter_processed``: ``process_photo`` over many photos in worker processes (``multiprocessing.Pool.imap``:
   results arrive in input order, so the output does not depend on timing); decoded images come back through
   shared memory, and at most a few chunks are in flight, so memory stays bounded whatever the dataset size.
-- ``write_splits``: the single HDF5 writer: all three files under temporary names, renamed only when every split
-  is complete; skipped photos and clamped boxes counted and named.
+- ``write_splits``: the single HDF5 writer: all three files and their manifest ``splits.json`` under temporary
+  names, committed as one set (``carclf.files.atomic.commit_output_set``) only when every split is complete, after
+  a check that the disk has room for them; skipped photos and clamped boxes counted and named.
 - ``log_results``, ``class_count_chart``, ``sample_crops_grid``: what the step logs to its MLflow run.
 
 Workers start through a fork server (a plain fork of a process whose OpenCV thread pool has run can
@@ -17,6 +18,8 @@ deadlock inside OpenCV), so a script calling ``preprocess()`` with workers != 1 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -28,14 +31,16 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from carclf.data.hdf5_dataset import HDF5SplitWriter
+from carclf.data.hdf5_dataset import HDF5SplitWriter, estimated_split_bytes
 from carclf.data.readers import DataLayoutError, ImageRecord, SourceDataset, stratified_split
-from carclf.files.atomic import remove_stale_partials
+from carclf.files.atomic import check_room_for, commit_output_set, partial_path, remove_stale_partials, write_error
 from carclf_flavor.images import ImageDecodeError, PreprocessSettings, prepare_photo
+from carclf_flavor.version import __version__
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+MANIFEST = "splits.json"  # what one run wrote into the folder: the set's id, files, counts and settings
 WRITE_BATCH = 64  # images buffered per split before one HDF5 write
 CHUNKS_IN_FLIGHT = 4  # per worker: enough to keep workers busy, few enough to bound memory
 MAX_LOGGED_SKIPS = 20
@@ -230,11 +235,19 @@ def write_splits(
     skipped: list[tuple[str, str]] = []
     clamped: list[str] = []
     labels: dict[str, list[int]] = {split: [] for split in SPLITS}
+    output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(output_dir, log)
+    check_room_for_splits(plan, dataset, output_dir, settings)
+    output_set = output_set_id(plan, dataset, settings)
     try:
         for split in SPLITS:
             writers[split] = HDF5SplitWriter(
-                output_dir / f"{split}.h5", dataset.class_names, settings, split=split, expected_rows=len(plan[split])
+                output_dir / f"{split}.h5",
+                dataset.class_names,
+                settings,
+                split=split,
+                expected_rows=len(plan[split]),
+                attrs={"output_set": output_set},
             )
         buffers = {split: _SplitBuffer(writers[split]) for split in SPLITS}
         progress = _progress(len(tasks))
@@ -262,17 +275,76 @@ def write_splits(
         progress.close()
         if not labels["train"]:
             raise DataLayoutError(f"{dataset.root}: no usable training photos ({len(skipped)} skipped)")
-        # Commit only when every split is complete: all three files appear, or none.
-        paths = {split: writers[split].commit() for split in SPLITS}
+        # Commit only when every split is complete: all three files and the manifest appear, or none.
+        landed = {writers[split].finish(): writers[split].path for split in SPLITS}
+        manifest = output_dir / MANIFEST
+        landed[_write_manifest(manifest, output_set, dataset, settings, labels, skipped)] = manifest
+        commit_output_set(landed)
+        paths = {split: writers[split].path for split in SPLITS}
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        partial_path(output_dir / MANIFEST).unlink(missing_ok=True)
         raise
     if len(skipped) > MAX_LOGGED_SKIPS:
         log.warning("... %d more photos skipped (all listed in the run's skipped.txt)", len(skipped) - MAX_LOGGED_SKIPS)
     if len(clamped) > MAX_LOGGED_SKIPS:
         log.warning("... %d more bounding boxes clamped", len(clamped) - MAX_LOGGED_SKIPS)
     return paths, {s: np.asarray(v, dtype=np.int32) for s, v in labels.items()}, skipped, clamped, seconds
+
+
+def check_room_for_splits(plan, dataset: SourceDataset, output_dir: pathlib.Path, settings: PreprocessSettings) -> None:
+    """Refuse in one line, before any photo is decoded, when the new split set cannot fit beside the earlier
+    one (which stays until the new set is complete): on the output's disk, and on the staging disk when the
+    files are built there."""
+    needed = sum(
+        estimated_split_bytes(
+            len(plan[split]),
+            settings.image_size,
+            name_bytes=sum(len(str(record.path)) for record in plan[split]),
+            num_classes=len(dataset.class_names),
+        )
+        for split in SPLITS
+    )
+    check_room_for(output_dir, needed, "train.h5, val.h5 and test.h5")
+
+
+def output_set_id(plan, dataset: SourceDataset, settings: PreprocessSettings) -> str:
+    """An id of the split set these inputs make: the same inputs (photos, boxes, split plan, settings) give the
+    same bytes and the same id, so files carrying different ids come from runs whose outputs differ."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([__version__, settings.to_dict(), list(dataset.class_names)]).encode())
+    for split in SPLITS:
+        for record in plan[split]:
+            try:
+                stat = record.path.stat()
+                stamp = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                stamp = (-1, -1)
+            box = None if record.bbox is None else [int(v) for v in record.bbox]
+            digest.update(json.dumps([split, str(record.path), int(record.label), box, stamp]).encode())
+    return digest.hexdigest()[:32]
+
+
+def _write_manifest(path, output_set, dataset, settings, labels, skipped) -> pathlib.Path:
+    """The manifest under its partial name (committed with the splits)."""
+    content = {
+        "output_set": output_set,
+        "files": {split: f"{split}.h5" for split in SPLITS},
+        "images": {split: len(labels[split]) for split in SPLITS},
+        "skipped_images": len(skipped),
+        "class_names": list(dataset.class_names),
+        "preprocessing": settings.to_dict(),
+        "source": str(dataset.root),
+        "carclf_version": __version__,
+    }
+    partial = partial_path(path)
+    try:
+        partial.write_text(json.dumps(content, indent=2, sort_keys=True))
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+    return partial
 
 
 def _progress(total: int):

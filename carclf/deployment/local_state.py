@@ -35,14 +35,28 @@ class StateStore:
 
     @contextlib.contextmanager
     def lock(self, name: str):
-        """Serialise create/update/delete of one name across processes."""
+        """Serialise create/update/delete of one name across processes. The lock file exists only while the
+        name has a record (or someone holds the lock): it is removed, still locked, when the record is gone, and
+        a process that was waiting on the removed file locks the current one instead."""
         self.ensure()
-        with open(self.home / f".{validate_name(name)}.lock", "w") as handle:
+        path = self.home / f".{validate_name(name)}.lock"
+        while True:
+            handle = open(path, "a")  # noqa: SIM115  (closed below)
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()  # the file was removed while this process waited for it
+        try:
+            yield
+        finally:
+            if not self.path(name).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     def read(self, name: str) -> dict | None:
         path = self.path(name)
@@ -62,10 +76,9 @@ class StateStore:
             os.fsync(handle.fileno())
 
     def remove(self, name: str) -> None:
+        """Remove the record (called under ``lock(name)``, which then removes the lock file)."""
         with contextlib.suppress(FileNotFoundError):
             self.path(name).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.home / f".{name}.lock").unlink()
 
     def names(self) -> list[str]:
         if not self.home.is_dir():

@@ -3,11 +3,12 @@ under a partial name and renamed when complete (``carclf.files.atomic``)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import re
 
-from carclf.files.atomic import atomic_output, remove_stale_partials
+from carclf.files.atomic import atomic_output, free_bytes, remove_stale_partials, write_error
 from carclf.scoring.errors import ScoringError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -72,8 +73,14 @@ def score_folder_spark(
     )
     # A killed earlier run's folder goes first; this run's is named after its pid, so the next run can tell.
     remove_stale_partials(output.parent)
+    free_at_start = free_bytes(output.parent)
     with atomic_output(output) as partial:
-        result.write.mode("error").parquet(str(partial))
+        try:
+            result.write.mode("error").parquet(str(partial))
+        except Exception as exc:  # Py4J's Java error: many lines, the errno only in its text
+            if "No space left on device" not in str(exc):
+                raise
+            raise write_error(output, OSError(errno.ENOSPC, "no space"), free_at_start=free_at_start) from None
         count = spark.read.parquet(str(partial)).count()
         if output.is_file() or output.is_symlink():  # a folder cannot be renamed over a file
             output.unlink()
