@@ -103,11 +103,10 @@ def deploy_azure(
     compute = "batch" if batch else (compute or "").strip().lower()
     config = build_batch_config(**batch_kwargs) if batch else build_deploy_config(compute, **config_kwargs)
     managed = compute == "managed"
-    if batch:
-        pass  # a batch job reads files, not a request: no smoke photo, and no online scorer that must boot
-    elif managed:
+    # A batch job reads files, not requests: no smoke photo, and no online scorer that must boot.
+    if managed:
         smoke_photo = check_rollout(**rollout)
-    else:
+    elif not batch:
         log.warning(
             "compute=%s is deprecated: Azure ML SDK v1 web services (ACI/AKS) lost support on 2026-06-30; "
             "use compute=managed (the default) for a managed online endpoint",
