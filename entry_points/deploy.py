@@ -2,6 +2,8 @@
 
     python -m entry_points.deploy --model-uri models:/carclf/1 --target <azureml workspace URI> \
         --name car-resnet [--traffic 100] [--delete-old true] [--auth auto|service_principal|cli|managed_identity]
+    python -m entry_points.deploy --model-uri models:/carclf/1 --target <azureml workspace URI> \
+        --name car-batch --kind batch [--compute-cluster cpu-cluster] [--mini-batch-size 10]
     python -m entry_points.deploy --model-uri models:/carclf/1 --target carclf-local --name cars [--port 5001]
 
 Azure ML goes through MLflow's `azureml` deployment plugin (azureml-mlflow). The default is a managed
@@ -31,7 +33,7 @@ import sys
 
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
-from carclf.deployment.azure_config import COMPUTE_CHOICES
+from carclf.deployment.azure_config import COMPUTE_CHOICES, KIND_CHOICES
 from carclf.deployment.azure_preflight import AUTH_CHOICES, PreflightError
 from carclf.deployment.errors import DeployError
 from carclf.deployment.targets import LOCAL_TARGET, deploy_model
@@ -61,6 +63,11 @@ class DeployConfig:
     model_uri: str = param(help="models:/<name>/<version>")
     target: str = param(LOCAL_TARGET, "azureml://<region>.api.azureml.ms/mlflow/v1.0/... or carclf-local")
     name: str = param("car-resnet", "deployment name")
+    kind: str = param(
+        "online",
+        "online: a managed online endpoint (REST); batch: an Azure ML batch endpoint for folders of photos",
+        choices=KIND_CHOICES,
+    )
     compute: str = param(
         "managed",
         "managed online endpoint (default); aci/aks are deprecated SDK v1 web services",
@@ -73,7 +80,13 @@ class DeployConfig:
     cpu_cores: float = param(3.0, "CPU cores per instance (aci/aks)", parse=_positive_float)
     memory_gb: float = param(12.0, "memory per instance (aci/aks)", parse=_positive_float)
     instance_type: str = param("Standard_DS3_v2", "managed: VM size")
-    instance_count: int = param(1, "managed: instances")
+    instance_count: int = param(1, "managed: instances; batch: nodes per job")
+    compute_cluster: str = param("cpu-cluster", "batch: the workspace's compute cluster that runs the jobs")
+    mini_batch_size: int = param(10, "batch: photos per run() call of the scoring script")
+    max_concurrency: int = param(1, "batch: scoring processes per node")
+    output_file_name: str = param(
+        "predictions.csv", "batch: the job's CSV of file, label, class_id, prob, top_k, error"
+    )
     auth: str = param("auto", "how to sign in to Azure", choices=AUTH_CHOICES)
     config_dir: str | None = param(
         None, "keep the generated deploy-config file here (default: temporary, logged to the run)"
@@ -101,6 +114,9 @@ def deploy(config: DeployConfig | None = None, **overrides) -> dict:
     docstring); `traffic` is the new deployment's share (100, or 1-99 for a canary), `delete_old` removes
     the deployments left without traffic, `smoke_image` is the photo of the smoke test (default: a
     rendered JPEG). compute=aci|aks: create, or update when `name` exists (deprecated).
+    Azure, kind=batch: the batch endpoint `name` (created when missing) and its deployment `carclf` (created
+    or updated) running carclf/deployment/azure_batch_code/score.py on `compute_cluster`; start jobs with
+    ``entry_points.score --azure-batch-endpoint``.
     Nothing is written, tracked or sent until the preflight passed. The config files go to `config_dir`
     (kept) or a temporary folder (removed after they were logged to the run).
     Local: port/workers/host/home/request_timeout are passed to the carclf-local target.

@@ -20,6 +20,14 @@ a new one still at 0% traffic). The output is the same as with ``--url``; a phot
 comes back with its ``error`` text (under Azure's server the model's ``errors=auto`` means ``coerce``, whoever
 deployed it).
 
+Azure ML batch endpoint (``deploy --kind batch``): start a job over a folder in Azure storage::
+
+    python -m entry_points.score --azure-batch-endpoint https://<endpoint>.<region>.inference.ml.azure.com/jobs \
+        --input azureml://datastores/<datastore>/paths/<folder>/ [--auth auto|service_principal|cli|managed_identity]
+
+It prints the job's name and the `az ml job` commands that follow it and download its CSV (file, label,
+class_id, prob, top_k, error: a bad file is a row with its error).
+
 Spark (``mlflow.pyfunc.spark_udf``; a local Spark, a cluster, or Spark Connect with ``--spark-master sc://host:15002``)::
 
     python -m entry_points.score --spark --model-uri models:/carclf/1 --input-dir photos/ --output scores.parquet \
@@ -121,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="--azure-endpoint: score this deployment alone (azureml-model-deployment header)",
     )
+    parser.add_argument(
+        "--azure-batch-endpoint",
+        default=None,
+        help="invocation URI of an Azure ML batch endpoint (https://...inference.ml.azure.com/jobs): start a job",
+    )
+    parser.add_argument(
+        "--input", default=None, help="--azure-batch-endpoint: the photos' folder (azureml://datastores/.../paths/...)"
+    )
+    parser.add_argument(
+        "--auth",
+        default="auto",
+        choices=("auto", "service_principal", "cli", "managed_identity"),
+        help="--azure-batch-endpoint: how to sign in to Azure",
+    )
     parser.add_argument("--bbox", type=parse_bbox, default=None, help="x1,y1,x2,y2 crop applied to every file")
     parser.add_argument("--batch-size", type=parse_int, default=16, help="images per request")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one request")
@@ -167,6 +189,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.top_k < 1:
             raise ScoringError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.azure_batch_endpoint is not None or args.input is not None:
+            if args.azure_batch_endpoint is None:
+                raise ScoringError("--input is for --azure-batch-endpoint (an Azure ML batch endpoint)")
+            others = [f for f, v in (("--url", args.url), ("--azure-endpoint", args.azure_endpoint)) if v] + (
+                ["--spark"] if args.spark else []
+            )
+            if others or args.files:
+                raise ScoringError(
+                    "--azure-batch-endpoint scores the --input folder in Azure: give no "
+                    + (", ".join(others) if others else "local files")
+                )
+            if not args.input:
+                raise ScoringError(
+                    "--azure-batch-endpoint needs --input azureml://datastores/<datastore>/paths/<folder>/"
+                )
+            import logging
+
+            from carclf.scoring.azure_batch_job import start_batch_job
+
+            # azure-identity logs its failed token request as a multi-line WARNING; the error line says it all.
+            logging.getLogger("azure.identity").setLevel(logging.ERROR)
+
+            print(json.dumps(start_batch_job(args.azure_batch_endpoint, args.input, args.auth, args.timeout), indent=2))
+            return 0
         if args.spark:
             missing = [
                 flag

@@ -209,6 +209,13 @@ class FakeAzureML:
         self.deployments: dict = {}
         self.calls: list[dict] = []
         self.scores: list[dict] = []
+        # Batch endpoints (carclf.deployment.azure_batch): compute clusters, assets, blobs, endpoints, jobs.
+        self.computes: set = set()
+        self.assets: dict = {}  # "codes/<name>/<version>" or "environments/..." -> resource
+        self.blobs: dict = {}  # "<account>/<container>/<path>" -> bytes
+        self.batch_endpoints: dict = {}
+        self.batch_deployments: dict = {}
+        self.jobs: list[dict] = []
         self.key = "fake-primary-key"
         for name, traffic in (endpoints or {}).items():
             self.endpoints[name] = self._endpoint_resource(
@@ -278,6 +285,8 @@ class FakeAzureML:
         import urllib.parse
 
         url = urllib.parse.urlsplit(request.url)
+        if url.hostname.endswith(".blob.core.windows.net"):  # a file upload, not JSON
+            return self._blob(request, url)
         body = request.body
         if isinstance(body, bytes):
             body = body.decode()
@@ -294,14 +303,16 @@ class FakeAzureML:
             },
         }
         self.calls.append(call)
-        if url.hostname.endswith(".inference.ml.azure.com"):
+        if url.hostname.endswith(".inference.ml.azure.com") and url.path == "/jobs":
+            status, answer = self._invoke(url, request, parsed)
+        elif url.hostname.endswith(".inference.ml.azure.com"):
             status, answer = self._score(url, request, parsed)
         else:
             status, answer = self._arm(request.method, url.path, parsed)
         return self._response(request, status, answer)
 
     @staticmethod
-    def _response(request, status, answer):
+    def _response(request, status, answer, extra_headers=None):
         import io
         import json as _json
 
@@ -314,6 +325,7 @@ class FakeAzureML:
         headers = {
             "Content-Type": "application/json" if not isinstance(answer, str) else "text/plain",
             "Content-Length": str(len(content)),
+            **(extra_headers or {}),
         }
         response = requests.Response()
         response.status_code = status
@@ -341,6 +353,8 @@ class FakeAzureML:
                 "location": self.location,
                 "properties": {},
             }
+        if rest[0] in ("computes", "datastores", "codes", "environments", "batchEndpoints"):
+            return self._batch_arm(method, rest, body)
         if rest[0] != "onlineEndpoints":
             return self._not_found(path)
         if len(rest) == 1:
@@ -411,3 +425,119 @@ class FakeAzureML:
             return 200, pd.DataFrame(result).to_dict(orient="records")
         except Exception:
             return 500, self.SCORING_ERROR
+
+    # -- batch endpoints
+    def _resource(self, kind, rest, body, **props):
+        properties = {**dict((body or {}).get("properties") or {}), **props, "provisioningState": "Succeeded"}
+        return {
+            "id": f"{self.prefix}/{'/'.join(rest)}",
+            "name": rest[-1],
+            "type": kind,
+            "location": (body or {}).get("location") or self.location,
+            "tags": (body or {}).get("tags") or {},
+            "properties": properties,
+        }
+
+    def _batch_arm(self, method, rest, body):
+        kind = rest[0]
+        if kind == "computes" and len(rest) == 2 and method == "GET":
+            if rest[1] not in self.computes:
+                return self._not_found(f"compute {rest[1]}")
+            return 200, self._resource(
+                "computes",
+                rest,
+                {"properties": {"computeType": "AmlCompute", "properties": {"vmSize": "STANDARD_DS3_V2"}}},
+            )
+        if kind == "datastores" and rest[1:] == ["workspaceblobstore"] and method == "GET":
+            return 200, self._resource(
+                "datastores",
+                rest,
+                {
+                    "properties": {
+                        "datastoreType": "AzureBlob",
+                        "accountName": "stcars",
+                        "containerName": "azureml-blobstore",
+                        "endpoint": "core.windows.net",
+                        "protocol": "https",
+                        "isDefault": True,
+                        "credentials": {"credentialsType": "AccountKey"},
+                    }
+                },
+            )
+        if kind == "datastores" and rest[1:] == ["workspaceblobstore", "listSecrets"] and method == "POST":
+            return 200, {"secretsType": "AccountKey", "key": "ZmFrZS1hY2NvdW50LWtleQ=="}
+        if kind in ("codes", "environments") and len(rest) == 4 and rest[2] == "versions":
+            key = "/".join(rest)
+            if method == "GET":
+                return (200, self.assets[key]) if key in self.assets else self._not_found(key)
+            if method == "PUT":
+                self.assets[key] = self._resource(kind, rest, body)
+                return 200, self.assets[key]
+        if kind == "batchEndpoints" and len(rest) == 2:
+            name = rest[1]
+            if method == "GET":
+                return (200, self.batch_endpoints[name]) if name in self.batch_endpoints else self._not_found(name)
+            if method == "PUT":
+                self.batch_endpoints[name] = self._resource(
+                    "batchEndpoints",
+                    rest,
+                    body,
+                    scoringUri=f"https://{name}.{self.location}.inference.ml.azure.com/jobs",
+                    defaults=(self.batch_endpoints.get(name, {}).get("properties") or {}).get("defaults"),
+                )
+                return 200, self.batch_endpoints[name]
+            if method == "PATCH":
+                if name not in self.batch_endpoints:
+                    return self._not_found(name)
+                defaults = (body.get("properties") or {}).get("defaults")
+                if defaults and (name, defaults.get("deploymentName")) not in self.batch_deployments:
+                    return 400, {"error": {"code": "BadArgument", "message": f"no deployment {defaults}"}}
+                self.batch_endpoints[name]["properties"]["defaults"] = defaults
+                return 200, self.batch_endpoints[name]
+        if kind == "batchEndpoints" and len(rest) == 4 and rest[2] == "deployments":
+            if rest[1] not in self.batch_endpoints:
+                return self._not_found(f"batch endpoint {rest[1]}")
+            key = (rest[1], rest[3])
+            if method == "GET":
+                return (200, self.batch_deployments[key]) if key in self.batch_deployments else self._not_found(rest[3])
+            if method == "PUT":
+                props = (body or {}).get("properties") or {}
+                code = props.get("codeConfiguration", {}).get("codeId", "").split(f"{self.prefix}/")[-1]
+                environment = props.get("environmentId", "").split(f"{self.prefix}/")[-1]
+                missing = [a for a in (code, environment) if a not in self.assets]
+                if missing:
+                    return 400, {"error": {"code": "BadArgument", "message": f"unknown assets {missing}"}}
+                self.batch_deployments[key] = self._resource("deployments", rest, body)
+                return 200, self.batch_deployments[key]
+        return self._not_found("/".join(rest))
+
+    def _blob(self, request, url):
+        import email.utils
+
+        body = request.body
+        data = body if isinstance(body, bytes) else (body or "").encode() if isinstance(body, str) else b"".join(body)
+        self.calls.append(
+            {"method": request.method, "host": url.hostname, "path": url.path, "body": None, "headers": {}}
+        )
+        if request.method != "PUT" or "SharedKey stcars:" not in request.headers.get("Authorization", ""):
+            return self._response(request, 403, "AuthenticationFailed")
+        self.blobs[f"{url.hostname.split('.')[0]}{url.path}"] = data
+        headers = {
+            "ETag": '"0x8DC0FFEE"',
+            "Last-Modified": email.utils.formatdate(usegmt=True),
+            "x-ms-request-id": "fake-request",
+            "x-ms-version": request.headers.get("x-ms-version", "2021-08-06"),
+            "x-ms-request-server-encrypted": "true",
+            "Date": email.utils.formatdate(usegmt=True),
+        }
+        return self._response(request, 201, None, headers)
+
+    def _invoke(self, url, request, body):
+        endpoint = url.hostname.split(".")[0]
+        if request.headers.get("Authorization") != "Bearer fake-arm-token":
+            return 401, "unauthorized"
+        if endpoint not in self.batch_endpoints:
+            return 404, {"error": {"code": "NotFound", "message": f"endpoint {endpoint} not found"}}
+        name = f"batchjob-{len(self.jobs) + 1:04d}"
+        self.jobs.append({"endpoint": endpoint, "name": name, "body": body})
+        return 200, {"id": f"{self.prefix}/jobs/{name}", "name": name, "properties": {"status": "NotStarted"}}

@@ -94,7 +94,15 @@ COVERAGE = [
     (r"\{ printf .*; base64 -w0 car\.jpg; printf .* > req\.json", "test_serving"),
     (r"curl -s http://127\.0\.0\.1:5000/invocations .*--data-binary @req\.json", "test_serving"),
     (r"python -m entry_points\.score --spark .*", "test_spark_batch_scoring"),
-    (r"mlflow run \. --env-manager local -e deploy .*-P target=\$AZUREML_TARGET .*", "test_azure_without_credentials"),
+    (
+        r"mlflow run \. --env-manager local -e deploy (?!.*kind=batch).*-P target=\$AZUREML_TARGET .*",
+        "test_azure_without_credentials",
+    ),
+    (r"mlflow run \. --env-manager local -e deploy .*-P kind=batch .*", "test_azure_batch_without_credentials"),
+    (
+        r"python -m entry_points\.score --azure-batch-endpoint https://\S+/jobs --input azureml://\S+",
+        "test_azure_batch_without_credentials",
+    ),
     (r"mlflow deployments create -t azureml .*", "test_azure_without_credentials"),
     (r"python -m entry_points\.score --azure-endpoint https://\S+/score car\.jpg .*", "test_azure_endpoint_client"),
     (r"mlflow deployments \w+ -t carclf-local.*", "test_carclf_local_lifecycle"),
@@ -577,6 +585,23 @@ def test_spark_batch_scoring(world):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_azure_batch_without_credentials(world):
+    """Both batch commands as a reader pastes them: without a login, one line naming what to do, in seconds."""
+    require_unshare("the Azure commands")
+    deploy_step, start_job = commands_for("test_azure_batch_without_credentials")
+    home = world.root / "empty-home-batch"
+    home.mkdir()
+    env = clean_azure_env(home)
+    keep = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_DISABLE_TELEMETRY")
+    env.update({k: world.env[k] for k in keep}, AZUREML_TARGET=AZUREML_TARGET, PYTHONPATH=str(REPO_ROOT))
+    for command in (deploy_step, start_job):
+        result = world.run(["unshare", "-n", "bash", "-c", command], cwd=REPO_ROOT, env=env, timeout=120, ok=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and result.seconds < 60, describe(command, result)
+        errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
+        assert any("no Azure credentials found" in ln and "az login" in ln for ln in errors), describe(command, result)
+
+
 def test_azure_without_credentials(world):
     require_unshare("the Azure commands")
     run_step, plain_cli = commands_for("test_azure_without_credentials")

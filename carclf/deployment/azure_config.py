@@ -12,6 +12,8 @@ from carclf.deployment.errors import DeployError
 from carclf.files.atomic import write_text_atomic
 
 COMPUTE_CHOICES = ("managed", "aci", "aks")
+# online: a REST endpoint (managed, or the legacy ACI/AKS services); batch: a batch endpoint for folders.
+KIND_CHOICES = ("online", "batch")
 LEGACY_COMPUTE = ("aci", "aks")
 # The flavor reads CARCLF_ERRORS as the default of its `errors` param: Azure's no-code scoring script
 # answers any exception with HTTP 500 and a fixed text, so on Azure a bad photo gets a per-row `error`.

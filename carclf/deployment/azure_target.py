@@ -2,7 +2,8 @@
 
 Order matters: everything that can be checked offline first (plugin installed, name, target URI, model URI,
 config, rollout parameters), then the credential source and the network (``azure_preflight``), and only then
-anything written, tracked or sent. compute=managed (default) rolls out blue/green (``blue_green``);
+anything written, tracked or sent. kind=batch creates or updates a batch endpoint (``azure_batch``);
+compute=managed (the online default) rolls out blue/green (``blue_green``);
 compute=aci|aks (SDK v1 web services, support ended 2026-06-30) create or update the web service `name`.
 """
 
@@ -14,11 +15,12 @@ import re
 import shutil
 import tempfile
 
-from carclf.deployment.azure_config import build_deploy_config, write_config
+from carclf.deployment.azure_batch import build_batch_config, deploy_batch
+from carclf.deployment.azure_config import KIND_CHOICES, build_deploy_config, write_config
 from carclf.deployment.azure_preflight import check_reachable, find_credential, parse_target
 from carclf.deployment.blue_green import check_rollout, roll_out
 from carclf.deployment.errors import DeployError
-from carclf.deployment.model_uri import check_azure_model_uri, resolve_model_uri
+from carclf.deployment.model_uri import check_azure_model_uri, registered_model_parts, resolve_model_uri
 from carclf.deployment.plugin_calls import (
     call_plugin,
     deployment_exists,
@@ -72,7 +74,18 @@ def _check_azure_scorer_can_boot(model_uri: str) -> None:
 
 
 def deploy_azure(
-    model_uri, target, name, compute, auth, config_dir, network_check, network_timeout_s, config_kwargs, rollout
+    model_uri,
+    target,
+    name,
+    kind,
+    compute,
+    auth,
+    config_dir,
+    network_check,
+    network_timeout_s,
+    config_kwargs,
+    batch_kwargs,
+    rollout,
 ) -> dict:
     # 1. Everything that can be checked offline, before anything is written or sent.
     _check_azure_plugin_installed()
@@ -83,12 +96,17 @@ def deploy_azure(
         )
     azure_target = parse_target(target)
     check_azure_model_uri(model_uri)
-    compute = (compute or "").strip().lower()
-    config = build_deploy_config(compute, **config_kwargs)
+    kind = (kind or "").strip().lower()
+    if kind not in KIND_CHOICES:
+        raise DeployError(f"kind must be one of {', '.join(KIND_CHOICES)}, got {kind!r}")
+    batch = kind == "batch"
+    compute = "batch" if batch else (compute or "").strip().lower()
+    config = build_batch_config(**batch_kwargs) if batch else build_deploy_config(compute, **config_kwargs)
     managed = compute == "managed"
+    # A batch job reads files, not requests: no smoke photo, and no online scorer that must boot.
     if managed:
         smoke_photo = check_rollout(**rollout)
-    else:
+    elif not batch:
         log.warning(
             "compute=%s is deprecated: Azure ML SDK v1 web services (ACI/AKS) lost support on 2026-06-30; "
             "use compute=managed (the default) for a managed online endpoint",
@@ -103,7 +121,13 @@ def deploy_azure(
     from mlflow.deployments import get_deploy_client
 
     model_uri = resolve_model_uri(model_uri)
-    _check_azure_scorer_can_boot(model_uri)
+    if not batch:
+        _check_azure_scorer_can_boot(model_uri)
+    elif registered_model_parts(model_uri) is None:
+        raise DeployError(
+            f"model_uri {model_uri!r}: a batch deployment needs a registered model: give models:/<name>/<version> "
+            "or models:/<name>@<alias>"
+        )
     registry = mlflow.get_registry_uri() or ""
     if not registry.startswith("azureml"):
         log.warning(
@@ -130,6 +154,7 @@ def deploy_azure(
                     "name": name,
                     "model_uri": model_uri,
                     "compute": compute,
+                    "kind": kind,
                     "auth": credential.kind,
                     **({"traffic": rollout["traffic"]} if managed else {}),
                 }
@@ -139,6 +164,25 @@ def deploy_azure(
                 {"AZUREML_CURRENT_CLOUD": azure_target.cloud, **narrowed_credential_env(credential.token_credentials)}
             ):
                 client = call_plugin("building the azureml deployment client", get_deploy_client, target)
+                if batch:
+                    result = deploy_batch(client, azure_target, name, model_uri, config)
+                    mlflow.log_dict(result, "deploy/batch_result.json")
+                    mlflow.set_tags(
+                        {
+                            "carclf.deploy.action": result["action"],
+                            "carclf.deploy.target": target,
+                            "carclf.deploy.kind": "batch",
+                            "carclf.deploy.url": result["scoring_uri"] or "",
+                        }
+                    )
+                    return {
+                        "name": name,
+                        "flavor": "python_function",
+                        "target": target,
+                        "model_uri": model_uri,
+                        "config_file": str(config_path) if scratch is None else None,
+                        **result,
+                    }
                 if managed:
                     result = roll_out(
                         client,

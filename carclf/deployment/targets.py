@@ -61,6 +61,7 @@ def deploy_model(
     model_uri: str,
     target: str,
     name: str,
+    kind: str,
     compute: str,
     traffic: int,
     delete_old: bool,
@@ -70,6 +71,10 @@ def deploy_model(
     memory_gb: float,
     instance_type: str,
     instance_count: int,
+    compute_cluster: str,
+    mini_batch_size: int,
+    max_concurrency: int,
+    output_file_name: str,
     auth: str,
     config_dir: str | None,
     aks_compute: str,
@@ -97,6 +102,7 @@ def deploy_model(
             model_uri,
             target,
             name,
+            kind=kind,
             compute=compute,
             auth=auth,
             config_dir=config_dir,
@@ -113,7 +119,18 @@ def deploy_model(
                 request_timeout_s=request_timeout,
                 auth_enabled=auth_enabled,
             ),
+            batch_kwargs=dict(
+                compute_cluster=compute_cluster,
+                instance_count=instance_count,
+                mini_batch_size=mini_batch_size,
+                max_concurrency_per_instance=max_concurrency,
+                output_file_name=output_file_name,
+            ),
             rollout=dict(traffic=traffic, delete_old=delete_old, smoke_image=smoke_image, endpoint_auth=endpoint_auth),
+        )
+    if (kind or "").strip().lower() == "batch":
+        raise DeployError(
+            f"kind=batch is an Azure ML batch endpoint: give an azureml://... workspace URI as target, not {target!r}"
         )
     if target.split(":", 1)[0] == LOCAL_TARGET:
         local_config = {"port": port, "workers": workers, "host": host, "home": home, "timeout": request_timeout}
