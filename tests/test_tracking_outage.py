@@ -17,8 +17,6 @@ import pytest
 from conftest import REPO_ROOT, copy_empty_mlflow_store
 from test_train import _cli_args, _colour_set
 
-pytestmark = pytest.mark.slow
-
 EPOCHS = 4
 SHORT_RETRIES = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
@@ -182,6 +180,7 @@ def _checkpoint_leads_metrics(server, checkpoints):
     assert not steps or _completed_epochs(checkpoints) >= max(steps) + 1, steps
 
 
+@pytest.mark.slow
 def test_training_rides_out_a_stopped_server(splits, server, tmp_path):
     checkpoints = tmp_path / "ckpt"
     training = _start_training(splits, checkpoints, server, tmp_path)
@@ -202,6 +201,7 @@ def test_training_rides_out_a_stopped_server(splits, server, tmp_path):
     assert err.count("unreachable") == 1 and "Retrying" not in err  # one line for the outage, not one per retry
 
 
+@pytest.mark.slow
 def test_training_rides_out_a_killed_and_restarted_server(splits, server, tmp_path):
     checkpoints = tmp_path / "ckpt"
     training = _start_training(splits, checkpoints, server, tmp_path)
@@ -214,6 +214,7 @@ def test_training_rides_out_a_killed_and_restarted_server(splits, server, tmp_pa
     _check_finished(server, training, checkpoints)
 
 
+@pytest.mark.slow
 def test_server_gone_past_the_wait_ends_in_one_line_and_resume_sends_everything(splits, server, tmp_path):
     checkpoints = tmp_path / "ckpt"
     training = _start_training(splits, checkpoints, server, tmp_path, wait_s=3)
@@ -235,8 +236,28 @@ def test_server_gone_past_the_wait_ends_in_one_line_and_resume_sends_everything(
     steps = _pending_steps(checkpoints)
     assert len(steps) >= EPOCHS - 1 and steps == list(range(steps[0], EPOCHS)), steps
 
+    # Resuming while the server is still away is refused in one line; the checkpoint stays.
+    early = _start_training(splits, checkpoints, server, tmp_path, "--resume", "true", name="early")
+    code, err = early.finish()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-4000:]
+    assert f"cannot look up its run {run_id}" in errors[0]
+    assert _completed_epochs(checkpoints) == EPOCHS and _pending_steps(checkpoints) == steps
+
     server.start()
     assert _client(server).get_run(run_id).info.status == "RUNNING"
     resumed = _start_training(splits, checkpoints, server, tmp_path, "--resume", "true", name="resume")
     _check_finished(server, resumed, checkpoints)
     assert len(_client(server).search_runs(["0"])) == 1
+
+
+def test_bad_tracking_wait_is_refused_before_a_run(splits, tmp_path, monkeypatch):
+    from entry_points.train import TrainConfigError, train
+    from test_train import TINY
+
+    monkeypatch.setenv("CARCLF_TRACKING_WAIT_S", "ten minutes")
+    with pytest.raises(TrainConfigError, match="CARCLF_TRACKING_WAIT_S='ten minutes': expected a number of seconds"):
+        train(train_data=splits["train"], val_data=splits["val"], epochs=1, head_epochs=0, **TINY)
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient().search_runs(["0"]) == []  # the test's own store: no run was started

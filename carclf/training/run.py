@@ -64,8 +64,8 @@ def tracked_params(config) -> dict:
 def run_training(config, *, callbacks=(), log_model: bool = True) -> dict:
     """Train, evaluate on ``test_data`` (if given), log and register the model; returns run id, metrics, URI.
 
-    ``callbacks``: extra Keras callbacks for ``fit``, called after the epoch's metrics are logged and
-    checkpointed (``tune`` reports to its pruner). ``log_model=False`` (``tune``'s trials, one process): no
+    ``callbacks``: extra Keras callbacks for ``fit``, called after the epoch is checkpointed and its
+    metrics are queued for MLflow (``tune`` reports to its pruner). ``log_model=False`` (``tune``'s trials, one process): no
     model is logged or registered and the trained Keras model is returned as ``result["model"]``; ``tune``
     logs only its best trial's model, with ``carclf.training.outputs.log_final_model``.
     """
