@@ -120,6 +120,7 @@ class MetricsOutbox:
         self._pending: list[dict] = self._read()
         self._closed = False
         self._down_since: float | None = None
+        self._failure: BaseException | None = None
         if self._pending:
             log.info(
                 "%d metric batch(es) left unsent by an earlier run are sent from %s", len(self._pending), self.path
@@ -170,8 +171,13 @@ class MetricsOutbox:
         self._client.log_batch(batch["run_id"], metrics=metrics)
 
     def _send_loop(self) -> None:
-        with _quiet_retries():
-            self._send_until_closed()
+        try:
+            with _quiet_retries():
+                self._send_until_closed()
+        except BaseException as exc:  # e.g. the file cannot be rewritten: the waiting main thread raises it
+            with self._changed:
+                self._failure = exc
+                self._changed.notify_all()
 
     def _send_until_closed(self) -> None:
         while True:
@@ -216,6 +222,8 @@ class MetricsOutbox:
         """True once every batch is on the server; False at ``deadline`` (``time.monotonic()``)."""
         with self._changed:
             while self._pending:
+                if self._failure is not None:
+                    raise self._failure
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

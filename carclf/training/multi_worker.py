@@ -86,7 +86,13 @@ def run_multi_worker(
     try:
         results = rdd.mapPartitions(lambda _: _barrier_task(spec)).collect()
     except Exception as exc:
-        raise WorkerFailed(_worker_error_line(exc)) from None
+        from carclf.tracking.outbox import TrackingUnavailable
+
+        line = _worker_error_line(exc)
+        marker = f"{TrackingUnavailable.__name__}: "
+        if marker in line:  # the chief gave up waiting for the tracking server: resumable, as in one process
+            raise TrackingUnavailable(line.split(marker, 1)[1]) from None
+        raise WorkerFailed(line) from None
     chief = [json.loads(r) for r in results if json.loads(r).get("chief")]
     return chief[0]["result"]
 
