@@ -13,6 +13,9 @@ MLflow run id) is written to ``checkpoint_dir/epoch-NNNN`` under a temporary nam
 complete; ``latest.json`` (replaced atomically) points at it. A rerun with the same ``checkpoint_dir`` and
 the same parameters (or ``resume=true``) continues from the last complete epoch in the SAME MLflow run.
 A run that fails ends FAILED (tag ``carclf.error`` + ``error.txt`` artifact); Ctrl-C ends it KILLED.
+A tracking outage does not stop training: each epoch's metrics wait in ``checkpoint_dir/pending_metrics.jsonl``
+until the server takes them. If it is still away ``CARCLF_TRACKING_WAIT_S`` seconds (default 600) after the
+last epoch, one line says so, exit code 75, the run stays RUNNING and ``resume=true`` continues it later.
 
 Tracking: all parameters; per epoch ``loss``, ``accuracy``, ``top5``, ``val_*`` and ``learning_rate`` (one
 callback, no autolog); dataset lineage via ``mlflow.log_input`` (path + sha256 of each file); artifacts
@@ -56,6 +59,7 @@ def _print_result(result: dict, config: TrainConfig) -> None:
 
 
 def main(argv=None) -> int:
+    from carclf.tracking.outbox import EXIT_TRACKING_UNAVAILABLE, TrackingUnavailable
     from carclf.training.multi_worker import WorkerFailed
     from carclf_flavor.resnet import WeightsError
 
@@ -65,8 +69,15 @@ def main(argv=None) -> int:
         _PROG,
         __doc__.splitlines()[0],
         argv,
-        expected_errors=(TrainConfigError, DatasetError, StrategyError, WeightsError, WorkerFailed),
-        exit_codes={WorkerFailed: 1},
+        expected_errors=(
+            TrainConfigError,
+            DatasetError,
+            StrategyError,
+            WeightsError,
+            WorkerFailed,
+            TrackingUnavailable,
+        ),
+        exit_codes={WorkerFailed: 1, TrackingUnavailable: EXIT_TRACKING_UNAVAILABLE},
         print_result=_print_result,
         interrupted_line="the run ended KILLED; rerun with the same checkpoint_dir to resume",
     )

@@ -143,7 +143,13 @@ def plan_resume(config, checkpoint_dir: pathlib.Path, fingerprint: str):
         return None
     try:
         mlflow.tracking.MlflowClient().get_run(state["run_id"])
-    except Exception:
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            # Unreachable is not absent: starting fresh would throw the checkpoint away.
+            raise TrainConfigError(
+                f"checkpoint_dir {checkpoint_dir}: cannot look up its run {state['run_id']} on the tracking "
+                f"server {mlflow.get_tracking_uri()}: {(str(exc).splitlines() or [''])[0][:300]}"
+            ) from None
         log.warning("checkpoint run %s is not in this tracking store: starting fresh", state["run_id"])
         return None
     return folder, state

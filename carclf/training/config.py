@@ -71,7 +71,7 @@ def train(config: TrainConfig | None = None, *, callbacks=(), log_model: bool = 
     """Train, evaluate on ``test_data`` (if given), log and register the model; returns run id, metrics, URI.
 
     ``optimizer=auto`` / ``learning_rate=0``: see ``optimizer_defaults``. ``callbacks``: extra Keras callbacks
-    for ``fit``, called after the epoch's metrics are logged and checkpointed (``tune`` reports to its pruner).
+    for ``fit``, called after the epoch is checkpointed and its metrics queued (``tune`` reports to its pruner).
     ``log_model=False`` (``tune``'s trials): no model is logged or registered, the trained Keras model is
     returned as ``result["model"]`` (see ``carclf.training.run.run_training``).
     """

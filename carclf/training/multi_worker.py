@@ -94,7 +94,13 @@ def run_multi_worker(
     try:
         results = [row.result for row in tasks.collect()]
     except Exception as exc:
-        raise WorkerFailed(_worker_error_line(exc)) from None
+        from carclf.tracking.outbox import TrackingUnavailable
+
+        line = _worker_error_line(exc)
+        marker = f"{TrackingUnavailable.__name__}: "
+        if marker in line:  # the chief gave up waiting for the tracking server: resumable, as in one process
+            raise TrackingUnavailable(line.split(marker, 1)[1]) from None
+        raise WorkerFailed(line) from None
     chief = [json.loads(r) for r in results if json.loads(r).get("chief")]
     return chief[0]["result"]
 
@@ -334,13 +340,15 @@ def run_worker(spec: dict) -> dict:
         found = None
     completed = int(found[1]["completed_epochs"]) if found else 0
 
-    client = None
+    outbox = None
     if chief:
         import mlflow
 
+        from carclf.tracking.outbox import MetricsOutbox
+
         mlflow.set_tracking_uri(spec["tracking_uri"])
         mlflow.set_registry_uri(spec["registry_uri"])
-        client = mlflow.tracking.MlflowClient()
+        outbox = MetricsOutbox(checkpoint_dir)
 
     keras.mixed_precision.set_global_policy(config.precision)
     steps = train_source.steps(config.batch_size)
@@ -383,12 +391,8 @@ def run_worker(spec: dict) -> dict:
                 correct += float(right)
             metrics = {"loss": total_loss / train_source.num_images, "accuracy": correct / train_source.num_images}
             if chief:
-                from mlflow.entities import Metric
-
                 metrics.update(_validation_metrics(model, val_source, config, num_classes))
                 metrics.update(learning_rate=float(learning_rate), epoch_seconds=time.time() - started)
-                timestamp = int(time.time() * 1000)
-                client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, epoch) for k, v in metrics.items()])
                 state = {
                     "completed_epochs": epoch + 1,
                     "phase": phase.name,
@@ -398,7 +402,8 @@ def run_worker(spec: dict) -> dict:
                     "finished": False,
                     "workers": config.workers,
                 }
-                save_checkpoint(checkpoint_dir, model, state)
+                save_checkpoint(checkpoint_dir, model, state)  # first: an epoch with metrics is on disk
+                outbox.add(run_id, epoch, metrics)
                 kill_after = os.environ.get(KILL_AFTER_EPOCH_ENV)
                 if kill_after and int(kill_after) == epoch + 1:
                     print(
@@ -418,20 +423,32 @@ def run_worker(spec: dict) -> dict:
     if not chief:
         return {}
     keras.mixed_precision.set_global_policy("float32")
-    return _finish_on_chief(model, config, run_id, train_source, val_source, test_source, checkpoint_dir, spec)
+    try:
+        return _finish_on_chief(
+            model, config, run_id, train_source, val_source, test_source, checkpoint_dir, spec, outbox
+        )
+    finally:
+        outbox.close()
 
 
-def _finish_on_chief(model, config, run_id, train_source, val_source, test_source, checkpoint_dir, spec) -> dict:
+def _finish_on_chief(
+    model, config, run_id, train_source, val_source, test_source, checkpoint_dir, spec, outbox
+) -> dict:
     import mlflow
 
+    from carclf.tracking.outbox import send_pending_metrics, wait_for_tracking
     from carclf.training.checkpoints import mark_finished
     from carclf.training.outputs import evaluate_on_test, log_final_model, log_training_curves
 
+    deadline = send_pending_metrics(outbox, checkpoint_dir)
+    wait_for_tracking(run_id, deadline, checkpoint_dir, "drawing the training curves")
     mlflow.start_run(run_id=run_id)
     result = {"run_id": run_id, "metrics": {}, "model_uri": None, "registered_version": None}
     log_training_curves(run_id)
     if test_source is not None:
+        wait_for_tracking(run_id, deadline, checkpoint_dir, "logging the test report")
         result["metrics"] = evaluate_on_test(model, test_source, config.batch_size)
+    wait_for_tracking(run_id, deadline, checkpoint_dir, "logging the model")
     result.update(log_final_model(model, config, train_source, val_source))
     mark_finished(checkpoint_dir, run_id, spec["fingerprint"], config.epochs)
     return result

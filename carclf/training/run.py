@@ -3,7 +3,9 @@
 ``run_training(config)`` takes the step's config with ``optimizer``/``learning_rate`` already resolved
 (``carclf.training.validation.resolved_config``). A run that fails ends FAILED (tag ``carclf.error`` +
 ``error.txt`` artifact); Ctrl-C ends it KILLED. ``workers > 1`` hands the epochs to
-``carclf.training.multi_worker`` and logs the chief's result in the same run.
+``carclf.training.multi_worker`` and logs the chief's result in the same run. Epoch metrics go through a
+``carclf.tracking.outbox.MetricsOutbox``: training rides out a tracking outage; if the server stays away past
+``CARCLF_TRACKING_WAIT_S`` at the end, ``TrackingUnavailable`` (one line) leaves the run RUNNING and resumable.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ import traceback
 from carclf.data.hdf5_dataset import DatasetError
 from carclf.data.input_pipeline import HDF5Source, make_dataset
 from carclf.tracking.lineage import log_dataset_inputs
+from carclf.tracking.outbox import (
+    MetricsOutbox,
+    TrackingUnavailable,
+    forget_active_run,
+    send_pending_metrics,
+    tracking_wait_s,
+    wait_for_tracking,
+)
 from carclf.tracking.runs import log_new_params
 from carclf.training.checkpoints import (
     config_fingerprint,
@@ -54,8 +64,8 @@ def tracked_params(config) -> dict:
 def run_training(config, *, callbacks=(), log_model: bool = True) -> dict:
     """Train, evaluate on ``test_data`` (if given), log and register the model; returns run id, metrics, URI.
 
-    ``callbacks``: extra Keras callbacks for ``fit``, called after the epoch's metrics are logged and
-    checkpointed (``tune`` reports to its pruner). ``log_model=False`` (``tune``'s trials, one process): no
+    ``callbacks``: extra Keras callbacks for ``fit``, called after the epoch is checkpointed and its
+    metrics are queued for MLflow (``tune`` reports to its pruner). ``log_model=False`` (``tune``'s trials, one process): no
     model is logged or registered and the trained Keras model is returned as ``result["model"]``; ``tune``
     logs only its best trial's model, with ``carclf.training.outputs.log_final_model``.
     """
@@ -63,6 +73,10 @@ def run_training(config, *, callbacks=(), log_model: bool = True) -> dict:
 
     try:
         train_source, val_source, test_source = validate(config)
+        try:
+            tracking_wait_s()
+        except ValueError as exc:
+            raise TrainConfigError(str(exc)) from None
         checkpoint_dir = pathlib.Path(config.checkpoint_dir).resolve()
         fingerprint = config_fingerprint(config, [train_source, val_source])
         resume_from = plan_resume(config, checkpoint_dir, fingerprint)
@@ -104,6 +118,9 @@ def run_training(config, *, callbacks=(), log_model: bool = True) -> dict:
                 callbacks,
                 log_model,
             )
+    except TrackingUnavailable:
+        forget_active_run()  # the server is away: the run stays RUNNING, for resume=true to continue it
+        raise
     except KeyboardInterrupt:
         end_run_with_error(run_id, "KILLED", "interrupted (KeyboardInterrupt)", traceback.format_exc())
         raise
@@ -228,6 +245,7 @@ def train_in_run(
         per_replica,
     )
     log_new_params({"num_replicas": replicas, "per_replica_batch_size": per_replica})
+    outbox = MetricsOutbox(checkpoint_dir)
     scope = strategy.scope()
     scope.__enter__()  # model, optimizers and fit under the strategy (a `with` would re-indent the whole loop)
     try:
@@ -271,7 +289,7 @@ def train_in_run(
                 epochs=phase.stop - start,
             ).map(one_hot)
             val_ds = make_dataset(val_source, config.batch_size, shuffle=False, epochs=1).map(one_hot)
-            tracker = make_epoch_tracker(config, phase, run_id, checkpoint_dir, fingerprint, schedule_state)
+            tracker = make_epoch_tracker(config, phase, run_id, checkpoint_dir, fingerprint, schedule_state, outbox)
             model.fit(
                 train_ds,
                 validation_data=val_ds,
@@ -286,15 +304,20 @@ def train_in_run(
         if resume_from is not None:  # every epoch was done before the kill: only the weights are needed
             model.load_weights(str(resume_from[0] / "model.weights.h5"))
         synchronize_batchnorm(model, False)
+        deadline = send_pending_metrics(outbox, checkpoint_dir)
     finally:
+        outbox.close()
         scope.__exit__(None, None, None)
         keras.mixed_precision.set_global_policy(previous_policy)
 
     result = {"run_id": run_id, "metrics": {}, "model_uri": None, "registered_version": None}
+    wait_for_tracking(run_id, deadline, checkpoint_dir, "drawing the training curves")
     log_training_curves(run_id)
     if test_source is not None:
+        wait_for_tracking(run_id, deadline, checkpoint_dir, "logging the test report")
         result["metrics"] = evaluate_on_test(model, test_source, config.batch_size)
     if log_model:
+        wait_for_tracking(run_id, deadline, checkpoint_dir, "logging the model")
         result.update(log_final_model(model, config, train_source, val_source))
     else:
         result["model"] = model
