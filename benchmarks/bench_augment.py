@@ -8,7 +8,7 @@ Sizes: CARCLF_BENCH_AUGMENT_IMAGES (default 2000), CARCLF_BENCH_AUGMENT_SIZE (22
 CARCLF_BENCH_AUGMENT_COPIES (2), CARCLF_BENCH_AUGMENT_OPS (crop,pad,flip), CARCLF_BENCH_AUGMENT_REPEATS (5,
 best run counts). Files go under $TMPDIR. CPU seconds (tasks + merge vs the loop) are printed too: they
 measure the work done whatever else runs on the machine, which wall-clock ratios on shared cores do not.
-Targets (issue 6): local[2] >= 1.6x local[1]; local[2] at most 1.3x slower than the in-process loop.
+Targets: local[2] >= 1.6x local[1]; local[2] at most 1.3x slower than the in-process loop.
 """
 
 import logging

@@ -1,17 +1,17 @@
-"""Network speed, one run, same inputs: our ResNet-50 against keras.applications.ResNet50 (issues 3 and 9).
+"""Network speed, one run, same inputs: our ResNet-50 against keras.applications.ResNet50.
 
 (1) training-step throughput, float32: ours / keras.applications            target >= 0.95
 (2) inference throughput, float32: fused / keras.applications >= 1.0, fused / our unfused >= 1.1
 (3) mixed_bfloat16 training and inference, as a ratio to the same model in float32
-(4) issue 9: batch 1 / 8 / 32: stock float32, our unfused float32, fused float32, fused bfloat16
+(4) batch 1 / 8 / 32: stock float32, our unfused float32, fused float32, fused bfloat16
     (img/s, ratio to stock, achieved TFLOP/s); target fused bf16 >= 4x stock at batch 32.
-(6) issue 18: batch 1 / 8 / 32: stock float32, fused float32, fused bf16 (Keras) and the int8 network
+(6) batch 1 / 8 / 32: stock float32, fused float32, fused bf16 (Keras) and the int8 network
     (OpenVINO + NNCF, as save_model builds it), img/s, ratios to stock and p50 latency at batch 1;
     targets: int8 >= 4x stock at batch 32 and >= 3x at batch 1 (p50 latency). Then what `auto` serves on this
     CPU for a model with an int8 network (carclf_flavor.precision, the reason as the server logs it) and that
     path's ratio to stock; target >= 3x at batch 32. The int8 convolutions' OpenVINO kernel names are printed
     (e.g. ``jit_avx2_I8``, ``brgconv_avx512_amx_I8``): they show which instruction set really ran.
-(5) issue 9's hardware ceiling: a raw 3x3 convolution (ResNet stage shapes, batch 32) in float32 and bfloat16.
+(5) the hardware ceiling: a raw 3x3 convolution (ResNet stage shapes, batch 32) in float32 and bfloat16.
     The fused bf16 network cannot beat the CPU's raw bf16 convolution rate, so the 4x target is reachable
     only where bf16 convolutions run >= ~4x faster than float32 ones (matrix units: AMX-BF16, GPUs), not
     on AVX512-BF16 alone (~2x: twice the multiply-adds per instruction).
@@ -313,7 +313,7 @@ def main() -> None:
                 )
 
     if "latency" in SECTIONS:
-        print("\n(4) issue 9: inference by batch size (img/s, ratio to stock float32, achieved TFLOP/s)")
+        print("\n(4) inference by batch size (img/s, ratio to stock float32, achieved TFLOP/s)")
         for batch in BATCHES:
             # batch 32 reuses section (2)
             by_batch[batch] = rates = by_batch.get(batch) or inference_rates(variants, batch)
@@ -334,7 +334,7 @@ def main() -> None:
         fused16 = fused16 or fuse_for_inference(fused32, "bfloat16")
         network, seconds, settings = int8_network(fused32, images)
         print(
-            f"\n(6) issue 18: int8 (OpenVINO {openvino.get_version()}, NNCF post-training on {INT8_CALIBRATION} "
+            f"\n(6) int8 (OpenVINO {openvino.get_version()}, NNCF post-training on {INT8_CALIBRATION} "
             f"images: {seconds:.0f} s; {settings}) vs Keras float32/bf16"
         )
         keras_variants = {

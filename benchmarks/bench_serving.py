@@ -4,7 +4,7 @@ Same model, same run, same JPEG bytes (700x500, encoded once):
 1. batch-32 throughput: REST (base64 + JSON + HTTP + MLflow's parsing) vs ``CarClassifier.predict`` in-process
    (target: REST >= 0.85x in-process);
 2. single-image latency p50/p99, REST vs the in-process call (target: overhead <= 15 ms at p50);
-3. issue 9: REST batch-32 throughput with the auto-selected precision vs CARCLF_INFERENCE_PRECISION=float32
+3. REST batch-32 throughput with the auto-selected precision vs CARCLF_INFERENCE_PRECISION=float32
    (target >= 3x where the CPU has native bf16), printed beside this CPU's ceiling: the raw bf16 / float32
    3x3-convolution rate (bench_network section 5), which no served model can exceed.
    Issue 18: the model is saved with calibration data, so it ships an int8 network and auto serves int8 where
@@ -16,7 +16,7 @@ base64+JSON encoding of a batch is measured apart, and the auto / float32 ratio 
 
 Sizes via environment: BENCH_SERVING_DEPTH (50), BENCH_SERVING_IMAGE_SIZE (224), BENCH_SERVING_CLASSES (196),
 BENCH_SERVING_BATCHES (3 timed batches of 32), BENCH_SERVING_LATENCY_N (30 single-image calls).
-4. issue 14: a decompression bomb (a 20000x20000 PNG, 1.2 MB encoded, 1.2 GB decoded) sent to the worker of
+4. a decompression bomb (a 20000x20000 PNG, 1.2 MB encoded, 1.2 GB decoded) sent to the worker of
    `mlflow models serve -w 1`: rise of the worker's peak RSS for one request (target < 100 MB) and three at once
    (target < 300 MB), beside the rise for one ordinary 700x500 JPEG (the baseline), and the RSS left afterwards.
 5. pixel budget: 1, 10 and 80 copies of a 7000x7000 PNG (143 KB encoded, 49 megapixels, under the per-photo
@@ -342,7 +342,7 @@ def main() -> int:
         [f"car model {i}" for i in range(NUM_CLASSES)],
         preprocessing=PreprocessSettings(image_size=IMAGE_SIZE, crop="none"),
         inference_precision="auto",
-        # issue 18: an int8 network (random weights: nothing to validate against, so it
+        # an int8 network (random weights: nothing to validate against, so it
         # ships with the "not validated" warning; tests/test_int8.py validates a trained one)
         calibration_data=np.random.default_rng(1).integers(0, 256, (32, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
     )

@@ -35,8 +35,8 @@ _STRENGTHS = AugmentParams()  # the op strengths' defaults live in AugmentParams
 class AugmentConfig:
     """The `augment` step's parameters (CLI flags, MLproject parameters and keyword arguments alike).
 
-    ``input``/``output`` default to the files ``preprocess`` writes by default, on the CLI as in MLproject
-    (they used to be required on the CLI only): one rule, the declaration's default applies everywhere.
+    ``input``/``output`` default to the files ``preprocess`` writes by default, on the CLI as in MLproject:
+    one rule, the declaration's default applies everywhere.
     """
 
     input: str = param("data/processed/train.h5", "HDF5 split to augment", mlproject_type="path")

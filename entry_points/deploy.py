@@ -56,8 +56,7 @@ class DeployConfig:
     """The `deploy` step's parameters (CLI flags, MLproject parameters and keyword arguments alike).
 
     ``target`` and ``name`` default to the local target and ``car-resnet`` on the CLI and in calls as in
-    MLproject (they used to be required on the CLI only): one rule, the declaration's default applies
-    everywhere. ``None`` = not set (``""`` in MLproject and on the CLI).
+    MLproject: one rule, the declaration's default applies everywhere. ``None`` = not set (``""`` in MLproject and on the CLI).
     """
 
     model_uri: str = param(help="models:/<name>/<version>")

@@ -54,7 +54,7 @@ def input_data(*images, columns=("image",)):
 def azure_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("azureml-models")
     path = root / "carclf-model"
-    # With an int8 network (issue 18): its requirements then include OpenVINO, which Azure installs at start, and
+    # With an int8 network: its requirements then include OpenVINO, which Azure installs at start, and
     # `auto` serves int8 where the CPU has AVX2. Calibrated on a few photos' pixels, not validated (a warning).
     calibration = np.stack([decode_and_resize(image) for image in IMAGES * 8])
     carclf_flavor.save_model(

@@ -1,4 +1,4 @@
-"""Fuzzing a real `mlflow models serve -w 1` of a tiny carclf model on 127.0.0.1 (issue 14).
+"""Fuzzing a real `mlflow models serve -w 1` of a tiny carclf model on 127.0.0.1.
 
 A seeded generator makes a few hundred hostile or odd requests: random bytes, non-UTF-8 bodies, truncated,
 corrupt and bombed images of every format, wrong JSON shapes and types, every request format MLflow's server

@@ -258,7 +258,7 @@ def test_settings_validation():
     assert PreprocessSettings.from_dict({**settings.to_dict(), "extra": 1}) == settings
 
 
-# --- hostile input: the pixel limit holds before any pixel is decoded (issue 14) ---------------------------
+# --- hostile input: the pixel limit holds before any pixel is decoded ----------------------------------
 from helpers_hostile import bomb_png, header_bombs  # noqa: E402
 
 

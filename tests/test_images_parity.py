@@ -1,4 +1,4 @@
-"""One photo preparation for training data and serving (issue 15): identical pixels from both paths, one header
+"""One photo preparation for training data and serving: identical pixels from both paths, one header
 parse per photo, one bbox policy, and reduced JPEG decoding that stays close to a full decode.
 
 Training path: ``carclf.data.preprocessing.process_photo`` on the file (what every preprocess worker runs).

@@ -1,4 +1,4 @@
-"""The int8 network (issue 18): quantized and validated when `train` logs the model, chosen at load, served.
+"""The int8 network: quantized and validated when `train` logs the model, chosen at load, served.
 
 One small ResNet is trained by `train` on generated sample photos (bbox crops, 64 px); its logged model is
 the subject of most tests. The agreement bar is the issue's: >= 99% top-1 agreement with float32 on a few

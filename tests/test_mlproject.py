@@ -90,7 +90,7 @@ def test_mlflow_float_spelling_reaches_int_fields():
 @pytest.mark.parametrize("step", CONVERTED, ids=lambda s: s.name)
 def test_an_omitted_flag_takes_the_mlproject_default(step):
     """The settled drift: a parameter with an MLproject default has it on the CLI too (augment's input/output,
-    deploy's target/name, score's output used to be required or None there)."""
+    deploy's target/name, score's output required or None there by the CLI alone)."""
     spec = yaml.safe_load((REPO_ROOT / "MLproject").read_text())["entry_points"][step.name]
     module = importlib.import_module(step.module)
     required = [f for f in field_specs(getattr(module, step.config)) if f.cli and f.required]

@@ -1,4 +1,4 @@
-"""Every command README.md shows is executed here (issue 8), in README order, with tiny sizes.
+"""Every command README.md shows is executed here, in README order, with tiny sizes.
 
 The commands are read from README.md itself (every ```bash block, plus the inline `mlflow run . --env-manager
 local -...` commands of the prose). COVERAGE maps each one to the test that runs it; a README command that
@@ -529,7 +529,7 @@ def test_serving(world):
 
         if shutil.which("curl") is None or shutil.which("base64") is None:
             pytest.skip("curl/base64 not installed: the README curl command cannot run here")
-        # A photo over 1 MB (issue 14): the README's body-in-a-file form must not hit the 128 KiB argument cap.
+        # A photo over 1 MB: the README's body-in-a-file form must not hit the 128 KiB argument cap.
         big = world.root / "big_car.jpg"
         rng = np.random.default_rng(3)
         noisy = rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)

@@ -25,7 +25,7 @@ from carclf_flavor.images import PreprocessSettings
 from conftest import REPO_ROOT
 from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, jpeg_bytes
 
-# main's HEAD when carclf_flavor was split into modules (issue 15): the last version with the whole flavor in
+# main's HEAD when carclf_flavor was split into modules: the last version with the whole flavor in
 # __init__.py. A model saved by it must keep loading.
 PRE_SPLIT_COMMIT = "0936327ffc9a92b81a267d7ed3cbdcaa298d7451"
 TESTS_DIR = pathlib.Path(__file__).resolve().parent

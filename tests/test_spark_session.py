@@ -1,5 +1,5 @@
 """Spark start failures through the real augment CLI: one line naming the master and Java's reason; Java's
-stack trace only in the log file the line names (issue 14)."""
+stack trace only in the log file the line names."""
 
 import os
 import pathlib

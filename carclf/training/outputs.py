@@ -47,7 +47,7 @@ def log_final_model(model, config, train_source: HDF5Source, val_source: HDF5Sou
 
     import carclf_flavor
 
-    # int8 (issue 18): quantized on a few hundred training images, shipped only if it holds up on validation.
+    # int8: quantized on a few hundred training images, shipped only if it holds up on validation.
     info = carclf_flavor.log_model(
         model,
         "model",
