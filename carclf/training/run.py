@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import pathlib
 import sys
+import time
 import traceback
 
 from carclf.data.hdf5_dataset import DatasetError
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 TAG_ERROR = "carclf.error"
 TAG_CONFIG = "carclf.train_config_fingerprint"
+# How long a failing run waits for its queued epoch metrics to reach the tracking server before it ends.
+FAILED_RUN_SEND_WAIT_S = 30.0
 
 
 def tracked_params(config) -> dict:
@@ -305,6 +309,14 @@ def train_in_run(
             model.load_weights(str(resume_from[0] / "model.weights.h5"))
         synchronize_batchnorm(model, False)
         deadline = send_pending_metrics(outbox, checkpoint_dir)
+    except TrackingUnavailable:
+        raise
+    except BaseException:
+        # A run that fails keeps the epochs it finished: what is queued goes out (within a bound) before the
+        # failure ends the run; what cannot be sent stays in the outbox file for a resume.
+        with contextlib.suppress(Exception):  # the training failure is the one to report
+            outbox.wait_until_sent(time.monotonic() + min(tracking_wait_s(), FAILED_RUN_SEND_WAIT_S))
+        raise
     finally:
         outbox.close()
         scope.__exit__(None, None, None)
