@@ -75,17 +75,20 @@ def build_batch_config(
     }
 
 
+def _raise_as_deploy_error(what: str, exc: Exception):
+    """Azure's error anywhere in ``exc``'s chain as one DeployError line; anything else as it is."""
+    azure = azure_error_in_chain(exc)
+    if azure is None:
+        raise exc
+    raise DeployError(f"{what}: {type(azure).__name__}: {one_line(getattr(azure, 'message', None) or azure)}") from None
+
+
 def _call(what: str, fn, *args, **kwargs):
     try:
         result = fn(*args, **kwargs)
         return result.result() if hasattr(result, "result") and hasattr(result, "done") else result
     except Exception as exc:
-        azure = azure_error_in_chain(exc)
-        if azure is None:
-            raise
-        raise DeployError(
-            f"{what}: {type(azure).__name__}: {one_line(getattr(azure, 'message', None) or azure)}"
-        ) from None
+        _raise_as_deploy_error(what, exc)
 
 
 def _get_or_none(what: str, fn, *args):
@@ -94,12 +97,7 @@ def _get_or_none(what: str, fn, *args):
     except Exception as exc:
         if is_not_found(exc):
             return None
-        azure = azure_error_in_chain(exc)
-        if azure is None:
-            raise
-        raise DeployError(
-            f"{what}: {type(azure).__name__}: {one_line(getattr(azure, 'message', None) or azure)}"
-        ) from None
+        _raise_as_deploy_error(what, exc)
 
 
 def code_bytes() -> bytes:
