@@ -24,6 +24,7 @@ from carclf_flavor.images import PreprocessSettings
 from carclf_flavor.signature import top_k_entries
 from conftest import REPO_ROOT
 from helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, fresh_venv_python, jpeg_bytes
+from helpers_processes import stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -135,12 +136,7 @@ def azure_server(azure_model, azure_venv, tmp_path_factory):
             time.sleep(1)
         yield {"url": url, "log": log_path, "model": azure_model}
     finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        stop_process_group(process)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from carclf.deployment.local_server import wait_until_serving
 from carclf_flavor.signature import top_k_entries
 from conftest import REPO_ROOT
 from helpers_flavor import CLASS_NAMES
+from helpers_processes import stop_process_group
 
 MODEL_NAME = "carclf-demo"
 MODEL_URI = f"models:/{MODEL_NAME}/1"
@@ -87,19 +87,6 @@ def _wait_up(url, process, deadline):
     problem = wait_until_serving(process, url.removesuffix("/ping"), max(0.0, deadline - time.monotonic()))
     if problem:
         pytest.fail(f"{problem}:\n{process.log_path.read_text(errors='replace')[-4000:]}")
-
-
-def _stop(process):
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +170,8 @@ def servers(tmp_path_factory):
             "demo_process": demo,
         }
     finally:
-        _stop(demo)
-        _stop(rest)
+        stop_process_group(demo)
+        stop_process_group(rest)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pathlib
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from carclf.compute.ports import free_port
 from carclf.deployment.local_server import wait_until_serving
 from conftest import REPO_ROOT
 from helpers_deploy import clean_azure_env, kill_servers_of_store, require_unshare
+from helpers_processes import stop_process_group
 
 README = REPO_ROOT / "README.md"
 VENV_BIN = pathlib.Path(sys.executable).parent
@@ -236,16 +236,7 @@ class World:
         return process
 
     def stop(self, process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait(timeout=10)
+        stop_process_group(process)
 
     def cleanup(self) -> None:
         from carclf.deployment import local_target
