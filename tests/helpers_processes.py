@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 20.0) -> None:
@@ -20,3 +21,13 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 20.0) -> None
         except ProcessLookupError:
             pass
         process.wait(timeout=10)
+
+
+def wait_until(condition, timeout_s: float, interval_s: float = 0.2) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` has passed; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return bool(condition())
+        time.sleep(interval_s)
+    return True

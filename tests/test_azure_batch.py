@@ -266,7 +266,6 @@ def test_batch_preflight_errors_are_one_line_before_anything_is_sent(tmp_path, m
 
 def test_batch_deploy_without_network_ends_with_one_line_not_a_hang(tmp_path, mlflow_store):
     """Past the preflight, the real plugin client and Azure SDK requests find no network: one line, quickly."""
-    import time
 
     env = clean_azure_env(tmp_path)
     env.update(SP, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=mlflow_store)
@@ -281,9 +280,7 @@ def test_batch_deploy_without_network_ends_with_one_line_not_a_hang(tmp_path, ml
         "--config-dir",
         str(tmp_path / "cfg"),
     ]
-    start = time.monotonic()
-    result = offline_run(command, env=env, timeout=150, cwd=tmp_path)
-    assert time.monotonic() - start < 120
+    result = offline_run(command, env=env, timeout=120, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -332,13 +329,10 @@ def test_score_batch_job_errors_are_one_line(tmp_path, args, expected):
 
 
 def test_score_batch_job_without_network_ends_with_one_line(tmp_path):
-    import time
-
     env = clean_azure_env(tmp_path)
     env.update(SP, PYTHONPATH=str(REPO_ROOT))
-    start = time.monotonic()
     command = [sys.executable, "-m", "entry_points.score", "--azure-batch-endpoint", JOBS_URL, "--input", PHOTOS]
-    result = offline_run(command, env=env, timeout=90, cwd=tmp_path)
-    assert time.monotonic() - start < 60 and result.returncode == 2, result.stderr[-2000:]
+    result = offline_run(command, env=env, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
     (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert "starting a batch job" in line and "ClientAuthenticationError" in line, line

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 
 import pandas as pd
 import pytest
@@ -68,15 +67,12 @@ def test_request_over_the_pixel_budget_is_refused_in_one_line_before_any_decode(
     rows = [png, png, png, jpeg_bytes(), png]  # the sum crosses the budget at row 2
     PROCESS_DECODING.reset_peak()
     with DecodeCalls() as calls:
-        start = time.perf_counter()
         with pytest.raises(carclf_flavor.InvalidInputError) as raised:
             model.predict(pd.DataFrame({"image": rows}), params={"errors": "coerce"})
-        seconds = time.perf_counter() - start
     message = raised.value.message
     assert message.startswith("request's images add up to 12.0 megapixels by row 2, above the budget of 8.0 megapixels")
     assert "CARCLF_MAX_REQUEST_PIXELS" in message and "\n" not in message
     assert calls.count == 0 and PROCESS_DECODING.peak == 0
-    assert seconds < 1.0
 
 
 def test_pixel_budget_from_the_environment_and_bad_values(model_dir, png, monkeypatch):

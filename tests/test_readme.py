@@ -18,7 +18,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -204,7 +203,6 @@ class World:
         return mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def run(self, argv, *, cwd=None, timeout=600, env=None, ok=True, shell=False) -> subprocess.CompletedProcess:
-        start = time.monotonic()
         result = subprocess.run(
             argv,
             cwd=cwd or self.root,
@@ -215,7 +213,6 @@ class World:
             shell=shell,
             executable="/bin/bash" if shell else None,
         )
-        result.seconds = time.monotonic() - start
         if ok:
             assert result.returncode == 0, describe(argv, result)
         return result
@@ -586,9 +583,9 @@ def test_azure_batch_without_credentials(world):
     keep = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_DISABLE_TELEMETRY")
     env.update({k: world.env[k] for k in keep}, AZUREML_TARGET=AZUREML_TARGET, PYTHONPATH=str(REPO_ROOT))
     for command in (deploy_step, start_job):
-        result = world.run(["unshare", "-n", "bash", "-c", command], cwd=REPO_ROOT, env=env, timeout=120, ok=False)
+        result = world.run(["unshare", "-n", "bash", "-c", command], cwd=REPO_ROOT, env=env, timeout=60, ok=False)
         output = result.stdout + result.stderr
-        assert result.returncode != 0 and result.seconds < 60, describe(command, result)
+        assert result.returncode != 0, describe(command, result)
         errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
         assert any("no Azure credentials found" in ln and "az login" in ln for ln in errors), describe(command, result)
 
@@ -614,10 +611,9 @@ def test_azure_without_credentials(world):
     )
     env["AZUREML_TARGET"] = AZUREML_TARGET
     # `$AZUREML_TARGET` is expanded by the shell, as when a reader pastes the line.
-    result = world.run(["unshare", "-n", "bash", "-c", run_step], cwd=REPO_ROOT, env=env, timeout=120, ok=False)
+    result = world.run(["unshare", "-n", "bash", "-c", run_step], cwd=REPO_ROOT, env=env, timeout=60, ok=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0, describe(run_step, result)
-    assert result.seconds < 60, f"took {result.seconds:.0f} s"
     errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
     assert any("no Azure credentials found" in ln and "az login" in ln for ln in errors), describe(run_step, result)
 

@@ -226,10 +226,8 @@ def test_server_gone_past_the_wait_ends_in_one_line_and_resume_sends_everything(
     _wait_for(lambda: _completed_epochs(checkpoints) >= 1, training)
     run_id = json.loads((checkpoints / "latest.json").read_text())["run_id"]
     server.kill()
-    started = time.monotonic()
-    code, err = training.finish()
+    code, err = training.finish(timeout=90)  # gives up after CARCLF_TRACKING_WAIT_S, not MLflow's retries
     assert code == 75, err[-4000:]
-    assert time.monotonic() - started < 90
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in err, err[-4000:]
     assert server.uri in errors[0] and "CARCLF_TRACKING_WAIT_S=3 s" in errors[0] and "resume=true" in errors[0]
