@@ -7,7 +7,7 @@ Same model, same run, same JPEG bytes (700x500, encoded once):
 3. REST batch-32 throughput with the auto-selected precision vs CARCLF_INFERENCE_PRECISION=float32
    (target >= 3x where the CPU has native bf16), printed beside this CPU's ceiling: the raw bf16 / float32
    3x3-convolution rate (bench_network section 5), which no served model can exceed.
-   Issue 18: the model is saved with calibration data, so it ships an int8 network and auto serves int8 where
+   The model is saved with calibration data, so it ships an int8 network and auto serves int8 where
    the CPU has VNNI (target REST auto >= 3x REST float32); the share of a request spent decoding the photos
    is measured in-process (decode vs network on the same batch), and whether it is off the critical path:
    the pipelined call (decoding overlapped with the network, what the pyfunc runs) vs the network alone.

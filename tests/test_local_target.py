@@ -256,7 +256,7 @@ def test_deploy_entry_point_against_carclf_local(tmp_path, deploy_home):
     ],
 )
 def test_cli_errors_are_one_line(args, message, tmp_path, deploy_home):
-    """Issue 14: MLflow's deployments CLI has no handler of its own and click shows only ClickExceptions as
+    """MLflow's deployments CLI has no handler of its own and click shows only ClickExceptions as
     one line; the plugin's errors are both MlflowException and ClickException, so no traceback comes first."""
     request = tmp_path / "req.json"
     request.write_text(json.dumps({"image": [base64.b64encode(tiny_jpeg()).decode("ascii")]}))

@@ -428,7 +428,7 @@ def _peak_rss_mb_of_cli(argv, env) -> tuple[int, float, str]:
 
 
 def test_a_bomb_among_the_photos_costs_no_memory(stanford, tmp_path, mlflow_store):
-    """Issue 14: one 20000x20000 PNG (1.2 GB once decoded) among the photos is skipped, read from its header
+    """One 20000x20000 PNG (1.2 GB once decoded) among the photos is skipped, read from its header
     only: the peak RSS of the whole run (workers included) stays within 100 MB of the same run without it."""
     from helpers_hostile import bomb_png
 
@@ -471,7 +471,7 @@ def _start_writer(target: pathlib.Path, env) -> tuple[subprocess.Popen, pathlib.
 
 
 def test_next_run_removes_partials_of_killed_runs_only(stanford, tmp_path, caplog):
-    """Issue 14: a writer killed with SIGKILL leaves its partial file; the next preprocess into the folder
+    """A writer killed with SIGKILL leaves its partial file; the next preprocess into the folder
     removes it and says so in one line, while a partial file whose writer is alive stays."""
     out = tmp_path / "out"
     env = dict(
