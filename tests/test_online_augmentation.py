@@ -124,7 +124,7 @@ def test_range_of_each_change_matches_the_keras_layers(name):
         assert low - 0.06 * span <= lo and hi <= high + 0.06 * span, (who, lo, hi)
         # ... and filling it: uniform draws reach near both ends.
         assert lo < low + 0.15 * span and hi > high - 0.15 * span, (who, lo, hi)
-    # Same spread as before: standard deviations within 15%.
+    # The same spread as Keras' layers: standard deviations within 15%.
     assert abs(np.std(ours) - np.std(before)) < 0.15 * np.std(before), (np.std(ours), np.std(before))
 
 
