@@ -664,11 +664,11 @@ def test_a_canary_in_progress_is_not_overwritten(tmp_path):
 
 
 def test_legacy_compute_warns_in_one_line_naming_the_retirement(tmp_path, mlflow_store):
-    result, _ = _deploy_cli(tmp_path, args=("--compute", "aci"))
+    result = _deploy_cli(tmp_path, args=("--compute", "aci"))
     warnings = [ln for ln in result.stderr.splitlines() if "deprecated" in ln]
     assert len(warnings) == 1 and "2026-06-30" in warnings[0] and "compute=managed" in warnings[0], result.stderr
     (tmp_path / "d").mkdir()
-    default, _ = _deploy_cli(tmp_path / "d")
+    default = _deploy_cli(tmp_path / "d")
     assert "deprecated" not in default.stderr
 
 
@@ -683,7 +683,7 @@ def test_legacy_compute_warns_in_one_line_naming_the_retirement(tmp_path, mlflow
     ],
 )
 def test_bad_rollout_parameters_are_named_before_anything_else(tmp_path, mlflow_store, args, expected):
-    result, _ = _deploy_cli(tmp_path, args=args)
+    result = _deploy_cli(tmp_path, args=args)
     assert result.returncode == 2
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
