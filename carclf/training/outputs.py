@@ -1,7 +1,7 @@
 """What a finished training logs to its run: the training curves, the test report and the model (with int8).
 
 Shared by the single-process loop (``carclf.training.run``) and the multi-worker chief
-(``carclf.training.multi_worker``), so both runs look the same.
+(``carclf.training.multi_worker_process``), so both runs look the same.
 """
 
 from __future__ import annotations
