@@ -141,14 +141,15 @@ def p50_latencies_ms(steps: dict, n: int) -> dict:
 
 
 def int8_network(fused_model, images):
-    """The int8 network exactly as save_model builds and load_model runs it (carclf_flavor.int8)."""
-    from carclf_flavor import int8
+    """The int8 network exactly as save_model builds it (carclf_flavor.int8_build) and load_model runs it
+    (carclf_flavor.int8_runtime)."""
+    from carclf_flavor import int8_build, int8_runtime
 
     start = time.perf_counter()
-    quantized, _ = int8.quantize_to_int8(int8.convert_to_openvino(fused_model), images[:INT8_CALIBRATION])
+    quantized, _ = int8_build.quantize_to_int8(int8_build.convert_to_openvino(fused_model), images[:INT8_CALIBRATION])
     seconds = time.perf_counter() - start
-    threads = int8.cpu_threads_for_inference()
-    network = int8.OpenVINONetwork(int8._compile(quantized, threads), threads)
+    threads = int8_runtime.cpu_threads_for_inference()
+    network = int8_runtime.OpenVINONetwork(int8_runtime.compile_network(quantized, threads), threads)
     compiled = network.compiled
     settings = ", ".join(
         f"{key}={compiled.get_property(key)}"

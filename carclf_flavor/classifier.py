@@ -33,8 +33,8 @@ _executor: ThreadPoolExecutor | None = None
 
 def decode_threads() -> int:
     """Decoding threads of this process: the CPUs it may use (affinity, cgroup quota) shared among the server's
-    workers, as for the network's threads (``int8.cpu_threads_for_inference``), at most 8."""
-    from carclf_flavor.int8 import cpu_threads_for_inference
+    workers, as for the network's threads (``int8_runtime.cpu_threads_for_inference``), at most 8."""
+    from carclf_flavor.int8_runtime import cpu_threads_for_inference
 
     return max(1, min(8, cpu_threads_for_inference()))
 
@@ -69,7 +69,7 @@ class CarClassifier:
         self.precision_reason = precision_reason
         size = int(settings.image_size)
         self._num_classes = len(self.class_names)
-        if int8_network is not None:  # carclf_flavor.int8.OpenVINONetwork: pixels -> probabilities
+        if int8_network is not None:  # carclf_flavor.int8_runtime.OpenVINONetwork: pixels -> probabilities
             self._forward = int8_network
             return
         # One traced graph with a fixed signature: concurrent calls never retrace (Keras' predict() is not

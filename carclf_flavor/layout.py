@@ -6,8 +6,8 @@
     data/model.keras             the fused float32 inference network (Keras 3 format, loads with safe_mode=True)
     data/classes.json            class index -> name, as a JSON list
     data/preprocessing.json      PreprocessSettings (as the HDF5 data was built) + inference_precision
-    data/int8.json               only with calibration data: the int8 validation report (carclf_flavor.int8)
-    data/model_int8.xml, .bin    only when int8 passed validation: the int8 network (OpenVINO IR)
+    data/int8.json               only with calibration data: the int8 validation report (carclf_flavor.int8_build)
+    data/model_int8.xml, .bin    only when int8 passed validation: the int8 network (OpenVINO IR, carclf_flavor.int8_runtime)
     code/carclf_flavor/          this package: the model loads with only requirements.txt installed
     requirements.txt, conda.yaml, python_env.yaml, serving_input_example.json, input_example.json
     carclf-manifest.json         written last: the SHA-256 of every other file (carclf_flavor.manifest)

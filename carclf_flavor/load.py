@@ -153,10 +153,10 @@ def _load_from_data_dir(data_dir: str, model_config: dict | None = None) -> CarC
         ) from None
     check_network_agrees(model, model_path, data_dir / CLASSES_FILE, data_dir / PREPROCESSING_FILE, names, settings)
     requested = model_config.get("inference_precision", saved_precision)
-    from carclf_flavor import int8
+    from carclf_flavor import int8_runtime
 
-    int8_report = int8.read_int8_report(data_dir)
-    int8_available, int8_missing = int8.int8_network_available(data_dir, int8_report)
+    int8_report = int8_runtime.read_int8_report(data_dir)
+    int8_available, int8_missing = int8_runtime.int8_network_available(data_dir, int8_report)
     precision, reason = choose_inference_precision(
         requested, int8_available=int8_available, int8_missing_reason=int8_missing
     )
@@ -164,7 +164,7 @@ def _load_from_data_dir(data_dir: str, model_config: dict | None = None) -> CarC
     if precision == "bfloat16":
         model = _to_bfloat16(model)
     elif precision == "int8":
-        int8_network = int8.load_int8_network(data_dir)
+        int8_network = int8_runtime.load_int8_network(data_dir)
         validated = "validated" if int8_report.get("validated") else "NOT validated"
         reason += f" (OpenVINO, {int8_network.threads} threads; int8 {validated} when saved)"
     _logger.info("carclf model serving in %s: %s", precision, reason)

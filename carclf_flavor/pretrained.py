@@ -1,6 +1,8 @@
 """ImageNet weights from keras.applications into a carclf ResNet (``carclf_flavor.resnet``), kept apart from the
 architecture as timm keeps ``_pretrained.py`` / ``_builder.py`` beside ``resnet.py``.
 
+``create_resnet(depth, num_classes, image_size, weights=None, ...)`` is the builder with weights (timm's
+``build_model_with_cfg``): the architecture from ``resnet.build_resnet``, then ``load_imagenet_weights``.
 ``load_imagenet_weights(model, source)`` with ``source`` = ``"imagenet"`` (download through keras.applications),
 a path to a keras.applications weights file (legacy ``resnet50_weights_tf_dim_ordering_tf_kernels[_notop].h5``
 layout, Keras 3 ``.weights.h5``, or a ``.keras`` model) or an in-memory keras.applications ResNet. Layer names are
@@ -24,6 +26,8 @@ import numpy as np
 from carclf_flavor.resnet import (
     MIN_IMAGE_SIZE,
     RESNET_STAGES,
+    build_resnet,
+    check_resnet_arguments,
     describe_depth,
     describe_resnet,
     head_layer,
@@ -300,3 +304,28 @@ def load_imagenet_weights(model: keras.Model, source, head_name: str | None = No
         "loaded %d layers from %s into %s (head carried over: %s)", len(used), description, model.name, head_carried
     )
     return summary
+
+
+def create_resnet(
+    depth: int,
+    num_classes: int,
+    image_size: int,
+    weights=None,
+    dropout: float = 0.0,
+    width: float = 1.0,
+    head_name: str = "car_model",
+    name: str | None = None,
+) -> keras.Model:
+    """``resnet.build_resnet(...)`` with ``weights``: None (random init), ``"imagenet"`` or a path to a
+    keras.applications weights file (see ``load_imagenet_weights``).
+
+    Every argument is checked before the network is built: an unusable weights request (a depth without
+    keras.applications weights, width != 1.0) fails at once, not after building a large model.
+    """
+    check_resnet_arguments(depth, num_classes, image_size, dropout, width)
+    if weights is not None:
+        check_weights_compatible(int(depth), float(width))
+    model = build_resnet(depth, num_classes, image_size, dropout=dropout, width=width, head_name=head_name, name=name)
+    if weights is not None:
+        load_imagenet_weights(model, weights)
+    return model

@@ -1,4 +1,4 @@
-"""Keras 3 ResNet-18/34/50/101/152 in the Caffe style of the article, ImageNet weight import, inference fusion.
+"""Keras 3 ResNet-18/34/50/101/152 in the Caffe style of the article: the architecture and inference fusion.
 
 Architecture (``build_resnet``)
     uint8 RGB ``(S, S, 3)`` input -> ``CaffePreprocess`` (cast, RGB->BGR, mean subtraction INSIDE the model,
@@ -15,8 +15,9 @@ cancels it, in inference it only shifts the moving mean. So the Caffe original h
 broadcast add per convolution, and on import a keras.applications bias ``b`` is folded exactly into the
 moving mean (``mean - b``). The parameter count is keras.applications' minus those biases.
 
-Pretrained weights live next door, in ``carclf_flavor.pretrained`` (``load_imagenet_weights``, ``WeightsError``,
-``KERAS_APPLICATIONS``); ``build_resnet(..., weights=...)`` calls it. Those names stay importable from here.
+``build_resnet`` only builds (random initialisation). Pretrained weights are the next layer up, in
+``carclf_flavor.pretrained``: ``create_resnet(..., weights=...)`` builds through ``build_resnet`` and then loads
+them (timm's split of ``resnet.py`` from ``_builder.py`` / ``_pretrained.py``), so this module never imports it.
 
 ``fuse_for_inference(model, dtype)`` rebuilds the network with each conv -> BN -> Scale folded into one
 convolution with bias (+ ReLU), in float32 or pure bfloat16. Only standard Keras layers plus
@@ -219,25 +220,9 @@ def _head(x, num_classes, dropout, head_name, dtype, activation="softmax"):
 # --------------------------------------------------------------------------------------------------
 # Public builders
 # --------------------------------------------------------------------------------------------------
-def build_resnet(
-    depth: int,
-    num_classes: int,
-    image_size: int,
-    weights=None,
-    dropout: float = 0.0,
-    width: float = 1.0,
-    head_name: str = "car_model",
-    name: str | None = None,
-) -> keras.Model:
-    """A Caffe-style ResNet taking uint8 ``(image_size, image_size, 3)`` RGB images, softmax over ``num_classes``.
-
-    ``weights``: None (random init), ``"imagenet"`` or a path to a keras.applications weights file; see
-    ``load_imagenet_weights``. ``width`` multiplies every filter count (tiny networks for tests and the
-    sample data; pretrained weights need 1.0). The compute dtype follows the global Keras dtype policy
-    (``mixed_bfloat16`` works); the head is always float32.
-    """
-    depth = int(depth)
-    if depth not in RESNET_STAGES:
+def check_resnet_arguments(depth, num_classes, image_size, dropout=0.0, width=1.0) -> None:
+    """The architecture arguments of ``build_resnet`` checked; a one-line ``ValueError`` names the bad one."""
+    if int(depth) not in RESNET_STAGES:
         raise ValueError(f"depth must be one of {sorted(RESNET_STAGES)}, got {depth}")
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -247,11 +232,26 @@ def build_resnet(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not float(width) > 0:
         raise ValueError(f"width must be > 0, got {width}")
-    if weights is not None:
-        from carclf_flavor.pretrained import check_weights_compatible
 
-        check_weights_compatible(depth, float(width))
 
+def build_resnet(
+    depth: int,
+    num_classes: int,
+    image_size: int,
+    dropout: float = 0.0,
+    width: float = 1.0,
+    head_name: str = "car_model",
+    name: str | None = None,
+) -> keras.Model:
+    """A Caffe-style ResNet taking uint8 ``(image_size, image_size, 3)`` RGB images, softmax over ``num_classes``.
+
+    Randomly initialised: ``carclf_flavor.pretrained.create_resnet(..., weights=...)`` adds ImageNet weights.
+    ``width`` multiplies every filter count (tiny networks for tests and the sample data; pretrained weights
+    need 1.0). The compute dtype follows the global Keras dtype policy (``mixed_bfloat16`` works); the head is
+    always float32.
+    """
+    check_resnet_arguments(depth, num_classes, image_size, dropout, width)
+    depth = int(depth)
     block_kind, stage_depths = RESNET_STAGES[depth]
     image_size = int(image_size)
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="image")
@@ -265,12 +265,7 @@ def build_resnet(
         _TrainableUnit(),
     )
     outputs = _head(x, int(num_classes), float(dropout), head_name, dtype=None)
-    model = keras.Model(inputs, outputs, name=name or f"carclf_resnet{depth}")
-    if weights is not None:
-        from carclf_flavor.pretrained import load_imagenet_weights
-
-        load_imagenet_weights(model, weights)
-    return model
+    return keras.Model(inputs, outputs, name=name or f"carclf_resnet{depth}")
 
 
 def head_layer(model: keras.Model, head_name: str | None = None) -> keras.layers.Layer:
@@ -436,27 +431,3 @@ def fuse_for_inference(model: keras.Model, dtype: str = "float32") -> keras.Mode
         [np.asarray(keras.ops.convert_to_numpy(w), dtype=np.float32) for w in head.weights]
     )
     return fused
-
-
-# Pretrained-weight names kept importable from here (``from carclf_flavor.resnet import WeightsError``) for
-# existing callers; their home is ``carclf_flavor.pretrained``, imported only when asked for (PEP 562).
-_PRETRAINED_NAMES = frozenset(
-    {
-        "IMAGENET_HEAD",
-        "KERAS_APPLICATIONS",
-        "KERAS_WEIGHTS_URL",
-        "WeightsError",
-        "check_weights_compatible",
-        "load_imagenet_weights",
-        "read_resnet_weights",
-        "weight_file_name",
-    }
-)
-
-
-def __getattr__(name):
-    if name in _PRETRAINED_NAMES:
-        from carclf_flavor import pretrained
-
-        return getattr(pretrained, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -103,8 +103,8 @@ def save_model(
     ``inference_precision``: "auto" (int8 where the CPU has VNNI and the model an int8 network, else bfloat16
     where the serving hardware computes it natively, else float32), "float32", "bfloat16" or "int8"; the
     environment variable CARCLF_INFERENCE_PRECISION overrides it at serve time.
-    ``calibration_data`` (uint8 (N, S, S, 3) images or an HDF5 split): also quantize the network to int8
-    (OpenVINO + NNCF). ``validation_data`` ((images, labels) or an HDF5 split): int8 ships only if its top-1
+    ``calibration_data`` (uint8 (N, S, S, 3) images): also quantize the network to int8
+    (OpenVINO + NNCF). ``validation_data`` ((images, labels) arrays): int8 ships only if its top-1
     agrees with float32 on >= 99% of it and drops <= 0.5 points; without it int8 ships unvalidated, with a
     warning. The outcome is in ``data/int8.json`` and the MLmodel metadata (``carclf_int8``).
     ``signature`` defaults to ``default_signature()`` (pass False for none); ``input_example`` defaults to a
@@ -147,10 +147,10 @@ def save_model(
 
     path = os.path.abspath(os.fspath(path))
     int8_inputs = None
-    if calibration_data is not None or validation_data is not None:  # read (and checked) before writing anything
-        from carclf_flavor.int8 import read_int8_inputs
+    if calibration_data is not None or validation_data is not None:  # checked before writing anything
+        from carclf_flavor.int8_build import prepare_int8_inputs
 
-        int8_inputs = read_int8_inputs(calibration_data, validation_data, int(settings.image_size))
+        int8_inputs = prepare_int8_inputs(calibration_data, validation_data, int(settings.image_size))
 
     _validate_and_prepare_target_save_path(path)
 
@@ -169,7 +169,7 @@ def save_model(
         json.dump(preprocessing_record, handle, indent=2, sort_keys=True)
     int8_report = None
     if int8_inputs is not None:
-        from carclf_flavor.int8 import build_int8_network
+        from carclf_flavor.int8_build import build_int8_network
 
         int8_report = build_int8_network(model, data_dir, *int8_inputs)
 
@@ -323,7 +323,7 @@ def log_model(
         **kwargs,
     )
     if calibration_data is not None:
-        from carclf_flavor.int8 import log_report_to_active_run
+        from carclf_flavor.int8_build import log_report_to_active_run
 
         log_report_to_active_run((info.metadata or {}).get("carclf_int8"))
     return info

@@ -22,9 +22,10 @@ import sys
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
 from carclf.data.hdf5_dataset import DatasetError
-from carclf.data.input_pipeline import HDF5Source
+from carclf.data.input_pipeline import HDF5Source, make_dataset
 from carclf.reporting.evaluation import EvaluateError, check_model_matches, model_source_run, predict_jpeg_files
-from carclf.reporting.reports import collect_predictions, format_table, log_test_report
+from carclf.reporting.metrics import collect_predictions, format_table
+from carclf.reporting.test_report import log_test_report
 from carclf.tracking.lineage import log_dataset_inputs
 from carclf.tracking.runs import log_new_params, step_run
 
@@ -93,7 +94,8 @@ def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
             mlflow.set_tags(tags)
             log_dataset_inputs(source, "testing")
             if input == "hdf5":
-                predictions = collect_predictions(classifier.predict_pixels, source, int(batch_size))
+                batches = make_dataset(source, int(batch_size), shuffle=False, epochs=1, with_indices=True)
+                predictions = collect_predictions(classifier.predict_pixels, batches.as_numpy_iterator())
             else:
                 pyfunc_model = mlflow.pyfunc.load_model(model_uri)
                 predictions = predict_jpeg_files(pyfunc_model, source, image_root or None, int(batch_size))

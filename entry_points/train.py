@@ -60,8 +60,8 @@ def _print_result(result: dict, config: TrainConfig) -> None:
 
 def main(argv=None) -> int:
     from carclf.tracking.outbox import EXIT_TRACKING_UNAVAILABLE, TrackingUnavailable
-    from carclf.training.multi_worker import WorkerFailed
-    from carclf_flavor.resnet import WeightsError
+    from carclf.training.multi_worker_driver import WorkerFailed
+    from carclf_flavor.pretrained import WeightsError
 
     return run_step(
         train,

@@ -93,7 +93,7 @@ def _record_failure(message: str) -> None:
 def main(argv=None) -> int:
     from carclf.compute.spark_session import SparkSetupError
     from carclf.data.hdf5_dataset import DatasetError
-    from carclf_flavor.resnet import WeightsError
+    from carclf_flavor.pretrained import WeightsError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

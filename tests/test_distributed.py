@@ -193,7 +193,7 @@ def _worker_processes(marker: str) -> list[int]:
             environ = open(f"/proc/{proc}/environ", "rb").read()
         except OSError:
             continue
-        if b"carclf.training.multi_worker" in cmdline and marker.encode() in environ:
+        if b"carclf.training.multi_worker_process" in cmdline and marker.encode() in environ:
             found.append(int(proc))
     return found
 

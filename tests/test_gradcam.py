@@ -150,7 +150,7 @@ def test_heatmap_mass_lies_in_the_quadrant_of_the_vehicle():
 
 
 def test_gallery_of_mistakes_shows_each_image_beside_its_heatmap():
-    from carclf.reporting.reports import misclassified_grid
+    from carclf.reporting.figures import misclassified_grid
 
     images = varied_images(3, 32, seed=2)
     heat = np.zeros((3, 32, 32), np.float32)
@@ -175,7 +175,8 @@ def test_evaluate_logs_the_gallery_with_the_heatmaps_of_the_wrong_guesses(tmp_pa
 
     import carclf_flavor
     from carclf.data.hdf5_dataset import read_split, write_hdf5_split
-    from carclf.reporting.reports import misclassified_grid, worst_mistakes
+    from carclf.reporting.figures import misclassified_grid
+    from carclf.reporting.metrics import worst_mistakes
     from carclf_flavor.images import PreprocessSettings
     from entry_points.evaluate import evaluate
 

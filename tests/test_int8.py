@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import carclf_flavor
-from carclf_flavor import int8
+from carclf_flavor import int8_build, int8_runtime
 from carclf_flavor.precision import ENV_VAR, INT8_MIN_CPU_FLAG, NATIVE_INT8_CPU_FLAGS, read_cpu_flags
 from helpers_flavor import fresh_venv_python
 
@@ -92,7 +92,7 @@ def _load(model_dir, monkeypatch, precision):
 
 def test_train_logs_a_validated_int8_network(trained):
     run, model_dir = trained["run"], trained["model_dir"]
-    report = json.loads((model_dir / "data" / int8.INT8_REPORT_FILE).read_text())
+    report = json.loads((model_dir / "data" / int8_runtime.INT8_REPORT_FILE).read_text())
     assert report["shipped"] is True and report["validated"] is True, report
     assert report["top1_agreement"] >= 0.99 and report["top1_drop_points"] <= 0.5
     _, val_labels = _read_split(trained["val"])
@@ -117,7 +117,7 @@ def test_train_logs_a_validated_int8_network(trained):
     assert {k: v for k, v in kept.items() if k not in ("global average pool", "classifier")} == expected_extra
     import openvino as ov
 
-    ops = ov.Core().read_model(str(model_dir / "data" / int8.INT8_MODEL_FILE)).get_ordered_ops()
+    ops = ov.Core().read_model(str(model_dir / "data" / int8_runtime.INT8_MODEL_FILE)).get_ordered_ops()
     # The RGB->BGR flip is in the stem kernel (OpenVINO runs a flip unvectorised).
     assert "ReverseSequence" not in [op.get_type_name() for op in ops]
     stem = next(op for op in ops if op.get_type_name() == "Convolution")
@@ -186,7 +186,7 @@ def test_auto_serves_int8_on_an_avx2_cpu_and_the_pyfunc_uses_it(trained, monkeyp
 
 
 def test_runtime_settings_say_what_they_mean(trained):
-    network = int8.load_int8_network(trained["model_dir"] / "data", threads=1)
+    network = int8_runtime.load_int8_network(trained["model_dir"] / "data", threads=1)
     compiled = network.compiled
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
     assert str(compiled.get_property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
@@ -204,7 +204,7 @@ def test_runtime_settings_say_what_they_mean(trained):
 
 ISA_PROBE = """
 import json, numpy as np, nncf, openvino as ov, openvino.opset13 as ops
-from carclf_flavor import int8
+from carclf_flavor import int8_runtime
 from carclf_flavor.precision import choose_inference_precision
 rng = np.random.default_rng(0)
 x = ops.parameter([1, 32, 16, 16], np.float32)
@@ -212,7 +212,7 @@ conv = ops.convolution(x, ops.constant(rng.standard_normal((32, 32, 3, 3)).astyp
                        [1, 1], [1, 1])
 model = ov.Model([ops.relu(conv)], [x])
 samples = [rng.standard_normal((1, 32, 16, 16)).astype(np.float32) for _ in range(4)]
-compiled = int8._compile(nncf.quantize(model, nncf.Dataset(samples), subset_size=4), threads=1)
+compiled = int8_runtime.compile_network(nncf.quantize(model, nncf.Dataset(samples), subset_size=4), threads=1)
 kernels = [op.get_rt_info()["primitiveType"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
            if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
 print(json.dumps({"kernels": kernels, "auto": choose_inference_precision("auto", gpu=None, int8_available=True)}))
@@ -235,7 +235,7 @@ def test_the_isa_limit_reaches_openvinos_int8_kernels_and_autos_choice(tmp_path)
 
 
 def test_thread_count_follows_the_cpus_the_process_may_use():
-    threads = int8.cpu_threads_for_inference
+    threads = int8_runtime.cpu_threads_for_inference
     assert threads(env={}, cpus=16, cgroup_limit=None, workers=1) == 16
     assert threads(env={}, cpus=16, cgroup_limit=4.0, workers=1) == 4
     assert threads(env={}, cpus=16, cgroup_limit=2.5, workers=1) == 3
@@ -262,9 +262,14 @@ def test_calibration_that_breaks_int8_is_not_shipped_and_says_why(trained, train
     grey = np.full((64, SIZE, SIZE, 3), 128, np.uint8)
     path = tmp_path / "model"
     carclf_flavor.save_model(
-        trained_network, path, ["a", "b", "c", "d"], fuse=False, calibration_data=grey, validation_data=trained["val"]
+        trained_network,
+        path,
+        ["a", "b", "c", "d"],
+        fuse=False,
+        calibration_data=grey,
+        validation_data=_read_split(trained["val"]),
     )
-    report = json.loads((path / "data" / int8.INT8_REPORT_FILE).read_text())
+    report = json.loads((path / "data" / int8_runtime.INT8_REPORT_FILE).read_text())
     assert report["shipped"] is False and report["validated"] is True
     assert report["reason"].startswith(f"int8 failed validation on {report['validation_images']} validation images")
     assert report["top1_agreement"] < 0.99 or report["top1_drop_points"] > 0.5
@@ -273,7 +278,7 @@ def test_calibration_that_breaks_int8_is_not_shipped_and_says_why(trained, train
     assert not any(a["shipped"] for a in report["attempts"]) and report["quantization"]["scope"] == "accurate"
     assert report["quantization"]["float32_operations"]["residual additions"] == 8  # ResNet-18: 8 blocks
     assert report["quantization"]["float32_operations"]["stem convolution"] == 1
-    assert not (path / "data" / int8.INT8_MODEL_FILE).exists()
+    assert not (path / "data" / int8_runtime.INT8_MODEL_FILE).exists()
     assert not any(r.startswith("openvino") for r in (path / "requirements.txt").read_text().split())
     classifier = _load(path, monkeypatch, "auto")
     assert (
@@ -309,7 +314,7 @@ def test_log_model_without_calibration_data_behaves_as_today(trained_network, mo
     with mlflow.start_run() as run:
         info = carclf_flavor.log_model(trained_network, "model", ["a", "b", "c", "d"], fuse=False)
     local = pathlib.Path(mlflow.artifacts.download_artifacts(info.model_uri))
-    assert not (local / "data" / int8.INT8_REPORT_FILE).exists()
+    assert not (local / "data" / int8_runtime.INT8_REPORT_FILE).exists()
     assert not any(p.name.startswith("model_int8") for p in (local / "data").iterdir())
     assert not any(r.startswith("openvino") for r in (local / "requirements.txt").read_text().split())
     assert "carclf_int8" not in (info.metadata or {})
@@ -338,7 +343,10 @@ def test_log_model_without_calibration_data_behaves_as_today(trained_network, mo
             ),
             "validation_data: labels are needed to measure the top-1 drop",
         ),
-        (dict(calibration_data="/nonexistent/train.h5"), "calibration_data: /nonexistent/train.h5 is not a file"),
+        (
+            dict(calibration_data="/nonexistent/train.h5"),
+            "calibration_data: got the path /nonexistent/train.h5; pass the images",
+        ),
         (dict(inference_precision="int8"), "inference_precision='int8' needs calibration_data"),
         (
             dict(validation_data=(np.zeros((4, SIZE, SIZE, 3), np.uint8), np.zeros(4, int))),
@@ -414,10 +422,10 @@ def test_the_pipelines_small_default_network_ships_int8(tmp_path, monkeypatch):
         checkpoint_dir=str(tmp_path / "ckpt"),
     )
     model_dir = pathlib.Path(mlflow.artifacts.download_artifacts(result["run_model_uri"], dst_path=str(tmp_path)))
-    report = json.loads((model_dir / "data" / int8.INT8_REPORT_FILE).read_text())
+    report = json.loads((model_dir / "data" / int8_runtime.INT8_REPORT_FILE).read_text())
     assert report["float32_top1"] < 0.9, "the network learned too well to test the hard case"
     attempts = report["attempts"]
-    assert [a["scope"] for a in attempts] == list(int8.SCOPES[: len(attempts)])
+    assert [a["scope"] for a in attempts] == list(int8_build.SCOPES[: len(attempts)])
     if not attempts[0]["shipped"]:
         assert len(attempts) == 2, "the second scope must be tried when the first fails validation"
         assert attempts[1]["top1_agreement"] >= attempts[0]["top1_agreement"]

@@ -163,7 +163,7 @@ def test_augmentation_runs_in_the_training_step_only_and_never_in_the_saved_mode
 
     def trained(augment, seed=0):
         keras.utils.set_random_seed(0)
-        model = build_resnet(depth=18, num_classes=4, image_size=32, weights=None, width=0.125)
+        model = build_resnet(depth=18, num_classes=4, image_size=32, width=0.125)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
         if augment:
             augment_in_train_step(model, seed=seed)

@@ -143,7 +143,7 @@ def test_request_limit_reached_mid_request_is_the_same_refusal(model_dir, monkey
 
 
 def test_decode_threads_follow_the_cpu_budget(monkeypatch):
-    from carclf_flavor.int8 import cpu_threads_for_inference
+    from carclf_flavor.int8_runtime import cpu_threads_for_inference
 
     monkeypatch.setenv("CARCLF_SERVER_WORKERS", "1")
     assert classifier_module.decode_threads() == min(8, cpu_threads_for_inference())

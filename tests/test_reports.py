@@ -4,7 +4,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from carclf.reporting.reports import MIN_TILE_PX, image_grid, misclassified_grid, stacked_bar_svg
+from carclf.reporting.figures import MIN_TILE_PX, image_grid, misclassified_grid, stacked_bar_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -82,7 +82,7 @@ def test_log_png_stores_the_exact_pixels_as_a_run_artifact():
     import cv2
     import mlflow
 
-    from carclf.reporting.reports import log_png
+    from carclf.reporting.figures import log_png
 
     picture = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     with mlflow.start_run() as run:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from carclf_flavor.layers import CaffePreprocess, Scale
-from carclf_flavor.pretrained import WeightsError, load_imagenet_weights, weight_file_name
+from carclf_flavor.pretrained import WeightsError, create_resnet, load_imagenet_weights, weight_file_name
 from carclf_flavor.resnet import (
     RESNET_STAGES,
     backbone_trainable,
@@ -107,7 +107,7 @@ def test_import_from_in_memory_keras_applications_resnet50(reference_resnet50, r
 
 @pytest.mark.parametrize("layout", ["keras3_top", "legacy_top"])
 def test_import_from_weights_file_with_top(layout, reference_outputs, reference_files, check_images):
-    ours = build_resnet(50, 1000, IMPORT_SIZE, weights=str(reference_files[layout]))
+    ours = create_resnet(50, 1000, IMPORT_SIZE, weights=str(reference_files[layout]))
     assert_matches_reference(ours, reference_outputs, check_images, head_carried=True)
 
 
@@ -139,7 +139,7 @@ def test_import_reads_the_original_caffe_layer_names(reference_resnet50, referen
 
     path = tmp_path / "caffe_names.h5"
     write_legacy_h5(path, reference_resnet50, rename=caffe_name)
-    ours = build_resnet(50, 1000, IMPORT_SIZE, weights=path)
+    ours = create_resnet(50, 1000, IMPORT_SIZE, weights=path)
     assert_matches_reference(ours, reference_outputs, check_images, head_carried=True)
 
 
@@ -147,7 +147,7 @@ def test_wrong_depth_is_a_clear_error(reference_files):
     with pytest.raises(
         WeightsError, match=r"holds ResNet-50 \(stage depths 3-4-6-3\).*ResNet-101 \(stage depths 3-4-23-3\)"
     ):
-        build_resnet(101, 10, TINY_SIZE, weights=reference_files["legacy_notop"])
+        create_resnet(101, 10, TINY_SIZE, weights=reference_files["legacy_notop"])
 
 
 def test_missing_layer_and_wrong_shape_name_the_layer(reference_resnet50, tmp_path):
@@ -178,14 +178,14 @@ def test_missing_layer_and_wrong_shape_name_the_layer(reference_resnet50, tmp_pa
 
 def test_unusable_weight_requests_are_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match="width=1.0"):
-        build_resnet(50, 10, TINY_SIZE, width=0.5, weights="imagenet")
+        create_resnet(50, 10, TINY_SIZE, width=0.5, weights="imagenet")
     with pytest.raises(WeightsError, match="depths \\[50, 101, 152\\].*not 18"):
-        build_resnet(18, 10, TINY_SIZE, weights="imagenet")
+        create_resnet(18, 10, TINY_SIZE, weights="imagenet")
     with pytest.raises(WeightsError, match="weights file not found: .*nope.h5"):
-        build_resnet(50, 10, TINY_SIZE, weights=str(tmp_path / "nope.h5"))
+        create_resnet(50, 10, TINY_SIZE, weights=str(tmp_path / "nope.h5"))
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(WeightsError, match="not an HDF5 weights file"):
-        build_resnet(50, 10, TINY_SIZE, weights=tmp_path / "text.h5")
+        create_resnet(50, 10, TINY_SIZE, weights=tmp_path / "text.h5")
 
 
 def test_imagenet_download_failure_says_which_file_to_fetch(monkeypatch):
@@ -202,7 +202,7 @@ def test_imagenet_download_failure_says_which_file_to_fetch(monkeypatch):
     with pytest.raises(
         WeightsError, match=r"resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5.*weights='/path/to/"
     ):
-        build_resnet(50, 196, TINY_SIZE, weights="imagenet")
+        create_resnet(50, 196, TINY_SIZE, weights="imagenet")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,7 +467,7 @@ def test_bfloat16_fused_agrees_with_float32_on_imported_resnet50(reference_files
     very unsure, and there bf16 moves probabilities by up to ~0.1 (top-1 agreement ~99%)."""
     images = varied_images(256, IMPORT_SIZE, seed=15)
     labels = np.arange(256) % 4  # the image kind: smooth field, stripes, rectangles, gradient
-    model = build_resnet(50, 4, IMPORT_SIZE, weights=reference_files["keras3_notop"])
+    model = create_resnet(50, 4, IMPORT_SIZE, weights=reference_files["keras3_notop"])
     features = submodel(model, "avg_pool").predict(images, batch_size=64, verbose=0)
     mean, std = features.mean(0), features.std(0) + 1e-6
     keras.utils.set_random_seed(4)
@@ -499,18 +499,13 @@ def test_stage_depths_are_read_from_unit_names_for_every_depth():
         assert stage_depths_of(["conv1_conv", "predictions", *names]) == (kind, stages), depth
 
 
-def test_pretrained_names_stay_importable_from_resnet():
-    """Callers that import the weight-import names from carclf_flavor.resnet (entry_points.train) keep working."""
-    from carclf_flavor import pretrained, resnet
-
-    for name in (
-        "WeightsError",
-        "KERAS_APPLICATIONS",
-        "KERAS_WEIGHTS_URL",
-        "load_imagenet_weights",
-        "read_resnet_weights",
-        "weight_file_name",
-    ):
-        assert getattr(resnet, name) is getattr(pretrained, name)
-    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        resnet.no_such_name  # noqa: B018
+def test_the_architecture_does_not_import_the_weight_import():
+    """resnet builds, pretrained loads weights on top: importing the architecture leaves pretrained unimported."""
+    code = (
+        "import sys, carclf_flavor.resnet as resnet\n"
+        "assert 'carclf_flavor.pretrained' not in sys.modules, sorted(sys.modules)\n"
+        "assert not hasattr(resnet, 'load_imagenet_weights')\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -47,7 +47,7 @@ def log_augment_run(summary: dict, job: AugmentJob) -> None:
         mlflow.log_metrics({k: float(summary[k]) for k in METRICS})
         grid = sample_grid(input_path, output_path, spec.copies)
         if grid is not None:
-            from carclf.reporting.reports import log_png
+            from carclf.reporting.figures import log_png
 
             log_png(grid, "augment_samples.png")
 
@@ -56,7 +56,7 @@ def sample_grid(input_path, output_path, copies: int, rows: int = 6, max_copies:
     """A picture: each row one source image (original) beside its first augmented variants."""
     if copies == 0:
         return None
-    from carclf.reporting.reports import image_grid
+    from carclf.reporting.figures import image_grid
 
     with h5py.File(input_path, "r") as src, h5py.File(output_path, "r") as out:
         n = src["images"].shape[0]

@@ -369,7 +369,7 @@ def log_params(params: dict) -> None:
 
 def class_count_chart(class_names: Sequence[str], labels: dict[str, np.ndarray]) -> str:
     """Images per class and split, as an SVG stacked bar chart."""
-    from carclf.reporting.reports import stacked_bar_svg
+    from carclf.reporting.figures import stacked_bar_svg
 
     num = len(class_names)
     series = {split: np.bincount(labels[split], minlength=num)[:num] for split in SPLITS}
@@ -381,7 +381,7 @@ def sample_crops_grid(train_path: pathlib.Path, class_names: Sequence[str], max_
     the crop and resize settings can be checked by eye."""
     import h5py
 
-    from carclf.reporting.reports import image_grid
+    from carclf.reporting.figures import image_grid
 
     with h5py.File(train_path, "r") as f:
         file_labels = f["labels"][()]
@@ -424,6 +424,6 @@ def log_results(dataset, settings, paths, labels, skipped, clamped, seconds, pro
     # Drawn without matplotlib (its import and layout cost ~1 s, a third of preprocessing 2,000 photos).
     mlflow.log_text(class_count_chart(dataset.class_names, labels), "class_counts.svg")
     if counts["train"]:
-        from carclf.reporting.reports import log_png
+        from carclf.reporting.figures import log_png
 
         log_png(sample_crops_grid(paths["train"], dataset.class_names), "sample_crops.png")

@@ -1,6 +1,6 @@
 """Scoring a saved carclf model on a test HDF5 split: the checks, the source run, the served (JPEG) path.
 
-Used by the `evaluate` step (``entry_points.evaluate``); the report itself is ``carclf.reporting.reports``.
+Used by the `evaluate` step (``entry_points.evaluate``); the report itself is ``carclf.reporting.test_report``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 
 from carclf.data.input_pipeline import HDF5Source
-from carclf.reporting.reports import TOP_K, Predictions
+from carclf.reporting.metrics import TOP_K, Predictions
 
 log = logging.getLogger(__name__)
 

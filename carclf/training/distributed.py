@@ -5,7 +5,7 @@
 - ``one``: the default strategy (one device: the first GPU if any, else the CPU);
 - ``mirrored``: MirroredStrategy over all local GPUs (NCCL all-reduce), or over all logical CPU devices when
   there is no GPU (tests split the CPU in two with ``tf.config.set_logical_device_configuration``);
-- ``multi_worker``: MultiWorkerMirroredStrategy from ``TF_CONFIG`` (set by ``carclf.training.multi_worker``'s
+- ``multi_worker``: MultiWorkerMirroredStrategy from ``TF_CONFIG`` (set by ``carclf.training.multi_worker_driver``'s
   Spark barrier launcher), RING collectives on CPUs, NCCL on GPUs.
 
 ``batch_size`` is always the GLOBAL batch: each of R replicas computes ``batch_size / R`` images per step and

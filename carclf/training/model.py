@@ -9,10 +9,10 @@ def build_model(config, num_classes: int, image_size: int):
     """The network exactly as ``train`` builds it (same seed -> same initial weights)."""
     import keras
 
-    from carclf_flavor.resnet import build_resnet
+    from carclf_flavor.pretrained import create_resnet
 
     keras.utils.set_random_seed(int(config.seed))
-    return build_resnet(
+    return create_resnet(
         depth=config.depth,
         num_classes=num_classes,
         image_size=image_size,

@@ -1,7 +1,7 @@
 """What a finished training logs to its run: the training curves, the test report and the model (with int8).
 
 Shared by the single-process loop (``carclf.training.run``) and the multi-worker chief
-(``carclf.training.multi_worker``), so both runs look the same.
+(``carclf.training.multi_worker_process``), so both runs look the same.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def log_training_curves(run_id: str) -> None:
     """``plots/training_curves.png`` from the run's own per-epoch metric histories."""
     import mlflow
 
-    from carclf.reporting.reports import log_figure, plot_training_curves
+    from carclf.reporting.figures import log_figure, plot_training_curves
 
     client = mlflow.tracking.MlflowClient()
     history = {}
@@ -31,10 +31,13 @@ def evaluate_on_test(model, test_source: HDF5Source, batch_size: int) -> dict:
     """The test report (metrics ``test_*``, confusion matrix, per-class accuracy, gallery); printed too."""
     import tensorflow as tf
 
-    from carclf.reporting.reports import collect_predictions, format_table, log_test_report
+    from carclf.data.input_pipeline import make_dataset
+    from carclf.reporting.metrics import collect_predictions, format_table
+    from carclf.reporting.test_report import log_test_report
 
     forward = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
-    predictions = collect_predictions(lambda images: forward(images).numpy(), test_source, batch_size)
+    batches = make_dataset(test_source, batch_size, shuffle=False, epochs=1, with_indices=True).as_numpy_iterator()
+    predictions = collect_predictions(lambda images: forward(images).numpy(), batches)
     metrics = log_test_report(predictions, test_source, list(test_source.class_names))
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print(format_table(scalars))

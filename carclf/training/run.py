@@ -3,7 +3,7 @@
 ``run_training(config)`` takes the step's config with ``optimizer``/``learning_rate`` already resolved
 (``carclf.training.validation.resolved_config``). A run that fails ends FAILED (tag ``carclf.error`` +
 ``error.txt`` artifact); Ctrl-C ends it KILLED. ``workers > 1`` hands the epochs to
-``carclf.training.multi_worker`` and logs the chief's result in the same run. Epoch metrics go through a
+``carclf.training.multi_worker_driver`` and logs the chief's result in the same run. Epoch metrics go through a
 ``carclf.tracking.outbox.MetricsOutbox``: training rides out a tracking outage; if the server stays away past
 ``CARCLF_TRACKING_WAIT_S`` at the end, ``TrackingUnavailable`` (one line) leaves the run RUNNING and resumable.
 """
@@ -101,7 +101,7 @@ def run_training(config, *, callbacks=(), log_model: bool = True) -> dict:
     run_id = run.info.run_id
     try:
         if config.workers > 1:
-            from carclf.training.multi_worker import run_multi_worker
+            from carclf.training.multi_worker_driver import run_multi_worker
 
             prepare_run(config, run_id, train_source, val_source, test_source, checkpoint_dir, fingerprint, resume_from)
             log_new_params(

@@ -32,7 +32,7 @@ class TrainConfigError(ValueError):
 
 
 def weights_argument(weights):
-    """What build_resnet takes for a ``weights`` parameter: None, "imagenet" or a path."""
+    """What create_resnet takes for a ``weights`` parameter: None, "imagenet" or a path."""
     text = str(weights).strip()
     if text.lower() in ("", "none", "null", "random"):
         return None
@@ -110,7 +110,8 @@ def validate(config) -> tuple[HDF5Source, HDF5Source, HDF5Source | None]:
     need(config.width > 0, f"width must be > 0, got {config.width}")
     need(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
     need(0.0 <= config.bn_momentum < 1.0, f"bn_momentum must be in [0, 1) (0 = auto), got {config.bn_momentum}")
-    from carclf_flavor.resnet import KERAS_APPLICATIONS, RESNET_STAGES
+    from carclf_flavor.pretrained import KERAS_APPLICATIONS
+    from carclf_flavor.resnet import RESNET_STAGES
 
     need(config.depth in RESNET_STAGES, f"depth must be one of {sorted(RESNET_STAGES)}, got {config.depth}")
     weights = weights_argument(config.weights)

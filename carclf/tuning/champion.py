@@ -93,7 +93,7 @@ def log_study_plots(client, run_id: str, trials, out_dir: str = "plots") -> list
     import optuna
     from optuna.trial import TrialState
 
-    from carclf.reporting.reports import _pyplot
+    from carclf.reporting.figures import _pyplot
 
     plt = _pyplot()
     finished = [
@@ -133,12 +133,14 @@ def log_study_plots(client, run_id: str, trials, out_dir: str = "plots") -> list
 def _evaluate_on_test(model_uri: str, test_data, batch_size: int = 64) -> dict:
     """The best model on the test set, logged on the active (study) run like `evaluate` does."""
     import carclf_flavor
-    from carclf.data.input_pipeline import HDF5Source
-    from carclf.reporting.reports import collect_predictions, log_test_report
+    from carclf.data.input_pipeline import HDF5Source, make_dataset
+    from carclf.reporting.metrics import collect_predictions
+    from carclf.reporting.test_report import log_test_report
 
     source = HDF5Source.open(test_data)
     classifier = carclf_flavor.load_model(model_uri)
-    predictions = collect_predictions(classifier.predict_pixels, source, batch_size)
+    batches = make_dataset(source, batch_size, shuffle=False, epochs=1, with_indices=True).as_numpy_iterator()
+    predictions = collect_predictions(classifier.predict_pixels, batches)
     metrics = log_test_report(predictions, source, list(source.class_names))
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 

@@ -1,33 +1,25 @@
-"""Evaluation metrics and report artifacts: metrics shared by ``train`` (final test pass) and ``evaluate``,
-pictures shared by every step.
+"""Report pictures shared by every step: matplotlib figures, OpenCV image grids and SVG charts.
 
-- ``collect_predictions(predict_fn, source, batch_size)``: stream an HDF5 source through a model, keeping
-  only labels and the top-k classes/probabilities of each image (never the images).
-- ``classification_metrics(labels, top_classes, num_classes)``: top-1, top-5, macro F1, per-class accuracy,
-  confusion matrix.
-- ``per_class_table``, ``plot_training_curves``, ``plot_confusion_matrix``: the CSV and PNGs.
+- ``plot_training_curves``, ``plot_confusion_matrix``: matplotlib figures (Agg backend, no display needed);
+  ``log_figure`` logs one to the active run and closes it.
 - ``image_grid(images, captions, cols)``: images tiled at their own pixels with text captions (sample crops,
-  augmented variants, misclassified images), drawn with OpenCV: no matplotlib import or resampling.
+  augmented variants, misclassified images), drawn with OpenCV: no matplotlib import or resampling;
+  ``misclassified_grid`` the gallery of mistakes; ``log_png`` logs a picture as a PNG artifact.
 - ``stacked_bar_svg(categories, series)``: a small bar chart written as SVG text (class counts).
-- ``log_test_report(...)``: computes everything (the gallery of mistakes with heatmaps when given a
-  ``heatmap_fn``) and logs metrics (``test_top1``, ``test_top5``,
-  ``test_macro_f1``, ...) and artifacts to the active MLflow run; returns the metrics.
 
-Plots use matplotlib's Agg backend (no display needed).
+Every input is a value (arrays, class names, counts): nothing here reads a data set.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape
 
 import numpy as np
 
-TOP_K = 5
 # Tick labels are readable up to about this many classes; above it the axes show class indices only.
 MAX_LABELLED_CLASSES = 40
 
@@ -39,85 +31,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-@dataclasses.dataclass
-class Predictions:
-    labels: np.ndarray  # (N,) int32 true class
-    top_classes: np.ndarray  # (N, k) int32, most likely first
-    top_probs: np.ndarray  # (N, k) float32
-    indices: np.ndarray  # (N,) int64 global row index in the source
-
-
-def collect_predictions(
-    predict_fn: Callable[[np.ndarray], np.ndarray], source, batch_size: int = 64, top_k: int = TOP_K
-) -> Predictions:
-    """Run ``predict_fn`` (uint8 batch -> (B, C) probabilities) over ``source`` in file order."""
-    from carclf.data.input_pipeline import make_dataset
-
-    dataset = make_dataset(source, batch_size, shuffle=False, epochs=1, with_indices=True)
-    labels, classes, probs, indices = [], [], [], []
-    for images, batch_labels, batch_indices in dataset.as_numpy_iterator():
-        out = np.asarray(predict_fn(images), dtype=np.float32)
-        k = min(top_k, out.shape[1])
-        order = np.argsort(-out, axis=1, kind="stable")[:, :k]
-        labels.append(batch_labels)
-        classes.append(order.astype(np.int32))
-        probs.append(np.take_along_axis(out, order, axis=1))
-        indices.append(batch_indices)
-    if not labels:
-        raise ValueError("the test set has no images")
-    return Predictions(np.concatenate(labels), np.concatenate(classes), np.concatenate(probs), np.concatenate(indices))
-
-
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(predicted, np.int64)), 1)
-    return cm
-
-
-def classification_metrics(labels: np.ndarray, top_classes: np.ndarray, num_classes: int) -> dict:
-    """Top-1/top-5 accuracy, macro F1 (over classes that occur as truth or prediction), per-class numbers."""
-    labels = np.asarray(labels, np.int64)
-    top_classes = np.asarray(top_classes, np.int64).reshape(len(labels), -1)
-    predicted = top_classes[:, 0]
-    cm = confusion_matrix(labels, predicted, num_classes)
-    support = cm.sum(axis=1)
-    predicted_count = cm.sum(axis=0)
-    correct = np.diag(cm)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        recall = np.where(support > 0, correct / np.maximum(support, 1), 0.0)
-        precision = np.where(predicted_count > 0, correct / np.maximum(predicted_count, 1), 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
-    present = (support > 0) | (predicted_count > 0)
-    k = min(TOP_K, top_classes.shape[1])
-    return {
-        "top1": float(np.mean(predicted == labels)),
-        "top5": float(np.mean(np.any(top_classes[:, :k] == labels[:, None], axis=1))),
-        "macro_f1": float(np.mean(f1[present])) if present.any() else 0.0,
-        "num_images": int(len(labels)),
-        "confusion_matrix": cm,
-        "support": support,
-        "per_class_accuracy": recall,
-        "precision": precision,
-        "f1": f1,
-    }
-
-
-def per_class_table(metrics: dict, class_names: Sequence[str]):
-    import pandas as pd
-
-    return pd.DataFrame(
-        {
-            "class_id": np.arange(len(class_names)),
-            "class_name": list(class_names),
-            "support": metrics["support"],
-            "correct": np.diag(metrics["confusion_matrix"]),
-            "accuracy": np.round(metrics["per_class_accuracy"], 6),
-            "precision": np.round(metrics["precision"], 6),
-            "f1": np.round(metrics["f1"], 6),
-        }
-    )
 
 
 def plot_training_curves(history: Mapping[str, Sequence[tuple[int, float]]]):
@@ -181,13 +94,6 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str]):
     ax.set_title(f"Confusion matrix, row-normalised ({n} classes, top-1 {accuracy:.1%})")
     fig.tight_layout()
     return fig
-
-
-def worst_mistakes(predictions: Predictions, count: int = 16) -> np.ndarray:
-    """Positions (into ``predictions``) of wrong predictions, most confident first."""
-    wrong = np.flatnonzero(predictions.top_classes[:, 0] != predictions.labels)
-    order = np.argsort(-predictions.top_probs[wrong, 0], kind="stable")
-    return wrong[order[:count]]
 
 
 # Tiles smaller than this are enlarged by a whole factor with nearest-neighbour sampling: each source pixel
@@ -386,52 +292,3 @@ def misclassified_grid(
         for truth, guess, prob in zip(true_names, predicted_names, probs)
     ]
     return image_grid(tiles, captions, cols=4, title=title, caption_rgb=_WARN_RGB)
-
-
-def log_test_report(
-    predictions: Predictions,
-    source,
-    class_names: Sequence[str],
-    prefix: str = "test_",
-    gallery_size: int = 16,
-    artifact_dir: str = "evaluation",
-    heatmap_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-) -> dict:
-    """Log metrics ``<prefix>top1/top5/macro_f1`` and the CSV/PNG artifacts to the active run.
-    ``heatmap_fn(images, class_ids) -> (N, H, W)`` (e.g. ``carclf.reporting.gradcam.GradCAM``) adds a heatmap
-    overlay of the predicted class to each image of the gallery of mistakes."""
-    import mlflow
-
-    plt = _pyplot()
-    metrics = classification_metrics(predictions.labels, predictions.top_classes, len(class_names))
-    scalar = {f"{prefix}{name}": metrics[name] for name in ("top1", "top5", "macro_f1")}
-    scalar[f"{prefix}num_images"] = metrics["num_images"]
-    mlflow.log_metrics(scalar)
-    mlflow.log_text(per_class_table(metrics, class_names).to_csv(index=False), f"{artifact_dir}/per_class_accuracy.csv")
-    figure = plot_confusion_matrix(metrics["confusion_matrix"], class_names)
-    mlflow.log_figure(figure, f"{artifact_dir}/confusion_matrix.png")
-    plt.close(figure)
-    worst = worst_mistakes(predictions, gallery_size)
-    images, _ = source.read_rows(predictions.indices[worst]) if len(worst) else (np.zeros((0, 1, 1, 3), np.uint8), None)
-    gallery = misclassified_grid(
-        images,
-        [class_names[c] for c in predictions.labels[worst]],
-        [class_names[c] for c in predictions.top_classes[worst, 0]],
-        predictions.top_probs[worst, 0],
-        heatmaps=heatmap_fn(images, predictions.top_classes[worst, 0])
-        if heatmap_fn is not None and len(worst)
-        else None,
-    )
-    log_png(gallery, f"{artifact_dir}/misclassified_gallery.png")
-    return dict(scalar, confusion_matrix=metrics["confusion_matrix"], per_class_accuracy=metrics["per_class_accuracy"])
-
-
-def format_table(metrics: Mapping[str, float], prefix: str = "test_") -> str:
-    """A short two-column text table of the scalar metrics."""
-    lines = [f"{'metric':<16} {'value':>10}", f"{'-' * 16} {'-' * 10}"]
-    for name in ("top1", "top5", "macro_f1", "num_images"):
-        key = f"{prefix}{name}"
-        if key in metrics:
-            value = metrics[key]
-            lines.append(f"{name:<16} {value:>10d}" if name == "num_images" else f"{name:<16} {value:>10.4f}")
-    return "\n".join(lines)

@@ -1,51 +1,44 @@
-"""The int8 inference network: quantized post-training with OpenVINO + NNCF when the model is saved, validated
-against the float32 network, and run by OpenVINO's CPU plugin when the load-time choice is int8.
+"""The save-time side of the int8 network: quantized post-training with OpenVINO + NNCF when the model is saved,
+validated against the float32 network, written into the model's data folder only when it passes.
 
 Public API:
-- ``INT8_MODEL_FILE`` / ``INT8_REPORT_FILE``: ``data/model_int8.xml`` (+ ``.bin``, OpenVINO IR) and
-  ``data/int8.json`` (what was measured and whether the network shipped) inside a saved model.
 - ``MIN_TOP1_AGREEMENT`` (0.99), ``MAX_TOP1_DROP_POINTS`` (0.5): the bar an int8 network must clear to ship.
-- ``read_image_set(source, what, need_labels)``: uint8 (N, S, S, 3) images [+ labels] from an array, an
-  ``(images, labels)`` pair or a carclf HDF5 split.
-- ``read_int8_inputs(calibration_data, validation_data, image_size)``: both sets read and checked, before the
-  model folder is written.
+- ``check_image_set(source, what, image_size, need_labels)``: uint8 (N, S, S, 3) images [+ labels] from an
+  array or an ``(images, labels)`` pair. The flavor takes arrays only: the caller reads its own data files.
+- ``prepare_int8_inputs(calibration_data, validation_data, image_size)``: both sets checked (and the
+  calibration set thinned), before the model folder is written.
 - ``build_int8_network(keras_model, data_dir, calibration, validation)``: convert, quantize, validate, write
   the IR only when it passes; returns the report (also written to ``int8.json``).
-- ``read_int8_report(data_dir)``: that report, or None for a model saved without calibration data.
-- ``load_int8_network(data_dir)``: an ``OpenVINONetwork`` (callable: uint8 pixels -> float32 probabilities).
-- ``cpu_threads_for_inference(env=None)``: CPUs this process may use, divided among the server's workers.
+- ``log_report_to_active_run(report)``: the outcome as metrics and tags of the active MLflow run.
 
-Why these runtime settings: OpenVINO's CPU plugin runs bf16 on avx512_bf16 CPUs unless told otherwise, so
-``INFERENCE_PRECISION_HINT`` is always ``f32`` (int8 layers stay int8; the rest means float32). The server calls
-the network one request batch at a time, which is what ``PERFORMANCE_HINT=LATENCY`` optimises (one stream
-using every thread); ``THROUGHPUT`` splits the cores into single-thread streams that one request cannot fill
-(measured: 229 vs 113 img/s at batch 32 on 2 cores). OpenVINO and NNCF are imported only inside functions:
-a model without an int8 network never needs them.
+Serving the written network is ``carclf_flavor.int8_runtime``'s part. OpenVINO and NNCF are imported only inside
+functions: a model saved without calibration data never needs them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pathlib
-import queue
 import time
 import warnings
-from collections.abc import Mapping
 
 import numpy as np
 
-INT8_MODEL_FILE = "model_int8.xml"
-INT8_REPORT_FILE = "int8.json"
+from carclf_flavor.int8_runtime import (
+    INT8_MODEL_FILE,
+    INT8_REPORT_FILE,
+    OpenVINONetwork,
+    compile_network,
+    cpu_threads_for_inference,
+)
+
 MIN_TOP1_AGREEMENT = 0.99
 MAX_TOP1_DROP_POINTS = 0.5
 # NNCF's own default; a few hundred images cover the activation ranges, more only cost save time.
 MAX_CALIBRATION_IMAGES = 300
 RUNTIME = "openvino"
-# Environment variables that say how many server processes share this machine's CPUs.
-WORKERS_ENV_VARS = ("CARCLF_SERVER_WORKERS", "WORKER_COUNT", "WEB_CONCURRENCY")  # ours, Azure's scorer, uvicorn
 
 _logger = logging.getLogger("mlflow.carclf")
 
@@ -57,24 +50,16 @@ class Int8DataError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------------
-def read_image_set(source, what: str, image_size: int, need_labels: bool):
-    """(images uint8 (N, S, S, 3), labels int64 (N,) or None) from an array, an (images, labels) pair or an HDF5 path."""
+def check_image_set(source, what: str, image_size: int, need_labels: bool):
+    """(images uint8 (N, S, S, 3), labels int64 (N,) or None) from an array or an (images, labels) pair."""
+    if isinstance(source, (str, bytes, os.PathLike)):
+        # The flavor ships inside every model and knows nothing of the pipeline's files: the caller reads them.
+        raise Int8DataError(
+            f"{what}: got the path {os.fsdecode(source)}; pass the images themselves "
+            f"(uint8 (N, {image_size}, {image_size}, 3), or (images, labels))"
+        )
     labels = None
-    if isinstance(source, (str, os.PathLike)):
-        path = pathlib.Path(source)
-        if not path.is_file():
-            raise Int8DataError(f"{what}: {path} is not a file (expected an HDF5 split or uint8 images)")
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as handle:
-                if "images" not in handle or "labels" not in handle:
-                    raise Int8DataError(f"{what}: {path} has no 'images'/'labels' datasets (not a carclf split)")
-                images = handle["images"][:]
-                labels = handle["labels"][:]
-        except OSError as exc:
-            raise Int8DataError(f"{what}: cannot read {path} as HDF5 ({exc})") from None
-    elif isinstance(source, tuple) and len(source) == 2:
+    if isinstance(source, tuple) and len(source) == 2:
         images, labels = source
     else:
         images = source
@@ -92,139 +77,8 @@ def read_image_set(source, what: str, image_size: int, need_labels: bool):
             raise Int8DataError(f"{what}: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
         labels = labels.astype(np.int64)
     elif need_labels:
-        raise Int8DataError(
-            f"{what}: labels are needed to measure the top-1 drop: pass (images, labels) or an HDF5 split"
-        )
+        raise Int8DataError(f"{what}: labels are needed to measure the top-1 drop: pass (images, labels)")
     return images, labels
-
-
-# --------------------------------------------------------------------------------------------------
-# Runtime
-# --------------------------------------------------------------------------------------------------
-def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
-    """CPUs allowed by the cgroup v2 quota (``cpu.max``: "quota period" or "max period"), None if unlimited."""
-    try:
-        quota, period = pathlib.Path(root, "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    try:
-        return float(quota) / float(period)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def _workers_from_parent_command_line() -> int | None:
-    """`mlflow models serve -w N` runs `uvicorn --workers N`: each worker's parent is that process."""
-    try:
-        arguments = pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    if not any("uvicorn" in a or "gunicorn" in a for a in arguments[:3]):
-        return None
-    for i, argument in enumerate(arguments):
-        if argument in ("--workers", "-w") and i + 1 < len(arguments) and arguments[i + 1].isdigit():
-            return int(arguments[i + 1])
-        if argument.startswith("--workers="):
-            value = argument.split("=", 1)[1]
-            return int(value) if value.isdigit() else None
-    return None
-
-
-def server_workers(env: Mapping[str, str] | None = None) -> int:
-    env = os.environ if env is None else env
-    for name in WORKERS_ENV_VARS:
-        value = str(env.get(name, "")).strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return _workers_from_parent_command_line() or 1
-
-
-def cpu_threads_for_inference(
-    env: Mapping[str, str] | None = None,
-    cpus: int | None = None,
-    cgroup_limit: float | None = "detect",
-    workers: int | None = None,
-) -> int:
-    """Threads for one process's network: the CPUs it may use (affinity, cgroup quota) shared among the workers."""
-    if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
-    if cgroup_limit == "detect":
-        cgroup_limit = _cgroup_cpu_limit()
-    if cgroup_limit:
-        cpus = min(cpus, max(1, math.ceil(cgroup_limit)))
-    workers = server_workers(env) if workers is None else workers
-    return max(1, cpus // max(1, workers))
-
-
-def runtime_config(threads: int) -> dict:
-    # No CPU pinning: each server worker would pin its threads to the same first cores of the machine
-    # (OpenVINO does not know about the other workers); unpinned, the OS spreads the workers over the CPUs.
-    return {
-        "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": int(threads),
-        "ENABLE_CPU_PINNING": False,
-    }
-
-
-def _compile(model_or_path, threads: int | None = None):
-    import openvino as ov
-
-    threads = cpu_threads_for_inference() if threads is None else threads
-    return ov.Core().compile_model(model_or_path, "CPU", runtime_config(threads))
-
-
-class OpenVINONetwork:
-    """A compiled OpenVINO network: ``network(pixels uint8 (N, S, S, 3)) -> float32 (N, C)``. Thread-safe.
-
-    An infer request serves one call at a time; concurrent callers each take one from a pool (created on
-    demand, returned after the call), so no request is shared and none is created per call.
-    """
-
-    def __init__(self, compiled, threads: int):
-        self.compiled = compiled
-        self.threads = int(threads)
-        self._idle = queue.SimpleQueue()
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        try:
-            request = self._idle.get_nowait()
-        except queue.Empty:
-            request = self.compiled.create_infer_request()
-        try:
-            # share_inputs: the request reads the caller's array in place (no copy); infer() is synchronous.
-            result = request.infer([np.ascontiguousarray(pixels, dtype=np.uint8)], share_inputs=True)
-            return np.array(result[self.compiled.output(0)], dtype=np.float32)  # a copy: the request reuses its buffer
-        finally:
-            self._idle.put(request)
-
-
-def load_int8_network(data_dir, threads: int | None = None) -> OpenVINONetwork:
-    threads = cpu_threads_for_inference() if threads is None else threads
-    return OpenVINONetwork(_compile(str(pathlib.Path(data_dir) / INT8_MODEL_FILE), threads), threads)
-
-
-def read_int8_report(data_dir) -> dict | None:
-    path = pathlib.Path(data_dir) / INT8_REPORT_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def int8_network_available(data_dir, report: dict | None) -> tuple[bool, str]:
-    """(whether the saved model has a usable int8 network, why not when it has none)."""
-    if report is None:
-        return False, "the model was saved without calibration data (no int8 network)"
-    if not report.get("shipped"):
-        return False, f"int8 was not shipped: {report.get('reason', 'no reason recorded')}"
-    if not (pathlib.Path(data_dir) / INT8_MODEL_FILE).is_file():
-        return False, f"{INT8_MODEL_FILE} is missing from the model"
-    return True, ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,13 +101,13 @@ SCOPES = ("fast", "accurate")
 def float32_scope(ov_model, scope: str = "fast") -> dict:
     """The operations kept float32 in the int8 network, by role: {role: [OpenVINO operation names]}.
 
-    ``fast``: the global pool and the classifier only; the stem convolution is int8 too. ResNet-50 at
-    224 px, batch 32, on a 2-core AMD EPYC Zen 5 (family 26): 202.6 img/s with an int8 stem against 179.8
-    with a float32 one (OpenVINO runs a float32 7x7 stem at the CPU's float32 rate: 12% of the network's
-    time for 3% of its multiply-adds); quantizing the pool and classifier too gained nothing (203.4).
+    ``fast``: the global pool and the classifier only; the stem convolution is int8 too. An int8 stem is
+    measurably faster than a float32 one: OpenVINO runs a float32 7x7 stem at the CPU's float32 rate, a
+    share of the network's time far above its 3% of the multiply-adds. Quantizing the pool and classifier
+    too gained nothing measurable.
 
     ``accurate``: also the stem convolution and the residual additions, tried only when ``fast`` fails
-    validation: it costs speed (71 vs 98 img/s on an earlier CPU, still above bf16). The int8 stem's input
+    validation: it costs speed (still above bf16). The int8 stem's input
     is the mean-subtracted pixels at one per-tensor step of ~1.2 grey levels: on the half-trained pipeline
     network (ResNet-18 x0.25, 32 px) the additions in float32 agreed with float32 on 100% of its 50
     validation images with a float32 stem and on 96% with an int8 one.
@@ -366,17 +220,17 @@ def _write_json_atomic(path: pathlib.Path, record: dict) -> None:
     os.replace(partial, path)
 
 
-def read_int8_inputs(calibration_data, validation_data, image_size: int):
+def prepare_int8_inputs(calibration_data, validation_data, image_size: int):
     """(calibration images, (validation images, labels) or None), checked; a one-line error otherwise."""
     if calibration_data is None:
         raise Int8DataError("validation_data validates the int8 network: pass calibration_data too")
-    calibration, _ = read_image_set(calibration_data, "calibration_data", image_size, need_labels=False)
+    calibration, _ = check_image_set(calibration_data, "calibration_data", image_size, need_labels=False)
     if len(calibration) > MAX_CALIBRATION_IMAGES:
-        # Evenly spaced, not the first N: an HDF5 split may be sorted by class.
+        # Evenly spaced, not the first N: the images may be sorted by class.
         calibration = calibration[np.linspace(0, len(calibration) - 1, MAX_CALIBRATION_IMAGES).astype(int)]
     validation = None
     if validation_data is not None:
-        validation = read_image_set(validation_data, "validation_data", image_size, need_labels=True)
+        validation = check_image_set(validation_data, "validation_data", image_size, need_labels=True)
     return calibration, validation
 
 
@@ -385,7 +239,7 @@ def build_int8_network(keras_model, data_dir, calibration: np.ndarray, validatio
 
     The IR is written only when the int8 network passes validation (or when there is nothing to validate
     on, with a warning). ``int8.json`` is written in every case, with the reason. ``calibration`` and
-    ``validation`` as ``read_int8_inputs`` returns them.
+    ``validation`` as ``prepare_int8_inputs`` returns them.
     """
     import nncf
     import openvino as ov
@@ -421,7 +275,7 @@ def build_int8_network(keras_model, data_dir, calibration: np.ndarray, validatio
         # validation images by chance, unlike reverting layers one by one until they agree).
         for scope in SCOPES:
             int8_model, settings = quantize_to_int8(float_model, calibration, scope)
-            int8_probs = _batched_predict(OpenVINONetwork(_compile(int8_model, threads), threads), validation)
+            int8_probs = _batched_predict(OpenVINONetwork(compile_network(int8_model, threads), threads), validation)
             measured = measure_agreement(float_probs, int8_probs, labels)
             shipped, reason = verdict(measured)
             attempts.append({"scope": scope, "top1_agreement": measured["top1_agreement"], "shipped": shipped})
