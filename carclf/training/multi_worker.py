@@ -23,7 +23,6 @@ driver raises ``WorkerFailed`` with one line: which worker, and its error.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -38,6 +37,8 @@ import traceback
 import types
 
 import numpy as np
+
+from carclf.compute.process_lifetime import end_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,7 @@ def _free_port(host: str) -> int:
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the Spark task's Python worker goes away."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    end_with_parent(signal.SIGKILL)
 
 
 def _child_pythonpath(driver_path: str) -> str:
