@@ -11,12 +11,14 @@ both from each photo's header (``carclf_flavor.images.read_photo_header``: no pi
   until the photos decoding before it have finished, so parallel requests cannot multiply the memory.
 
 Both are set like the other request limits (``carclf_flavor.pyfunc.RequestLimits``): an environment variable,
-else the model_config key, else the default. Only the standard library is imported.
+else the model_config key, else the default. Only the standard library is imported; importing this module
+caps OpenCV's decoder (``cap_opencv_decoder``), so it comes before any ``import cv2``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 MAX_REQUEST_PIXELS_ENV_VAR = "CARCLF_MAX_REQUEST_PIXELS"
@@ -24,6 +26,32 @@ DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
 MAX_DECODING_PIXELS_ENV_VAR = "CARCLF_MAX_DECODING_PIXELS"
 # Two photos at the default per-photo limit (50 MP) may decode at once: about 300 MB of RGB in flight.
 DEFAULT_MAX_DECODING_PIXELS = 100_000_000
+
+
+# The decoders' own ceiling, behind the per-photo limit checked from the header: what one decode may allocate
+# whatever a file claims (3 bytes a pixel: 600 MB). Pillow refuses above twice its MAX_IMAGE_PIXELS
+# (carclf_flavor.images sets half of this); OpenCV reads its ceiling from the environment once, when it is
+# first imported, and its default is 1 gigapixel (3 GB).
+DECODER_MAX_PIXELS = 200_000_000
+OPENCV_MAX_PIXELS_ENV_VAR = "OPENCV_IO_MAX_IMAGE_PIXELS"
+
+
+def cap_opencv_decoder(env=None) -> int:
+    """Set $OPENCV_IO_MAX_IMAGE_PIXELS to ``DECODER_MAX_PIXELS`` unless it holds a smaller positive count.
+
+    Effective only before cv2 is first imported in the process (this package is imported first in a served
+    model); an empty or malformed value would make OpenCV abort the process, so it is replaced too.
+    Returns the value in force.
+    """
+    env = os.environ if env is None else env
+    raw = str(env.get(OPENCV_MAX_PIXELS_ENV_VAR, "")).strip()
+    if raw.isdigit() and 0 < int(raw) <= DECODER_MAX_PIXELS:
+        return int(raw)
+    env[OPENCV_MAX_PIXELS_ENV_VAR] = str(DECODER_MAX_PIXELS)
+    return DECODER_MAX_PIXELS
+
+
+cap_opencv_decoder()
 
 
 def megapixels(pixels: int) -> str:

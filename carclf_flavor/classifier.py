@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from carclf_flavor.budget import PROCESS_DECODING
+from carclf_flavor.deadline import NO_DEADLINE, Deadline
 from carclf_flavor.errors import first_problem_message
 from carclf_flavor.images import ImageDecodeError, PhotoHeader, PreprocessSettings, prepare_photo
 from carclf_flavor.signature import DEFAULT_TOP_K
@@ -137,7 +138,11 @@ class CarClassifier:
         return self._rank(self.predict_pixels(pixels), top_k)
 
     def classify_rows(
-        self, rows: Iterable[tuple[Any, Any, str | None]], top_k: int, stop_at_problem: bool = False
+        self,
+        rows: Iterable[tuple[Any, Any, str | None]],
+        top_k: int,
+        stop_at_problem: bool = False,
+        deadline: Deadline = NO_DEADLINE,
     ) -> tuple[list[dict | None], list[str | None]]:
         """Decode and classify, decoding off the critical path; returns (result or None, problem or None) per row.
 
@@ -148,31 +153,40 @@ class CarClassifier:
         ``preprocess`` then ``classify_pixels``. ``stop_at_problem`` (errors="raise"): once a row is bad no
         more network calls are made (the request fails anyway), but every row is still decoded so that the
         problems are the same as unpipelined. An exception from ``rows`` cancels the pending decodes.
+        ``deadline``: checked before each decode starts and before each network call; once it has passed the
+        pending decodes are cancelled and ``DeadlinePassed`` is raised (a decode under way finishes first).
         """
         pool = _decode_pool()
         problems: list[str | None] = []
         pending: list[Future | None] = []
+
+        def prepare(row, image, bbox):
+            deadline.check(f"before decoding row {row}")
+            return self._prepare_or_problem(image, bbox)
+
         try:
             for image, bbox, problem in rows:
                 problems.append(problem)
-                pending.append(None if problem is not None else pool.submit(self._prepare_or_problem, image, bbox))
+                pending.append(None if problem is not None else pool.submit(prepare, len(pending), image, bbox))
+            results: list[dict | None] = [None] * len(pending)
+            todo = [i for i, future in enumerate(pending) if future is not None]
+            for start in range(0, len(todo), PIPELINE_CHUNK):
+                good, pixels = [], []
+                for i in todo[start : start + PIPELINE_CHUNK]:
+                    prepared, problems[i] = pending[i].result()
+                    if problems[i] is None:
+                        good.append(i)
+                        pixels.append(prepared)
+                if pixels and not (stop_at_problem and any(p is not None for p in problems)):
+                    deadline.check(f"before classifying rows {good[0]}-{good[-1]} of {len(pending)}")
+                    for i, result in zip(good, self.classify_pixels(np.stack(pixels), top_k)):
+                        results[i] = result
         except BaseException:
+            # Nobody will read the rest: decodes not started yet are dropped.
             for future in pending:
                 if future is not None:
                     future.cancel()
             raise
-        results: list[dict | None] = [None] * len(pending)
-        todo = [i for i, future in enumerate(pending) if future is not None]
-        for start in range(0, len(todo), PIPELINE_CHUNK):
-            good, pixels = [], []
-            for i in todo[start : start + PIPELINE_CHUNK]:
-                prepared, problems[i] = pending[i].result()
-                if problems[i] is None:
-                    good.append(i)
-                    pixels.append(prepared)
-            if pixels and not (stop_at_problem and any(p is not None for p in problems)):
-                for i, result in zip(good, self.classify_pixels(np.stack(pixels), top_k)):
-                    results[i] = result
         return results, problems
 
     def _rank(self, probs: np.ndarray, top_k: int) -> list[dict]:

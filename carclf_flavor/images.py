@@ -46,11 +46,12 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# budget caps OpenCV's decoder when imported, which must come before cv2's first import.
+from carclf_flavor.budget import DECODER_MAX_PIXELS, OPENCV_MAX_PIXELS_ENV_VAR, DecodingPixels, megapixels  # isort: skip
+
 import cv2
 import numpy as np
 from PIL import Image
-
-from carclf_flavor.budget import DecodingPixels
 
 CROP_MODES = ("bbox", "none")
 RESIZE_MODES = ("stretch", "pad")
@@ -70,8 +71,8 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "AVIF", "JPEG20
 # Pillow's own bomb guard stays on as a second line behind ``max_pixels`` (checked from the header before any
 # pixel is decoded): Pillow's default limit is kept, and any path that reaches a Pillow decoder directly is
 # still refused above twice that. Leaving it at None let a 20000x20000 PNG be decoded in full (2.8 GB).
-if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > 2 * DEFAULT_MAX_PIXELS:
-    Image.MAX_IMAGE_PIXELS = 2 * DEFAULT_MAX_PIXELS
+if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > DECODER_MAX_PIXELS // 2:
+    Image.MAX_IMAGE_PIXELS = DECODER_MAX_PIXELS // 2  # Pillow refuses above twice this
 
 
 class ImageDecodeError(ValueError):
@@ -306,7 +307,13 @@ def decode_photo(header: PhotoHeader, reduce: int = 1) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:
         raise _bomb_error(exc, DEFAULT_MAX_PIXELS) from None
-    except (OSError, SyntaxError, ValueError, cv2.error) as exc:
+    except cv2.error as exc:
+        if "CV_IO_MAX_IMAGE" in str(exc):  # OpenCV's own ceiling (carclf_flavor.budget), before it allocated
+            raise ImageDecodeError(
+                f"{fmt} is above the decoder's limit of {megapixels(DECODER_MAX_PIXELS)} ({OPENCV_MAX_PIXELS_ENV_VAR})"
+            ) from None
+        raise ImageDecodeError(f"corrupt or truncated {fmt or 'image'} ({str(exc).strip().splitlines()[-1]})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated {fmt or 'image'} ({exc})") from None
     return _apply_orientation(pixels, header.orientation)
 

@@ -27,6 +27,7 @@ from carclf_flavor.budget import (
     RequestPixels,
 )
 from carclf_flavor.classifier import CarClassifier
+from carclf_flavor.deadline import NO_DEADLINE, Deadline, DeadlinePassed, request_timeout_from_environment
 from carclf_flavor.errors import first_problem_message, internal_error, invalid_input
 from carclf_flavor.images import read_photo_header
 from carclf_flavor.signature import (
@@ -207,6 +208,9 @@ class RequestLimits:
     max_decoding_pixels: int = DEFAULT_MAX_DECODING_PIXELS  # decoding at once in this process, all requests
     default_errors: str = "raise"
     errors_reason: str = ""
+    # Seconds before the server gives up on a request ($MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, which
+    # `mlflow models serve` sets); predict stops working on it then (carclf_flavor.deadline). None: no deadline.
+    timeout_s: float | None = None
 
     @classmethod
     def from_environment(cls, model_config: dict | None = None) -> RequestLimits:
@@ -227,6 +231,7 @@ class RequestLimits:
             ),
             default_errors=default_errors,
             errors_reason=errors_reason,
+            timeout_s=request_timeout_from_environment(),
         )
 
 
@@ -303,7 +308,7 @@ class _CarClassifierPyfunc:
         bbox_values = data[list(BBOX_COLUMNS)].to_numpy(dtype=object) if present else None
         return data, bbox_values
 
-    def _read_rows(self, data, bbox_values) -> list:
+    def _read_rows(self, data, bbox_values, deadline: Deadline = NO_DEADLINE) -> list:
         """(photo header or array, bbox or None, problem or None) per row; the request limits raise.
 
         Every row is read (base64, then the photo's header: format, size, per-photo limit) before any photo is
@@ -314,6 +319,7 @@ class _CarClassifierPyfunc:
         max_photo_pixels = self.classifier.settings.max_pixels
         rows = []
         for row, value in enumerate(data[IMAGE_COLUMN].tolist()):
+            deadline.check(f"while reading row {row}")
             problem, image, bbox = None, None, None
             try:
                 if _is_missing(value):
@@ -355,6 +361,10 @@ class _CarClassifierPyfunc:
             return self._predict(data, params)
         except MlflowException:
             raise
+        except DeadlinePassed as exc:
+            # The server has answered 504 already: this line is for its log, the work is what it saves.
+            _logger.warning("carclf predict: %s", exc)
+            raise internal_error(str(exc)) from None
         except Exception as exc:
             # Whatever went wrong, the client gets one line (MLflow's own handler would put the stack trace in
             # the answer's body); the server's log gets the whole of it.
@@ -368,12 +378,13 @@ class _CarClassifierPyfunc:
     def _predict(self, data, params):
         import pandas as pd
 
+        deadline = Deadline(self.limits.timeout_s)
         top_k, errors, top_k_format = self._params(params)
         table, bbox_values = self._table(data)
         # Rows already bad are not decoded; the rest go through the same preprocessing as the training data,
         # decoded while the network runs on the rows before them.
         results, problems = self.classifier.classify_rows(
-            self._read_rows(table, bbox_values), top_k, stop_at_problem=errors == "raise"
+            self._read_rows(table, bbox_values, deadline), top_k, stop_at_problem=errors == "raise", deadline=deadline
         )
         if errors == "raise" and (
             message := first_problem_message(problems, "row", "; params errors=coerce scores the good ones")

@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import signal
 import sys
 
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import param, resolve_config, run_step
 from carclf.compute.ports import AddressInUse, check_address_free
+from carclf.compute.process_lifetime import end_with_parent
 from carclf.demo.app import DEFAULT_MAX_FILES, DEFAULT_MAX_UPLOAD_BYTES
 from carclf.verification.model_check import PUBLIC_KEY_ENV_VAR, ModelVerificationError, verified_model_uri
 
@@ -81,6 +83,8 @@ def demo(config: DemoConfig | None = None, **overrides) -> None:
     _check_address_free(host, int(port))
     if not _is_loopback(host):
         log.warning("serving on %s: the page is reachable from other machines (it has no authentication)", host)
+    # `mlflow run` terminated (or killed) must not leave the page serving: the server stops with its parent.
+    end_with_parent(signal.SIGTERM)
     log.info("loading %s", model_uri)
     with verified_model_uri(model_uri, c.public_key) as checked_uri:
         classifier = carclf_flavor.load_model(checked_uri)

@@ -78,7 +78,8 @@ def evaluate(config: EvaluateConfig | None = None, **overrides) -> dict:
     check_model_matches(classifier, source)
     source_run = model_source_run(model_uri)
 
-    with step_run() as run:  # `mlflow run`'s run is left to it; a run of its own ends FAILED / KILLED on errors
+    # `mlflow run`'s run is left to it; a run of its own ends FAILED / KILLED on errors
+    with step_run("evaluate") as run:
         try:
             log_new_params(
                 {

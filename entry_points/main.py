@@ -21,6 +21,7 @@ import mlflow
 from carclf.cli.step_config import build_parser as build_parser_for
 from carclf.cli.step_config import config_from_args, param, resolve_config
 from carclf.tracking.child_steps import StepFailed, code_fingerprint, registered_version_of, run_child_step
+from carclf.tracking.run_owner import claim_run
 from carclf.training.validation import OPTIMIZERS
 from carclf_flavor.images import CROP_MODES
 
@@ -236,6 +237,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     launched_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))  # start_run() consumes the variable
     with mlflow.start_run() as parent:
+        claim_run(parent, "main")
         if not launched_by_mlflow_run:  # under `mlflow run` the parameters are logged already
             mlflow.log_params(vars(args))
         try:

@@ -106,7 +106,7 @@ def preprocess(config: PreprocessConfig | None = None, **overrides) -> dict[str,
     )
     from carclf.tracking.runs import step_run
 
-    with step_run():
+    with step_run("preprocess"):
         log_params(
             {
                 "data_dir": "" if data_dir is None else str(data_dir),

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import carclf_flavor
+from carclf_flavor import classifier as flavor_classifier
 from carclf_flavor import images as flavor_images
 from carclf_flavor.budget import PROCESS_DECODING, DecodingPixels, RequestPixels
 from tests.helpers_flavor import CLASS_NAMES, IMAGE_SIZE, build_tiny_resnet, jpeg_bytes
@@ -38,7 +39,11 @@ def png():
 
 
 class DecodeCalls:
-    """Counts calls of ``carclf_flavor.images.decode_photo`` in every thread (a profile hook: nothing replaced)."""
+    """Counts calls of ``carclf_flavor.images.decode_photo`` in every thread (a profile hook: nothing replaced).
+
+    A profile hook reaches only the threads started after it is set: the decode pool is started afresh inside
+    the block (and shut down after it), so that its threads are counted too.
+    """
 
     def __init__(self):
         self.count = 0
@@ -51,11 +56,15 @@ class DecodeCalls:
     def __enter__(self):
         threading.setprofile(self._hook)
         sys.setprofile(self._hook)
+        self._previous_pool, flavor_classifier._executor = flavor_classifier._executor, None
         return self
 
     def __exit__(self, *exc):
         sys.setprofile(None)
         threading.setprofile(None)
+        pool, flavor_classifier._executor = flavor_classifier._executor, self._previous_pool
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def test_request_over_the_pixel_budget_is_refused_in_one_line_before_any_decode(model_dir, png):
@@ -141,3 +150,38 @@ def test_request_pixels_names_the_row_where_the_sum_crosses():
     pixels.add(0, 3_000_000)
     with pytest.raises(ValueError, match=r"^request's images add up to 6.0 megapixels by row 1, above the budget"):
         pixels.add(1, 3_000_000)
+
+
+def test_a_request_past_the_servers_timeout_stops_decoding_and_classifying(model_dir, png, monkeypatch):
+    import mlflow
+
+    rows = pd.DataFrame({"image": [png] * 48})
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "0.05")  # what `mlflow models serve` sets
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    with DecodeCalls() as calls:
+        start = time.perf_counter()
+        with pytest.raises(carclf_flavor.InternalModelError) as raised:
+            model.predict(rows)
+        seconds = time.perf_counter() - start
+    # (leaving the block waited for the decodes under way; none may start after the deadline)
+    message = raised.value.message
+    assert message.startswith("request timed out after 0.05 s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT); stopped ")
+    assert "\n" not in message
+    # A 4-megapixel PNG takes tens of milliseconds to decode: a few decode threads cannot get through the
+    # request's 48 before 0.05 s, and the ones not started are dropped.
+    assert calls.count < len(rows) // 2, calls.count
+
+    monkeypatch.delenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")
+    with DecodeCalls() as calls:
+        assert len(mlflow.pyfunc.load_model(str(model_dir)).predict(rows)) == len(rows)  # no timeout: all scored
+    assert calls.count == len(rows)
+    print(f"timed out after {seconds:.3f} s, {calls.count} decodes without a deadline")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "inf"])
+def test_a_bad_request_timeout_is_refused_at_load_in_one_line(model_dir, monkeypatch, value):
+    from carclf_flavor.pyfunc import RequestLimits
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", value)
+    with pytest.raises(ValueError, match=r"^MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT must be a positive number"):
+        RequestLimits.from_environment()

@@ -3,6 +3,7 @@
 import io
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,8 +21,10 @@ from carclf_flavor.images import (
     clamp_bbox,
     crop_and_resize,
     decode_image,
+    decode_photo,
     image_size_of,
     prepare_photo,
+    read_photo_header,
 )
 
 RED, GREEN, BLUE, GREY = (230, 20, 20), (20, 200, 40), (30, 40, 220), (128, 128, 128)
@@ -336,3 +339,69 @@ def test_a_20000px_png_costs_no_memory(tmp_path):
     ).stdout.splitlines()
     assert out[0] == "image is 400.0 megapixels, above the limit of 50.0 megapixels"
     assert float(out[1]) < 100
+
+
+def test_opencv_decoder_is_capped_whatever_the_header_says(tmp_path):
+    """In a fresh interpreter where carclf_flavor came first: cv2 itself refuses a PNG above the decoders'
+    ceiling (as a file whose header lied to the check before it would reach it) without allocating it."""
+    script = tmp_path / "cv2_cap.py"
+    script.write_text(
+        textwrap.dedent("""
+        import resource, sys
+        sys.path.insert(0, sys.argv[1])
+        from helpers_hostile import bomb_png
+        import carclf_flavor.images
+        import cv2, numpy as np
+        data = np.frombuffer(bomb_png(15000, 14000, color=False), np.uint8)  # 210 megapixels
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+            print("decoded")
+        except cv2.error as exc:
+            print("refused", "CV_IO_MAX_IMAGE_PIXELS" in str(exc))
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        """)
+    )
+    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": ""}  # empty: OpenCV itself would abort on it
+    out = subprocess.run(
+        [sys.executable, str(script), str(pathlib.Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    verdict, grown_mb = out.stdout.split("\n")[:2]
+    assert verdict == "refused True"
+    assert float(grown_mb) < 50
+
+
+@pytest.mark.parametrize(
+    "value, in_force", [(None, 200_000_000), ("", 200_000_000), ("5000000", 5_000_000), ("9" * 12, 200_000_000)]
+)
+def test_opencv_cap_keeps_only_a_smaller_setting(value, in_force):
+    from carclf_flavor.budget import OPENCV_MAX_PIXELS_ENV_VAR, cap_opencv_decoder
+
+    env = {} if value is None else {OPENCV_MAX_PIXELS_ENV_VAR: value}
+    assert cap_opencv_decoder(env) == in_force
+    assert env[OPENCV_MAX_PIXELS_ENV_VAR] == str(in_force)
+
+
+def _gif_frame(width: int, height: int) -> bytes:
+    # An image descriptor at (0, 0) with a 2-bit LZW stream that holds only clear + end: no pixel data.
+    return b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x4c\x01\x00"
+
+
+def test_an_animated_gif_decodes_its_first_frame_only():
+    """Frames after the first are never decoded: a later frame claiming 8000x8000 costs nothing."""
+    first = encode(Image.fromarray(halves()), "GIF")
+    assert first.endswith(b";")
+    data = first[:-1] + b"!\xf9\x04\x00\x00\x00\x00\x00" + _gif_frame(8000, 8000) + b";"
+    header = read_photo_header(data)
+    assert header.stored_size == Image.open(io.BytesIO(first)).size
+    pixels = decode_photo(header)
+    assert pixels.shape[:2] == halves().shape[:2]
+    # A first frame larger than the GIF's screen widens the photo, and the pixel limit sees it before decoding.
+    big_first = first[: first.index(b",")] + _gif_frame(8000, 8000) + b";"
+    with pytest.raises(ImageDecodeError, match="8000x8000 = 64.0 megapixels, above the limit of 50.0 megapixels"):
+        read_photo_header(big_first)

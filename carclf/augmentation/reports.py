@@ -31,7 +31,7 @@ def log_augment_run(summary: dict, job: AugmentJob) -> None:
     import mlflow
 
     spec, input_path, output_path = job.spec, job.input_path, job.output_path
-    with step_run():
+    with step_run("augment"):
         log_new_params(
             {
                 "input": str(input_path),

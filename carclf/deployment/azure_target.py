@@ -147,7 +147,7 @@ def deploy_azure(
         config_path = write_config(config, folder, compute)
         from carclf.tracking.runs import log_new_params, step_run
 
-        with step_run():
+        with step_run("deploy"):
             log_new_params(
                 {
                     "target": target,

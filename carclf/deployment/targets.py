@@ -35,7 +35,7 @@ def deploy_local(model_uri, target, name, config) -> dict:
     client = get_deploy_client(target)
     from carclf.tracking.runs import log_new_params, step_run
 
-    with step_run():
+    with step_run("deploy"):
         log_new_params({"target": target, "name": name, "model_uri": model_uri})
         mlflow.log_dict(config, "deploy/local.json")
         if deployment_exists(client, name):

@@ -8,20 +8,26 @@ from typing import Any
 
 import mlflow
 
+from carclf.tracking.run_owner import claim_run
+
 
 @contextlib.contextmanager
-def step_run():
+def step_run(step: str):
     """Log into the active run (the one `mlflow run` gave the step), or into a run of the step's own.
 
-    A run of its own ends KILLED on Ctrl-C, FAILED when the block raises, FINISHED otherwise; an active run is
-    left to its owner (`mlflow run` sets its status from the step's exit code).
+    Either way the run is tagged as ``step``'s, owned by this process, and the step's runs whose process died
+    are set KILLED (``carclf.tracking.run_owner``). A run of its own ends KILLED on Ctrl-C, FAILED when the
+    block raises, FINISHED otherwise; an active run is left to its owner (`mlflow run` sets its status from the
+    step's exit code).
     """
     active = mlflow.active_run()
     if active is not None:
+        claim_run(active, step)
         yield active
         return
     run = mlflow.start_run()
     try:
+        claim_run(run, step)
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")

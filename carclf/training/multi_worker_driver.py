@@ -15,7 +15,6 @@ driver raises ``WorkerFailed`` with one line: which worker, and its error.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import sys
 import tempfile
 
 from carclf.compute.ports import free_port
+from carclf.compute.process_lifetime import end_with_parent
 from carclf.training import multi_worker_process
 from carclf.training.multi_worker_process import (
     ERROR_FILE_ENV,
@@ -140,8 +140,7 @@ def _worker_error_line(exc: BaseException) -> str:
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the Spark task's Python worker goes away."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    end_with_parent(signal.SIGKILL)
 
 
 def _child_pythonpath(driver_path: str) -> str:

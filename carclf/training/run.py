@@ -30,6 +30,7 @@ from carclf.tracking.outbox import (
     tracking_wait_s,
     wait_for_tracking,
 )
+from carclf.tracking.run_owner import claim_run
 from carclf.tracking.runs import log_new_params
 from carclf.training.checkpoints import (
     config_fingerprint,
@@ -100,6 +101,7 @@ def run_training(config, *, callbacks=(), log_model: bool = True) -> dict:
     run = start_run(resume_from)
     run_id = run.info.run_id
     try:
+        claim_run(run, "train")
         if config.workers > 1:
             from carclf.training.multi_worker_driver import run_multi_worker
 

@@ -306,6 +306,7 @@ def run_study(
 
     from carclf.compute.spark_session import get_spark
     from carclf.data.input_pipeline import absolute_paths
+    from carclf.tracking.run_owner import claim_run
 
     require_maximizing_study(MlflowSparkStudy)
     # The trials run in Spark tasks (a cluster's executors, a Connect server's Python workers) whose working
@@ -335,6 +336,7 @@ def run_study(
         mlflow.end_run("FINISHED")  # our own fresh run only points at the resumed study
     if mlflow.active_run() is None:
         mlflow.start_run(run_id=study_run_id)
+    claim_run(mlflow.active_run(), "tune")
     experiment_id = client.get_run(study_run_id).info.experiment_id
     storage = MlflowStorage(experiment_id=experiment_id)
 
